@@ -1,0 +1,110 @@
+"""The control plane: every route that is not inference, as one Chalice app.
+
+Routes parse the request, call `first_core`, and shape the reply; errors are `GatewayError`s
+turned into OpenAI-shaped bodies by `api()`.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from chalice import Chalice, Response
+
+from first_core import results
+from first_core.auth import Caller, get_authenticator
+from first_core.errors import GatewayError, internal_error_body
+from first_core.registry import Registry
+from first_core.routing import may_use
+
+app = Chalice(app_name="first-gateway")
+log = logging.getLogger("first.control")
+
+
+def api(path: str, **options: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """`app.route` whose view answers every `GatewayError` in OpenAI's error shape."""
+
+    def register(view: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(view)
+        def guarded(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return view(*args, **kwargs)
+            except GatewayError as error:
+                return Response(error.to_body(), status_code=error.status, headers=error.headers)
+            except Exception:
+                log.exception("control-plane route failed")
+                return Response(internal_error_body(), status_code=500)
+
+        return app.route(path, **options)(guarded)
+
+    return register
+
+
+def caller() -> Caller:
+    authenticator = get_authenticator()
+    who = authenticator.authenticate(app.current_request.headers.get("authorization"))
+    authenticator.authorize(who)
+    return who
+
+
+@api("/health", methods=["GET"])
+def health() -> dict[str, Any]:
+    registry = Registry.current()
+    return {"status": "ok", "clusters": {c.name: c.status for c in registry.clusters.values()}}
+
+
+def _models(who: Caller, cluster: str | None = None, framework: str | None = None) -> dict[str, Any]:
+    registry = Registry.current()
+    served: dict[str, list[str]] = {}
+    for endpoint in registry.endpoints:
+        if cluster and endpoint.cluster != cluster or framework and endpoint.framework != framework:
+            continue
+        if may_use(who, registry, endpoint):
+            served.setdefault(endpoint.model, []).append(endpoint.cluster)
+    return {
+        "object": "list",
+        "data": [
+            {"id": model, "object": "model", "created": 0, "owned_by": "first", "clusters": clusters}
+            for model, clusters in sorted(served.items())
+        ],
+    }
+
+
+@api("/v1/models", methods=["GET"])
+def list_models() -> dict[str, Any]:
+    return _models(caller())
+
+
+@api("/resource_server/v1/{cluster}/{framework}/v1/models", methods=["GET"])
+def list_cluster_models(cluster: str, framework: str) -> dict[str, Any]:
+    from first_core.errors import NotFoundError
+
+    who = caller()
+    known = Registry.current().clusters.get(cluster)
+    if known is None or framework not in known.frameworks:
+        raise NotFoundError(f"No framework '{framework}' on cluster '{cluster}'.", param="cluster")
+    return _models(who, cluster, framework)
+
+
+@api("/resource_server/v1/whoami", methods=["GET"])
+def whoami() -> dict[str, Any]:
+    who = caller()
+    return {
+        "user_id": who.user_id,
+        "username": who.username,
+        "name": who.name,
+        "email": who.email,
+        "identity_provider": {"domain": who.idp_domain, "name": who.idp_name},
+        "groups": sorted(who.groups),
+        "is_admin": who.is_admin,
+    }
+
+
+@api("/callbacks/{request_id}", methods=["POST"], content_types=["application/json"])
+def result_callback(request_id: str) -> dict[str, Any]:
+    request = app.current_request
+    return results.accept_callback(
+        request_id, request.headers.get("authorization"), request.raw_body or b""
+    )

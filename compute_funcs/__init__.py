@@ -1,0 +1,16 @@
+"""Functions that run on the clusters under Globus Compute (no import of the gateway's core).
+
+`FUNCTIONS` names them for registration and for the local worker pool, which resolves the
+registry's `local:NAME` function ids through it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from compute_funcs.inference import vllm_inference
+
+FUNCTIONS: dict[str, Callable[..., Any]] = {
+    "inference": vllm_inference,
+}

@@ -1,0 +1,80 @@
+"""The inference proxy: an ASGI app for the OpenAI inference routes.
+
+On AWS it runs under Lambda Web Adapter with response streaming (handler `run.sh`); locally the
+`first-gateway dev` server mounts it beside the Chalice app on one port. It only adapts HTTP to
+`first_core.inference`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from first_core import inference
+from first_core.auth import get_authenticator
+from first_core.errors import GatewayError, NotFoundError, internal_error_body
+
+log = logging.getLogger("first.proxy")
+
+# The inference routes, shared with the local server and the template's API routing.
+FEDERATED_PREFIX = "/v1/"
+CLUSTER_PREFIX = "/resource_server/v1/{cluster}/{framework}/v1/"
+INFERENCE_PATH = re.compile(
+    r"^/(?:v1|resource_server/v1/[^/]+/[^/]+/v1)/(?:chat/completions|completions|embeddings)/?$"
+)
+
+
+def is_inference(method: str, path: str) -> bool:
+    """Whether API Gateway sends this request to the proxy rather than the Chalice app."""
+    return method == "POST" and INFERENCE_PATH.match(path) is not None
+
+
+async def infer(request: Request) -> Response:
+    try:
+        openai_path = request.path_params["openai_path"]
+        if openai_path not in inference.INFERENCE_PATHS:
+            raise NotFoundError(f"Unknown route POST {request.url.path}.")
+        authenticator = get_authenticator()
+        caller = await asyncio.to_thread(
+            authenticator.authenticate, request.headers.get("authorization")
+        )
+        authenticator.authorize(caller)
+        body = await request.body()
+        submission = await asyncio.to_thread(
+            inference.submit,
+            caller,
+            openai_path,
+            body,
+            request.path_params.get("cluster"),
+            request.path_params.get("framework"),
+        )
+        headers = {
+            "x-first-request-id": submission.request_id,
+            "x-first-cluster": submission.endpoint.cluster,
+            "x-first-route-reason": submission.route_reason,
+        }
+        result = await inference.wait_for_result(submission)
+        return JSONResponse(inference.raise_for_result(result), headers=headers)
+    except GatewayError as error:
+        return error_response(error)
+    except Exception:
+        log.exception("inference request failed")
+        return JSONResponse(internal_error_body(), status_code=500)
+
+
+def error_response(error: GatewayError) -> JSONResponse:
+    return JSONResponse(error.to_body(), status_code=error.status, headers=error.headers)
+
+
+app = Starlette(
+    routes=[
+        Route(FEDERATED_PREFIX + "{openai_path:path}", infer, methods=["POST"]),
+        Route(CLUSTER_PREFIX + "{openai_path:path}", infer, methods=["POST"]),
+    ]
+)

@@ -1,0 +1,134 @@
+"""`first-gateway`: run the local stack, mint dev tokens, manage the registry.
+
+    first-gateway dev [--port 8000] [--backend-url URL]   the whole stack, in the foreground
+    first-gateway token --user alice [--expired]          a dev access token for a dev identity
+    first-gateway registry load FILE | show               validate and publish / print the registry
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+EXAMPLE = """\
+FIRST gateway is up at {base}/v1  (FIRST routes: {base}/resource_server/v1/{{cluster}}/vllm/v1)
+clusters: sophia, polaris  |  backend: {backend}
+
+alice's access token (valid 48 h; others: first-gateway token --user bob|carol|dave):
+{token}
+
+    from openai import OpenAI
+    client = OpenAI(base_url="{base}/v1", api_key="<the token above>")
+    reply = client.chat.completions.create(model="meta-llama/Meta-Llama-3-8B-Instruct",
+        messages=[{{"role": "user", "content": "Hello"}}])
+    print(reply.choices[0].message.content)
+"""
+
+
+def _dev(args: argparse.Namespace) -> int:
+    from first_local.globus_standin import mint_token
+    from first_local.stack import LocalStack, StackOptions
+
+    options = StackOptions(
+        host=args.host,
+        port=args.port,
+        backend_url=args.backend_url,
+        backend_api_key=args.backend_api_key,
+        registry=Path(args.registry),
+        workers=args.workers,
+        mock_delay=args.mock_delay,
+        mock_token_rate=args.mock_token_rate,
+        backend_errors=args.backend_errors,
+        backend_hang=args.backend_hang,
+        result_wait_seconds=args.result_wait,
+    )
+
+    def ready(stack: LocalStack) -> None:
+        print(
+            EXAMPLE.format(
+                base=stack.base_url,
+                backend=args.backend_url or "built-in mock vLLM",
+                token=mint_token("alice"),
+            ),
+            flush=True,
+        )
+
+    try:
+        LocalStack(options).run(on_ready=ready)
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def _token(args: argparse.Namespace) -> int:
+    from first_local.globus_standin import DEV_IDENTITIES, mint_token
+
+    if args.user not in DEV_IDENTITIES:
+        print(f"unknown dev user {args.user!r}; choose from {', '.join(DEV_IDENTITIES)}", file=sys.stderr)
+        return 2
+    print(mint_token(args.user, expired=args.expired))
+    return 0
+
+
+def _registry(args: argparse.Namespace) -> int:
+    from first_core.registry import Registry, RegistryFileError, load_file, publish
+
+    if args.action == "load":
+        try:
+            registry = load_file(args.file)
+        except RegistryFileError as error:
+            print(error, file=sys.stderr)
+            return 1
+        print(f"wrote {publish(registry)} registry rows")
+        return 0
+    snapshot = Registry.current()
+    print(json.dumps(
+        {
+            "clusters": {c.name: c.model_dump() for c in snapshot.clusters.values()},
+            "endpoints": [e.model_dump() for e in snapshot.endpoints],
+        },
+        indent=2,
+    ))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="first-gateway", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    dev = commands.add_parser("dev", help="run the whole local stack in the foreground")
+    dev.add_argument("--host", default="127.0.0.1")
+    dev.add_argument("--port", type=int, default=int(os.environ.get("PORT", "8000")))
+    dev.add_argument("--backend-url", help="an OpenAI-compatible server (…/v1) instead of the mock")
+    dev.add_argument("--backend-api-key", help="API key for --backend-url")
+    dev.add_argument("--registry", default=str(Path(__file__).resolve().parents[1] / "registry" / "local.yaml"))
+    dev.add_argument("--workers", type=int, default=4, help="compute workers per endpoint")
+    dev.add_argument("--mock-delay", type=float, default=0.0, help="mock vLLM: seconds to first token")
+    dev.add_argument("--mock-token-rate", type=float, default=0.0, help="mock vLLM: tokens/s (0 = max)")
+    dev.add_argument("--backend-errors", type=float, default=0.0, help="fraction of mock answers that are 500")
+    dev.add_argument("--backend-hang", type=float, default=0.0, help="fraction of mock requests that hang")
+    dev.add_argument("--result-wait", type=float, default=300.0, help="seconds before a 504")
+    dev.set_defaults(run=_dev)
+
+    token = commands.add_parser("token", help="print a dev access token")
+    token.add_argument("--user", default="alice")
+    token.add_argument("--expired", action="store_true")
+    token.set_defaults(run=_token)
+
+    registry = commands.add_parser("registry", help="load or show the registry")
+    registry_commands = registry.add_subparsers(dest="action", required=True)
+    load = registry_commands.add_parser("load")
+    load.add_argument("file")
+    registry_commands.add_parser("show")
+    registry.set_defaults(run=_registry)
+
+    args = parser.parse_args(argv)
+    return int(args.run(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,189 @@
+"""The whole gateway on one machine with no cloud account.
+
+A small supervised set: a moto server (DynamoDB, S3) and the stand-ins (Globus Auth/Groups,
+mock vLLM) run as child processes; this process configures the gateway through its ordinary
+settings, creates the tables and bucket, loads the registry, starts a local compute pool per
+endpoint and serves every route on one port.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+LOCAL_REGISTRY = PROJECT_ROOT / "infra" / "registry" / "local.yaml"
+
+
+@dataclass
+class StackOptions:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    backend_url: str | None = None  # any OpenAI-compatible server instead of the mock
+    backend_api_key: str | None = None
+    registry: Path = LOCAL_REGISTRY
+    workers: int = 4
+    mock_delay: float = 0.0
+    mock_token_rate: float = 0.0
+    backend_errors: float = 0.0
+    backend_hang: float = 0.0
+    result_wait_seconds: float = 300.0
+    extra_env: dict[str, str] = field(default_factory=dict)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _wait_http(url: str, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{url} did not come up within {timeout:.0f} s") from None
+            time.sleep(0.1)
+
+
+class LocalStack:
+    def __init__(self, options: StackOptions) -> None:
+        self.options = options
+        self.children: list[subprocess.Popen[bytes]] = []
+        self.moto_port = free_port()
+        self.auth_port = free_port()
+        self.vllm_port = 0 if options.backend_url else free_port()
+        self.base_url = f"http://{options.host}:{options.port}"
+        self.backend_url = options.backend_url or f"http://127.0.0.1:{self.vllm_port}/v1"
+
+    def gateway_env(self) -> dict[str, str]:
+        """The settings of the gateway, exactly the variables the template sets on AWS."""
+        from first_local.globus_standin import (
+            ADMIN_GROUP_ID,
+            ALLOWED_GROUP_ID,
+            DEV_CLIENT_ID,
+            DEV_CLIENT_SECRET,
+            DEV_GATEWAY_SCOPE,
+        )
+
+        auth = f"http://127.0.0.1:{self.auth_port}"
+        return {
+            "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_DEFAULT_REGION": "us-east-1",
+            "FIRST_STAGE": "local",
+            "FIRST_AWS_ENDPOINT_URL": f"http://127.0.0.1:{self.moto_port}",
+            "FIRST_GLOBUS_CLIENT_ID": DEV_CLIENT_ID,
+            "FIRST_GLOBUS_CLIENT_SECRET": DEV_CLIENT_SECRET,
+            "FIRST_GATEWAY_SCOPE": DEV_GATEWAY_SCOPE,
+            "FIRST_ALLOWED_DOMAINS": json.dumps(["anl.gov", "uchicago.edu"]),
+            "FIRST_ALLOWED_GROUPS": json.dumps([ALLOWED_GROUP_ID]),
+            "FIRST_ADMIN_GROUPS": json.dumps([ADMIN_GROUP_ID]),
+            "FIRST_PUBLIC_BASE_URL": self.base_url,
+            "FIRST_CALLBACK_SECRET": secrets.token_hex(32),
+            "FIRST_COMPUTE_BACKEND": "local",
+            "FIRST_RESULT_WAIT_SECONDS": str(self.options.result_wait_seconds),
+            "GLOBUS_SDK_SERVICE_URL_AUTH": f"{auth}/auth/",
+            "GLOBUS_SDK_SERVICE_URL_GROUPS": f"{auth}/groups/",
+            **self.options.extra_env,
+        }
+
+    def start_children(self) -> None:
+        python = sys.executable
+        moto = [python, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.moto_port)]
+        self._spawn(moto, quiet=True)
+        services = [python, "-m", "first_local.services", "--auth-port", str(self.auth_port)]
+        o = self.options
+        if self.vllm_port:
+            services += [
+                "--vllm-port", str(self.vllm_port),
+                "--mock-delay", str(o.mock_delay),
+                "--mock-token-rate", str(o.mock_token_rate),
+                "--backend-errors", str(o.backend_errors),
+                "--backend-hang", str(o.backend_hang),
+            ]
+        self._spawn(services)
+        _wait_http(f"http://127.0.0.1:{self.moto_port}/moto-api/")
+        _wait_http(f"http://127.0.0.1:{self.auth_port}/_standin/calls")
+        if self.vllm_port:
+            _wait_http(f"http://127.0.0.1:{self.vllm_port}/health")
+
+    def _spawn(self, command: list[str], quiet: bool = False) -> None:
+        # moto logs every request on stderr; the stand-ins only warn.
+        stderr = subprocess.DEVNULL if quiet else None
+        self.children.append(subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=stderr))
+
+    def provision(self) -> None:
+        """Tables, bucket and registry, through the gateway's own modules."""
+        import boto3
+
+        from first_core.registry import load_file, publish
+        from first_core.settings import get_settings
+        from first_core.tables import create_all_tables
+
+        settings = get_settings()
+        create_all_tables()
+        s3 = boto3.client("s3", region_name=settings.aws_region, endpoint_url=settings.aws_endpoint_url)
+        s3.create_bucket(Bucket=settings.results_bucket)
+        publish(load_file(self.options.registry))
+
+    def start_compute(self) -> None:
+        from first_core.compute import LocalComputeBackend, set_backend
+        from first_core.registry import Registry
+
+        worker_env = {"VLLM_BASE_URL": self.backend_url}
+        if self.options.backend_api_key:
+            worker_env["VLLM_API_KEY"] = self.options.backend_api_key
+        backend = LocalComputeBackend(worker_env, workers_per_endpoint=self.options.workers)
+        for endpoint_id in sorted({e.endpoint_id for e in Registry.current().endpoints}):
+            backend.start_endpoint(endpoint_id)
+        set_backend(backend)
+        self.compute = backend
+
+    def run(self, on_ready: object = None) -> None:
+        """Start everything and serve in the foreground until interrupted."""
+        import uvicorn
+
+        os.environ.update(self.gateway_env())
+        try:
+            self.start_children()
+            self.provision()
+            self.start_compute()
+            from first_local.server import GatewayServer
+
+            config = uvicorn.Config(
+                GatewayServer(),
+                host=self.options.host,
+                port=self.options.port,
+                log_level="warning",
+                access_log=False,
+            )
+            server = uvicorn.Server(config)
+            if callable(on_ready):
+                on_ready(self)
+            server.run()
+        finally:
+            self.stop()
+
+    def stop(self) -> None:
+        compute = getattr(self, "compute", None)
+        if compute is not None:
+            compute.shutdown()
+        for child in self.children:
+            child.terminate()
+        for child in self.children:
+            try:
+                child.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                child.kill()

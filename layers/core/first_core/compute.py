@@ -1,0 +1,187 @@
+"""Running functions on cluster endpoints, behind one interface.
+
+`GlobusComputeBackend` submits to registered functions through `globus-compute-sdk`.
+`LocalComputeBackend` runs the same `compute_funcs` in a local pool of worker processes, one pool
+per endpoint id, after a round trip through Globus Compute's own serializer, so what would not
+serialize for a cluster fails here too. Both hand back task ids and look tasks up by id later,
+with no future held across calls, which is what stateless functions and the reconciler need.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import threading
+import uuid
+from concurrent.futures import Future, ProcessPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol
+
+from first_core.errors import ServiceUnavailableError
+
+TaskStatus = Literal["pending", "success", "failed", "unknown"]
+
+
+@dataclass(frozen=True)
+class TaskState:
+    status: TaskStatus
+    result: Any = None
+    error: str | None = None
+
+
+class ComputeBackend(Protocol):
+    def submit(self, endpoint_id: str, function_id: str, kwargs: dict[str, Any]) -> str:
+        """Start the function on the endpoint; return the task id."""
+        ...
+
+    def task_state(self, task_id: str) -> TaskState: ...
+
+
+class GlobusComputeBackend:
+    """Globus Compute through its SDK; credentials come from `GLOBUS_COMPUTE_CLIENT_ID/SECRET`."""
+
+    def __init__(self) -> None:
+        from globus_compute_sdk import Client
+
+        self._client = Client()
+
+    def submit(self, endpoint_id: str, function_id: str, kwargs: dict[str, Any]) -> str:
+        try:
+            return str(self._client.run(endpoint_id=endpoint_id, function_id=function_id, **kwargs))
+        except Exception as error:  # the SDK raises many types; all mean "not submitted"
+            raise ServiceUnavailableError(
+                f"Globus Compute did not accept the task: {type(error).__name__}",
+                headers={"Retry-After": "5"},
+            ) from error
+
+    def task_state(self, task_id: str) -> TaskState:
+        task = self._client.get_task(task_id)
+        if task.get("pending"):
+            return TaskState("pending")
+        if "exception" in task:
+            return TaskState("failed", error=str(task["exception"])[:2000])
+        return TaskState("success", result=task.get("result"))
+
+
+def _run_serialized(function_buffer: str, kwargs_buffer: str) -> Any:
+    """Runs in a worker process: what a Globus Compute worker does with a task."""
+    from globus_compute_sdk.serialize import ComputeSerializer
+
+    serializer = ComputeSerializer()
+    function = serializer.deserialize(function_buffer)
+    kwargs = serializer.deserialize(kwargs_buffer)
+    return function(**kwargs)
+
+
+def _set_environment(env: dict[str, str]) -> None:
+    os.environ.update(env)
+
+
+def _warm_up() -> int:
+    import globus_compute_sdk.serialize  # noqa: F401  (import cost paid before the first task)
+
+    import compute_funcs  # noqa: F401
+
+    return os.getpid()
+
+
+class LocalComputeBackend:
+    """A pool of worker processes per endpoint id, running `compute_funcs` for real."""
+
+    def __init__(self, worker_env: dict[str, str], workers_per_endpoint: int = 4) -> None:
+        from globus_compute_sdk.serialize import ComputeSerializer
+
+        self._serializer = ComputeSerializer()
+        self._worker_env = worker_env
+        self._workers = workers_per_endpoint
+        self._pools: dict[str, ProcessPoolExecutor] = {}
+        self._stopped: set[str] = set()
+        self._tasks: dict[str, Future[Any]] = {}
+        self._lock = threading.Lock()
+        self._function_buffers: dict[str, str] = {}
+
+    def start_endpoint(self, endpoint_id: str) -> None:
+        with self._lock:
+            self._stopped.discard(endpoint_id)
+            if endpoint_id in self._pools:
+                return
+            pool = ProcessPoolExecutor(
+                max_workers=self._workers,
+                # fork is unsafe in a process that already runs server threads.
+                mp_context=multiprocessing.get_context("spawn"),
+                initializer=_set_environment,
+                initargs=(self._worker_env,),
+            )
+            self._pools[endpoint_id] = pool
+        for future in [pool.submit(_warm_up) for _ in range(self._workers)]:
+            future.result(timeout=120)
+
+    def stop_endpoint(self, endpoint_id: str) -> None:
+        """Take an endpoint offline, as when a cluster's endpoint stops."""
+        with self._lock:
+            self._stopped.add(endpoint_id)
+            pool = self._pools.pop(endpoint_id, None)
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
+
+    def shutdown(self) -> None:
+        for endpoint_id in list(self._pools):
+            self.stop_endpoint(endpoint_id)
+
+    def submit(self, endpoint_id: str, function_id: str, kwargs: dict[str, Any]) -> str:
+        if endpoint_id in self._stopped:
+            raise ServiceUnavailableError(
+                f"Compute endpoint {endpoint_id} is offline.", headers={"Retry-After": "30"}
+            )
+        if endpoint_id not in self._pools:
+            self.start_endpoint(endpoint_id)
+        future = self._pools[endpoint_id].submit(
+            _run_serialized, self._function_buffer(function_id), self._serializer.serialize(kwargs)
+        )
+        task_id = str(uuid.uuid4())
+        with self._lock:
+            self._tasks[task_id] = future
+        return task_id
+
+    def task_state(self, task_id: str) -> TaskState:
+        future = self._tasks.get(task_id)
+        if future is None:
+            return TaskState("unknown", error="no such task on this local pool")
+        if not future.done():
+            return TaskState("pending")
+        error = future.exception()
+        if error is not None:
+            return TaskState("failed", error=f"{type(error).__name__}: {error}"[:2000])
+        return TaskState("success", result=future.result())
+
+    def _function_buffer(self, function_id: str) -> str:
+        buffer = self._function_buffers.get(function_id)
+        if buffer is None:
+            from compute_funcs import FUNCTIONS
+
+            name = function_id.removeprefix("local:")
+            if name not in FUNCTIONS:
+                raise ServiceUnavailableError(f"Function {function_id} is not registered locally.")
+            buffer = self._serializer.serialize(FUNCTIONS[name])
+            self._function_buffers[function_id] = buffer
+        return buffer
+
+
+_backend: ComputeBackend | None = None
+
+
+def set_backend(backend: ComputeBackend) -> None:
+    """Install the backend this process uses (the local stack installs its pool)."""
+    global _backend
+    _backend = backend
+
+
+def get_backend() -> ComputeBackend:
+    global _backend
+    if _backend is None:
+        from first_core.settings import get_settings
+
+        if get_settings().compute_backend != "globus":
+            raise RuntimeError("No local compute pool in this process; start it with first-gateway dev")
+        _backend = GlobusComputeBackend()
+    return _backend

@@ -1,0 +1,118 @@
+"""The inference path the proxy runs: validate, route, record, submit, then wait for the result.
+
+The proxy function is a thin ASGI adapter around `submit` and `wait_for_result`; everything a
+request goes through is here, in the order it happens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from first_core import records, results, routing, schemas
+from first_core.auth import Caller
+from first_core.compute import get_backend
+from first_core.errors import (
+    ComputeTimeoutError,
+    GatewayError,
+    InvalidRequestError,
+    PayloadTooLargeError,
+    UpstreamError,
+)
+from first_core.registry import Endpoint, Registry
+from first_core.settings import get_settings
+
+INFERENCE_PATHS = ("chat/completions", "completions", "embeddings")
+
+# Polling the results table: start fast (a warm model answers in milliseconds), back off to
+# this ceiling so a queued job costs a handful of reads a second.
+_FIRST_POLL_S = 0.002
+_MAX_POLL_S = 0.25
+
+
+@dataclass(frozen=True)
+class Submission:
+    request_id: str
+    endpoint: Endpoint
+    route_reason: str
+    request: schemas.RequestBody
+    deadline: float
+
+
+def submit(
+    caller: Caller,
+    openai_path: str,
+    raw_body: bytes,
+    cluster: str | None = None,
+    framework: str | None = None,
+) -> Submission:
+    settings = get_settings()
+    if len(raw_body) > settings.max_payload_bytes:
+        raise PayloadTooLargeError(
+            f"Request body is {len(raw_body)} bytes; the limit is {settings.max_payload_bytes}."
+        )
+    request = schemas.parse_request(openai_path, raw_body)  # type: ignore[arg-type]
+    if request.wants_stream():
+        raise InvalidRequestError("Streaming is not available on this gateway yet.", param="stream")
+    route = routing.choose(Registry.current(), caller, request.model, cluster, framework)
+    endpoint = route.endpoint
+    limit = endpoint.limits.max_tokens
+    asked = request.max_output_tokens()
+    if limit is not None and asked is not None and asked > limit:
+        raise InvalidRequestError(
+            f"max_tokens is {asked}; '{endpoint.model}' allows at most {limit}.",
+            param="max_tokens",
+            code="invalid_value",
+        )
+
+    request_id = records.new_request_id()
+    record = records.create(request_id, caller, endpoint, openai_path, False, route.reason)
+    payload: dict[str, Any] = json.loads(raw_body)
+    kwargs = {
+        "payload": payload,
+        "openai_path": openai_path,
+        "request_id": request_id,
+        "callback_url": f"{settings.public_base_url.rstrip('/')}/callbacks/{request_id}",
+        "callback_token": results.callback_token(request_id),
+    }
+    try:
+        task_id = get_backend().submit(endpoint.endpoint_id, endpoint.functions.inference, kwargs)
+    except GatewayError as error:
+        records.finish(request_id, "failed", error=error.message)
+        raise
+    records.set_task(record, task_id)
+    return Submission(
+        request_id, endpoint, route.reason, request, time.monotonic() + settings.result_wait_seconds
+    )
+
+
+async def wait_for_result(submission: Submission) -> results.Result:
+    """Poll the results table (consistent reads, adaptive back-off) until the row appears."""
+    delay = _FIRST_POLL_S
+    while True:
+        result = await asyncio.to_thread(results.load, submission.request_id)
+        if result is not None:
+            return result
+        if time.monotonic() + delay > submission.deadline:
+            raise ComputeTimeoutError(
+                f"The cluster did not answer within {get_settings().result_wait_seconds:.0f} s. "
+                f"Your request {submission.request_id} is still running; fetch its result later "
+                f"with GET /v1/requests/{submission.request_id}."
+            )
+        await asyncio.sleep(delay)
+        delay = min(delay * 1.5, _MAX_POLL_S)
+
+
+def raise_for_result(result: results.Result) -> Any:
+    """The body to send back, or the OpenAI-shaped error a failed result stands for."""
+    if result.status_code < 400:
+        return result.body
+    message = results.error_message(result.body)
+    if result.status_code < 500:
+        error = InvalidRequestError(message, code="backend_rejected")
+        error.status = result.status_code
+        raise error
+    raise UpstreamError(f"The model backend failed: {message}")

@@ -1,0 +1,101 @@
+"""The life of a request record: created `submitted`, ended once in a terminal state."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+from pynamodb.exceptions import DoesNotExist, PutError, UpdateError
+
+from first_core.auth import Caller
+from first_core.errors import NotFoundError
+from first_core.registry import Endpoint
+from first_core.tables import TERMINAL_STATUSES, RequestRecord
+from first_core.usage import Usage
+
+
+def new_request_id() -> str:
+    return f"req_{uuid.uuid4().hex}"
+
+
+def create(
+    request_id: str,
+    caller: Caller,
+    endpoint: Endpoint,
+    openai_path: str,
+    stream: bool,
+    route_reason: str,
+) -> RequestRecord:
+    now = time.time()
+    record = RequestRecord(
+        request_id,
+        user_id=caller.user_id,
+        username=caller.username,
+        model=endpoint.model,
+        cluster=endpoint.cluster,
+        framework=endpoint.framework,
+        endpoint_id=endpoint.endpoint_id,
+        openai_path=openai_path,
+        stream=stream,
+        status="submitted",
+        open_status="open",
+        route_reason=route_reason,
+        created_at=now,
+        updated_at=now,
+    )
+    record.save(condition=RequestRecord.request_id.does_not_exist())
+    return record
+
+
+def set_task(record: RequestRecord, task_id: str) -> None:
+    record.update(actions=[RequestRecord.task_id.set(task_id), RequestRecord.updated_at.set(time.time())])
+
+
+def finish(
+    request_id: str,
+    status: str,
+    usage: Usage | None = None,
+    error: str | None = None,
+) -> bool:
+    """Move a request to a terminal state once; a second attempt changes nothing (False)."""
+    assert status in TERMINAL_STATUSES
+    now = time.time()
+    actions = [
+        RequestRecord.status.set(status),
+        RequestRecord.open_status.remove(),
+        RequestRecord.updated_at.set(now),
+        RequestRecord.completed_at.set(now),
+    ]
+    if usage is not None:
+        actions += [
+            RequestRecord.prompt_tokens.set(usage.prompt_tokens),
+            RequestRecord.completion_tokens.set(usage.completion_tokens),
+            RequestRecord.total_tokens.set(usage.total_tokens),
+        ]
+    if error is not None:
+        actions.append(RequestRecord.error.set(error[:2000]))
+    try:
+        RequestRecord(request_id).update(
+            actions=actions,
+            condition=RequestRecord.request_id.exists()
+            & ~RequestRecord.status.is_in(*TERMINAL_STATUSES),
+        )
+    except UpdateError as failure:
+        if failure.cause_response_code == "ConditionalCheckFailedException":
+            return False
+        raise
+    return True
+
+
+def get_owned(request_id: str, caller: Caller) -> RequestRecord:
+    """The record if the caller owns it; anyone else gets the same 404 as for a missing one."""
+    try:
+        record = RequestRecord.get(request_id, consistent_read=True)
+    except DoesNotExist:
+        record = None
+    if record is None or record.user_id != caller.user_id:
+        raise NotFoundError(f"No request with id '{request_id}'.", param="request_id")
+    return record
+
+
+__all__ = ["PutError", "create", "finish", "get_owned", "new_request_id", "set_task"]

@@ -1,0 +1,181 @@
+"""The registry: which clusters exist, which models their endpoints serve, and their status.
+
+An operator describes it in YAML under `infra/registry/`; `load_file` validates it and
+`publish` writes it to the registry table, one row per cluster and one per (framework, model).
+Gateway functions read the table through `Registry.current()`, cached for a few seconds.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from first_core.settings import get_settings
+from first_core.tables import RegistryEntry, iter_registry
+
+CLUSTER_KEY = "#cluster"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class FunctionIds(_Strict):
+    """Globus Compute function ids registered on the endpoint (`local:NAME` on the local stack)."""
+
+    inference: str
+    streaming: str | None = None
+    batch: str | None = None
+    qstat: str | None = None
+
+
+class Limits(_Strict):
+    max_tokens: int | None = None
+    tokens_per_minute_per_user: int | None = None
+    tokens_per_minute: int | None = None
+    requests_per_second_per_user: float | None = None
+
+
+class EndpointConfig(_Strict):
+    framework: str
+    models: list[str] = Field(min_length=1)
+    endpoint_id: str
+    functions: FunctionIds
+    limits: Limits = Limits()
+    allowed_groups: list[str] = Field(default_factory=list)
+    batches: bool = False
+
+
+class ClusterConfig(_Strict):
+    frameworks: list[str] = Field(min_length=1)
+    allowed_groups: list[str] = Field(default_factory=list)
+    allowed_domains: list[str] = Field(default_factory=list)
+    maintenance: bool = False
+    endpoints: list[EndpointConfig] = Field(min_length=1)
+
+
+class RegistryFile(_Strict):
+    clusters: dict[str, ClusterConfig] = Field(min_length=1)
+
+
+class RegistryFileError(ValueError):
+    pass
+
+
+def load_file(path: str | Path) -> RegistryFile:
+    text = Path(path).read_text()
+    try:
+        return RegistryFile.model_validate(yaml.safe_load(text))
+    except (yaml.YAMLError, ValidationError) as error:
+        raise RegistryFileError(f"{path}: {error}") from None
+
+
+def publish(registry: RegistryFile) -> int:
+    """Write the registry to the table; returns the number of rows written."""
+    now = time.time()
+    rows = 0
+    with RegistryEntry.batch_write() as batch:
+        for name, cluster in registry.clusters.items():
+            status = "maintenance" if cluster.maintenance else "online"
+            config = cluster.model_dump(exclude={"endpoints"})
+            batch.save(RegistryEntry(name, CLUSTER_KEY, config=config, status=status, updated_at=now))
+            rows += 1
+            for endpoint in cluster.endpoints:
+                for model in endpoint.models:
+                    batch.save(
+                        RegistryEntry(
+                            name,
+                            f"{endpoint.framework}#{model}",
+                            config=endpoint.model_dump(),
+                            status="online",
+                            updated_at=now,
+                        )
+                    )
+                    rows += 1
+    return rows
+
+
+class Endpoint(BaseModel):
+    """One model served by one cluster's endpoint, as the router sees it."""
+
+    model_config = ConfigDict(frozen=True)
+
+    cluster: str
+    framework: str
+    model: str
+    endpoint_id: str
+    functions: FunctionIds
+    limits: Limits
+    allowed_groups: list[str]
+    status: str
+
+
+class Cluster(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    name: str
+    frameworks: list[str]
+    allowed_groups: list[str]
+    allowed_domains: list[str]
+    status: str
+
+
+class Registry:
+    """A snapshot of the registry table."""
+
+    _cache: tuple[float, Registry] | None = None
+    _lock = threading.Lock()
+
+    def __init__(self, clusters: dict[str, Cluster], endpoints: list[Endpoint]) -> None:
+        self.clusters = clusters
+        self.endpoints = endpoints
+
+    @classmethod
+    def current(cls) -> Registry:
+        now = time.monotonic()
+        cached = cls._cache
+        if cached is not None and cached[0] > now:
+            return cached[1]
+        with cls._lock:
+            snapshot = cls.from_rows(iter_registry())
+            cls._cache = (now + get_settings().registry_cache_seconds, snapshot)
+        return snapshot
+
+    @classmethod
+    def invalidate(cls) -> None:
+        cls._cache = None
+
+    @classmethod
+    def from_rows(cls, rows: Any) -> Registry:
+        clusters: dict[str, Cluster] = {}
+        endpoints: list[Endpoint] = []
+        for row in rows:
+            if row.key == CLUSTER_KEY:
+                clusters[row.cluster] = Cluster(name=row.cluster, status=row.status, **{
+                    k: row.config.get(k, []) for k in ("frameworks", "allowed_groups", "allowed_domains")
+                })
+            else:
+                framework, _, model = row.key.partition("#")
+                config = row.config
+                endpoints.append(
+                    Endpoint(
+                        cluster=row.cluster,
+                        framework=framework,
+                        model=model,
+                        endpoint_id=config["endpoint_id"],
+                        functions=FunctionIds(**config["functions"]),
+                        limits=Limits(**config.get("limits", {})),
+                        allowed_groups=config.get("allowed_groups", []),
+                        status=row.status,
+                    )
+                )
+        endpoints.sort(key=lambda e: (e.cluster, e.framework, e.model))
+        return cls(clusters, endpoints)
+
+    def models(self) -> list[str]:
+        return sorted({e.model for e in self.endpoints})

@@ -1,0 +1,137 @@
+"""Results coming back from the clusters: callback tokens, the results table, and S3 spill-over.
+
+A callback token is the HMAC-SHA256 of the request id under the server's callback secret: it
+proves the caller was handed that one request, it is checked in constant time, and it is never
+stored. The result row is written with a conditional put, so a repeated callback is a no-op;
+bodies too large for a DynamoDB item go to the results bucket with a pointer in the row.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from functools import lru_cache
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+from pynamodb.exceptions import DoesNotExist, PutError
+
+from first_core import records
+from first_core.errors import AuthenticationError, InvalidRequestError, NotFoundError
+from first_core.settings import get_settings
+from first_core.tables import TERMINAL_STATUSES, RequestRecord, ResultRecord
+from first_core.usage import Usage
+
+
+def callback_token(request_id: str) -> str:
+    secret = get_settings().callback_secret.get_secret_value().encode()
+    return hmac.new(secret, request_id.encode(), hashlib.sha256).hexdigest()
+
+
+def verify_callback_token(request_id: str, authorization: str | None) -> None:
+    presented = (authorization or "").removeprefix("Bearer ").strip()
+    if not hmac.compare_digest(presented.encode(), callback_token(request_id).encode()):
+        raise AuthenticationError("Invalid callback token for this request.", code="invalid_callback")
+
+
+class CallbackBody(BaseModel):
+    """What a compute function posts back (and returns to Globus Compute)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    request_id: str
+    status_code: int
+    body: Any = None
+
+
+@dataclass(frozen=True)
+class Result:
+    status_code: int
+    body: Any
+
+
+@lru_cache(maxsize=1)
+def _s3() -> Any:
+    import boto3
+
+    s = get_settings()
+    return boto3.client("s3", region_name=s.aws_region, endpoint_url=s.aws_endpoint_url)
+
+
+def store(request_id: str, status_code: int, body: Any) -> bool:
+    """Write the result once; True if this call wrote it, False if it was already there."""
+    s = get_settings()
+    text = json.dumps(body, separators=(",", ":"))
+    row = ResultRecord(
+        request_id,
+        status_code=status_code,
+        created_at=time.time(),
+        expires_at=datetime.fromtimestamp(time.time() + s.result_ttl_seconds, tz=UTC),
+    )
+    if len(text) <= s.inline_result_bytes:
+        row.body = text
+    else:
+        row.s3_key = f"results/{request_id}.json"
+        _s3().put_object(Bucket=s.results_bucket, Key=row.s3_key, Body=text.encode())
+    try:
+        row.save(condition=ResultRecord.request_id.does_not_exist())
+    except PutError as failure:
+        if failure.cause_response_code == "ConditionalCheckFailedException":
+            return False
+        raise
+    return True
+
+
+def load(request_id: str) -> Result | None:
+    try:
+        row = ResultRecord.get(request_id, consistent_read=True)
+    except DoesNotExist:
+        return None
+    if row.s3_key:
+        text = _s3().get_object(Bucket=get_settings().results_bucket, Key=row.s3_key)["Body"].read()
+    else:
+        text = row.body or "null"
+    return Result(int(row.status_code), json.loads(text))
+
+
+def accept_callback(request_id: str, authorization: str | None, raw_body: bytes) -> dict[str, Any]:
+    """The callback route: verify, store the result once, end the request record once."""
+    verify_callback_token(request_id, authorization)
+    if len(raw_body) > get_settings().max_payload_bytes:
+        raise InvalidRequestError("Callback body too large.", code="payload_too_large")
+    try:
+        callback = CallbackBody.model_validate_json(raw_body)
+    except ValidationError:
+        raise InvalidRequestError("Malformed callback body.", code="invalid_callback_body") from None
+    if callback.request_id != request_id:
+        raise InvalidRequestError("Callback body names another request.", param="request_id")
+    try:
+        record = RequestRecord.get(request_id, consistent_read=True)
+    except DoesNotExist:
+        raise NotFoundError(f"No request with id '{request_id}'.") from None
+    if record.status in TERMINAL_STATUSES and record.status != "completed":
+        return {"accepted": False, "reason": f"request is {record.status}"}
+    written = store(request_id, callback.status_code, callback.body)
+    if written:
+        finish_from_result(request_id, Result(callback.status_code, callback.body))
+    return {"accepted": written, "duplicate": not written}
+
+
+def finish_from_result(request_id: str, result: Result) -> None:
+    if result.status_code < 400:
+        records.finish(request_id, "completed", usage=Usage.from_body(result.body))
+    else:
+        records.finish(request_id, "failed", error=error_message(result.body))
+
+
+def error_message(body: Any) -> str:
+    if isinstance(body, dict):
+        error = body.get("error", body)
+        if isinstance(error, dict):
+            return str(error.get("message", error))
+        return str(body.get("message", error))
+    return str(body)

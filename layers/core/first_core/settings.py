@@ -1,0 +1,61 @@
+"""The one settings object. Every knob comes from the environment (prefix `FIRST_`).
+
+On AWS the template sets these on each function; the secrets arrive as SSM/Secrets Manager
+references resolved at deploy time. Locally `first-gateway dev` sets them before the gateway
+is imported, so no code path branches on "local".
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Literal
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="FIRST_", extra="ignore")
+
+    stage: str = "local"
+    aws_region: str = "us-east-1"
+    # A moto server locally; unset on AWS so boto3/pynamodb use the regional endpoint.
+    aws_endpoint_url: str | None = None
+    table_prefix: str = "first-local-"
+    results_bucket: str = "first-local-results"
+
+    # Globus Auth: the gateway is a confidential client; callers' tokens must carry its scope.
+    globus_client_id: str = ""
+    globus_client_secret: SecretStr = SecretStr("")
+    gateway_scope: str = ""
+    allowed_domains: list[str] = Field(default_factory=list)
+    allowed_groups: list[str] = Field(default_factory=list)
+    admin_groups: list[str] = Field(default_factory=list)
+    # Globus authentication policies (e.g. high assurance) every session must satisfy.
+    authentication_policies: list[str] = Field(default_factory=list)
+    # Seconds of clock skew tolerated when checking a token's expiry.
+    clock_skew_seconds: int = 5
+    # Introspection results are trusted this long (bounded again by the token's own expiry).
+    token_cache_seconds: int = 600
+    # Group memberships are looked up again after this long.
+    groups_cache_seconds: int = 300
+
+    # Callbacks from the clusters come back to this URL, signed with this secret.
+    public_base_url: str = "http://127.0.0.1:8000"
+    callback_secret: SecretStr = SecretStr("")
+
+    compute_backend: Literal["local", "globus"] = "local"
+    # How long the proxy waits for a result before answering 504 with the request id.
+    result_wait_seconds: float = 300.0
+    # Largest result body kept inline in DynamoDB (items max out at 400 KB); larger goes to S3.
+    inline_result_bytes: int = 300_000
+    max_payload_bytes: int = 10 * 1024 * 1024
+    # Result and chunk rows expire after this long.
+    result_ttl_seconds: int = 7 * 24 * 3600
+    # The registry table is re-read at most this often per function instance.
+    registry_cache_seconds: float = 5.0
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,148 @@
+"""Every DynamoDB table the gateway uses, as pynamodb models; the one table module.
+
+Table names are `{table_prefix}{name}`; `Meta.host` points at a moto server locally and is unset
+on AWS. Expired rows are filtered on read as well, because DynamoDB deletes them lazily (and moto
+never does).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from pynamodb.attributes import (
+    BooleanAttribute,
+    JSONAttribute,
+    NumberAttribute,
+    TTLAttribute,
+    UnicodeAttribute,
+)
+from pynamodb.indexes import AllProjection, GlobalSecondaryIndex
+from pynamodb.models import Model
+
+from first_core.settings import get_settings
+
+_settings = get_settings()
+
+
+class _Meta:
+    region = _settings.aws_region
+    host = _settings.aws_endpoint_url
+    billing_mode = "PAY_PER_REQUEST"
+    # Requests to a moto server on loopback fail fast; on AWS the defaults of botocore hold.
+    max_retry_attempts = 5
+
+
+def _meta(name: str) -> type:
+    return type("Meta", (_Meta,), {"table_name": f"{_settings.table_prefix}{name}"})
+
+
+# Terminal states: a request ends in exactly one of them.
+TERMINAL_STATUSES = frozenset({"completed", "failed", "cancelled", "timed_out"})
+
+
+class RequestsByUser(GlobalSecondaryIndex["RequestRecord"]):
+    class Meta:
+        index_name = "by_user"
+        projection = AllProjection()
+
+    user_id = UnicodeAttribute(hash_key=True)
+    created_at = NumberAttribute(range_key=True)
+
+
+class RequestsByStatus(GlobalSecondaryIndex["RequestRecord"]):
+    """Open requests only (the attribute is removed at the end), for the reconciler."""
+
+    class Meta:
+        index_name = "by_open_status"
+        projection = AllProjection()
+
+    open_status = UnicodeAttribute(hash_key=True)
+    created_at = NumberAttribute(range_key=True)
+
+
+class RequestRecord(Model):
+    """One inference request: who asked, where it runs, and how it ended."""
+
+    Meta = _meta("requests")
+
+    request_id = UnicodeAttribute(hash_key=True)
+    user_id = UnicodeAttribute()  # the Globus identity id (sub) of the owner
+    username = UnicodeAttribute()
+    model = UnicodeAttribute()
+    cluster = UnicodeAttribute()
+    framework = UnicodeAttribute()
+    endpoint_id = UnicodeAttribute()
+    openai_path = UnicodeAttribute()  # chat/completions, completions, embeddings
+    stream = BooleanAttribute(default=False)
+    status = UnicodeAttribute()  # submitted, running, completed, failed, cancelled, timed_out
+    open_status = UnicodeAttribute(null=True)
+    route_reason = UnicodeAttribute(null=True)
+    task_id = UnicodeAttribute(null=True)
+    error = UnicodeAttribute(null=True)
+    created_at = NumberAttribute()
+    updated_at = NumberAttribute()
+    completed_at = NumberAttribute(null=True)
+    prompt_tokens = NumberAttribute(null=True)
+    completion_tokens = NumberAttribute(null=True)
+    total_tokens = NumberAttribute(null=True)
+
+    by_user = RequestsByUser()
+    by_open_status = RequestsByStatus()
+
+
+class ResultRecord(Model):
+    """The answer of one request, written once by the callback (or the reconciler)."""
+
+    Meta = _meta("results")
+
+    request_id = UnicodeAttribute(hash_key=True)
+    status_code = NumberAttribute()
+    body = UnicodeAttribute(null=True)  # the JSON body, when it fits in an item
+    s3_key = UnicodeAttribute(null=True)  # else where the body is in the results bucket
+    created_at = NumberAttribute()
+    expires_at = TTLAttribute()
+
+
+class TokenCacheEntry(Model):
+    """An introspection verdict, keyed by the SHA-256 of the token (never the token)."""
+
+    Meta = _meta("token_cache")
+
+    token_hash = UnicodeAttribute(hash_key=True)
+    verdict = JSONAttribute()
+    expires_at = TTLAttribute()
+
+
+class RegistryEntry(Model):
+    """A cluster (`key == "#cluster"`) or one of its endpoints (`key == "framework#model"`)."""
+
+    Meta = _meta("registry")
+
+    cluster = UnicodeAttribute(hash_key=True)
+    key = UnicodeAttribute(range_key=True)
+    config = JSONAttribute()
+    status = UnicodeAttribute(default="online")
+    updated_at = NumberAttribute(default=0)
+
+
+ALL_MODELS: tuple[type[Model], ...] = (RequestRecord, ResultRecord, TokenCacheEntry, RegistryEntry)
+
+
+def create_all_tables() -> None:
+    """Create every table that does not exist yet (the local stack and tests)."""
+    for model in ALL_MODELS:
+        if not model.exists():
+            model.create_table(wait=True, billing_mode="PAY_PER_REQUEST")
+
+
+def not_expired(expires_at: Any) -> bool:
+    if expires_at is None:
+        return True
+    ts = expires_at.timestamp() if hasattr(expires_at, "timestamp") else float(expires_at)
+    return ts > time.time()
+
+
+def iter_registry() -> Iterator[RegistryEntry]:
+    return RegistryEntry.scan(consistent_read=True)

@@ -1,0 +1,260 @@
+"""The Globus stand-in, driven through the real globus-sdk clients over HTTP."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import string
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import globus_sdk
+import httpx
+import pytest
+import uvicorn
+from first_local.globus_standin import (
+    ADMIN_GROUP_ID,
+    ALLOWED_GROUP_ID,
+    DEV_CLIENT_ID,
+    DEV_CLIENT_SECRET,
+    DEV_GATEWAY_SCOPE,
+    DEV_IDENTITIES,
+    create_app,
+    mint_token,
+)
+from starlette.applications import Starlette
+
+GROUPS_RS = "groups.api.globus.org"
+PASSING_POLICY = "11111111-2222-3333-4444-555555555555"
+FAILING_POLICY = "66666666-7777-8888-9999-000000000000"
+
+
+class _Server:
+    def __init__(self, app: Starlette, base: str) -> None:
+        self.app = app
+        self.base = base
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[_Server]:
+    app = create_app(failing_policies=frozenset({FAILING_POLICY}))
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    # log_config=None leaves logging alone, so caplog sees uvicorn's records too.
+    config = uvicorn.Config(app, log_config=None, lifespan="off")
+    uv = uvicorn.Server(config)
+    thread = threading.Thread(target=uv.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not uv.started:
+        assert time.monotonic() < deadline, "stand-in did not start"
+        time.sleep(0.01)
+    yield _Server(app, f"http://127.0.0.1:{port}")
+    uv.should_exit = True
+    thread.join(timeout=10)
+    sock.close()
+
+
+@pytest.fixture
+def standin(server: _Server, monkeypatch: pytest.MonkeyPatch) -> _Server:
+    # globus-sdk resolves these when a client is constructed, so set them first.
+    monkeypatch.setenv("GLOBUS_SDK_SERVICE_URL_AUTH", f"{server.base}/auth/")
+    monkeypatch.setenv("GLOBUS_SDK_SERVICE_URL_GROUPS", f"{server.base}/groups/")
+    monkeypatch.delenv("FIRST_DEV_TOKEN_SECRET", raising=False)
+    server.app.state.calls.clear()
+    return server
+
+
+def _auth_client(secret: str = DEV_CLIENT_SECRET) -> globus_sdk.ConfidentialAppAuthClient:
+    return globus_sdk.ConfidentialAppAuthClient(DEV_CLIENT_ID, secret)
+
+
+def _introspect(token: str, **form: str) -> dict[str, Any]:
+    # The SDK's oauth2_token_introspect has no authentication_policies argument;
+    # gateways post the form themselves, exactly like this.
+    resp = _auth_client().post(
+        "/v2/oauth2/token/introspect", data={"token": token, **form}, encoding="form"
+    )
+    return dict(resp.data)
+
+
+def _groups_of(user: str) -> set[str]:
+    dep = _auth_client().oauth2_get_dependent_tokens(mint_token(user))
+    groups_token = dep.by_resource_server[GROUPS_RS]["access_token"]
+    client = globus_sdk.GroupsClient(authorizer=globus_sdk.AccessTokenAuthorizer(groups_token))
+    return {group["id"] for group in client.get_my_groups()}
+
+
+def test_tokens_look_opaque_and_are_minted_offline() -> None:
+    token = mint_token("alice")
+    assert len(token) > 200
+    assert "=" not in token
+    assert set(token) <= set(string.ascii_letters + string.digits + "-_.")
+    assert mint_token("alice") != token  # a new session each time
+
+
+@pytest.mark.parametrize("user", sorted(DEV_IDENTITIES))
+def test_introspect_each_dev_user(standin: _Server, user: str) -> None:
+    ident = DEV_IDENTITIES[user]
+    data = _auth_client().oauth2_token_introspect(
+        mint_token(user), include="session_info,identity_set_detail"
+    )
+    assert data["active"] is True
+    assert data["username"] == ident.username
+    assert data["sub"] == ident.sub
+    assert data["scope"] == DEV_GATEWAY_SCOPE
+    assert DEV_CLIENT_ID in data["aud"]
+    assert data["iss"] == "https://auth.globus.org"
+    assert data["iat"] <= time.time() < data["exp"]
+    # The gateway ties the session's IdP back to an identity to check its domain.
+    session = data["session_info"]
+    assert set(session["authentications"]) == {ident.sub}
+    session_idp = session["authentications"][ident.sub]["idp"]
+    detail = [i for i in data["identity_set_detail"] if i["identity_provider"] == session_idp]
+    assert [i["username"] for i in detail] == [ident.username]
+    assert detail[0]["identity_provider_display_name"] == ident.idp_name
+    assert "identity_set" not in data and "policy_evaluations" not in data
+
+
+def test_identity_set_only_when_asked(standin: _Server) -> None:
+    data = _auth_client().oauth2_token_introspect(mint_token("bob"), include="identity_set")
+    assert data["identity_set"] == [DEV_IDENTITIES["bob"].sub]
+    assert "session_info" not in data
+
+
+def test_dev_identities_are_stable() -> None:
+    assert {u: i.username for u, i in DEV_IDENTITIES.items()} == {
+        "alice": "alice@anl.gov",
+        "bob": "bob@uchicago.edu",
+        "carol": "carol@example.org",
+        "dave": "dave@anl.gov",
+    }
+    assert DEV_IDENTITIES["alice"].idp_id == DEV_IDENTITIES["dave"].idp_id
+    assert DEV_IDENTITIES["alice"].idp_id != DEV_IDENTITIES["carol"].idp_id
+    assert ALLOWED_GROUP_ID in DEV_IDENTITIES["carol"].groups
+    assert DEV_IDENTITIES["bob"].groups == ()
+
+
+def test_expired_forged_and_garbage_tokens_are_inactive(standin: _Server) -> None:
+    client = _auth_client()
+    good = mint_token("alice")
+    payload, mac = good.rsplit(".", 1)
+    forged_mac = payload + "." + ("A" if mac[0] != "A" else "B") + mac[1:]
+    for token in (
+        mint_token("alice", expired=True),
+        mint_token("alice", secret="someone-elses-secret"),
+        forged_mac,
+        "firstdev.e30.AAAA",
+        "not-a-token",
+        "",
+    ):
+        assert client.oauth2_token_introspect(token).data == {"active": False}
+
+
+def test_token_secret_comes_from_env_at_call_time(
+    standin: _Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("FIRST_DEV_TOKEN_SECRET", "rotated")
+    token = mint_token("alice")
+    assert _auth_client().oauth2_token_introspect(token)["active"] is True
+    monkeypatch.delenv("FIRST_DEV_TOKEN_SECRET")
+    assert _auth_client().oauth2_token_introspect(token)["active"] is False
+
+
+def test_wrong_client_secret_is_401(standin: _Server) -> None:
+    with pytest.raises(globus_sdk.AuthAPIError) as err:
+        _auth_client("wrong").oauth2_token_introspect(mint_token("alice"))
+    assert err.value.http_status == 401
+    assert err.value.raw_json == {"error": "invalid_client"}
+    with pytest.raises(globus_sdk.AuthAPIError) as err:
+        _auth_client("wrong").oauth2_get_dependent_tokens(mint_token("alice"))
+    assert err.value.http_status == 401
+
+
+def test_policy_evaluations(standin: _Server) -> None:
+    data = _introspect(
+        mint_token("alice"),
+        authentication_policies=f"{PASSING_POLICY},{FAILING_POLICY}",
+        include="session_info",
+    )
+    assert data["policy_evaluations"] == {
+        PASSING_POLICY: {"evaluation": True},
+        FAILING_POLICY: {"evaluation": False},
+    }
+    assert "session_info" in data
+
+
+def test_dependent_tokens_and_groups(standin: _Server) -> None:
+    assert _groups_of("alice") == {ALLOWED_GROUP_ID}
+    assert _groups_of("bob") == set()
+    assert _groups_of("carol") == {ALLOWED_GROUP_ID}
+    assert _groups_of("dave") == {ALLOWED_GROUP_ID, ADMIN_GROUP_ID}
+
+
+def test_dependent_token_shape(standin: _Server) -> None:
+    dep = _auth_client().oauth2_get_dependent_tokens(mint_token("dave"))
+    assert isinstance(dep.data, list)
+    groups = dep.by_resource_server[GROUPS_RS]
+    assert groups["scope"] == (
+        "urn:globus:auth:scope:groups.api.globus.org:view_my_groups_and_memberships"
+    )
+    assert groups["expires_at_seconds"] > time.time()
+    [raw] = dep.data
+    assert raw["token_type"] == "Bearer" and raw["expires_in"] > 0
+    memberships = globus_sdk.GroupsClient(
+        authorizer=globus_sdk.AccessTokenAuthorizer(groups["access_token"])
+    ).get_my_groups()
+    for group in memberships:
+        [membership] = group["my_memberships"]
+        assert membership["identity_id"] == DEV_IDENTITIES["dave"].sub
+        assert membership["status"] == "active"
+
+
+def test_dependent_tokens_refused_for_bad_tokens(standin: _Server) -> None:
+    client = _auth_client()
+    other_scope = "https://auth.globus.org/scopes/some-other-service/all"
+    for token in (
+        mint_token("alice", expired=True),
+        mint_token("alice", scope=other_scope),
+        "garbage",
+    ):
+        with pytest.raises(globus_sdk.AuthAPIError) as err:
+            client.oauth2_get_dependent_tokens(token)
+        assert err.value.http_status == 400
+        assert err.value.raw_json == {"error": "invalid_grant"}
+
+
+def test_groups_rejects_non_groups_tokens(standin: _Server) -> None:
+    for token in (mint_token("alice"), "garbage"):
+        client = globus_sdk.GroupsClient(authorizer=globus_sdk.AccessTokenAuthorizer(token))
+        with pytest.raises(globus_sdk.GroupsAPIError) as err:
+            client.get_my_groups()
+        assert err.value.http_status == 401
+
+
+def test_call_counter(standin: _Server) -> None:
+    token = mint_token("alice")
+    client = _auth_client()
+    client.oauth2_token_introspect(token)
+    client.oauth2_token_introspect("garbage")
+    _groups_of("alice")
+    counts = httpx.get(f"{standin.base}/_standin/calls").json()
+    assert counts == {"introspect": 2, "dependent_tokens": 1, "my_groups": 1}
+
+
+def test_tokens_never_logged(standin: _Server, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    token = mint_token("alice")
+    _introspect(token, include="session_info,identity_set_detail")
+    dep = _auth_client().oauth2_get_dependent_tokens(token)
+    groups_token = dep.by_resource_server[GROUPS_RS]["access_token"]
+    globus_sdk.GroupsClient(
+        authorizer=globus_sdk.AccessTokenAuthorizer(groups_token)
+    ).get_my_groups()
+    ours = [r for r in caplog.records if not r.name.startswith(("globus_sdk", "urllib3"))]
+    assert any(r.name.startswith("uvicorn") for r in ours)
+    logged = "\n".join(r.getMessage() for r in ours)
+    assert token not in logged and groups_token not in logged

@@ -59,8 +59,12 @@ async def infer(request: Request) -> Response:
             "x-first-cluster": submission.endpoint.cluster,
             "x-first-route-reason": submission.route_reason,
         }
-        result = await inference.wait_for_result(submission)
-        return JSONResponse(inference.raise_for_result(result), headers=headers)
+        try:
+            result = await inference.wait_for_result(submission)
+            return JSONResponse(inference.raise_for_result(result), headers=headers)
+        except GatewayError as error:
+            error.headers.update(headers)  # so a client can come back for this request
+            raise
     except GatewayError as error:
         return error_response(error)
     except Exception:

@@ -44,6 +44,7 @@ def _dev(args: argparse.Namespace) -> int:
         backend_errors=args.backend_errors,
         backend_hang=args.backend_hang,
         result_wait_seconds=args.result_wait,
+        state_file=Path(args.state_file) if args.state_file else None,
     )
 
     def ready(stack: LocalStack) -> None:
@@ -112,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     dev.add_argument("--backend-errors", type=float, default=0.0, help="fraction of mock answers that are 500")
     dev.add_argument("--backend-hang", type=float, default=0.0, help="fraction of mock requests that hang")
     dev.add_argument("--result-wait", type=float, default=300.0, help="seconds before a 504")
+    dev.add_argument("--state-file", help="write the stack's addresses here as JSON")
     dev.set_defaults(run=_dev)
 
     token = commands.add_parser("token", help="print a dev access token")

@@ -250,9 +250,14 @@ class _MockServer:
 
     async def models(self, request: Request) -> Response:
         now = int(time.time())
+        permission = {"id": f"modelperm-{uuid.uuid4().hex}", "object": "model_permission",
+                      "created": now, "allow_create_engine": False, "allow_sampling": True,
+                      "allow_logprobs": True, "allow_search_indices": False, "allow_view": True,
+                      "allow_fine_tuning": False, "organization": "*", "group": None,
+                      "is_blocking": False}
         data = [{"id": m, "object": "model", "created": now, "owned_by": "vllm", "root": m,
-                 "parent": None, "max_model_len": _MAX_MODEL_LEN.get(m, _DEFAULT_MAX_MODEL_LEN)}
-                for m in self.config.models]
+                 "parent": None, "max_model_len": _MAX_MODEL_LEN.get(m, _DEFAULT_MAX_MODEL_LEN),
+                 "permission": [permission]} for m in self.config.models]
         return JSONResponse({"object": "list", "data": data})
 
     async def chat(self, request: Request) -> Response:
@@ -280,7 +285,7 @@ class _MockServer:
         body = await _json_body(request)
         model = self._model(body)
         prompts = _texts(body.get("prompt"), "prompt")
-        max_tokens = _int_param(body, "max_tokens", 1)
+        max_tokens = _int_param(body, "max_tokens", 0)  # 0 with echo scores the prompt
         if "max_tokens" not in body:
             max_tokens = _COMPLETIONS_DEFAULT_MAX_TOKENS
         n = _int_param(body, "n", 1) or 1
@@ -339,7 +344,7 @@ class _MockServer:
                       choices: list[_Choice], usage: dict[str, Any] | None) -> AsyncIterator[str]:
         head = {**head, "object": "chat.completion.chunk" if chat else "text_completion"}
         if usage is not None:
-            head["usage"] = None  # vLLM marks every chunk but the usage one this way
+            head["usage"] = None  # as vLLM 0.5/0.6 did; newer versions omit the key instead
 
         def chunk(index: int, delta: str | None, finish: str | None) -> str:
             choice: dict[str, Any] = {"index": index}
@@ -376,7 +381,9 @@ class _MockServer:
             error = _APIError(500, "Mock engine failure mid-stream (injected).",
                               "InternalServerError")
             yield "".join([*pending, _sse(error.body())])
-            return  # vLLM-style abort: the error event is the last thing on the stream
+            # Ends without [DONE] so a relay can tell an aborted stream from a finished one;
+            # recent vLLM appends [DONE] after the error event, the openai SDK raises either way.
+            return
         if usage is not None:
             pending.append(_sse({**head, "choices": [], "usage": usage}))
         yield "".join([*pending, "data: [DONE]\n\n"])
@@ -386,6 +393,9 @@ class _MockServer:
         model = self._model(body)
         inputs = _texts(body.get("input"), "input")
         dimensions = _int_param(body, "dimensions", 1) or self.config.embedding_dimensions
+        if dimensions > self.config.embedding_dimensions:  # matryoshka can only shorten
+            raise _bad_request(f"`dimensions` must be <= {self.config.embedding_dimensions}",
+                               "dimensions")
         encoding = body.get("encoding_format") or "float"
         if encoding not in ("float", "base64"):
             raise _bad_request("`encoding_format` must be 'float' or 'base64'", "encoding_format")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import signal
 import socket
 import subprocess
 import sys
@@ -36,6 +37,8 @@ class StackOptions:
     backend_errors: float = 0.0
     backend_hang: float = 0.0
     result_wait_seconds: float = 300.0
+    # Where to write the addresses of the running stack (for tests and operator commands).
+    state_file: Path | None = None
     extra_env: dict[str, str] = field(default_factory=dict)
 
 
@@ -43,6 +46,20 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def _die_with_parent() -> None:
+    """Ask Linux to end a child when the stack process dies, however it dies."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+def _exit_on_signal(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
 
 
 def _wait_http(url: str, timeout: float = 60.0) -> None:
@@ -91,7 +108,8 @@ class LocalStack:
             "FIRST_ALLOWED_GROUPS": json.dumps([ALLOWED_GROUP_ID]),
             "FIRST_ADMIN_GROUPS": json.dumps([ADMIN_GROUP_ID]),
             "FIRST_PUBLIC_BASE_URL": self.base_url,
-            "FIRST_CALLBACK_SECRET": secrets.token_hex(32),
+            # Tests pass their own secret so they can forge and replay callbacks on purpose.
+            "FIRST_CALLBACK_SECRET": os.environ.get("FIRST_CALLBACK_SECRET") or secrets.token_hex(32),
             "FIRST_COMPUTE_BACKEND": "local",
             "FIRST_RESULT_WAIT_SECONDS": str(self.options.result_wait_seconds),
             "GLOBUS_SDK_SERVICE_URL_AUTH": f"{auth}/auth/",
@@ -122,7 +140,10 @@ class LocalStack:
     def _spawn(self, command: list[str], quiet: bool = False) -> None:
         # moto logs every request on stderr; the stand-ins only warn.
         stderr = subprocess.DEVNULL if quiet else None
-        self.children.append(subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=stderr))
+        child = subprocess.Popen(
+            command, stdout=subprocess.DEVNULL, stderr=stderr, preexec_fn=_die_with_parent
+        )
+        self.children.append(child)
 
     def provision(self) -> None:
         """Tables, bucket and registry, through the gateway's own modules."""
@@ -156,10 +177,13 @@ class LocalStack:
         import uvicorn
 
         os.environ.update(self.gateway_env())
+        # A plain SIGTERM would skip `finally` and leave the children running.
+        signal.signal(signal.SIGTERM, _exit_on_signal)
         try:
             self.start_children()
             self.provision()
             self.start_compute()
+            self.write_state()
             from first_local.server import GatewayServer
 
             config = uvicorn.Config(
@@ -175,6 +199,20 @@ class LocalStack:
             server.run()
         finally:
             self.stop()
+
+    def write_state(self) -> None:
+        if self.options.state_file is None:
+            return
+        self.options.state_file.parent.mkdir(parents=True, exist_ok=True)
+        self.options.state_file.write_text(json.dumps({
+            "base_url": self.base_url,
+            "aws_endpoint_url": f"http://127.0.0.1:{self.moto_port}",
+            "globus_auth_url": f"http://127.0.0.1:{self.auth_port}/auth/",
+            "globus_groups_url": f"http://127.0.0.1:{self.auth_port}/groups/",
+            "standin_calls_url": f"http://127.0.0.1:{self.auth_port}/_standin/calls",
+            "backend_url": self.backend_url,
+            "pid": os.getpid(),
+        }, indent=2))
 
     def stop(self) -> None:
         compute = getattr(self, "compute", None)

@@ -16,7 +16,6 @@ import httpx
 import openai
 import pytest
 import uvicorn
-
 from first_local.mock_vllm import MockConfig, count_prompt_tokens, create_app, generate_text
 
 CHAT_MODEL = "meta-llama/Meta-Llama-3-8B-Instruct"
@@ -101,7 +100,7 @@ def test_chat_non_streaming(client: openai.OpenAI) -> None:
                 {"role": "user", "content": [{"type": "text", "text": "Hi there, mock!"},
                                              {"type": "image_url",
                                               "image_url": {"url": "http://x/y.png"}}]}]
-    result = client.chat.completions.create(model=CHAT_MODEL, messages=messages)  # type: ignore[arg-type]
+    result = client.chat.completions.create(model=CHAT_MODEL, messages=messages)
     assert result.id.startswith("chatcmpl-") and result.object == "chat.completion"
     assert result.model == CHAT_MODEL and result.created > 0
     [choice] = result.choices
@@ -113,16 +112,16 @@ def test_chat_non_streaming(client: openai.OpenAI) -> None:
         "Hi there, mock!")
     assert 8 <= result.usage.completion_tokens <= 48
     assert result.usage.total_tokens == result.usage.prompt_tokens + result.usage.completion_tokens
-    again = client.chat.completions.create(model=CHAT_MODEL, messages=messages)  # type: ignore[arg-type]
+    again = client.chat.completions.create(model=CHAT_MODEL, messages=messages)
     assert again.choices[0].message.content == choice.message.content
 
 
 def test_chat_stream_matches_non_stream_and_vllm_chunk_shape(client: openai.OpenAI) -> None:
     messages = user("Tell me about streaming.")
-    whole = client.chat.completions.create(model=CHAT_MODEL, messages=messages)  # type: ignore[arg-type]
+    whole = client.chat.completions.create(model=CHAT_MODEL, messages=messages)
     for include_usage in (False, True):
         chunks = list(client.chat.completions.create(
-            model=CHAT_MODEL, messages=messages, stream=True,  # type: ignore[arg-type]
+            model=CHAT_MODEL, messages=messages, stream=True,
             stream_options={"include_usage": True} if include_usage else None))
         assert len({c.id for c in chunks}) == 1 and len({c.created for c in chunks}) == 1
         assert all(c.object == "chat.completion.chunk" for c in chunks)
@@ -164,18 +163,18 @@ def test_chat_stream_wire_format(base_url: str) -> None:
 
 def test_max_tokens_caps_and_reports_length(client: openai.OpenAI) -> None:
     for kwargs in ({"max_tokens": 5}, {"max_completion_tokens": 5}):
-        result = client.chat.completions.create(model=CHAT_MODEL, messages=user("cap me"),  # type: ignore[arg-type, call-overload]
+        result = client.chat.completions.create(model=CHAT_MODEL, messages=user("cap me"),
                                                 **kwargs)
         assert result.choices[0].finish_reason == "length"
         assert result.usage is not None and result.usage.completion_tokens == 5
-        stream = client.chat.completions.create(model=CHAT_MODEL, messages=user("cap me"),  # type: ignore[arg-type, call-overload]
+        stream = client.chat.completions.create(model=CHAT_MODEL, messages=user("cap me"),
                                                 stream=True, **kwargs)
         content = [c for c in stream if c.choices and c.choices[0].delta.content]
         assert len(content) == 5 and content[-1].choices[0].finish_reason == "length"
 
 
 def test_tokens_marker_sets_exact_length_and_is_not_echoed(client: openai.OpenAI) -> None:
-    result = client.chat.completions.create(model=CHAT_MODEL,  # type: ignore[arg-type]
+    result = client.chat.completions.create(model=CHAT_MODEL,
                                             messages=user("Say it [mock:tokens=30]"))
     assert result.usage is not None and result.usage.completion_tokens == 30
     assert result.choices[0].finish_reason == "stop"
@@ -183,7 +182,7 @@ def test_tokens_marker_sets_exact_length_and_is_not_echoed(client: openai.OpenAI
 
 
 def test_n_returns_identical_choices(client: openai.OpenAI) -> None:
-    result = client.chat.completions.create(model=CHAT_MODEL, messages=user("twice"), n=2)  # type: ignore[arg-type]
+    result = client.chat.completions.create(model=CHAT_MODEL, messages=user("twice"), n=2)
     assert [c.index for c in result.choices] == [0, 1]
     assert result.choices[0].message.content == result.choices[1].message.content
 
@@ -257,14 +256,14 @@ def test_embeddings_base64_wire_format(base_url: str) -> None:
 
 def test_error_marker_gives_500(client: openai.OpenAI) -> None:
     with pytest.raises(openai.InternalServerError) as info:
-        client.chat.completions.create(model=CHAT_MODEL, messages=user("boom [mock:error]"))  # type: ignore[arg-type]
+        client.chat.completions.create(model=CHAT_MODEL, messages=user("boom [mock:error]"))
     assert isinstance(info.value.body, dict) and info.value.body["type"] == "InternalServerError"
     with pytest.raises(openai.InternalServerError):
         client.completions.create(model=CHAT_MODEL, prompt="x [mock:error-after=2]")
 
 
 def test_error_after_aborts_the_stream(client: openai.OpenAI, base_url: str) -> None:
-    stream = client.chat.completions.create(model=CHAT_MODEL, stream=True,  # type: ignore[arg-type]
+    stream = client.chat.completions.create(model=CHAT_MODEL, stream=True,
                                             messages=user("go [mock:error-after=3]"))
     seen = []
     with pytest.raises(openai.APIError) as info:
@@ -282,7 +281,7 @@ def test_error_after_aborts_the_stream(client: openai.OpenAI, base_url: str) -> 
 
 def test_unknown_model_and_bad_body(client: openai.OpenAI, base_url: str) -> None:
     with pytest.raises(openai.NotFoundError):
-        client.chat.completions.create(model="nope", messages=user("hi"))  # type: ignore[arg-type]
+        client.chat.completions.create(model="nope", messages=user("hi"))
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(model=CHAT_MODEL, messages=[])
     response = httpx.post(f"{base_url}/v1/chat/completions", content=b"not json")
@@ -302,10 +301,10 @@ def test_api_key_is_enforced() -> None:
 
 def test_config_error_and_hang_rates() -> None:
     with serve(MockConfig(error_rate=1.0)) as url, pytest.raises(openai.InternalServerError):
-        sdk(url).chat.completions.create(model=CHAT_MODEL, messages=user("hi"))  # type: ignore[arg-type]
+        sdk(url).chat.completions.create(model=CHAT_MODEL, messages=user("hi"))
     with serve(MockConfig(hang_rate=1.0, hang_seconds=0.3)) as url:
         start = time.monotonic()
-        sdk(url).chat.completions.create(model=CHAT_MODEL, messages=user("hi"))  # type: ignore[arg-type]
+        sdk(url).chat.completions.create(model=CHAT_MODEL, messages=user("hi"))
         assert time.monotonic() - start >= 0.3
 
 
@@ -314,7 +313,7 @@ def test_config_error_and_hang_rates() -> None:
 def test_token_rate_and_first_token_delay() -> None:
     with serve(MockConfig(tokens_per_second=200)) as url:
         start = time.monotonic()
-        chunks = list(sdk(url).chat.completions.create(  # type: ignore[call-overload]
+        chunks = list(sdk(url).chat.completions.create(
             model=CHAT_MODEL, messages=user("pace [mock:tokens=50]"), stream=True))
         elapsed = time.monotonic() - start
         assert len([c for c in chunks if c.choices[0].delta.content]) == 50
@@ -322,7 +321,7 @@ def test_token_rate_and_first_token_delay() -> None:
 
     with serve(MockConfig()) as url:
         start = time.monotonic()
-        stream = sdk(url).chat.completions.create(model=CHAT_MODEL, stream=True,  # type: ignore[arg-type]
+        stream = sdk(url).chat.completions.create(model=CHAT_MODEL, stream=True,
                                                   messages=user("wait [mock:delay=300]"))
         next(iter(stream))
         assert time.monotonic() - start >= 0.3

@@ -36,6 +36,7 @@ _MAX_POLL_S = 0.25
 @dataclass(frozen=True)
 class Submission:
     request_id: str
+    task_id: str
     endpoint: Endpoint
     route_reason: str
     request: schemas.RequestBody
@@ -69,8 +70,11 @@ def submit(
         )
 
     request_id = records.new_request_id()
-    record = records.create(request_id, caller, endpoint, openai_path, False, route.reason)
+    records.create(request_id, caller, endpoint, openai_path, False, route.reason)
     payload: dict[str, Any] = json.loads(raw_body)
+    if not request.wants_stream():
+        # Nothing streams, so there is nothing to configure; vLLM would refuse the key.
+        payload.pop("stream_options", None)
     kwargs = {
         "payload": payload,
         "openai_path": openai_path,
@@ -83,14 +87,32 @@ def submit(
     except GatewayError as error:
         records.finish(request_id, "failed", error=error.message)
         raise
-    records.set_task(record, task_id)
     return Submission(
-        request_id, endpoint, route.reason, request, time.monotonic() + settings.result_wait_seconds
+        request_id,
+        task_id,
+        endpoint,
+        route.reason,
+        request,
+        time.monotonic() + settings.result_wait_seconds,
     )
 
 
 async def wait_for_result(submission: Submission) -> results.Result:
-    """Poll the results table (consistent reads, adaptive back-off) until the row appears."""
+    """Poll the results table (consistent reads, adaptive back-off) until the row appears.
+
+    The task id is written beside the first polls rather than before them: it only matters to
+    the reconciler, which looks much later.
+    """
+    remember_task = asyncio.create_task(
+        asyncio.to_thread(records.set_task, submission.request_id, submission.task_id)
+    )
+    try:
+        return await _poll(submission)
+    finally:
+        await remember_task
+
+
+async def _poll(submission: Submission) -> results.Result:
     delay = _FIRST_POLL_S
     while True:
         result = await asyncio.to_thread(results.load, submission.request_id)

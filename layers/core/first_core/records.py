@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import time
 import uuid
+from typing import Any
 
-from pynamodb.exceptions import DoesNotExist, PutError, UpdateError
+from pynamodb.exceptions import DoesNotExist, UpdateError
 
 from first_core.auth import Caller
 from first_core.errors import NotFoundError
@@ -25,7 +26,7 @@ def create(
     openai_path: str,
     stream: bool,
     route_reason: str,
-) -> RequestRecord:
+) -> None:
     now = time.time()
     record = RequestRecord(
         request_id,
@@ -44,23 +45,18 @@ def create(
         updated_at=now,
     )
     record.save(condition=RequestRecord.request_id.does_not_exist())
-    return record
 
 
-def set_task(record: RequestRecord, task_id: str) -> None:
-    record.update(actions=[RequestRecord.task_id.set(task_id), RequestRecord.updated_at.set(time.time())])
+def set_task(request_id: str, task_id: str) -> None:
+    """Remember the compute task, so the reconciler can look it up if the callback is lost."""
+    RequestRecord(request_id).update(actions=[RequestRecord.task_id.set(task_id)])
 
 
-def finish(
-    request_id: str,
-    status: str,
-    usage: Usage | None = None,
-    error: str | None = None,
-) -> bool:
-    """Move a request to a terminal state once; a second attempt changes nothing (False)."""
+def finish_actions(status: str, usage: Usage | None = None, error: str | None = None) -> list[Any]:
+    """The update that moves a request to a terminal state (with usage, or the error)."""
     assert status in TERMINAL_STATUSES
     now = time.time()
-    actions = [
+    actions: list[Any] = [
         RequestRecord.status.set(status),
         RequestRecord.open_status.remove(),
         RequestRecord.updated_at.set(now),
@@ -74,11 +70,23 @@ def finish(
         ]
     if error is not None:
         actions.append(RequestRecord.error.set(error[:2000]))
+    return actions
+
+
+# A request may end only once, and only if it exists.
+STILL_OPEN = RequestRecord.request_id.exists() & ~RequestRecord.status.is_in(*TERMINAL_STATUSES)
+
+
+def finish(
+    request_id: str,
+    status: str,
+    usage: Usage | None = None,
+    error: str | None = None,
+) -> bool:
+    """Move a request to a terminal state once; a second attempt changes nothing (False)."""
     try:
         RequestRecord(request_id).update(
-            actions=actions,
-            condition=RequestRecord.request_id.exists()
-            & ~RequestRecord.status.is_in(*TERMINAL_STATUSES),
+            actions=finish_actions(status, usage, error), condition=STILL_OPEN
         )
     except UpdateError as failure:
         if failure.cause_response_code == "ConditionalCheckFailedException":
@@ -98,4 +106,3 @@ def get_owned(request_id: str, caller: Caller) -> RequestRecord:
     return record
 
 
-__all__ = ["PutError", "create", "finish", "get_owned", "new_request_id", "set_task"]

@@ -15,15 +15,21 @@ import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import lru_cache
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError
-from pynamodb.exceptions import DoesNotExist, PutError
+from pynamodb.exceptions import DoesNotExist, TransactWriteError
+from pynamodb.transactions import TransactWrite
 
 from first_core import records
-from first_core.errors import AuthenticationError, InvalidRequestError, NotFoundError
+from first_core.errors import (
+    AuthenticationError,
+    ConflictError,
+    InvalidRequestError,
+    PayloadTooLargeError,
+)
 from first_core.settings import get_settings
-from first_core.tables import TERMINAL_STATUSES, RequestRecord, ResultRecord
+from first_core.tables import RequestRecord, ResultRecord, connection
 from first_core.usage import Usage
 
 
@@ -62,28 +68,43 @@ def _s3() -> Any:
     return boto3.client("s3", region_name=s.aws_region, endpoint_url=s.aws_endpoint_url)
 
 
-def store(request_id: str, status_code: int, body: Any) -> bool:
-    """Write the result once; True if this call wrote it, False if it was already there."""
+def record(request_id: str, status_code: int, body: Any) -> Literal["written", "duplicate", "refused"]:
+    """Write the result and end the request record, in one transaction.
+
+    `duplicate`: the result was already there (a repeated callback); `refused`: the request does
+    not exist or already ended otherwise (cancelled, failed). Either way nothing changes.
+    """
     s = get_settings()
     text = json.dumps(body, separators=(",", ":"))
+    now = time.time()
     row = ResultRecord(
         request_id,
         status_code=status_code,
-        created_at=time.time(),
-        expires_at=datetime.fromtimestamp(time.time() + s.result_ttl_seconds, tz=UTC),
+        created_at=now,
+        expires_at=datetime.fromtimestamp(now + s.result_ttl_seconds, tz=UTC),
     )
     if len(text) <= s.inline_result_bytes:
         row.body = text
     else:
+        # Same key for a repeat, so a duplicate overwrites with the same bytes.
         row.s3_key = f"results/{request_id}.json"
         _s3().put_object(Bucket=s.results_bucket, Key=row.s3_key, Body=text.encode())
+    if status_code < 400:
+        end = records.finish_actions("completed", usage=Usage.from_body(body))
+    else:
+        end = records.finish_actions("failed", error=error_message(body))
     try:
-        row.save(condition=ResultRecord.request_id.does_not_exist())
-    except PutError as failure:
-        if failure.cause_response_code == "ConditionalCheckFailedException":
-            return False
+        with TransactWrite(connection=connection()) as transaction:
+            transaction.save(row, condition=ResultRecord.request_id.does_not_exist())
+            transaction.update(RequestRecord(request_id), actions=end, condition=records.STILL_OPEN)
+    except TransactWriteError as failure:
+        reasons = failure.cancellation_reasons
+        if reasons and reasons[0] is not None and reasons[0].code == "ConditionalCheckFailed":
+            return "duplicate"
+        if len(reasons) > 1 and reasons[1] is not None and reasons[1].code == "ConditionalCheckFailed":
+            return "refused"
         raise
-    return True
+    return "written"
 
 
 def load(request_id: str) -> Result | None:
@@ -99,33 +120,20 @@ def load(request_id: str) -> Result | None:
 
 
 def accept_callback(request_id: str, authorization: str | None, raw_body: bytes) -> dict[str, Any]:
-    """The callback route: verify, store the result once, end the request record once."""
+    """The callback route: verify the token, then record the result once."""
     verify_callback_token(request_id, authorization)
     if len(raw_body) > get_settings().max_payload_bytes:
-        raise InvalidRequestError("Callback body too large.", code="payload_too_large")
+        raise PayloadTooLargeError("Callback body too large.")
     try:
         callback = CallbackBody.model_validate_json(raw_body)
     except ValidationError:
         raise InvalidRequestError("Malformed callback body.", code="invalid_callback_body") from None
     if callback.request_id != request_id:
         raise InvalidRequestError("Callback body names another request.", param="request_id")
-    try:
-        record = RequestRecord.get(request_id, consistent_read=True)
-    except DoesNotExist:
-        raise NotFoundError(f"No request with id '{request_id}'.") from None
-    if record.status in TERMINAL_STATUSES and record.status != "completed":
-        return {"accepted": False, "reason": f"request is {record.status}"}
-    written = store(request_id, callback.status_code, callback.body)
-    if written:
-        finish_from_result(request_id, Result(callback.status_code, callback.body))
-    return {"accepted": written, "duplicate": not written}
-
-
-def finish_from_result(request_id: str, result: Result) -> None:
-    if result.status_code < 400:
-        records.finish(request_id, "completed", usage=Usage.from_body(result.body))
-    else:
-        records.finish(request_id, "failed", error=error_message(result.body))
+    outcome = record(request_id, callback.status_code, callback.body)
+    if outcome == "refused":
+        raise ConflictError(f"Request {request_id} does not exist or has already ended.")
+    return {"accepted": outcome == "written", "duplicate": outcome == "duplicate"}
 
 
 def error_message(body: Any) -> str:

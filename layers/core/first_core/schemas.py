@@ -298,15 +298,10 @@ ResponseFormat = Annotated[
 ]
 
 
-class PredictionPart(_Strict):
-    type: Literal["text"]
-    text: str
-
-
 class Prediction(_Strict):
     type: Literal["content"]
     content: Annotated[
-        Annotated[str, Tag(_TAG + "string")] | Annotated[list[PredictionPart], Tag(_TAG + "array")],
+        Annotated[str, Tag(_TAG + "string")] | Annotated[list[TextPart], Tag(_TAG + "array")],
         _by_shape("a string or an array of text parts"),
     ]
 
@@ -606,16 +601,16 @@ def _to_gateway_error(err: ErrorDetails) -> InvalidRequestError:
         )
 
     detail = _DETAIL[kind].format(**ctx) if kind in _DETAIL else err["msg"].lower()
-    detail = _PLURAL.sub(lambda m: m[1] + m[2] + ("" if m[1] == "1" else "s"), detail)
     if bad_key is not None:
         message = f"Invalid key in '{path}': {detail} (got {_show(bad_key)})."
     else:
         # Arrays and objects are not quoted back, only their size when that is the problem.
         if isinstance(got, list | dict):
-            shown = f"{len(got)} items" if kind in ("too_short", "too_long") else None
+            shown = f"{len(got)} item(s)" if kind in ("too_short", "too_long") else None
         elif isinstance(got, str) and kind.startswith("string_too"):
-            shown = f"{len(got)} characters"
+            shown = f"{len(got)} character(s)"
         else:
             shown = _show(got)
         message = f"Invalid value for '{path}': {detail}" + (f" (got {shown})." if shown else ".")
-    return InvalidRequestError(message, param=path, code="invalid_value")
+    plural = _PLURAL.sub(lambda m: m[1] + m[2] + ("" if m[1] == "1" else "s"), message)
+    return InvalidRequestError(plural, param=path, code="invalid_value")

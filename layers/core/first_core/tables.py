@@ -18,6 +18,7 @@ from pynamodb.attributes import (
     TTLAttribute,
     UnicodeAttribute,
 )
+from pynamodb.connection import Connection
 from pynamodb.indexes import AllProjection, GlobalSecondaryIndex
 from pynamodb.models import Model
 
@@ -105,6 +106,19 @@ class ResultRecord(Model):
     expires_at = TTLAttribute()
 
 
+class StreamChunkBatch(Model):
+    """One numbered batch of a streamed answer, as the streaming compute function posted it."""
+
+    Meta = _meta("stream_chunks")
+
+    request_id = UnicodeAttribute(hash_key=True)
+    seq = NumberAttribute(range_key=True)  # 0, 1, 2, ... per request, no gaps
+    chunks = JSONAttribute()  # list of SSE `data:` payloads (JSON strings), in order
+    done = BooleanAttribute(default=False)  # the last batch of the stream
+    created_at = NumberAttribute()
+    expires_at = TTLAttribute()
+
+
 class TokenCacheEntry(Model):
     """An introspection verdict, keyed by the SHA-256 of the token (never the token)."""
 
@@ -127,7 +141,13 @@ class RegistryEntry(Model):
     updated_at = NumberAttribute(default=0)
 
 
-ALL_MODELS: tuple[type[Model], ...] = (RequestRecord, ResultRecord, TokenCacheEntry, RegistryEntry)
+ALL_MODELS: tuple[type[Model], ...] = (
+    RequestRecord,
+    ResultRecord,
+    StreamChunkBatch,
+    TokenCacheEntry,
+    RegistryEntry,
+)
 
 
 def create_all_tables() -> None:
@@ -142,6 +162,17 @@ def not_expired(expires_at: Any) -> bool:
         return True
     ts = expires_at.timestamp() if hasattr(expires_at, "timestamp") else float(expires_at)
     return ts > time.time()
+
+
+_connection: Connection | None = None
+
+
+def connection() -> Connection:
+    """A low-level connection, for transactions across tables."""
+    global _connection
+    if _connection is None:
+        _connection = Connection(region=_settings.aws_region, host=_settings.aws_endpoint_url)
+    return _connection
 
 
 def iter_registry() -> Iterator[RegistryEntry]:

@@ -1,0 +1,293 @@
+"""The streaming inference function that runs ON a cluster's Globus Compute endpoint.
+
+Like `compute_funcs.inference` it is serialized and shipped, so it uses only the standard library,
+imported inside the body, with the same `VLLM_BASE_URL` / `VLLM_API_KEY` environment.
+
+It reads vLLM's SSE stream and relays the `data:` payloads to the gateway's stream callback as
+numbered batches, `{"request_id", "seq", "chunks", "done", "error", "usage"}`. A reader thread
+drains vLLM while this thread posts batches, so a slow callback never stalls vLLM's socket. A batch
+leaves once it has 16 lines or its oldest line is 20 ms old, so the first token is not held back;
+lines that piled up while a post was in flight leave together, so a slow link cannot make the relay
+fall ever further behind the model. The callback answers `{"continue": bool}`: on `false` (the
+client went away) the vLLM connection is shut at once and one last `done` batch reports the usage
+of what was generated. The assembled answer is also returned, for the reconciler.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def vllm_streaming(
+    payload: dict[str, Any],
+    openai_path: str,
+    request_id: str,
+    callback_url: str,
+    callback_token: str,
+) -> dict[str, Any]:
+    import http.client
+    import json
+    import os
+    import queue
+    import socket
+    import threading
+    import time
+    import urllib.error
+    import urllib.parse
+    import urllib.request
+
+    flush_lines, flush_after_s = 16, 0.020
+    # A DynamoDB item holds 400 KB; a backlog batch stays well below it.
+    backlog_lines, backlog_bytes = 512, 64_000
+
+    base_url = os.environ.get("VLLM_BASE_URL", "http://127.0.0.1:8000/v1").rstrip("/")
+    target = urllib.parse.urlsplit(f"{base_url}/{openai_path.strip('/')}")
+    headers = {"Content-Type": "application/json", "Accept": "text/event-stream"}
+    if api_key := os.environ.get("VLLM_API_KEY"):
+        headers["Authorization"] = f"Bearer {api_key}"
+    timeout = float(os.environ.get("VLLM_TIMEOUT_SECONDS", "3600"))
+    # Usage is always asked for, so it can be billed; the gateway decides what the client sees.
+    options = {**(payload.get("stream_options") or {}), "include_usage": True}
+    request_body = json.dumps({**payload, "stream": True, "stream_options": options}).encode()
+
+    events: queue.Queue[tuple[Any, ...]] = queue.Queue()
+    stop = threading.Event()
+    state: dict[str, Any] = {"chunks": [], "usage": None, "generated": 0, "sock": None}
+
+    def openai_error(body: Any, status: int, fallback: str, code: Any = None) -> dict[str, Any]:
+        error = body.get("error", body) if isinstance(body, dict) else body
+        if not isinstance(error, dict):  # vLLM's 401 is `{"error": "Unauthorized"}`
+            error = {"message": str(error) if error else fallback}
+        kind = "server_error" if status >= 500 else "invalid_request_error"
+        return {
+            "message": str(error.get("message") or fallback),
+            "type": error.get("type") or kind,
+            "param": error.get("param"),
+            "code": error.get("code", code),
+        }
+
+    def dispatch(text: str) -> bool:
+        """Relay one `data:` payload; False at an error event, which ends the stream."""
+        try:
+            chunk = json.loads(text)
+        except ValueError:
+            return True
+        if not isinstance(chunk, dict):
+            return True
+        if chunk.get("error") is not None:
+            code = chunk["error"].get("code") if isinstance(chunk["error"], dict) else None
+            status = code if isinstance(code, int) and code >= 400 else 500
+            events.put(("error", status, openai_error(chunk, status, "vLLM failed mid-stream.")))
+            return False
+        if chunk.get("usage"):
+            state["usage"] = chunk["usage"]
+        for part in chunk.get("choices") or []:
+            delta = part.get("delta") or {}
+            if part.get("text") or any(delta.get(k) for k in ("content", "tool_calls",
+                                                               "reasoning_content")):
+                state["generated"] += 1  # vLLM emits about one token per content chunk
+        state["chunks"].append(text)
+        events.put(("data", text, time.monotonic()))
+        return True
+
+    def read() -> None:
+        secure = target.scheme == "https"
+        kind = http.client.HTTPSConnection if secure else http.client.HTTPConnection
+        connection = kind(target.hostname or "127.0.0.1", target.port, timeout=timeout)
+        try:
+            connection.connect()
+            state["sock"] = connection.sock  # so a cancel can shut it from the other thread
+            if stop.is_set():
+                return
+            path = target.path + (f"?{target.query}" if target.query else "")
+            connection.request("POST", path, body=request_body, headers=headers)
+            response = connection.getresponse()
+            if response.status >= 400:
+                raw = response.read()
+                try:
+                    body: Any = json.loads(raw)
+                except ValueError:
+                    body = raw.decode(errors="replace")[:2000]
+                message = f"vLLM answered HTTP {response.status}."
+                events.put(("error", response.status, openai_error(body, response.status, message)))
+                return
+            lines: list[str] = []
+            while not stop.is_set():
+                raw = response.readline()
+                line = raw.decode("utf-8").rstrip("\r\n")
+                if line.startswith("data:"):
+                    lines.append(line[5:].removeprefix(" "))
+                elif lines and not line:  # a blank line ends the event (so does the end of input)
+                    text, lines = "\n".join(lines), []
+                    if text == "[DONE]" or not dispatch(text):
+                        return
+                if not raw:
+                    break
+            if not stop.is_set():
+                events.put(("error", 502, openai_error(
+                    None, 502, "vLLM closed the stream before it finished.", "upstream_error")))
+        except (OSError, http.client.HTTPException, ValueError) as error:
+            if not stop.is_set():
+                message = f"vLLM at {base_url} failed: {type(error).__name__}: {error}"
+                events.put(("error", 502, openai_error(None, 502, message, "backend_unreachable")))
+        finally:
+            connection.close()
+            events.put(("end",))
+
+    def abort() -> None:
+        stop.set()
+        try:
+            if state["sock"] is not None:
+                state["sock"].shutdown(socket.SHUT_RDWR)  # wakes the reader out of recv()
+        except OSError:
+            pass
+
+    def usage_now() -> dict[str, Any] | None:
+        if state["usage"]:
+            return dict(state["usage"])
+        if not state["generated"]:
+            return None
+        # Stopped early: vLLM never sent usage, so count what it generated (prompt unknown).
+        generated = state["generated"]
+        return {"prompt_tokens": 0, "completion_tokens": generated, "total_tokens": generated}
+
+    seq = 0
+
+    def send(chunks: list[str], done: bool, error: dict[str, Any] | None) -> str:
+        """Post one batch: "continue", "stop" (client gone), "refused" (4xx) or "failed"."""
+        nonlocal seq
+        batch = {"request_id": request_id, "seq": seq, "chunks": chunks, "done": done,
+                 "error": error, "usage": usage_now() if done else None}
+        seq += 1
+        data = json.dumps(batch, separators=(",", ":")).encode()
+        auth = {"Content-Type": "application/json", "Authorization": f"Bearer {callback_token}"}
+        for attempt in range(5):
+            request = urllib.request.Request(callback_url, data=data, headers=auth, method="POST")
+            try:
+                with urllib.request.urlopen(request, timeout=30) as response:
+                    raw = response.read()
+            except urllib.error.HTTPError as failure:
+                failure.close()
+                if failure.code < 500:
+                    return "refused"
+            except (urllib.error.URLError, OSError):
+                pass
+            else:
+                try:
+                    reply = json.loads(raw or b"{}")
+                except ValueError:
+                    reply = {}
+                stopped = isinstance(reply, dict) and reply.get("continue") is False
+                return "stop" if stopped else "continue"
+            # The callback is idempotent on (request_id, seq), so resending the same bytes is safe.
+            time.sleep(0.05 * 2**attempt)
+        return "failed"
+
+    def assemble(chunks: list[str]) -> dict[str, Any]:
+        """The non-streamed answer the chunks add up to (`chat.completion` or `text_completion`)."""
+        chat = openai_path.strip("/").endswith("chat/completions")
+        head: dict[str, Any] = {}
+        usage: Any = None
+        choices: dict[int, dict[str, Any]] = {}
+        for text in chunks:
+            chunk = json.loads(text)
+            for key in ("id", "created", "model", "system_fingerprint"):
+                if key in chunk and key not in head:
+                    head[key] = chunk[key]
+            usage = chunk.get("usage") or usage
+            for part in chunk.get("choices") or []:
+                choice = choices.setdefault(part.get("index", 0), {
+                    "parts": [], "reasoning": [], "tools": {}, "role": "assistant",
+                    "logprobs": None, "finish_reason": None, "stop_reason": None})
+                delta = part.get("delta") or {}
+                choice["role"] = delta.get("role") or choice["role"]
+                choice["parts"].append((delta.get("content") if chat else part.get("text")) or "")
+                choice["reasoning"].append(delta.get("reasoning_content") or "")
+                for call in delta.get("tool_calls") or []:
+                    slot = choice["tools"].setdefault(call.get("index", 0), {
+                        "id": None, "type": "function", "function": {"name": "", "arguments": ""}})
+                    slot["id"] = call.get("id") or slot["id"]
+                    function = call.get("function") or {}
+                    slot["function"]["name"] += function.get("name") or ""
+                    slot["function"]["arguments"] += function.get("arguments") or ""
+                if isinstance(part.get("logprobs"), dict):
+                    merged = choice["logprobs"] = choice["logprobs"] or {}
+                    for key, value in part["logprobs"].items():
+                        if isinstance(value, list):
+                            merged.setdefault(key, []).extend(value)
+                        else:
+                            merged[key] = value
+                for key in ("finish_reason", "stop_reason"):
+                    if part.get(key) is not None:
+                        choice[key] = part[key]
+        out: list[dict[str, Any]] = []
+        for index, choice in sorted(choices.items()):
+            text = "".join(choice["parts"])
+            if chat:
+                calls = [call for _, call in sorted(choice["tools"].items())]
+                message: dict[str, Any] = {"role": choice["role"], "content": text,
+                                           "tool_calls": calls}
+                if any(choice["reasoning"]):
+                    message["reasoning_content"] = "".join(choice["reasoning"])
+                content: dict[str, Any] = {"message": message}
+            else:
+                content = {"text": text}
+            out.append({"index": index, **content, "logprobs": choice["logprobs"],
+                        "finish_reason": choice["finish_reason"],
+                        "stop_reason": choice["stop_reason"]})
+        kind = "chat.completion" if chat else "text_completion"
+        return {**head, "object": kind, "choices": out, "usage": usage}
+
+    started = time.time()
+    reader = threading.Thread(target=read, name=f"vllm-sse-{request_id}", daemon=True)
+    reader.start()
+    pending: list[str] = []
+    pending_bytes, oldest = 0, 0.0
+    status, error, ended, outcome = 200, None, False, "continue"
+    while not ended:
+        wait = None if not pending else max(0.0, oldest + flush_after_s - time.monotonic())
+        try:
+            item: tuple[Any, ...] | None = events.get(timeout=wait)
+        except queue.Empty:
+            item = None
+        while item is not None:
+            if item[0] == "data":
+                oldest = oldest if pending else item[2]
+                pending.append(item[1])
+                pending_bytes += len(item[1])
+            elif item[0] == "error":
+                status, error = item[1], item[2]
+            else:
+                ended = True
+                break
+            if len(pending) >= backlog_lines or pending_bytes >= backlog_bytes:
+                break
+            try:
+                item = events.get_nowait()
+            except queue.Empty:
+                item = None
+        due = len(pending) >= flush_lines or pending_bytes >= backlog_bytes or (
+            pending and time.monotonic() - oldest >= flush_after_s)
+        if not (ended or due):
+            continue
+        if outcome == "continue":  # after "failed", keep reading vLLM for the return value
+            outcome = send(pending, ended, error if ended else None)
+        pending, pending_bytes = [], 0
+        if outcome in ("stop", "refused"):
+            abort()
+            break
+    cancelled = outcome in ("stop", "refused")
+    reader.join(5.0)
+    if outcome == "stop" and not ended:
+        send([], True, None)  # the usage of what was generated, for a cancelled request
+    chunks = list(state["chunks"])
+    return {
+        "request_id": request_id,
+        "status_code": status,
+        "body": {"error": error} if error else assemble(chunks),
+        "chunks": chunks,
+        "cancelled": cancelled,
+        "usage": usage_now(),
+        "timings": {"started": started, "finished": time.time()},
+    }
+

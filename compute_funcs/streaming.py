@@ -260,7 +260,9 @@ def vllm_streaming(
             else:
                 ended = True
                 break
-            if len(pending) >= backlog_lines or pending_bytes >= backlog_bytes:
+            behind = time.monotonic() - oldest >= flush_after_s
+            if len(pending) >= (backlog_lines if behind else flush_lines) or (
+                    pending_bytes >= backlog_bytes):
                 break
             try:
                 item = events.get_nowait()

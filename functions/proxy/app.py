@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import time
 
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -40,12 +41,14 @@ async def infer(request: Request) -> Response:
         openai_path = request.path_params["openai_path"]
         if openai_path not in inference.INFERENCE_PATHS:
             raise NotFoundError(f"Unknown route POST {request.url.path}.")
+        started = time.perf_counter()
         authenticator = get_authenticator()
         caller = await asyncio.to_thread(
             authenticator.authenticate, request.headers.get("authorization")
         )
         authenticator.authorize(caller)
         body = await request.body()
+        authenticated = time.perf_counter()
         submission = await asyncio.to_thread(
             inference.submit,
             caller,
@@ -54,6 +57,7 @@ async def infer(request: Request) -> Response:
             request.path_params.get("cluster"),
             request.path_params.get("framework"),
         )
+        submitted = time.perf_counter()
         headers = {
             "x-first-request-id": submission.request_id,
             "x-first-cluster": submission.endpoint.cluster,
@@ -61,6 +65,12 @@ async def infer(request: Request) -> Response:
         }
         try:
             result = await inference.wait_for_result(submission)
+            # Where the gateway's time went, for clients and benchmarks (W3C Server-Timing).
+            headers["server-timing"] = (
+                f"auth;dur={(authenticated - started) * 1000:.1f}, "
+                f"submit;dur={(submitted - authenticated) * 1000:.1f}, "
+                f"wait;dur={(time.perf_counter() - submitted) * 1000:.1f}"
+            )
             return JSONResponse(inference.raise_for_result(result), headers=headers)
         except GatewayError as error:
             error.headers.update(headers)  # so a client can come back for this request

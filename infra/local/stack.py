@@ -119,7 +119,7 @@ class LocalStack:
 
     def start_children(self) -> None:
         python = sys.executable
-        moto = [python, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.moto_port)]
+        moto = [python, "-m", "first_local.moto_server", "-H", "127.0.0.1", "-p", str(self.moto_port)]
         self._spawn(moto, quiet=True)
         services = [python, "-m", "first_local.services", "--auth-port", str(self.auth_port)]
         o = self.options

@@ -63,12 +63,18 @@ class GlobusComputeBackend:
         return TaskState("success", result=task.get("result"))
 
 
+_worker_functions: dict[str, Any] = {}
+
+
 def _run_serialized(function_buffer: str, kwargs_buffer: str) -> Any:
     """Runs in a worker process: what a Globus Compute worker does with a task."""
     from globus_compute_sdk.serialize import ComputeSerializer
 
     serializer = ComputeSerializer()
-    function = serializer.deserialize(function_buffer)
+    # A worker keeps functions it has seen, as a Globus Compute worker does.
+    function = _worker_functions.get(function_buffer)
+    if function is None:
+        function = _worker_functions[function_buffer] = serializer.deserialize(function_buffer)
     kwargs = serializer.deserialize(kwargs_buffer)
     return function(**kwargs)
 

@@ -27,9 +27,9 @@ from first_core.settings import get_settings
 
 INFERENCE_PATHS = ("chat/completions", "completions", "embeddings")
 
-# Polling the results table: start fast (a warm model answers in milliseconds), back off to
-# this ceiling so a queued job costs a handful of reads a second.
-_FIRST_POLL_S = 0.002
+# Polling the results table: the pause grows with the time already waited (a tenth of it), so
+# a warm model's answer is seen within milliseconds and a queued job costs a few reads a second.
+_MIN_POLL_S = 0.002
 _MAX_POLL_S = 0.25
 
 
@@ -113,19 +113,20 @@ async def wait_for_result(submission: Submission) -> results.Result:
 
 
 async def _poll(submission: Submission) -> results.Result:
-    delay = _FIRST_POLL_S
+    started = time.monotonic()
     while True:
         result = await asyncio.to_thread(results.load, submission.request_id)
         if result is not None:
             return result
-        if time.monotonic() + delay > submission.deadline:
+        now = time.monotonic()
+        delay = min(max(_MIN_POLL_S, (now - started) / 10), _MAX_POLL_S)
+        if now + delay > submission.deadline:
             raise ComputeTimeoutError(
                 f"The cluster did not answer within {get_settings().result_wait_seconds:.0f} s. "
                 f"Your request {submission.request_id} is still running; fetch its result later "
                 f"with GET /v1/requests/{submission.request_id}."
             )
         await asyncio.sleep(delay)
-        delay = min(delay * 1.5, _MAX_POLL_S)
 
 
 def raise_for_result(result: results.Result) -> Any:

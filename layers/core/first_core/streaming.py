@@ -1,0 +1,273 @@
+"""Streamed answers: the stream callback that stores chunk batches, and the relay to the client.
+
+The streaming compute function posts numbered batches of vLLM's SSE `data:` payloads
+(`compute_funcs.streaming`). Each batch is written once to `stream_chunks` under
+(request id, seq); the proxy's relay queries only the rows after the last one it sent, puts them
+in seq order and turns them into the client's SSE. The callback's reply tells the compute
+function whether anyone is still listening.
+
+A failed stream's error travels as the last chunk of the done row, `{"error": {...}}`, exactly
+the event the client gets, so the relay needs no second read to learn how the stream ended.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pynamodb.exceptions import DoesNotExist, PutError, UpdateError
+
+from first_core import records, results
+from first_core.errors import (
+    ComputeTimeoutError,
+    ConflictError,
+    InvalidRequestError,
+    PayloadTooLargeError,
+)
+from first_core.settings import get_settings
+from first_core.tables import TERMINAL_STATUSES, RequestRecord, StreamChunkBatch
+from first_core.usage import Usage
+
+# Polling stream_chunks: fast while tokens flow, backing off to this ceiling while the job is
+# queued, so an idle stream costs about ten reads a second.
+_FIRST_POLL_S = 0.005
+_MAX_POLL_S = 0.1
+
+
+class StreamError(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    message: str
+    type: str | None = None
+    param: str | None = None
+    code: str | int | None = None
+
+
+class StreamUsage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    prompt_tokens: int = Field(default=0, ge=0)
+    completion_tokens: int = Field(default=0, ge=0)
+    total_tokens: int | None = Field(default=None, ge=0)
+
+    def to_usage(self) -> Usage:
+        total = self.total_tokens
+        if total is None:
+            total = self.prompt_tokens + self.completion_tokens
+        return Usage(self.prompt_tokens, self.completion_tokens, total)
+
+
+class StreamBatchBody(BaseModel):
+    """What the streaming compute function posts to the stream callback."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    request_id: str
+    seq: int = Field(ge=0)
+    chunks: list[str] = Field(default_factory=list)
+    done: bool = False
+    error: StreamError | None = None
+    usage: StreamUsage | None = None
+
+
+def accept_stream_callback(
+    request_id: str, authorization: str | None, raw_body: bytes
+) -> dict[str, Any]:
+    """The stream callback route: verify, store the batch once, and say whether to go on."""
+    results.verify_callback_token(request_id, authorization)
+    # The batch becomes one DynamoDB item, which holds at most 400 KB.
+    if len(raw_body) > get_settings().inline_result_bytes:
+        raise PayloadTooLargeError("Stream batch too large.")
+    try:
+        batch = StreamBatchBody.model_validate_json(raw_body)
+    except ValidationError:
+        raise InvalidRequestError("Malformed stream batch.", code="invalid_callback_body") from None
+    if batch.request_id != request_id:
+        raise InvalidRequestError("Stream batch names another request.", param="request_id")
+    try:
+        record = RequestRecord.get(request_id, consistent_read=True)
+    except DoesNotExist:
+        raise ConflictError(f"Request {request_id} does not exist.") from None
+
+    if record.status == "cancelled":
+        # The compute function stops on this reply; its final batch still carries the usage
+        # of what was generated, which is billed even though nobody read it.
+        if batch.done and batch.usage is not None:
+            _record_usage_after_cancel(request_id, batch.usage.to_usage())
+        return {"continue": False, "duplicate": False}
+    ends_as = "failed" if batch.error else "completed"
+    if record.status in TERMINAL_STATUSES and not _ended_by_this_stream(record.status, batch):
+        raise ConflictError(f"Request {request_id} has already ended ({record.status}).")
+
+    written = _put_batch(request_id, batch)
+    if batch.done:
+        # Also after a duplicate put: the first delivery may have died between the two writes.
+        usage = batch.usage.to_usage() if batch.usage else None
+        error = batch.error.message if batch.error else None
+        records.finish(request_id, ends_as, usage=usage, error=error)
+    return {"continue": True, "duplicate": not written}
+
+
+def _ended_by_this_stream(status: str, batch: StreamBatchBody) -> bool:
+    """Whether a batch for an ended request belongs to the stream that ended it."""
+    if batch.done:  # a repeated final batch, finding the request ended by its first delivery
+        return status == ("failed" if batch.error else "completed")
+    if status not in ("completed", "failed"):
+        return False
+    # A batch overtaken by its own stream's final batch still fills its gap (rare: only when
+    # deliveries race), so look for that final batch after it.
+    later = StreamChunkBatch.query(
+        batch.request_id,
+        StreamChunkBatch.seq > batch.seq,
+        filter_condition=StreamChunkBatch.done == True,  # noqa: E712 (a pynamodb condition)
+        consistent_read=True,
+    )
+    return any(True for _ in later)
+
+
+def _put_batch(request_id: str, batch: StreamBatchBody) -> bool:
+    """Write the row unless (request_id, seq) exists; False for a repeated batch."""
+    chunks = list(batch.chunks)
+    if batch.error is not None:
+        chunks.append(_compact({"error": batch.error.model_dump()}))
+    now = time.time()
+    row = StreamChunkBatch(
+        request_id,
+        batch.seq,
+        chunks=chunks,
+        done=batch.done,
+        created_at=now,
+        expires_at=datetime.fromtimestamp(now + get_settings().result_ttl_seconds, tz=UTC),
+    )
+    try:
+        row.save(condition=StreamChunkBatch.seq.does_not_exist())
+    except PutError as failure:
+        if failure.cause_response_code == "ConditionalCheckFailedException":
+            return False
+        raise
+    return True
+
+
+def _record_usage_after_cancel(request_id: str, usage: Usage) -> None:
+    """Set the usage of a cancelled request once, leaving its status alone."""
+    try:
+        RequestRecord(request_id).update(
+            actions=[
+                RequestRecord.prompt_tokens.set(usage.prompt_tokens),
+                RequestRecord.completion_tokens.set(usage.completion_tokens),
+                RequestRecord.total_tokens.set(usage.total_tokens),
+            ],
+            condition=(RequestRecord.status == "cancelled")
+            & RequestRecord.total_tokens.does_not_exist(),
+        )
+    except UpdateError as failure:
+        if failure.cause_response_code != "ConditionalCheckFailedException":
+            raise
+
+
+def cancel(request_id: str) -> None:
+    """The client went away: end the request; the compute function learns it at its next batch."""
+    records.finish(request_id, "cancelled")
+
+
+async def relay(
+    request_id: str,
+    *,
+    include_usage: bool,
+    deadline: float,
+    keepalive_seconds: float = 15.0,
+) -> AsyncIterator[bytes]:
+    """The client's SSE body for a streaming request, until its done batch or `deadline`.
+
+    If the relay stops before the stream ended (the client disconnected, the deadline passed),
+    the request is cancelled, so the compute function stops generating for nobody.
+    """
+    last_sent = -1
+    held: dict[int, StreamChunkBatch] = {}
+    delay = _FIRST_POLL_S
+    quiet_since = time.monotonic()
+    ended = False
+    try:
+        while True:
+            for row in await asyncio.to_thread(_rows_after, request_id, last_sent):
+                held.setdefault(int(row.seq), row)
+            progressed = False
+            # A batch that overtook an earlier one waits in `held` until the gap is filled.
+            while last_sent + 1 in held:
+                row = held.pop(last_sent + 1)
+                last_sent += 1
+                progressed = True
+                for chunk in row.chunks:
+                    event, failed = _client_event(chunk, include_usage)
+                    if event is not None:
+                        yield event
+                    if failed:  # OpenAI ends a failed stream without [DONE]
+                        ended = True
+                        return
+                if row.done:
+                    yield b"data: [DONE]\n\n"
+                    ended = True
+                    return
+            now = time.monotonic()
+            if progressed:
+                delay, quiet_since = _FIRST_POLL_S, now
+            elif now - quiet_since >= keepalive_seconds:
+                yield b": keep-alive\n\n"
+                quiet_since = now
+            if now >= deadline:
+                yield _event(_timeout_error(request_id))
+                return
+            await asyncio.sleep(min(delay, deadline - now))
+            delay = min(delay * 1.5, _MAX_POLL_S)
+    finally:
+        if not ended:
+            # Synchronous on purpose: an await here, in a cancelled task, would be cancelled too.
+            cancel(request_id)
+
+
+def _rows_after(request_id: str, last_sent: int) -> list[StreamChunkBatch]:
+    """Only the rows not sent yet: the range-key condition keeps each poll to the new rows."""
+    return list(
+        StreamChunkBatch.query(
+            request_id, StreamChunkBatch.seq > last_sent, consistent_read=True
+        )
+    )
+
+
+def _client_event(chunk: str, include_usage: bool) -> tuple[bytes | None, bool]:
+    """The SSE event for one stored payload (None to drop it), and whether it is an error."""
+    try:
+        data = json.loads(chunk)
+    except ValueError:
+        return None, False
+    if not isinstance(data, dict):
+        return None, False
+    if "error" in data and "choices" not in data:
+        return _event(data), True
+    if not include_usage:
+        # vLLM was always asked for usage; a client that was not gets what OpenAI would send it.
+        if data.get("choices") == [] and data.get("usage") is not None:
+            return None, False
+        if "usage" in data and data["usage"] is None:
+            del data["usage"]
+            return _event(data), False
+    return f"data: {chunk}\n\n".encode(), False
+
+
+def _timeout_error(request_id: str) -> dict[str, Any]:
+    return ComputeTimeoutError(
+        f"The cluster did not finish streaming request {request_id} in time; it was cancelled."
+    ).to_body()
+
+
+def _event(data: dict[str, Any]) -> bytes:
+    return f"data: {_compact(data)}\n\n".encode()
+
+
+def _compact(data: dict[str, Any]) -> str:
+    return json.dumps(data, separators=(",", ":"), ensure_ascii=False)

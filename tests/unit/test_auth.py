@@ -1,0 +1,590 @@
+"""Authentication against a faked Globus Auth and Groups (`globus_sdk.testing` + `responses`).
+
+Every test builds a fresh `Authenticator` (a cold instance) and a fresh moto backend, so the
+memory cache and the `token_cache` table start empty unless a test fills them.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import time
+import types
+from collections.abc import Iterator
+from typing import Any
+from urllib.parse import parse_qs
+
+import boto3
+import pytest
+import responses
+from globus_sdk.testing import RegisteredResponse, get_last_request, load_response
+
+import first_core.auth
+from first_core.auth import Authenticator, Caller, token_hash
+from first_core.errors import AuthenticationError, PermissionDeniedError
+from first_core.settings import get_settings
+from first_core.tables import TokenCacheEntry
+
+CLIENT_ID = "0c1a2b3c-0000-4000-8000-00000000c11e"
+CLIENT_SECRET = "gateway-client-secret"
+SCOPE = f"https://auth.globus.org/scopes/{CLIENT_ID}/action_all"
+ALLOWED_GROUP = "9a1e0000-0000-4000-8000-000000000001"
+OTHER_GROUP = "9a1e0000-0000-4000-8000-000000000002"
+ALLOWED_DOMAINS = ["anl.gov", "uchicago.edu"]
+POLICY_A = "11111111-2222-3333-4444-555555555555"
+POLICY_B = "66666666-7777-8888-9999-000000000000"
+
+TOKEN = "AgXyz-user-access-token-0123456789"
+GROUPS_TOKEN = "groupsToken-for-the-gateway"
+
+ALICE_ANL = "a11ce000-0000-4000-8000-000000000001"  # primary identity
+ALICE_GMAIL = "a11ce000-0000-4000-8000-000000000002"  # linked identity
+
+INTROSPECT_URL = "https://auth.globus.org/v2/oauth2/token/introspect"
+TOKEN_URL = "https://auth.globus.org/v2/oauth2/token"
+MY_GROUPS_URL = "https://groups.api.globus.org/v2/groups/my_groups"
+
+
+# -- fakes ------------------------------------------------------------------------------------
+def identity(sub: str, username: str, name: str = "Alice Liddell") -> dict[str, Any]:
+    domain = username.rpartition("@")[2]
+    return {
+        "sub": sub,
+        "username": username,
+        "name": name,
+        "email": username,
+        "identity_provider": f"idp-{domain}",
+        "identity_provider_display_name": f"{domain} login",
+        "organization": domain,
+        "status": "used",
+    }
+
+
+ALICE_IDENTITIES = [
+    identity(ALICE_ANL, "alice@anl.gov"),
+    identity(ALICE_GMAIL, "alice@gmail.com"),
+]
+
+
+def introspection(
+    *,
+    active: bool = True,
+    exp: float | None = None,
+    scope: str = SCOPE,
+    sub: str = ALICE_ANL,
+    username: str = "alice@anl.gov",
+    session: tuple[str, ...] = (ALICE_ANL,),
+    identities: list[dict[str, Any]] | None = None,
+    policy_evaluations: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """An introspection answer shaped like Globus Auth's (with session_info, identity_set_detail)."""
+    if not active:
+        return {"active": False}
+    now = int(time.time())
+    body: dict[str, Any] = {
+        "active": True,
+        "scope": f"openid {scope}",
+        "client_id": "native-client-of-the-user",
+        "sub": sub,
+        "username": username,
+        "name": "Alice Liddell",
+        "email": username,
+        "aud": [CLIENT_ID],
+        "iss": "https://auth.globus.org",
+        "iat": now - 60,
+        "nbf": now - 60,
+        "exp": int(exp if exp is not None else now + 3600),
+        "identity_set_detail": identities if identities is not None else ALICE_IDENTITIES,
+        "session_info": {
+            "session_id": "5e55104e-0000-4000-8000-000000000000",
+            "authentications": {
+                sub_id: {"idp": "idp", "auth_time": now - 120, "amr": None, "acr": None}
+                for sub_id in session
+            },
+        },
+    }
+    if policy_evaluations is not None:
+        body["policy_evaluations"] = policy_evaluations
+    return body
+
+
+@pytest.fixture
+def globus(aws: None, monkeypatch: pytest.MonkeyPatch) -> Iterator[responses.RequestsMock]:
+    """Gateway settings for the test, and a `responses` mock standing in for Globus.
+
+    Depends on `aws` so moto's own `requests` patch is underneath this one.
+    """
+    s = get_settings()
+    monkeypatch.setattr(s, "globus_client_id", CLIENT_ID)
+    monkeypatch.setattr(s, "globus_client_secret", type(s.globus_client_secret)(CLIENT_SECRET))
+    monkeypatch.setattr(s, "gateway_scope", SCOPE)
+    monkeypatch.setattr(s, "allowed_domains", list(ALLOWED_DOMAINS))
+    monkeypatch.setattr(s, "allowed_groups", [ALLOWED_GROUP])
+    monkeypatch.setattr(s, "authentication_policies", [])
+    monkeypatch.setattr(s, "clock_skew_seconds", 5)
+    monkeypatch.setattr(s, "token_cache_seconds", 600)
+    monkeypatch.setattr(s, "groups_cache_seconds", 300)
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as mock:
+        yield mock
+
+
+def fake_globus(
+    mock: responses.RequestsMock,
+    answer: dict[str, Any],
+    groups: tuple[str, ...] = (ALLOWED_GROUP,),
+) -> None:
+    load_response(
+        RegisteredResponse(
+            service="auth", path="/v2/oauth2/token/introspect", method="POST", json=answer
+        ),
+        requests_mock=mock,
+    )
+    load_response(
+        RegisteredResponse(
+            service="auth",
+            path="/v2/oauth2/token",
+            method="POST",
+            json=[
+                {
+                    "scope": "urn:globus:auth:scope:groups.api.globus.org:"
+                    "view_my_groups_and_memberships",
+                    "access_token": GROUPS_TOKEN,
+                    "token_type": "bearer",
+                    "expires_in": 172800,
+                    "resource_server": "groups.api.globus.org",
+                }
+            ],
+        ),
+        requests_mock=mock,
+    )
+    load_response(
+        RegisteredResponse(
+            service="groups",
+            path="/v2/groups/my_groups",
+            json=[
+                {"id": gid, "name": f"group {gid}", "group_type": "regular", "my_memberships": []}
+                for gid in groups
+            ],
+        ),
+        requests_mock=mock,
+    )
+
+
+def calls_to(mock: responses.RequestsMock, url: str) -> list[Any]:
+    return [call for call in mock.calls if call.request.url.split("?")[0] == url]
+
+
+def form(call: Any) -> dict[str, list[str]]:
+    body = call.request.body
+    return parse_qs(body.decode() if isinstance(body, bytes) else body)
+
+
+def bearer(token: str = TOKEN) -> str:
+    return f"Bearer {token}"
+
+
+# -- accepted tokens --------------------------------------------------------------------------
+def test_active_token_in_allowed_domain_and_group_gives_the_caller(
+    globus: responses.RequestsMock, authenticator: Authenticator
+) -> None:
+    answer = introspection()
+    fake_globus(globus, answer, groups=(ALLOWED_GROUP, OTHER_GROUP))
+
+    caller = authenticator.authenticate(bearer())
+
+    assert caller.user_id == ALICE_ANL
+    assert caller.username == "alice@anl.gov"
+    assert caller.name == "Alice Liddell"
+    assert caller.email == "alice@anl.gov"
+    assert caller.idp_domain == "anl.gov"
+    assert caller.idp_name == "anl.gov login"
+    assert caller.groups == frozenset({ALLOWED_GROUP, OTHER_GROUP})
+    assert caller.token_expires_at == answer["exp"]
+    assert caller.groups_checked_at == pytest.approx(time.time(), abs=30)
+    authenticator.authorize(caller)  # in an allowed group: no exception
+
+
+def test_introspection_asks_for_session_info_and_identity_set_detail(
+    globus: responses.RequestsMock, authenticator: Authenticator
+) -> None:
+    fake_globus(globus, introspection())
+
+    authenticator.authenticate(bearer())
+
+    [call] = calls_to(globus, INTROSPECT_URL)
+    sent = form(call)
+    assert sent["token"] == [TOKEN]
+    assert sent["include"] == ["session_info,identity_set_detail"]
+    assert "authentication_policies" not in sent
+    # The gateway introspects as itself, a confidential client.
+    expected = base64.b64encode(f"{CLIENT_ID}:{CLIENT_SECRET}".encode()).decode()
+    assert call.request.headers["Authorization"] == f"Basic {expected}"
+
+
+def test_groups_are_read_with_the_dependent_groups_token(
+    globus: responses.RequestsMock, authenticator: Authenticator
+) -> None:
+    fake_globus(globus, introspection())
+
+    authenticator.authenticate(bearer())
+
+    [dependent] = calls_to(globus, TOKEN_URL)
+    assert form(dependent)["token"] == [TOKEN]
+    assert form(dependent)["grant_type"] == ["urn:globus:auth:grant_type:dependent_token"]
+    last = get_last_request(requests_mock=globus)
+    assert last is not None
+    assert last.url.split("?")[0] == MY_GROUPS_URL
+    assert last.headers["Authorization"] == f"Bearer {GROUPS_TOKEN}"
+
+
+def test_token_expired_within_the_clock_skew_is_accepted(
+    globus: responses.RequestsMock, authenticator: Authenticator
+) -> None:
+    fake_globus(globus, introspection(exp=time.time() - 2))  # skew is 5 s
+
+    caller = authenticator.authenticate(bearer())
+
+    assert caller.user_id == ALICE_ANL
+
+
+# -- refused tokens ---------------------------------------------------------------------------
+def test_inactive_token_is_refused_with_401(
+    globus: responses.RequestsMock, authenticator: Authenticator
+) -> None:
+    fake_globus(globus, introspection(active=False))
+
+    with pytest.raises(AuthenticationError) as refused:
+        authenticator.authenticate(bearer())
+
+    assert refused.value.status == 401
+    assert "inactive" in refused.value.message
+    assert calls_to(globus, TOKEN_URL) == []  # groups never looked up for a dead token
+
+
+def test_token_expired_beyond_the_clock_skew_is_refused(
+    globus: responses.RequestsMock, authenticator: Authenticator
+) -> None:
+    fake_globus(globus, introspection(exp=time.time() - 60))
+
+    with pytest.raises(AuthenticationError) as refused:
+        authenticator.authenticate(bearer())
+
+    assert refused.value.status == 401
+    assert "expired" in refused.value.message
+
+
+def test_token_without_the_gateway_scope_is_refused(
+    globus: responses.RequestsMock, authenticator: Authenticator
+) -> None:
+    other_scope = "https://auth.globus.org/scopes/some-other-service/action_all"
+    fake_globus(globus, introspection(scope=other_scope))
+
+    with pytest.raises(AuthenticationError) as refused:
+        authenticator.authenticate(bearer())
+
+    assert refused.value.status == 401
+    assert "scope" in refused.value.message
+
+
+def test_identity_provider_outside_allowed_domains_is_refused_listing_them(
+    globus: responses.RequestsMock, authenticator: Authenticator
+) -> None:
+    mallory = "3a110000-0000-4000-8000-000000000009"
+    fake_globus(
+        globus,
+        introspection(
+            sub=mallory,
+            username="mallory@example.org",
+            session=(mallory,),
+            identities=[identity(mallory, "mallory@example.org")],
+        ),
+    )
+
+    with pytest.raises(AuthenticationError) as refused:
+        authenticator.authenticate(bearer())
+
+    assert refused.value.status == 401
+    assert "example.org" in refused.value.message
+    assert "anl.gov, uchicago.edu" in refused.value.message
+
+
+def test_allowed_primary_identity_signed_in_with_disallowed_linked_identity_is_refused(
+    globus: responses.RequestsMock, authenticator: Authenticator
+) -> None:
+    # Primary identity alice@anl.gov is allowed, but this session authenticated alice@gmail.com.
+    fake_globus(globus, introspection(sub=ALICE_ANL, session=(ALICE_GMAIL,)))
+
+    with pytest.raises(AuthenticationError) as refused:
+        authenticator.authenticate(bearer())
+
+    assert refused.value.status == 401
+    assert "gmail.com" in refused.value.message
+
+
+def test_disallowed_primary_identity_signed_in_with_allowed_linked_identity_is_accepted(
+    globus: responses.RequestsMock, authenticator: Authenticator
+) -> None:
+    # Primary identity alice@gmail.com; this session authenticated the linked alice@anl.gov.
+    fake_globus(
+        globus,
+        introspection(sub=ALICE_GMAIL, username="alice@gmail.com", session=(ALICE_ANL,)),
+    )
+
+    caller = authenticator.authenticate(bearer())
+
+    assert caller.user_id == ALICE_GMAIL  # the owner key stays the account's `sub`
+    assert caller.username == "alice@anl.gov"
+    assert caller.idp_domain == "anl.gov"
+
+
+def test_failing_policy_evaluation_is_refused_asking_to_log_in_again(
+    globus: responses.RequestsMock, authenticator: Authenticator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(get_settings(), "authentication_policies", [POLICY_A, POLICY_B])
+    fake_globus(
+        globus,
+        introspection(
+            policy_evaluations={POLICY_A: {"evaluation": True}, POLICY_B: {"evaluation": False}}
+        ),
+    )
+
+    with pytest.raises(AuthenticationError) as refused:
+        authenticator.authenticate(bearer())
+
+    assert refused.value.status == 401
+    assert POLICY_B in refused.value.message
+    assert "Log out of Globus and log in again" in refused.value.message
+    [call] = calls_to(globus, INTROSPECT_URL)
+    sent = form(call)
+    assert sent["authentication_policies"] == [f"{POLICY_A},{POLICY_B}"]
+    assert sent["include"] == ["session_info,identity_set_detail"]
+    assert sent["token"] == [TOKEN]
+
+
+def test_passing_policy_evaluations_are_accepted(
+    globus: responses.RequestsMock, authenticator: Authenticator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(get_settings(), "authentication_policies", [POLICY_A])
+    fake_globus(globus, introspection(policy_evaluations={POLICY_A: {"evaluation": True}}))
+
+    assert authenticator.authenticate(bearer()).user_id == ALICE_ANL
+
+
+def test_globus_auth_failure_is_a_401_asking_to_retry(
+    globus: responses.RequestsMock, authenticator: Authenticator
+) -> None:
+    load_response(
+        RegisteredResponse(
+            service="auth",
+            path="/v2/oauth2/token/introspect",
+            method="POST",
+            status=500,
+            json={"errors": [{"status": "500", "code": "Error"}]},
+        ),
+        requests_mock=globus,
+    )
+
+    with pytest.raises(AuthenticationError) as refused:
+        authenticator.authenticate(bearer())
+
+    assert refused.value.status == 401
+    assert "HTTP 500" in refused.value.message
+
+
+def test_missing_groups_dependent_token_is_a_401(
+    globus: responses.RequestsMock, authenticator: Authenticator
+) -> None:
+    fake_globus(globus, introspection())
+    globus.replace(responses.POST, TOKEN_URL, json=[])  # no groups token among them
+
+    with pytest.raises(AuthenticationError) as refused:
+        authenticator.authenticate(bearer())
+
+    assert "group memberships" in refused.value.message
+
+
+@pytest.mark.parametrize(
+    "authorization",
+    [
+        None,
+        "",
+        "Basic dXNlcjpwYXNz",
+        "Token abc",
+        "Bearer",
+        "Bearer ",
+        "Bearer     ",
+        "Bearer " + "x" * 4097,
+    ],
+    ids=["none", "empty", "basic", "other-scheme", "bare", "bare-space", "blank", "too-long"],
+)
+def test_missing_or_malformed_authorization_header_is_a_401_without_calling_globus(
+    globus: responses.RequestsMock, authenticator: Authenticator, authorization: str | None
+) -> None:
+    with pytest.raises(AuthenticationError) as refused:
+        authenticator.authenticate(authorization)
+
+    assert refused.value.status == 401
+    assert len(globus.calls) == 0
+
+
+def test_bearer_scheme_is_case_insensitive(
+    globus: responses.RequestsMock, authenticator: Authenticator
+) -> None:
+    fake_globus(globus, introspection())
+
+    caller = authenticator.authenticate(f"bearer   {TOKEN}  ")
+
+    assert caller.user_id == ALICE_ANL
+    assert form(calls_to(globus, INTROSPECT_URL)[0])["token"] == [TOKEN]
+
+
+# -- the global gate --------------------------------------------------------------------------
+def test_caller_outside_allowed_groups_is_forbidden_with_403(
+    globus: responses.RequestsMock, authenticator: Authenticator
+) -> None:
+    fake_globus(globus, introspection(), groups=(OTHER_GROUP,))
+    caller = authenticator.authenticate(bearer())  # authenticated ...
+
+    with pytest.raises(PermissionDeniedError) as forbidden:
+        authenticator.authorize(caller)  # ... but not allowed in
+
+    assert forbidden.value.status == 403
+    assert "alice@anl.gov" in forbidden.value.message
+
+
+def test_no_allowed_groups_configured_lets_everyone_through(
+    globus: responses.RequestsMock, authenticator: Authenticator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(get_settings(), "allowed_groups", [])
+    caller = Caller("u", "u@anl.gov", "U", "u@anl.gov", "anl.gov", "ANL", frozenset())
+
+    authenticator.authorize(caller)
+
+
+# -- caching ----------------------------------------------------------------------------------
+def test_second_authenticate_with_same_token_makes_no_http_call(
+    globus: responses.RequestsMock, authenticator: Authenticator
+) -> None:
+    fake_globus(globus, introspection())
+    first = authenticator.authenticate(bearer())
+    calls = len(globus.calls)
+    assert calls == 3  # introspect, dependent tokens, my_groups
+
+    second = authenticator.authenticate(bearer())
+
+    assert len(globus.calls) == calls
+    assert second == first
+
+
+def test_cold_instance_uses_the_token_cache_table_without_http(
+    globus: responses.RequestsMock,
+) -> None:
+    fake_globus(globus, introspection(), groups=(ALLOWED_GROUP, OTHER_GROUP))
+    warm = Authenticator().authenticate(bearer())
+    calls = len(globus.calls)
+
+    cold = Authenticator().authenticate(bearer())
+
+    assert len(globus.calls) == calls
+    assert cold == warm
+    assert cold.groups == frozenset({ALLOWED_GROUP, OTHER_GROUP})
+
+
+def test_token_cache_is_keyed_by_sha256_and_never_stores_the_token(
+    globus: responses.RequestsMock, authenticator: Authenticator
+) -> None:
+    fake_globus(globus, introspection())
+    authenticator.authenticate(bearer())
+
+    raw = boto3.client("dynamodb", region_name=get_settings().aws_region).scan(
+        TableName=TokenCacheEntry.Meta.table_name
+    )["Items"]
+
+    assert len(raw) == 1
+    expected_key = hashlib.sha256(TOKEN.encode()).hexdigest()
+    assert raw[0]["token_hash"] == {"S": expected_key}
+    assert token_hash(TOKEN) == expected_key
+    assert TOKEN not in json.dumps(raw)
+    assert GROUPS_TOKEN not in json.dumps(raw)
+    assert TokenCacheEntry.get(expected_key).verdict["user_id"] == ALICE_ANL
+
+
+def test_token_cache_entry_expires_no_later_than_the_token(
+    globus: responses.RequestsMock, authenticator: Authenticator
+) -> None:
+    exp = int(time.time()) + 60  # well inside token_cache_seconds (600)
+    fake_globus(globus, introspection(exp=exp))
+    authenticator.authenticate(bearer())
+
+    entry = TokenCacheEntry.get(token_hash(TOKEN))
+
+    assert time.time() < entry.expires_at.timestamp() <= exp
+
+
+def test_token_cache_entry_expires_after_token_cache_seconds_for_long_tokens(
+    globus: responses.RequestsMock, authenticator: Authenticator
+) -> None:
+    fake_globus(globus, introspection(exp=time.time() + 48 * 3600))
+    before = time.time()
+    authenticator.authenticate(bearer())
+
+    entry = TokenCacheEntry.get(token_hash(TOKEN))
+
+    assert entry.expires_at.timestamp() == pytest.approx(before + 600, abs=5)
+
+
+def test_expired_cache_entry_is_not_trusted_by_a_cold_instance(
+    globus: responses.RequestsMock,
+) -> None:
+    fake_globus(globus, introspection())
+    TokenCacheEntry(
+        token_hash(TOKEN),
+        verdict={"user_id": "stale", "username": "stale@anl.gov", "name": "", "email": "",
+                 "idp_domain": "anl.gov", "idp_name": "", "groups": [],
+                 "token_expires_at": time.time() - 10, "groups_checked_at": time.time()},
+        expires_at=first_core.auth._utc(time.time() - 10),
+    ).save()
+
+    caller = Authenticator().authenticate(bearer())
+
+    assert caller.user_id == ALICE_ANL
+    assert len(calls_to(globus, INTROSPECT_URL)) == 1
+
+
+def test_refused_token_is_remembered_briefly(
+    globus: responses.RequestsMock, authenticator: Authenticator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake_globus(globus, introspection(active=False))
+    with pytest.raises(AuthenticationError):
+        authenticator.authenticate(bearer())
+    assert len(globus.calls) == 1
+
+    with pytest.raises(AuthenticationError):
+        authenticator.authenticate(bearer())
+    assert len(globus.calls) == 1  # the refusal came from memory
+
+    later = time.time() + 11  # past the 10 s refusal cache
+    monkeypatch.setattr(first_core.auth, "time", types.SimpleNamespace(time=lambda: later))
+    with pytest.raises(AuthenticationError):
+        authenticator.authenticate(bearer())
+    assert len(globus.calls) == 2  # asked Globus again
+    assert TokenCacheEntry.count() == 0  # refusals are never written to the table
+
+
+def test_groups_are_looked_up_again_after_groups_cache_seconds(
+    globus: responses.RequestsMock, authenticator: Authenticator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake_globus(globus, introspection(), groups=(ALLOWED_GROUP,))
+    assert authenticator.authenticate(bearer()).groups == {ALLOWED_GROUP}
+    globus.replace(responses.GET, MY_GROUPS_URL, json=[{"id": OTHER_GROUP, "name": "other"}])
+
+    later = time.time() + 301  # past groups_cache_seconds, before token_cache_seconds
+    monkeypatch.setattr(first_core.auth, "time", types.SimpleNamespace(time=lambda: later))
+    caller = authenticator.authenticate(bearer())
+
+    assert caller.groups == {OTHER_GROUP}
+    assert len(calls_to(globus, INTROSPECT_URL)) == 1  # no second introspection
+    assert len(calls_to(globus, MY_GROUPS_URL)) == 2
+    with pytest.raises(PermissionDeniedError):
+        authenticator.authorize(caller)

@@ -1,0 +1,180 @@
+"""The registry file (`load_file`), the registry table (`publish`) and its snapshot (`current`)."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from first_core.registry import (
+    CLUSTER_KEY,
+    Registry,
+    RegistryFile,
+    RegistryFileError,
+    load_file,
+    publish,
+)
+from first_core.tables import RegistryEntry
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+LOCAL_YAML = PROJECT_ROOT / "infra" / "registry" / "local.yaml"
+
+LLAMA_8B = "meta-llama/Meta-Llama-3-8B-Instruct"
+LLAMA_70B = "meta-llama/Meta-Llama-3.1-70B-Instruct"
+EMBEDDING = "Salesforce/SFR-Embedding-Mistral"
+
+VALID = """\
+clusters:
+  sophia:
+    frameworks: [vllm]
+    endpoints:
+      - framework: vllm
+        endpoint_id: ep-sophia
+        models: [m1]
+        functions:
+          inference: "local:inference"
+"""
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "registry.yaml"
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+# -- load_file --------------------------------------------------------------------------------
+def test_local_registry_file_has_sophia_and_polaris() -> None:
+    registry = load_file(LOCAL_YAML)
+
+    assert set(registry.clusters) == {"sophia", "polaris"}
+    sophia, polaris = registry.clusters["sophia"], registry.clusters["polaris"]
+    assert sophia.frameworks == ["vllm"]
+    assert polaris.frameworks == ["vllm"]
+    assert [m for e in sophia.endpoints for m in e.models] == [LLAMA_8B, LLAMA_70B, EMBEDDING]
+    assert [m for e in polaris.endpoints for m in e.models] == [LLAMA_8B]
+    assert {e.framework for c in registry.clusters.values() for e in c.endpoints} == {"vllm"}
+    assert sophia.endpoints[0].limits.max_tokens == 8192
+    assert sophia.endpoints[0].batches is True
+    assert polaris.endpoints[0].batches is False
+
+
+def test_a_minimal_file_loads(tmp_path: Path) -> None:
+    registry = load_file(write(tmp_path, VALID))
+
+    assert isinstance(registry, RegistryFile)
+    endpoint = registry.clusters["sophia"].endpoints[0]
+    assert endpoint.endpoint_id == "ep-sophia"
+    assert endpoint.functions.inference == "local:inference"
+    assert endpoint.allowed_groups == []
+    assert registry.clusters["sophia"].maintenance is False
+
+
+@pytest.mark.parametrize(
+    ("broken", "field"),
+    [
+        (VALID.replace("    frameworks: [vllm]\n", "    frameworks: [vllm]\n    gpus: 8\n"), "gpus"),
+        (VALID.replace("        models: [m1]\n", "        models: [m1]\n        replicas: 2\n"),
+         "replicas"),
+        (VALID.replace("        endpoint_id: ep-sophia\n", ""), "endpoint_id"),
+        (VALID.replace("models: [m1]", "models: []"), "models"),
+        (VALID.replace('          inference: "local:inference"\n', "          qstat: q\n"),
+         "inference"),
+        (VALID.replace("frameworks: [vllm]", "frameworks: []"), "frameworks"),
+        ("clusters: {}\n", "clusters"),
+    ],
+    ids=[
+        "unknown-cluster-key",
+        "unknown-endpoint-key",
+        "missing-endpoint_id",
+        "empty-models",
+        "missing-inference-function",
+        "empty-frameworks",
+        "no-clusters",
+    ],
+)
+def test_bad_file_names_the_file_and_the_field(tmp_path: Path, broken: str, field: str) -> None:
+    path = write(tmp_path, broken)
+
+    with pytest.raises(RegistryFileError) as bad:
+        load_file(path)
+
+    assert str(path) in str(bad.value)
+    assert field in str(bad.value)
+
+
+@pytest.mark.parametrize("text", ["", "clusters: [unclosed\n", "- just\n- a list\n"])
+def test_empty_or_unparsable_file_is_a_registry_file_error(tmp_path: Path, text: str) -> None:
+    path = write(tmp_path, text)
+
+    with pytest.raises(RegistryFileError) as bad:
+        load_file(path)
+
+    assert str(path) in str(bad.value)
+
+
+# -- publish and read back --------------------------------------------------------------------
+def test_publish_then_current_round_trips_the_local_registry(aws: None) -> None:
+    rows = publish(load_file(LOCAL_YAML))
+
+    assert rows == 2 + 4  # two cluster rows, one row per (framework, model)
+    snapshot = Registry.current()
+    assert set(snapshot.clusters) == {"sophia", "polaris"}
+    assert {c.status for c in snapshot.clusters.values()} == {"online"}
+    assert snapshot.clusters["sophia"].frameworks == ["vllm"]
+    assert sorted((e.cluster, e.framework, e.model) for e in snapshot.endpoints) == [
+        ("polaris", "vllm", LLAMA_8B),
+        ("sophia", "vllm", EMBEDDING),
+        ("sophia", "vllm", LLAMA_8B),
+        ("sophia", "vllm", LLAMA_70B),
+    ]
+    assert snapshot.models() == sorted({LLAMA_8B, LLAMA_70B, EMBEDDING})
+    polaris = next(e for e in snapshot.endpoints if e.cluster == "polaris")
+    assert polaris.endpoint_id == "local-polaris-vllm"
+    assert polaris.functions.inference == "local:inference"
+    assert polaris.limits.max_tokens == 8192
+    assert polaris.status == "online"
+
+
+def test_published_rows_use_the_cluster_and_framework_model_keys(aws: None) -> None:
+    publish(load_file(LOCAL_YAML))
+
+    keys = sorted((row.cluster, row.key) for row in RegistryEntry.scan())
+
+    assert keys == sorted(
+        [
+            ("polaris", CLUSTER_KEY),
+            ("polaris", f"vllm#{LLAMA_8B}"),
+            ("sophia", CLUSTER_KEY),
+            ("sophia", f"vllm#{LLAMA_8B}"),
+            ("sophia", f"vllm#{LLAMA_70B}"),
+            ("sophia", f"vllm#{EMBEDDING}"),
+        ]
+    )
+
+
+def test_cluster_in_maintenance_is_published_as_maintenance(aws: None, tmp_path: Path) -> None:
+    text = VALID.replace(
+        "    frameworks: [vllm]\n",
+        "    frameworks: [vllm]\n    maintenance: true\n"
+        "    allowed_groups: [g1]\n    allowed_domains: [anl.gov]\n",
+    )
+    publish(load_file(write(tmp_path, text)))
+
+    sophia = Registry.current().clusters["sophia"]
+
+    assert sophia.status == "maintenance"
+    assert sophia.allowed_groups == ["g1"]
+    assert sophia.allowed_domains == ["anl.gov"]
+
+
+def test_current_is_cached_until_invalidated(aws: None, tmp_path: Path) -> None:
+    publish(load_file(write(tmp_path, VALID)))
+    first = Registry.current()
+    assert Registry.current() is first
+
+    publish(load_file(LOCAL_YAML))
+    assert Registry.current() is first  # within registry_cache_seconds
+
+    Registry.invalidate()
+    assert set(Registry.current().clusters) == {"sophia", "polaris"}

@@ -13,7 +13,7 @@ from typing import Any
 
 from chalice import Chalice, Response
 
-from first_core import results
+from first_core import results, streaming
 from first_core.auth import Caller, get_authenticator
 from first_core.errors import GatewayError, internal_error_body
 from first_core.registry import Registry
@@ -106,5 +106,13 @@ def whoami() -> dict[str, Any]:
 def result_callback(request_id: str) -> dict[str, Any]:
     request = app.current_request
     return results.accept_callback(
+        request_id, request.headers.get("authorization"), request.raw_body or b""
+    )
+
+
+@api("/callbacks/{request_id}/stream", methods=["POST"], content_types=["application/json"])
+def stream_callback(request_id: str) -> dict[str, Any]:
+    request = app.current_request
+    return streaming.accept_stream_callback(
         request_id, request.headers.get("authorization"), request.raw_body or b""
     )

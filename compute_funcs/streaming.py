@@ -94,6 +94,7 @@ def vllm_streaming(
         secure = target.scheme == "https"
         kind = http.client.HTTPSConnection if secure else http.client.HTTPConnection
         connection = kind(target.hostname or "127.0.0.1", target.port, timeout=timeout)
+        response = None
         try:
             connection.connect()
             state["sock"] = connection.sock  # so a cancel can shut it from the other thread
@@ -129,7 +130,8 @@ def vllm_streaming(
         except (OSError, http.client.HTTPException, ValueError) as error:
             if not stop.is_set():
                 message = f"vLLM at {base_url} failed: {type(error).__name__}: {error}"
-                events.put(("error", 502, openai_error(None, 502, message, "backend_unreachable")))
+                code = "backend_unreachable" if response is None else "upstream_error"
+                events.put(("error", 502, openai_error(None, 502, message, code)))
         finally:
             connection.close()
             events.put(("end",))
@@ -180,7 +182,8 @@ def vllm_streaming(
                 stopped = isinstance(reply, dict) and reply.get("continue") is False
                 return "stop" if stopped else "continue"
             # The callback is idempotent on (request_id, seq), so resending the same bytes is safe.
-            time.sleep(0.05 * 2**attempt)
+            if attempt < 4:
+                time.sleep(0.05 * 2**attempt)
         return "failed"
 
     def assemble(chunks: list[str]) -> dict[str, Any]:

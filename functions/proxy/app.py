@@ -14,7 +14,7 @@ import time
 
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from first_core import inference
@@ -63,6 +63,13 @@ async def infer(request: Request) -> Response:
             "x-first-cluster": submission.endpoint.cluster,
             "x-first-route-reason": submission.route_reason,
         }
+        if submission.request.wants_stream():
+            return StreamingResponse(
+                inference.stream_events(submission),
+                media_type="text/event-stream",
+                # Proxies must pass each event on at once, not buffer the stream.
+                headers={**headers, "cache-control": "no-cache", "x-accel-buffering": "no"},
+            )
         try:
             result = await inference.wait_for_result(submission)
             # Where the gateway's time went, for clients and benchmarks (W3C Server-Timing).

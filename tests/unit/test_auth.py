@@ -16,15 +16,15 @@ from typing import Any
 from urllib.parse import parse_qs
 
 import boto3
+import first_core.auth
 import pytest
 import responses
-from globus_sdk.testing import RegisteredResponse, get_last_request, load_response
-
-import first_core.auth
+from pydantic import SecretStr
 from first_core.auth import Authenticator, Caller, token_hash
 from first_core.errors import AuthenticationError, PermissionDeniedError
 from first_core.settings import get_settings
 from first_core.tables import TokenCacheEntry
+from globus_sdk.testing import RegisteredResponse, get_last_request, load_response
 
 CLIENT_ID = "0c1a2b3c-0000-4000-8000-00000000c11e"
 CLIENT_SECRET = "gateway-client-secret"
@@ -78,7 +78,7 @@ def introspection(
     identities: list[dict[str, Any]] | None = None,
     policy_evaluations: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """An introspection answer shaped like Globus Auth's (with session_info, identity_set_detail)."""
+    """An introspection answer shaped like Globus Auth's (session_info, identity_set_detail)."""
     if not active:
         return {"active": False}
     now = int(time.time())
@@ -117,7 +117,7 @@ def globus(aws: None, monkeypatch: pytest.MonkeyPatch) -> Iterator[responses.Req
     """
     s = get_settings()
     monkeypatch.setattr(s, "globus_client_id", CLIENT_ID)
-    monkeypatch.setattr(s, "globus_client_secret", type(s.globus_client_secret)(CLIENT_SECRET))
+    monkeypatch.setattr(s, "globus_client_secret", SecretStr(CLIENT_SECRET))
     monkeypatch.setattr(s, "gateway_scope", SCOPE)
     monkeypatch.setattr(s, "allowed_domains", list(ALLOWED_DOMAINS))
     monkeypatch.setattr(s, "allowed_groups", [ALLOWED_GROUP])

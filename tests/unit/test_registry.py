@@ -6,7 +6,6 @@ import textwrap
 from pathlib import Path
 
 import pytest
-
 from first_core.registry import (
     CLUSTER_KEY,
     Registry,
@@ -73,7 +72,8 @@ def test_a_minimal_file_loads(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("broken", "field"),
     [
-        (VALID.replace("    frameworks: [vllm]\n", "    frameworks: [vllm]\n    gpus: 8\n"), "gpus"),
+        (VALID.replace("    frameworks: [vllm]\n", "    frameworks: [vllm]\n    gpus: 8\n"),
+         "gpus"),
         (VALID.replace("        models: [m1]\n", "        models: [m1]\n        replicas: 2\n"),
          "replicas"),
         (VALID.replace("        endpoint_id: ep-sophia\n", ""), "endpoint_id"),
@@ -178,3 +178,26 @@ def test_current_is_cached_until_invalidated(aws: None, tmp_path: Path) -> None:
 
     Registry.invalidate()
     assert set(Registry.current().clusters) == {"sophia", "polaris"}
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG registry.py:39-45 (EndpointConfig/ClusterConfig): a model listed twice for one "
+    "framework on one cluster validates, but both map to the same row key "
+    "(cluster, 'framework#model'), so publish() silently keeps only the last endpoint "
+    "(on real DynamoDB the batch write fails with duplicate keys).",
+)
+def test_same_model_twice_on_one_cluster_and_framework_is_rejected(tmp_path: Path) -> None:
+    second = (
+        "      - framework: vllm\n"
+        "        endpoint_id: ep-sophia-2\n"
+        "        models: [m1]\n"
+        "        functions:\n"
+        '          inference: "local:inference"\n'
+    )
+    path = write(tmp_path, VALID + second)
+
+    with pytest.raises(RegistryFileError) as bad:
+        load_file(path)
+
+    assert "m1" in str(bad.value)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from first_core.auth import Caller
 from first_core.errors import NotFoundError, PermissionDeniedError, ServiceUnavailableError
 from first_core.registry import CLUSTER_KEY, Cluster, Endpoint, FunctionIds, Limits, Registry
@@ -130,7 +129,9 @@ def test_reason_for_a_named_cluster() -> None:
 
 
 def test_named_cluster_is_used_even_when_another_is_better() -> None:
-    route = choose(two_clusters(sophia="running", polaris="online"), ALICE, MODEL, cluster="polaris")
+    reg = two_clusters(sophia="running", polaris="online")
+
+    route = choose(reg, ALICE, MODEL, cluster="polaris")
 
     assert route.endpoint.cluster == "polaris"
 

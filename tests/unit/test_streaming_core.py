@@ -26,7 +26,7 @@ from typing import Any
 
 import pytest
 import uvicorn
-from first_core import streaming
+from first_core import records, streaming
 from first_core.errors import (
     AuthenticationError,
     ConflictError,
@@ -49,7 +49,7 @@ USAGE = {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}
 
 
 @pytest.fixture(scope="module", autouse=True)
-def aws() -> Iterator[None]:
+def _stream_tables() -> Iterator[None]:
     with mock_aws():
         create_all_tables()
         yield
@@ -318,6 +318,28 @@ def test_client_leaving_cancels_the_request() -> None:
     asyncio.run(scenario())
     assert record(request_id).status == "cancelled"
     assert post(request_id, 1, [chunk("more")]) == {"continue": False, "duplicate": False}
+
+
+def test_request_ended_elsewhere_ends_the_relay(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(streaming, "_STATUS_CHECK_S", 0.05)
+    request_id = new_request()
+    post(request_id, 0, [chunk(None)])
+
+    async def scenario() -> list[bytes]:
+        relayed = asyncio.create_task(collect(streaming.relay(
+            request_id, include_usage=False, deadline=time.monotonic() + 5)))
+        await asyncio.sleep(0.1)
+        # What the reconciler does when the task died without sending its final batch.
+        records.finish(request_id, "failed", error="worker lost")
+        return await relayed
+
+    start = time.monotonic()
+    events = asyncio.run(scenario())
+    assert time.monotonic() - start < 1.0
+    assert data(events[0]) == _no_usage(chunk(None))
+    error = data(events[-1])["error"]
+    assert error["code"] == "request_failed" and "worker lost" in error["message"]
+    assert record(request_id).status == "failed"  # not turned into "cancelled"
 
 
 # ---- end to end: the compute function, the callback over HTTP, the relay -----------------------

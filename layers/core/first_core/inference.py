@@ -9,10 +9,11 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-from first_core import records, results, routing, schemas
+from first_core import records, results, routing, schemas, streaming
 from first_core.auth import Caller
 from first_core.compute import get_backend
 from first_core.errors import (
@@ -56,8 +57,7 @@ def submit(
             f"Request body is {len(raw_body)} bytes; the limit is {settings.max_payload_bytes}."
         )
     request = schemas.parse_request(openai_path, raw_body)  # type: ignore[arg-type]
-    if request.wants_stream():
-        raise InvalidRequestError("Streaming is not available on this gateway yet.", param="stream")
+    stream = request.wants_stream()
     route = routing.choose(Registry.current(), caller, request.model, cluster, framework)
     endpoint = route.endpoint
     limit = endpoint.limits.max_tokens
@@ -69,21 +69,29 @@ def submit(
             code="invalid_value",
         )
 
+    function_id = endpoint.functions.streaming if stream else endpoint.functions.inference
+    if function_id is None:
+        raise InvalidRequestError(
+            f"Streaming is not available for '{endpoint.model}' on cluster '{endpoint.cluster}'.",
+            param="stream",
+        )
+
     request_id = records.new_request_id()
-    records.create(request_id, caller, endpoint, openai_path, False, route.reason)
+    records.create(request_id, caller, endpoint, openai_path, stream, route.reason)
     payload: dict[str, Any] = json.loads(raw_body)
-    if not request.wants_stream():
+    if not stream:
         # Nothing streams, so there is nothing to configure; vLLM would refuse the key.
         payload.pop("stream_options", None)
+    callback_url = f"{settings.public_base_url.rstrip('/')}/callbacks/{request_id}"
     kwargs = {
         "payload": payload,
         "openai_path": openai_path,
         "request_id": request_id,
-        "callback_url": f"{settings.public_base_url.rstrip('/')}/callbacks/{request_id}",
+        "callback_url": f"{callback_url}/stream" if stream else callback_url,
         "callback_token": results.callback_token(request_id),
     }
     try:
-        task_id = get_backend().submit(endpoint.endpoint_id, endpoint.functions.inference, kwargs)
+        task_id = get_backend().submit(endpoint.endpoint_id, function_id, kwargs)
     except GatewayError as error:
         records.finish(request_id, "failed", error=error.message)
         raise
@@ -97,19 +105,36 @@ def submit(
     )
 
 
-async def wait_for_result(submission: Submission) -> results.Result:
-    """Poll the results table (consistent reads, adaptive back-off) until the row appears.
-
-    The task id is written beside the first polls rather than before them: it only matters to
-    the reconciler, which looks much later.
-    """
-    remember_task = asyncio.create_task(
+def remember_task(submission: Submission) -> asyncio.Task[None]:
+    """Write the task id beside the first polls rather than before them: only the reconciler
+    needs it, and it looks much later."""
+    return asyncio.create_task(
         asyncio.to_thread(records.set_task, submission.request_id, submission.task_id)
     )
+
+
+async def wait_for_result(submission: Submission) -> results.Result:
+    """Poll the results table (consistent reads, adaptive back-off) until the row appears."""
+    remembering = remember_task(submission)
     try:
         return await _poll(submission)
     finally:
-        await remember_task
+        await remembering
+
+
+async def stream_events(submission: Submission) -> AsyncIterator[bytes]:
+    """The client's SSE events, relayed from the chunk batches as they land."""
+    remembering = remember_task(submission)
+    options = getattr(submission.request, "stream_options", None)
+    try:
+        async for event in streaming.relay(
+            submission.request_id,
+            include_usage=bool(options and options.include_usage),
+            deadline=submission.deadline,
+        ):
+            yield event
+    finally:
+        await remembering
 
 
 async def _poll(submission: Submission) -> results.Result:

@@ -26,6 +26,7 @@ from first_core import records, results
 from first_core.errors import (
     ComputeTimeoutError,
     ConflictError,
+    GatewayError,
     InvalidRequestError,
     PayloadTooLargeError,
 )
@@ -37,6 +38,8 @@ from first_core.usage import Usage
 # queued, so an idle stream costs about ten reads a second.
 _FIRST_POLL_S = 0.005
 _MAX_POLL_S = 0.1
+# While no chunk comes, the request record is read this often, to notice an end elsewhere.
+_STATUS_CHECK_S = 1.0
 
 
 class StreamError(BaseModel):
@@ -188,46 +191,85 @@ async def relay(
     the request is cancelled, so the compute function stops generating for nobody.
     """
     last_sent = -1
-    held: dict[int, StreamChunkBatch] = {}
+    held: dict[int, StreamChunkBatch] = {}  # batches that overtook an earlier one
     delay = _FIRST_POLL_S
-    quiet_since = time.monotonic()
-    ended = False
+    quiet_since = checked = time.monotonic()
+    ended_elsewhere: RequestRecord | None = None
+    finished = False
     try:
-        while True:
+        while not finished:
             for row in await asyncio.to_thread(_rows_after, request_id, last_sent):
                 held.setdefault(int(row.seq), row)
-            progressed = False
-            # A batch that overtook an earlier one waits in `held` until the gap is filled.
-            while last_sent + 1 in held:
-                row = held.pop(last_sent + 1)
-                last_sent += 1
-                progressed = True
-                for chunk in row.chunks:
-                    event, failed = _client_event(chunk, include_usage)
-                    if event is not None:
-                        yield event
-                    if failed:  # OpenAI ends a failed stream without [DONE]
-                        ended = True
-                        return
-                if row.done:
-                    yield b"data: [DONE]\n\n"
-                    ended = True
-                    return
+            events, last_sent, finished = _ready_events(held, last_sent, include_usage)
+            for event in events:
+                yield event
             now = time.monotonic()
-            if progressed:
+            if finished:
+                break
+            if events:
                 delay, quiet_since = _FIRST_POLL_S, now
-            elif now - quiet_since >= keepalive_seconds:
+                continue
+            if ended_elsewhere is not None:
+                # The done row is written before the record ends, so this poll would have seen it.
+                finished = True
+                yield _event(_ended_error(ended_elsewhere))
+                break
+            if now - quiet_since >= keepalive_seconds:
                 yield b": keep-alive\n\n"
                 quiet_since = now
             if now >= deadline:
                 yield _event(_timeout_error(request_id))
-                return
+                break
+            if now - checked >= _STATUS_CHECK_S:
+                # A task that died without a final batch is ended by the reconciler (or the
+                # request is cancelled through the API): stop waiting for chunks that never come.
+                checked = now
+                ended_elsewhere = await asyncio.to_thread(_ended_record, request_id)
             await asyncio.sleep(min(delay, deadline - now))
             delay = min(delay * 1.5, _MAX_POLL_S)
     finally:
-        if not ended:
+        if not finished:
             # Synchronous on purpose: an await here, in a cancelled task, would be cancelled too.
             cancel(request_id)
+
+
+def _ready_events(
+    held: dict[int, StreamChunkBatch], last_sent: int, include_usage: bool
+) -> tuple[list[bytes], int, bool]:
+    """The client events of the batches that are next in seq order, the new last seq, and
+    whether the stream is over (OpenAI ends a failed stream without `[DONE]`)."""
+    events: list[bytes] = []
+    while last_sent + 1 in held:
+        last_sent += 1
+        row = held.pop(last_sent)
+        for chunk in row.chunks:
+            event, failed = _client_event(chunk, include_usage)
+            if event is not None:
+                events.append(event)
+            if failed:
+                return events, last_sent, True
+        if row.done:
+            events.append(b"data: [DONE]\n\n")
+            return events, last_sent, True
+    return events, last_sent, False
+
+
+def _ended_record(request_id: str) -> RequestRecord | None:
+    try:
+        record = RequestRecord.get(request_id, consistent_read=True)
+    except DoesNotExist:
+        return None
+    return record if record.status in TERMINAL_STATUSES else None
+
+
+def _ended_error(record: RequestRecord) -> dict[str, Any]:
+    if record.status == "timed_out":
+        return _timeout_error(record.request_id)
+    reason = f": {record.error}" if record.error else "."
+    return GatewayError(
+        f"Request {record.request_id} ended ({record.status}) before its stream finished{reason}",
+        code=f"request_{record.status}",
+    ).to_body()
 
 
 def _rows_after(request_id: str, last_sent: int) -> list[StreamChunkBatch]:

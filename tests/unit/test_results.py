@@ -1,0 +1,437 @@
+"""Callback tokens, recording a result exactly once, S3 spill-over, and the callback route."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import os
+from collections.abc import Callable
+from typing import Any
+
+import boto3
+import first_core.results
+import pytest
+from first_core import records
+from first_core.auth import Caller
+from first_core.errors import (
+    AuthenticationError,
+    ConflictError,
+    InvalidRequestError,
+    PayloadTooLargeError,
+)
+from first_core.registry import Endpoint, FunctionIds, Limits
+from first_core.results import (
+    Result,
+    accept_callback,
+    callback_token,
+    error_message,
+    load,
+    record,
+    verify_callback_token,
+)
+from first_core.settings import get_settings
+from first_core.tables import RequestRecord, ResultRecord
+from pydantic import SecretStr
+
+REQUEST_ID = "req_00000000000000000000000000000001"
+OTHER_ID = "req_00000000000000000000000000000002"
+
+CALLER = Caller(
+    user_id="alice-id",
+    username="alice@anl.gov",
+    name="Alice",
+    email="alice@anl.gov",
+    idp_domain="anl.gov",
+    idp_name="Argonne",
+)
+ENDPOINT = Endpoint(
+    cluster="sophia",
+    framework="vllm",
+    model="meta-llama/Meta-Llama-3-8B-Instruct",
+    endpoint_id="local-sophia-vllm",
+    functions=FunctionIds(inference="local:inference"),
+    limits=Limits(),
+    allowed_groups=[],
+    status="online",
+)
+
+
+def completion(
+    text: str = "Hello!", prompt: int = 12, completion_tokens: int = 3
+) -> dict[str, Any]:
+    return {
+        "id": "chatcmpl-1",
+        "object": "chat.completion",
+        "model": ENDPOINT.model,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": text}}],
+        "usage": {
+            "prompt_tokens": prompt,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt + completion_tokens,
+        },
+    }
+
+
+def open_request(request_id: str = REQUEST_ID) -> str:
+    records.create(request_id, CALLER, ENDPOINT, "chat/completions", False, "sophia: test")
+    return request_id
+
+
+def raw_item(table: type, request_id: str) -> dict[str, Any] | None:
+    """The item exactly as stored (not through pynamodb), for before/after comparisons."""
+    client = boto3.client("dynamodb", region_name=get_settings().aws_region)
+    answer = client.get_item(
+        TableName=table.Meta.table_name, Key={"request_id": {"S": request_id}}, ConsistentRead=True
+    )
+    return answer.get("Item")
+
+
+def s3_keys() -> list[str]:
+    answer = first_core.results._s3().list_objects_v2(Bucket=get_settings().results_bucket)
+    return [obj["Key"] for obj in answer.get("Contents", [])]
+
+
+def callback_body(request_id: str, status_code: int = 200, body: Any = None) -> bytes:
+    payload = {"request_id": request_id, "status_code": status_code, "body": body}
+    return json.dumps(payload).encode()
+
+
+# -- callback tokens --------------------------------------------------------------------------
+def test_callback_token_is_deterministic_per_request_and_differs_across_requests() -> None:
+    token = callback_token(REQUEST_ID)
+
+    assert token == callback_token(REQUEST_ID)
+    assert token != callback_token(OTHER_ID)
+    assert len(token) == 64
+    int(token, 16)  # hex
+
+
+def test_callback_token_is_the_hmac_of_the_request_id_under_the_secret() -> None:
+    secret = os.environ["FIRST_CALLBACK_SECRET"].encode()
+    expected = hmac.new(secret, REQUEST_ID.encode(), hashlib.sha256).hexdigest()
+
+    assert callback_token(REQUEST_ID) == expected
+
+
+def test_callback_token_changes_with_the_secret(monkeypatch: pytest.MonkeyPatch) -> None:
+    before = callback_token(REQUEST_ID)
+    monkeypatch.setattr(get_settings(), "callback_secret", SecretStr("x"))
+
+    assert callback_token(REQUEST_ID) != before
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG results.py:36-38: with callback_secret unset (the settings default is '') the "
+    "token is HMAC under an empty key, which anyone who knows a request id can compute; "
+    "callback tokens should refuse to work without a secret (fail closed).",
+)
+def test_callback_tokens_refuse_to_work_without_a_secret(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(get_settings(), "callback_secret", SecretStr(""))
+
+    with pytest.raises(Exception):  # noqa: B017 - any refusal will do
+        callback_token(REQUEST_ID)
+
+
+def test_verify_callback_token_accepts_the_right_token() -> None:
+    verify_callback_token(REQUEST_ID, f"Bearer {callback_token(REQUEST_ID)}")
+
+
+@pytest.mark.parametrize(
+    "authorization",
+    [
+        None,
+        "",
+        "Bearer ",
+        "Bearer not-the-token",
+        f"Bearer {callback_token(OTHER_ID)}",
+        f"Bearer {callback_token(REQUEST_ID)[:-1]}",
+        f"Bearer {callback_token(REQUEST_ID)[:32]}",
+        f"Bearer {callback_token(REQUEST_ID)}0",
+        f"Bearer {callback_token(REQUEST_ID).upper()}",
+    ],
+    ids=["none", "empty", "bare", "wrong", "other-request", "prefix-63", "prefix-32",
+         "extended", "uppercased"],
+)
+def test_verify_callback_token_refuses_anything_else(authorization: str | None) -> None:
+    with pytest.raises(AuthenticationError) as refused:
+        verify_callback_token(REQUEST_ID, authorization)
+
+    assert refused.value.status == 401
+    assert refused.value.code == "invalid_callback"
+
+
+def test_verify_callback_token_compares_in_constant_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[tuple[bytes, bytes]] = []
+    real: Callable[[Any, Any], bool] = hmac.compare_digest
+
+    def spy(a: Any, b: Any) -> bool:
+        seen.append((a, b))
+        return real(a, b)
+
+    monkeypatch.setattr(first_core.results.hmac, "compare_digest", spy)
+    token = callback_token(REQUEST_ID)
+
+    verify_callback_token(REQUEST_ID, f"Bearer {token}")
+    with pytest.raises(AuthenticationError):
+        verify_callback_token(REQUEST_ID, "Bearer wrong")
+
+    assert seen == [(token.encode(), token.encode()), (b"wrong", token.encode())]
+
+
+# -- record() ---------------------------------------------------------------------------------
+def test_record_on_an_open_request_writes_the_result_and_completes_it(aws: None) -> None:
+    open_request()
+    body = completion(prompt=12, completion_tokens=3)
+
+    assert record(REQUEST_ID, 200, body) == "written"
+
+    request = RequestRecord.get(REQUEST_ID, consistent_read=True)
+    assert request.status == "completed"
+    assert request.open_status is None  # left the reconciler's open index
+    assert request.completed_at is not None
+    assert (request.prompt_tokens, request.completion_tokens, request.total_tokens) == (12, 3, 15)
+    assert request.error is None
+    row = ResultRecord.get(REQUEST_ID, consistent_read=True)
+    assert row.status_code == 200
+    assert json.loads(row.body) == body
+    assert row.s3_key is None
+    assert load(REQUEST_ID) == Result(200, body)
+
+
+def test_total_tokens_is_derived_when_the_body_omits_it(aws: None) -> None:
+    open_request()
+    body = {"usage": {"prompt_tokens": 5, "completion_tokens": 7}}
+
+    record(REQUEST_ID, 200, body)
+
+    assert RequestRecord.get(REQUEST_ID, consistent_read=True).total_tokens == 12
+
+
+def test_second_record_is_a_duplicate_and_changes_nothing(aws: None) -> None:
+    open_request()
+    assert record(REQUEST_ID, 200, completion("first")) == "written"
+    request_before = raw_item(RequestRecord, REQUEST_ID)
+    result_before = raw_item(ResultRecord, REQUEST_ID)
+
+    outcome = record(REQUEST_ID, 500, {"error": {"message": "late failure"}})
+
+    assert outcome == "duplicate"
+    assert raw_item(RequestRecord, REQUEST_ID) == request_before
+    assert raw_item(ResultRecord, REQUEST_ID) == result_before
+    assert load(REQUEST_ID) == Result(200, completion("first"))
+
+
+def test_record_on_a_cancelled_request_is_refused_and_writes_no_result(aws: None) -> None:
+    open_request()
+    assert records.finish(REQUEST_ID, "cancelled")
+    request_before = raw_item(RequestRecord, REQUEST_ID)
+
+    assert record(REQUEST_ID, 200, completion()) == "refused"
+
+    assert raw_item(ResultRecord, REQUEST_ID) is None
+    assert load(REQUEST_ID) is None
+    assert raw_item(RequestRecord, REQUEST_ID) == request_before
+    assert RequestRecord.get(REQUEST_ID).status == "cancelled"
+
+
+def test_record_for_an_unknown_request_is_refused(aws: None) -> None:
+    assert record(OTHER_ID, 200, completion()) == "refused"
+
+    assert raw_item(ResultRecord, OTHER_ID) is None
+    assert raw_item(RequestRecord, OTHER_ID) is None  # the update did not create a stub
+
+
+def test_error_status_fails_the_request_with_the_error_message(aws: None) -> None:
+    open_request()
+    body = {"error": {"message": "CUDA out of memory", "type": "server_error"}}
+
+    assert record(REQUEST_ID, 502, body) == "written"
+
+    request = RequestRecord.get(REQUEST_ID, consistent_read=True)
+    assert request.status == "failed"
+    assert request.error == "CUDA out of memory"
+    assert request.open_status is None
+    assert request.total_tokens is None
+    assert load(REQUEST_ID) == Result(502, body)
+
+
+@pytest.mark.parametrize(
+    ("status_code", "status"), [(399, "completed"), (400, "failed"), (422, "failed")]
+)
+def test_status_code_400_and_above_is_a_failure(aws: None, status_code: int, status: str) -> None:
+    open_request()
+
+    record(REQUEST_ID, status_code, {"message": "m"})
+
+    assert RequestRecord.get(REQUEST_ID, consistent_read=True).status == status
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ({"error": {"message": "boom"}}, "boom"),
+        ({"error": "plain"}, "plain"),
+        ({"message": "top-level"}, "top-level"),
+        ("just text", "just text"),
+    ],
+)
+def test_error_message_finds_the_message(body: Any, message: str) -> None:
+    assert error_message(body) == message
+
+
+# -- S3 spill-over ----------------------------------------------------------------------------
+def big_completion(size: int) -> dict[str, Any]:
+    return completion(text="x" * size)
+
+
+def test_large_body_goes_to_s3_and_loads_back_whole(
+    aws: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(get_settings(), "inline_result_bytes", 1_000)
+    open_request()
+    body = big_completion(5_000)
+
+    assert record(REQUEST_ID, 200, body) == "written"
+
+    row = ResultRecord.get(REQUEST_ID, consistent_read=True)
+    assert row.body is None
+    assert row.s3_key == f"results/{REQUEST_ID}.json"
+    assert "body" not in raw_item(ResultRecord, REQUEST_ID)
+    assert s3_keys() == [row.s3_key]
+    assert load(REQUEST_ID) == Result(200, body)
+    assert RequestRecord.get(REQUEST_ID).total_tokens == 15
+
+
+def test_body_at_the_inline_limit_stays_inline(aws: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    body = big_completion(10)
+    size = len(json.dumps(body, separators=(",", ":")))
+    monkeypatch.setattr(get_settings(), "inline_result_bytes", size)
+    open_request()
+
+    record(REQUEST_ID, 200, body)
+
+    assert ResultRecord.get(REQUEST_ID).s3_key is None
+    assert s3_keys() == []
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG results.py:88-91: the S3 object is written before the conditional transaction, so "
+    "a duplicate record() with a different large body overwrites the stored result although "
+    "record() answers 'duplicate' (first write should win).",
+)
+def test_duplicate_large_body_does_not_replace_the_stored_result(
+    aws: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(get_settings(), "inline_result_bytes", 1_000)
+    open_request()
+    first = big_completion(5_000)
+    assert record(REQUEST_ID, 200, first) == "written"
+
+    assert record(REQUEST_ID, 200, completion(text="y" * 5_000)) == "duplicate"
+
+    assert load(REQUEST_ID) == Result(200, first)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG results.py:88-91: a refused record() with a large body still writes "
+    "results/{id}.json to S3 (the docstring says nothing changes).",
+)
+def test_refused_large_body_leaves_nothing_in_s3(
+    aws: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(get_settings(), "inline_result_bytes", 1_000)
+    open_request()
+    records.finish(REQUEST_ID, "cancelled")
+
+    assert record(REQUEST_ID, 200, big_completion(5_000)) == "refused"
+
+    assert s3_keys() == []
+
+
+# -- the callback route -----------------------------------------------------------------------
+def authorization(request_id: str = REQUEST_ID) -> str:
+    return f"Bearer {callback_token(request_id)}"
+
+
+def test_accept_callback_records_once(aws: None) -> None:
+    open_request()
+    raw = callback_body(REQUEST_ID, 200, completion())
+
+    assert accept_callback(REQUEST_ID, authorization(), raw) == {
+        "accepted": True,
+        "duplicate": False,
+    }
+    assert accept_callback(REQUEST_ID, authorization(), raw) == {
+        "accepted": False,
+        "duplicate": True,
+    }
+    assert load(REQUEST_ID) == Result(200, completion())
+
+
+def test_accept_callback_with_a_wrong_token_is_401_and_records_nothing(aws: None) -> None:
+    open_request()
+
+    with pytest.raises(AuthenticationError):
+        accept_callback(REQUEST_ID, authorization(OTHER_ID), callback_body(REQUEST_ID))
+
+    assert load(REQUEST_ID) is None
+    assert RequestRecord.get(REQUEST_ID).status == "submitted"
+
+
+def test_accept_callback_body_naming_another_request_is_400(aws: None) -> None:
+    open_request()
+    open_request(OTHER_ID)
+
+    with pytest.raises(InvalidRequestError) as invalid:
+        accept_callback(REQUEST_ID, authorization(), callback_body(OTHER_ID, 200, completion()))
+
+    assert invalid.value.status == 400
+    assert invalid.value.param == "request_id"
+    assert load(REQUEST_ID) is None
+    assert load(OTHER_ID) is None
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [b"{not json", b"", b"[]", b'{"request_id": "req_x"}', b'{"status_code": 200}',
+     b'{"request_id": "' + REQUEST_ID.encode() + b'", "status_code": "two hundred"}'],
+    ids=["broken", "empty", "list", "no-status", "no-id", "status-not-int"],
+)
+def test_accept_callback_with_a_malformed_body_is_400(aws: None, raw: bytes) -> None:
+    open_request()
+
+    with pytest.raises(InvalidRequestError) as invalid:
+        accept_callback(REQUEST_ID, authorization(), raw)
+
+    assert invalid.value.status == 400
+    assert invalid.value.code == "invalid_callback_body"
+    assert load(REQUEST_ID) is None
+
+
+def test_accept_callback_with_an_oversize_body_is_413(
+    aws: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(get_settings(), "max_payload_bytes", 200)
+    open_request()
+    raw = callback_body(REQUEST_ID, 200, completion(text="z" * 500))
+
+    with pytest.raises(PayloadTooLargeError) as too_large:
+        accept_callback(REQUEST_ID, authorization(), raw)
+
+    assert too_large.value.status == 413
+    assert load(REQUEST_ID) is None
+
+
+def test_accept_callback_for_a_cancelled_request_is_409(aws: None) -> None:
+    open_request()
+    records.finish(REQUEST_ID, "cancelled")
+
+    with pytest.raises(ConflictError) as conflict:
+        accept_callback(REQUEST_ID, authorization(), callback_body(REQUEST_ID, 200, completion()))
+
+    assert conflict.value.status == 409
+    assert load(REQUEST_ID) is None

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 from chalice import Chalice, Response
+from chalice.app import Request
 
 from first_core import results, streaming
 from first_core.auth import Caller, get_authenticator
@@ -32,7 +33,9 @@ def api(path: str, **options: Any) -> Callable[[Callable[..., Any]], Callable[..
             try:
                 return view(*args, **kwargs)
             except GatewayError as error:
-                return Response(error.to_body(), status_code=error.status, headers=error.headers)
+                return Response(
+                    error.to_body(), status_code=error.status, headers=dict(error.headers)
+                )
             except Exception:
                 log.exception("control-plane route failed")
                 return Response(internal_error_body(), status_code=500)
@@ -42,9 +45,20 @@ def api(path: str, **options: Any) -> Callable[[Callable[..., Any]], Callable[..
     return register
 
 
+def current_request() -> Request:
+    request = app.current_request
+    assert request is not None, "only called inside a route"
+    return request
+
+
+def raw_body() -> bytes:
+    body = current_request().raw_body
+    return body.encode() if isinstance(body, str) else bytes(body or b"")
+
+
 def caller() -> Caller:
     authenticator = get_authenticator()
-    who = authenticator.authenticate(app.current_request.headers.get("authorization"))
+    who = authenticator.authenticate(current_request().headers.get("authorization"))
     authenticator.authorize(who)
     return who
 
@@ -55,18 +69,28 @@ def health() -> dict[str, Any]:
     return {"status": "ok", "clusters": {c.name: c.status for c in registry.clusters.values()}}
 
 
-def _models(who: Caller, cluster: str | None = None, framework: str | None = None) -> dict[str, Any]:
+def _models(
+    who: Caller, cluster: str | None = None, framework: str | None = None
+) -> dict[str, Any]:
     registry = Registry.current()
     served: dict[str, list[str]] = {}
     for endpoint in registry.endpoints:
-        if cluster and endpoint.cluster != cluster or framework and endpoint.framework != framework:
+        if (cluster and endpoint.cluster != cluster) or (
+            framework and endpoint.framework != framework
+        ):
             continue
         if may_use(who, registry, endpoint):
             served.setdefault(endpoint.model, []).append(endpoint.cluster)
     return {
         "object": "list",
         "data": [
-            {"id": model, "object": "model", "created": 0, "owned_by": "first", "clusters": clusters}
+            {
+                "id": model,
+                "object": "model",
+                "created": 0,
+                "owned_by": "first",
+                "clusters": clusters,
+            }
             for model, clusters in sorted(served.items())
         ],
     }
@@ -104,15 +128,11 @@ def whoami() -> dict[str, Any]:
 
 @api("/callbacks/{request_id}", methods=["POST"], content_types=["application/json"])
 def result_callback(request_id: str) -> dict[str, Any]:
-    request = app.current_request
-    return results.accept_callback(
-        request_id, request.headers.get("authorization"), request.raw_body or b""
-    )
+    authorization = current_request().headers.get("authorization")
+    return results.accept_callback(request_id, authorization, raw_body())
 
 
 @api("/callbacks/{request_id}/stream", methods=["POST"], content_types=["application/json"])
 def stream_callback(request_id: str) -> dict[str, Any]:
-    request = app.current_request
-    return streaming.accept_stream_callback(
-        request_id, request.headers.get("authorization"), request.raw_body or b""
-    )
+    authorization = current_request().headers.get("authorization")
+    return streaming.accept_stream_callback(request_id, authorization, raw_body())

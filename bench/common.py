@@ -38,7 +38,7 @@ def machine() -> str:
 
 def percentile(values: list[float], fraction: float) -> float:
     ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(fraction * (len(ordered) - 1))))]
+    return ordered[min(len(ordered) - 1, round(fraction * (len(ordered) - 1)))]
 
 
 def summary(values: list[float]) -> dict[str, float]:
@@ -57,11 +57,20 @@ def local_stack(*extra: str) -> Iterator[dict[str, Any]]:
     port = free_port()
     state_file = Path(tempfile.mkdtemp()) / "stack.json"
     command = [
-        str(Path(sys.executable).with_name("first-gateway")), "dev",
-        "--port", str(port), "--state-file", str(state_file), *extra,
+        str(Path(sys.executable).with_name("first-gateway")),
+        "dev",
+        "--port",
+        str(port),
+        "--state-file",
+        str(state_file),
+        *extra,
     ]
     process = subprocess.Popen(
-        command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+        command,
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
     )
     try:
         deadline = time.monotonic() + 180

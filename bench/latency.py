@@ -14,7 +14,7 @@ import time
 
 import openai
 
-from bench.common import machine, local_stack, summary
+from bench.common import local_stack, machine, summary
 
 MODEL = "meta-llama/Meta-Llama-3-8B-Instruct"
 MESSAGES = [{"role": "user", "content": "Give me one sentence about HPC."}]
@@ -52,8 +52,10 @@ def main() -> None:
     print(f"requests: {args.requests} each, interleaved, after {args.warmup} warm-up each")
     print(f"direct to mock vLLM : median {d['median_ms']:7.2f} ms   p95 {d['p95_ms']:7.2f} ms")
     print(f"through the gateway : median {g['median_ms']:7.2f} ms   p95 {g['p95_ms']:7.2f} ms")
-    print(f"added median latency: {g['median_ms'] - d['median_ms']:7.2f} ms   "
-          f"(p95 {g['p95_ms'] - d['p95_ms']:.2f} ms); ratio {g['median_ms'] / d['median_ms']:.2f}x")
+    print(
+        f"added median latency: {g['median_ms'] - d['median_ms']:7.2f} ms   "
+        f"(p95 {g['p95_ms'] - d['p95_ms']:.2f} ms); ratio {g['median_ms'] / d['median_ms']:.2f}x"
+    )
 
 
 if __name__ == "__main__":

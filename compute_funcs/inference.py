@@ -52,14 +52,17 @@ def vllm_inference(
     try:
         status_code, body = post(f"{base_url}/{openai_path}", payload, {}, timeout)
     except (urllib.error.URLError, OSError, ValueError) as error:
-        status_code, body = 502, {
-            "error": {
-                "message": f"vLLM at {base_url} could not be reached: {error}",
-                "type": "server_error",
-                "param": None,
-                "code": "backend_unreachable",
-            }
-        }
+        status_code, body = (
+            502,
+            {
+                "error": {
+                    "message": f"vLLM at {base_url} could not be reached: {error}",
+                    "type": "server_error",
+                    "param": None,
+                    "code": "backend_unreachable",
+                }
+            },
+        )
     result = {
         "request_id": request_id,
         "status_code": status_code,

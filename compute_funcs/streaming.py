@@ -83,8 +83,9 @@ def vllm_streaming(
             state["usage"] = chunk["usage"]
         for part in chunk.get("choices") or []:
             delta = part.get("delta") or {}
-            if part.get("text") or any(delta.get(k) for k in ("content", "tool_calls",
-                                                               "reasoning_content")):
+            if part.get("text") or any(
+                delta.get(k) for k in ("content", "tool_calls", "reasoning_content")
+            ):
                 state["generated"] += 1  # vLLM emits about one token per content chunk
         state["chunks"].append(text)
         events.put(("data", text, time.monotonic()))
@@ -125,8 +126,18 @@ def vllm_streaming(
                 if not raw:
                     break
             if not stop.is_set():
-                events.put(("error", 502, openai_error(
-                    None, 502, "vLLM closed the stream before it finished.", "upstream_error")))
+                events.put(
+                    (
+                        "error",
+                        502,
+                        openai_error(
+                            None,
+                            502,
+                            "vLLM closed the stream before it finished.",
+                            "upstream_error",
+                        ),
+                    )
+                )
         except (OSError, http.client.HTTPException, ValueError) as error:
             if not stop.is_set():
                 message = f"vLLM at {base_url} failed: {type(error).__name__}: {error}"
@@ -158,8 +169,14 @@ def vllm_streaming(
     def send(chunks: list[str], done: bool, error: dict[str, Any] | None) -> str:
         """Post one batch: "continue", "stop" (client gone), "refused" (4xx) or "failed"."""
         nonlocal seq
-        batch = {"request_id": request_id, "seq": seq, "chunks": chunks, "done": done,
-                 "error": error, "usage": usage_now() if done else None}
+        batch = {
+            "request_id": request_id,
+            "seq": seq,
+            "chunks": chunks,
+            "done": done,
+            "error": error,
+            "usage": usage_now() if done else None,
+        }
         seq += 1
         data = json.dumps(batch, separators=(",", ":")).encode()
         auth = {"Content-Type": "application/json", "Authorization": f"Bearer {callback_token}"}
@@ -199,16 +216,27 @@ def vllm_streaming(
                     head[key] = chunk[key]
             usage = chunk.get("usage") or usage
             for part in chunk.get("choices") or []:
-                choice = choices.setdefault(part.get("index", 0), {
-                    "parts": [], "reasoning": [], "tools": {}, "role": "assistant",
-                    "logprobs": None, "finish_reason": None, "stop_reason": None})
+                choice = choices.setdefault(
+                    part.get("index", 0),
+                    {
+                        "parts": [],
+                        "reasoning": [],
+                        "tools": {},
+                        "role": "assistant",
+                        "logprobs": None,
+                        "finish_reason": None,
+                        "stop_reason": None,
+                    },
+                )
                 delta = part.get("delta") or {}
                 choice["role"] = delta.get("role") or choice["role"]
                 choice["parts"].append((delta.get("content") if chat else part.get("text")) or "")
                 choice["reasoning"].append(delta.get("reasoning_content") or "")
                 for call in delta.get("tool_calls") or []:
-                    slot = choice["tools"].setdefault(call.get("index", 0), {
-                        "id": None, "type": "function", "function": {"name": "", "arguments": ""}})
+                    slot = choice["tools"].setdefault(
+                        call.get("index", 0),
+                        {"id": None, "type": "function", "function": {"name": "", "arguments": ""}},
+                    )
                     slot["id"] = call.get("id") or slot["id"]
                     function = call.get("function") or {}
                     slot["function"]["name"] += function.get("name") or ""
@@ -228,16 +256,25 @@ def vllm_streaming(
             text = "".join(choice["parts"])
             if chat:
                 calls = [call for _, call in sorted(choice["tools"].items())]
-                message: dict[str, Any] = {"role": choice["role"], "content": text,
-                                           "tool_calls": calls}
+                message: dict[str, Any] = {
+                    "role": choice["role"],
+                    "content": text,
+                    "tool_calls": calls,
+                }
                 if any(choice["reasoning"]):
                     message["reasoning_content"] = "".join(choice["reasoning"])
                 content: dict[str, Any] = {"message": message}
             else:
                 content = {"text": text}
-            out.append({"index": index, **content, "logprobs": choice["logprobs"],
-                        "finish_reason": choice["finish_reason"],
-                        "stop_reason": choice["stop_reason"]})
+            out.append(
+                {
+                    "index": index,
+                    **content,
+                    "logprobs": choice["logprobs"],
+                    "finish_reason": choice["finish_reason"],
+                    "stop_reason": choice["stop_reason"],
+                }
+            )
         kind = "chat.completion" if chat else "text_completion"
         return {**head, "object": kind, "choices": out, "usage": usage}
 
@@ -265,14 +302,18 @@ def vllm_streaming(
                 break
             behind = time.monotonic() - oldest >= flush_after_s
             if len(pending) >= (backlog_lines if behind else flush_lines) or (
-                    pending_bytes >= backlog_bytes):
+                pending_bytes >= backlog_bytes
+            ):
                 break
             try:
                 item = events.get_nowait()
             except queue.Empty:
                 item = None
-        due = len(pending) >= flush_lines or pending_bytes >= backlog_bytes or (
-            pending and time.monotonic() - oldest >= flush_after_s)
+        due = (
+            len(pending) >= flush_lines
+            or pending_bytes >= backlog_bytes
+            or (pending and time.monotonic() - oldest >= flush_after_s)
+        )
         if not (ended or due):
             continue
         if outcome == "continue":  # after "failed", keep reading vLLM for the return value
@@ -295,4 +336,3 @@ def vllm_streaming(
         "usage": usage_now(),
         "timings": {"started": started, "finished": time.time()},
     }
-

@@ -1,13 +1,14 @@
 """`first-gateway`: run the local stack, mint dev tokens, manage the registry.
 
-    first-gateway dev [--port 8000] [--backend-url URL]   the whole stack, in the foreground
-    first-gateway token --user alice [--expired]          a dev access token for a dev identity
-    first-gateway registry load FILE | show               validate and publish / print the registry
+first-gateway dev [--port 8000] [--backend-url URL]   the whole stack, in the foreground
+first-gateway token --user alice [--expired]          a dev access token for a dev identity
+first-gateway registry load FILE | show               validate and publish / print the registry
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -57,10 +58,8 @@ def _dev(args: argparse.Namespace) -> int:
             flush=True,
         )
 
-    try:
+    with contextlib.suppress(KeyboardInterrupt):
         LocalStack(options).run(on_ready=ready)
-    except KeyboardInterrupt:
-        pass
     return 0
 
 
@@ -68,7 +67,10 @@ def _token(args: argparse.Namespace) -> int:
     from first_local.globus_standin import DEV_IDENTITIES, mint_token
 
     if args.user not in DEV_IDENTITIES:
-        print(f"unknown dev user {args.user!r}; choose from {', '.join(DEV_IDENTITIES)}", file=sys.stderr)
+        print(
+            f"unknown dev user {args.user!r}; choose from {', '.join(DEV_IDENTITIES)}",
+            file=sys.stderr,
+        )
         return 2
     print(mint_token(args.user, expired=args.expired))
     return 0
@@ -86,19 +88,24 @@ def _registry(args: argparse.Namespace) -> int:
         print(f"wrote {publish(registry)} registry rows")
         return 0
     snapshot = Registry.current()
-    print(json.dumps(
-        {
-            "clusters": {c.name: c.model_dump() for c in snapshot.clusters.values()},
-            "endpoints": [e.model_dump() for e in snapshot.endpoints],
-        },
-        indent=2,
-    ))
+    print(
+        json.dumps(
+            {
+                "clusters": {c.name: c.model_dump() for c in snapshot.clusters.values()},
+                "endpoints": [e.model_dump() for e in snapshot.endpoints],
+            },
+            indent=2,
+        )
+    )
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="first-gateway", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="first-gateway",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
     dev = commands.add_parser("dev", help="run the whole local stack in the foreground")
@@ -106,12 +113,22 @@ def main(argv: list[str] | None = None) -> int:
     dev.add_argument("--port", type=int, default=int(os.environ.get("PORT", "8000")))
     dev.add_argument("--backend-url", help="an OpenAI-compatible server (…/v1) instead of the mock")
     dev.add_argument("--backend-api-key", help="API key for --backend-url")
-    dev.add_argument("--registry", default=str(Path(__file__).resolve().parents[1] / "registry" / "local.yaml"))
+    dev.add_argument(
+        "--registry", default=str(Path(__file__).resolve().parents[1] / "registry" / "local.yaml")
+    )
     dev.add_argument("--workers", type=int, default=4, help="compute workers per endpoint")
-    dev.add_argument("--mock-delay", type=float, default=0.0, help="mock vLLM: seconds to first token")
-    dev.add_argument("--mock-token-rate", type=float, default=0.0, help="mock vLLM: tokens/s (0 = max)")
-    dev.add_argument("--backend-errors", type=float, default=0.0, help="fraction of mock answers that are 500")
-    dev.add_argument("--backend-hang", type=float, default=0.0, help="fraction of mock requests that hang")
+    dev.add_argument(
+        "--mock-delay", type=float, default=0.0, help="mock vLLM: seconds to first token"
+    )
+    dev.add_argument(
+        "--mock-token-rate", type=float, default=0.0, help="mock vLLM: tokens/s (0 = max)"
+    )
+    dev.add_argument(
+        "--backend-errors", type=float, default=0.0, help="fraction of mock answers that are 500"
+    )
+    dev.add_argument(
+        "--backend-hang", type=float, default=0.0, help="fraction of mock requests that hang"
+    )
     dev.add_argument("--result-wait", type=float, default=300.0, help="seconds before a 504")
     dev.add_argument("--state-file", help="write the stack's addresses here as JSON")
     dev.set_defaults(run=_dev)

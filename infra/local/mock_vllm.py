@@ -33,10 +33,45 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 _VOCAB = (
-    "the", "model", "answers", "with", "plain", "words", "drawn", "from", "a", "small", "fixed",
-    "list", "so", "every", "reply", "is", "reproducible", "across", "runs", "while", "looking",
-    "like", "prose", "about", "compute", "nodes", "clusters", "batches", "tokens", "queues",
-    "latency", "gateways", "endpoints", "scheduling", "memory", "tensors", "and", "of", "to",
+    "the",
+    "model",
+    "answers",
+    "with",
+    "plain",
+    "words",
+    "drawn",
+    "from",
+    "a",
+    "small",
+    "fixed",
+    "list",
+    "so",
+    "every",
+    "reply",
+    "is",
+    "reproducible",
+    "across",
+    "runs",
+    "while",
+    "looking",
+    "like",
+    "prose",
+    "about",
+    "compute",
+    "nodes",
+    "clusters",
+    "batches",
+    "tokens",
+    "queues",
+    "latency",
+    "gateways",
+    "endpoints",
+    "scheduling",
+    "memory",
+    "tensors",
+    "and",
+    "of",
+    "to",
 )
 _MAX_MODEL_LEN = {
     "meta-llama/Meta-Llama-3-8B-Instruct": 8192,
@@ -97,8 +132,12 @@ class _APIError(Exception):
 
     def body(self) -> dict[str, Any]:
         return {
-            "error": {"message": self.message, "type": self.kind, "param": self.param,
-                      "code": self.status}
+            "error": {
+                "message": self.message,
+                "type": self.kind,
+                "param": self.param,
+                "code": self.status,
+            }
         }
 
 
@@ -124,8 +163,9 @@ def _parse_markers(text: str) -> _Markers:
     return markers
 
 
-def _generate(model: str, prompt: str, length: int | None, max_tokens: int | None
-              ) -> tuple[list[str], str]:
+def _generate(
+    model: str, prompt: str, length: int | None, max_tokens: int | None
+) -> tuple[list[str], str]:
     # Markers and whitespace are dropped from the key so that steering a request with a marker
     # does not change which words it gets, only how many.
     key = " ".join(_MARKER.sub(" ", prompt).split())
@@ -184,8 +224,9 @@ def _content_text(content: object) -> str:
     if isinstance(content, str):
         return content
     if isinstance(content, list):  # multimodal parts: only the text ones count as text
-        return "\n".join(p["text"] for p in content
-                         if isinstance(p, dict) and isinstance(p.get("text"), str))
+        return "\n".join(
+            p["text"] for p in content if isinstance(p, dict) and isinstance(p.get("text"), str)
+        )
     return ""
 
 
@@ -203,7 +244,8 @@ def _check_context(model: str, prompt_tokens: int, max_tokens: int | None) -> No
             f"This model's maximum context length is {limit} tokens. However, you requested "
             f"{prompt_tokens + (max_tokens or 0)} tokens ({prompt_tokens} in the messages, "
             f"{max_tokens or 0} in the completion). Please reduce the length of the messages "
-            "or completion.")
+            "or completion."
+        )
 
 
 def _sse(payload: object) -> str:
@@ -236,8 +278,9 @@ class _MockServer:
         if hang < self.config.hang_rate:
             await self._sleep_until(request, time.monotonic() + self.config.hang_seconds)
 
-    def endpoint(self, handler: Callable[[Request], Awaitable[Response]]
-                 ) -> Callable[[Request], Awaitable[Response]]:
+    def endpoint(
+        self, handler: Callable[[Request], Awaitable[Response]]
+    ) -> Callable[[Request], Awaitable[Response]]:
         async def guarded(request: Request) -> Response:
             key = self.config.api_key
             if key is not None and request.headers.get("authorization") != f"Bearer {key}":
@@ -246,26 +289,49 @@ class _MockServer:
                 return await handler(request)
             except _APIError as e:
                 return JSONResponse(e.body(), status_code=e.status)
+
         return guarded
 
     async def models(self, request: Request) -> Response:
         now = int(time.time())
-        permission = {"id": f"modelperm-{uuid.uuid4().hex}", "object": "model_permission",
-                      "created": now, "allow_create_engine": False, "allow_sampling": True,
-                      "allow_logprobs": True, "allow_search_indices": False, "allow_view": True,
-                      "allow_fine_tuning": False, "organization": "*", "group": None,
-                      "is_blocking": False}
-        data = [{"id": m, "object": "model", "created": now, "owned_by": "vllm", "root": m,
-                 "parent": None, "max_model_len": _MAX_MODEL_LEN.get(m, _DEFAULT_MAX_MODEL_LEN),
-                 "permission": [permission]} for m in self.config.models]
+        permission = {
+            "id": f"modelperm-{uuid.uuid4().hex}",
+            "object": "model_permission",
+            "created": now,
+            "allow_create_engine": False,
+            "allow_sampling": True,
+            "allow_logprobs": True,
+            "allow_search_indices": False,
+            "allow_view": True,
+            "allow_fine_tuning": False,
+            "organization": "*",
+            "group": None,
+            "is_blocking": False,
+        }
+        data = [
+            {
+                "id": m,
+                "object": "model",
+                "created": now,
+                "owned_by": "vllm",
+                "root": m,
+                "parent": None,
+                "max_model_len": _MAX_MODEL_LEN.get(m, _DEFAULT_MAX_MODEL_LEN),
+                "permission": [permission],
+            }
+            for m in self.config.models
+        ]
         return JSONResponse({"object": "list", "data": data})
 
     async def chat(self, request: Request) -> Response:
         body = await _json_body(request)
         model = self._model(body)
         messages = body.get("messages")
-        if not isinstance(messages, list) or not messages or not all(
-                isinstance(m, dict) and isinstance(m.get("role"), str) for m in messages):
+        if (
+            not isinstance(messages, list)
+            or not messages
+            or not all(isinstance(m, dict) and isinstance(m.get("role"), str) for m in messages)
+        ):
             raise _bad_request("`messages` must be a non-empty list of {role, content}", "messages")
         texts = [(m["role"], _content_text(m.get("content"))) for m in messages]
         last_user = next((t for role, t in reversed(texts) if role == "user"), "")
@@ -276,8 +342,9 @@ class _MockServer:
         n = _int_param(body, "n", 1) or 1
         prompt_tokens = sum(count_prompt_tokens(t) for _, t in texts)
         _check_context(model, prompt_tokens, max_tokens)
-        tokens, finish = _generate(model, "\n".join(f"{r}: {t}" for r, t in texts),
-                                   markers.tokens, max_tokens)
+        tokens, finish = _generate(
+            model, "\n".join(f"{r}: {t}" for r, t in texts), markers.tokens, max_tokens
+        )
         choices = [_Choice(i, tokens, finish) for i in range(n)]
         return await self._respond(request, body, True, model, choices, prompt_tokens, markers)
 
@@ -298,40 +365,68 @@ class _MockServer:
         prompt_tokens = sum(count for _, count in prompts)
         return await self._respond(request, body, False, model, choices, prompt_tokens, markers)
 
-    async def _respond(self, request: Request, body: dict[str, Any], chat: bool, model: str,
-                       choices: list[_Choice], prompt_tokens: int, markers: _Markers) -> Response:
+    async def _respond(
+        self,
+        request: Request,
+        body: dict[str, Any],
+        chat: bool,
+        model: str,
+        choices: list[_Choice],
+        prompt_tokens: int,
+        markers: _Markers,
+    ) -> Response:
         stream, options = body.get("stream") or False, body.get("stream_options")
         if not isinstance(stream, bool) or not (options is None or isinstance(options, dict)):
             raise _bad_request("`stream` must be a boolean, `stream_options` an object", "stream")
         if options is not None and not stream:
-            raise _bad_request("Stream options can only be defined when `stream=True`.",
-                               "stream_options")
+            raise _bad_request(
+                "Stream options can only be defined when `stream=True`.", "stream_options"
+            )
         requested = max((len(c.tokens) for c in choices), default=0)
         await self._admit(request, markers)
         start = time.monotonic()
         completion_tokens = sum(len(c.tokens) for c in choices)
-        usage = {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens + completion_tokens,
-                 "completion_tokens": completion_tokens, "prompt_tokens_details": None}
-        head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",
-                "object": "chat.completion" if chat else "text_completion",
-                "created": int(time.time()), "model": model}
+        usage = {
+            "prompt_tokens": prompt_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+            "completion_tokens": completion_tokens,
+            "prompt_tokens_details": None,
+        }
+        head = {
+            "id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",
+            "object": "chat.completion" if chat else "text_completion",
+            "created": int(time.time()),
+            "model": model,
+        }
         if stream:
             include_usage = bool((options or {}).get("include_usage"))
-            events = self._events(start, markers, chat, head, choices, usage if include_usage
-                                  else None)
+            events = self._events(
+                start, markers, chat, head, choices, usage if include_usage else None
+            )
             return StreamingResponse(events, media_type="text/event-stream")
         steps = requested if markers.error_after is None else min(markers.error_after, requested)
         await self._sleep_until(request, self._due(start, markers, steps))
         if markers.error_after is not None:
-            raise _APIError(500, "Mock engine failure mid-generation (injected).",
-                            "InternalServerError")
+            raise _APIError(
+                500, "Mock engine failure mid-generation (injected).", "InternalServerError"
+            )
         body_choices: list[dict[str, Any]] = []
         for c in choices:
             text = "".join(c.tokens)
-            content = ({"message": {"role": "assistant", "content": text, "tool_calls": []}}
-                       if chat else {"text": text})
-            body_choices.append({"index": c.index, **content, "logprobs": None,
-                                 "finish_reason": c.finish_reason, "stop_reason": None})
+            content = (
+                {"message": {"role": "assistant", "content": text, "tool_calls": []}}
+                if chat
+                else {"text": text}
+            )
+            body_choices.append(
+                {
+                    "index": c.index,
+                    **content,
+                    "logprobs": None,
+                    "finish_reason": c.finish_reason,
+                    "stop_reason": None,
+                }
+            )
         return JSONResponse({**head, "choices": body_choices, "usage": usage})
 
     def _due(self, start: float, markers: _Markers, token_index: int) -> float:
@@ -340,8 +435,15 @@ class _MockServer:
         pace = token_index / rate if rate > 0 else 0.0
         return start + self.config.first_token_delay_s + markers.delay_s + pace
 
-    async def _events(self, start: float, markers: _Markers, chat: bool, head: dict[str, Any],
-                      choices: list[_Choice], usage: dict[str, Any] | None) -> AsyncIterator[str]:
+    async def _events(
+        self,
+        start: float,
+        markers: _Markers,
+        chat: bool,
+        head: dict[str, Any],
+        choices: list[_Choice],
+        usage: dict[str, Any] | None,
+    ) -> AsyncIterator[str]:
         head = {**head, "object": "chat.completion.chunk" if chat else "text_completion"}
         if usage is not None:
             head["usage"] = None  # as vLLM 0.5/0.6 did; newer versions omit the key instead
@@ -349,8 +451,9 @@ class _MockServer:
         def chunk(index: int, delta: str | None, finish: str | None) -> str:
             choice: dict[str, Any] = {"index": index}
             if chat:
-                choice["delta"] = ({"role": "assistant", "content": ""} if delta is None
-                                   else {"content": delta})
+                choice["delta"] = (
+                    {"role": "assistant", "content": ""} if delta is None else {"content": delta}
+                )
             else:
                 choice["text"] = delta
             choice.update(logprobs=None, finish_reason=finish)
@@ -378,8 +481,9 @@ class _MockServer:
                     finish = c.finish_reason if last else None
                     pending.append(chunk(c.index, c.tokens[step], finish))
         if limit is not None:
-            error = _APIError(500, "Mock engine failure mid-stream (injected).",
-                              "InternalServerError")
+            error = _APIError(
+                500, "Mock engine failure mid-stream (injected).", "InternalServerError"
+            )
             yield "".join([*pending, _sse(error.body())])
             # Ends without [DONE] so a relay can tell an aborted stream from a finished one;
             # recent vLLM appends [DONE] after the error event, the openai SDK raises either way.
@@ -394,8 +498,9 @@ class _MockServer:
         inputs = _texts(body.get("input"), "input")
         dimensions = _int_param(body, "dimensions", 1) or self.config.embedding_dimensions
         if dimensions > self.config.embedding_dimensions:  # matryoshka can only shorten
-            raise _bad_request(f"`dimensions` must be <= {self.config.embedding_dimensions}",
-                               "dimensions")
+            raise _bad_request(
+                f"`dimensions` must be <= {self.config.embedding_dimensions}", "dimensions"
+            )
         encoding = body.get("encoding_format") or "float"
         if encoding not in ("float", "base64"):
             raise _bad_request("`encoding_format` must be 'float' or 'base64'", "encoding_format")
@@ -407,13 +512,29 @@ class _MockServer:
         data = []
         for i, (text, _) in enumerate(inputs):
             vector = _embedding(model, text, dimensions)
-            data.append({"index": i, "object": "embedding",
-                         "embedding": _b64_float32(vector) if encoding == "base64" else vector})
+            data.append(
+                {
+                    "index": i,
+                    "object": "embedding",
+                    "embedding": _b64_float32(vector) if encoding == "base64" else vector,
+                }
+            )
         tokens = sum(count for _, count in inputs)
-        return JSONResponse({"id": f"embd-{uuid.uuid4().hex}", "object": "list",
-                             "created": int(time.time()), "model": model, "data": data,
-                             "usage": {"prompt_tokens": tokens, "total_tokens": tokens,
-                                       "completion_tokens": 0, "prompt_tokens_details": None}})
+        return JSONResponse(
+            {
+                "id": f"embd-{uuid.uuid4().hex}",
+                "object": "list",
+                "created": int(time.time()),
+                "model": model,
+                "data": data,
+                "usage": {
+                    "prompt_tokens": tokens,
+                    "total_tokens": tokens,
+                    "completion_tokens": 0,
+                    "prompt_tokens_details": None,
+                },
+            }
+        )
 
 
 async def _json_body(request: Request) -> dict[str, Any]:
@@ -432,10 +553,12 @@ async def _health(request: Request) -> Response:
 
 def create_app(config: MockConfig = MockConfig()) -> Starlette:
     server = _MockServer(config)
-    return Starlette(routes=[
-        Route("/health", _health, methods=["GET"]),
-        Route("/v1/models", server.endpoint(server.models), methods=["GET"]),
-        Route("/v1/chat/completions", server.endpoint(server.chat), methods=["POST"]),
-        Route("/v1/completions", server.endpoint(server.completions), methods=["POST"]),
-        Route("/v1/embeddings", server.endpoint(server.embeddings), methods=["POST"]),
-    ])
+    return Starlette(
+        routes=[
+            Route("/health", _health, methods=["GET"]),
+            Route("/v1/models", server.endpoint(server.models), methods=["GET"]),
+            Route("/v1/chat/completions", server.endpoint(server.chat), methods=["POST"]),
+            Route("/v1/completions", server.endpoint(server.completions), methods=["POST"]),
+            Route("/v1/embeddings", server.endpoint(server.embeddings), methods=["POST"]),
+        ]
+    )

@@ -44,23 +44,29 @@ class GatewayServer:
         await send({"type": "http.response.body", "body": payload})
 
     def _call_control_plane(self, scope: Scope, body: bytes) -> tuple[int, list[Any], bytes]:
-        path = scope["path"] + (f"?{scope['query_string'].decode()}" if scope["query_string"] else "")
+        path = scope["path"] + (
+            f"?{scope['query_string'].decode()}" if scope["query_string"] else ""
+        )
         headers = {k.decode().lower(): v.decode() for k, v in scope["headers"]}
         try:
             response = self._control_plane.handle_request(scope["method"], path, headers, body)
         except LocalGatewayException as error:
             if error.CODE == 403 and b"Authentication Token" in (error.body or b""):
                 # API Gateway's answer for a route that does not exist; the template maps it too.
-                return 404, [(b"content-type", b"application/json")], json.dumps(
-                    _NOT_FOUND.to_body()
-                ).encode()
+                return (
+                    404,
+                    [(b"content-type", b"application/json")],
+                    json.dumps(_NOT_FOUND.to_body()).encode(),
+                )
             return error.CODE, [(b"content-type", b"application/json")], error.body or b""
         raw = response.get("body") or b""
         if response.get("isBase64Encoded"):
             payload = base64.b64decode(raw)
         else:
             payload = raw.encode() if isinstance(raw, str) else raw
-        out = [(k.lower().encode(), str(v).encode()) for k, v in response.get("headers", {}).items()]
+        out = [
+            (k.lower().encode(), str(v).encode()) for k, v in response.get("headers", {}).items()
+        ]
         for k, values in (response.get("multiValueHeaders") or {}).items():
             out += [(k.lower().encode(), str(v).encode()) for v in values]
         return int(response["statusCode"]), out, payload

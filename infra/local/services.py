@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+from typing import Any
 
 import uvicorn
 
@@ -16,7 +17,7 @@ from first_local.mock_vllm import MockConfig
 from first_local.mock_vllm import create_app as create_mock_vllm
 
 
-def _server(app: object, port: int) -> uvicorn.Server:
+def _server(app: Any, port: int) -> uvicorn.Server:
     config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
     return uvicorn.Server(config)
 

@@ -109,7 +109,8 @@ class LocalStack:
             "FIRST_ADMIN_GROUPS": json.dumps([ADMIN_GROUP_ID]),
             "FIRST_PUBLIC_BASE_URL": self.base_url,
             # Tests pass their own secret so they can forge and replay callbacks on purpose.
-            "FIRST_CALLBACK_SECRET": os.environ.get("FIRST_CALLBACK_SECRET") or secrets.token_hex(32),
+            "FIRST_CALLBACK_SECRET": os.environ.get("FIRST_CALLBACK_SECRET")
+            or secrets.token_hex(32),
             "FIRST_COMPUTE_BACKEND": "local",
             "FIRST_RESULT_WAIT_SECONDS": str(self.options.result_wait_seconds),
             "GLOBUS_SDK_SERVICE_URL_AUTH": f"{auth}/auth/",
@@ -119,17 +120,30 @@ class LocalStack:
 
     def start_children(self) -> None:
         python = sys.executable
-        moto = [python, "-m", "first_local.moto_server", "-H", "127.0.0.1", "-p", str(self.moto_port)]
+        moto = [
+            python,
+            "-m",
+            "first_local.moto_server",
+            "-H",
+            "127.0.0.1",
+            "-p",
+            str(self.moto_port),
+        ]
         self._spawn(moto, quiet=True)
         services = [python, "-m", "first_local.services", "--auth-port", str(self.auth_port)]
         o = self.options
         if self.vllm_port:
             services += [
-                "--vllm-port", str(self.vllm_port),
-                "--mock-delay", str(o.mock_delay),
-                "--mock-token-rate", str(o.mock_token_rate),
-                "--backend-errors", str(o.backend_errors),
-                "--backend-hang", str(o.backend_hang),
+                "--vllm-port",
+                str(self.vllm_port),
+                "--mock-delay",
+                str(o.mock_delay),
+                "--mock-token-rate",
+                str(o.mock_token_rate),
+                "--backend-errors",
+                str(o.backend_errors),
+                "--backend-hang",
+                str(o.backend_hang),
             ]
         self._spawn(services)
         _wait_http(f"http://127.0.0.1:{self.moto_port}/moto-api/")
@@ -155,7 +169,9 @@ class LocalStack:
 
         settings = get_settings()
         create_all_tables()
-        s3 = boto3.client("s3", region_name=settings.aws_region, endpoint_url=settings.aws_endpoint_url)
+        s3 = boto3.client(
+            "s3", region_name=settings.aws_region, endpoint_url=settings.aws_endpoint_url
+        )
         s3.create_bucket(Bucket=settings.results_bucket)
         publish(load_file(self.options.registry))
 
@@ -204,15 +220,20 @@ class LocalStack:
         if self.options.state_file is None:
             return
         self.options.state_file.parent.mkdir(parents=True, exist_ok=True)
-        self.options.state_file.write_text(json.dumps({
-            "base_url": self.base_url,
-            "aws_endpoint_url": f"http://127.0.0.1:{self.moto_port}",
-            "globus_auth_url": f"http://127.0.0.1:{self.auth_port}/auth/",
-            "globus_groups_url": f"http://127.0.0.1:{self.auth_port}/groups/",
-            "standin_calls_url": f"http://127.0.0.1:{self.auth_port}/_standin/calls",
-            "backend_url": self.backend_url,
-            "pid": os.getpid(),
-        }, indent=2))
+        self.options.state_file.write_text(
+            json.dumps(
+                {
+                    "base_url": self.base_url,
+                    "aws_endpoint_url": f"http://127.0.0.1:{self.moto_port}",
+                    "globus_auth_url": f"http://127.0.0.1:{self.auth_port}/auth/",
+                    "globus_groups_url": f"http://127.0.0.1:{self.auth_port}/groups/",
+                    "standin_calls_url": f"http://127.0.0.1:{self.auth_port}/_standin/calls",
+                    "backend_url": self.backend_url,
+                    "pid": os.getpid(),
+                },
+                indent=2,
+            )
+        )
 
     def stop(self) -> None:
         compute = getattr(self, "compute", None)

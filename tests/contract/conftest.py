@@ -32,12 +32,22 @@ class Stack:
     base_url: str
     state: dict[str, Any]
 
-    def client(self, user: str = "alice", *, federated: bool = True, cluster: str = "sophia",
-               **token_options: Any) -> openai.OpenAI:
-        base = f"{self.base_url}/v1" if federated else (
-            f"{self.base_url}/resource_server/v1/{cluster}/vllm/v1"
+    def client(
+        self,
+        user: str = "alice",
+        *,
+        federated: bool = True,
+        cluster: str = "sophia",
+        **token_options: Any,
+    ) -> openai.OpenAI:
+        base = (
+            f"{self.base_url}/v1"
+            if federated
+            else (f"{self.base_url}/resource_server/v1/{cluster}/vllm/v1")
         )
-        return openai.OpenAI(base_url=base, api_key=mint_token(user, **token_options), max_retries=0)
+        return openai.OpenAI(
+            base_url=base, api_key=mint_token(user, **token_options), max_retries=0
+        )
 
     def table(self, name: str) -> Any:
         dynamodb = boto3.resource(
@@ -66,11 +76,16 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     }
     process = subprocess.Popen(
         [
-            str(Path(sys.executable).with_name("first-gateway")), "dev",
-            "--port", str(port),
-            "--state-file", str(state_file),
-            "--result-wait", str(RESULT_WAIT_SECONDS),
-            "--workers", "3",
+            str(Path(sys.executable).with_name("first-gateway")),
+            "dev",
+            "--port",
+            str(port),
+            "--state-file",
+            str(state_file),
+            "--result-wait",
+            str(RESULT_WAIT_SECONDS),
+            "--workers",
+            "3",
         ],
         cwd=PROJECT_ROOT,
         env=env,

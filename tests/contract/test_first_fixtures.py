@@ -17,7 +17,11 @@ SERVED = {
     "completions": "meta-llama/Meta-Llama-3-8B-Instruct",
     "embeddings": "Salesforce/SFR-Embedding-Mistral",
 }
-FILES = {"chat/completions": "chat_completions", "completions": "completions", "embeddings": "embeddings"}
+FILES = {
+    "chat/completions": "chat_completions",
+    "completions": "completions",
+    "embeddings": "embeddings",
+}
 
 
 def cases(validity: str) -> list[Any]:

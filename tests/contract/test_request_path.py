@@ -36,9 +36,9 @@ def callback_token(request_id: str) -> str:
     ("federated", "cluster"), [(True, "sophia"), (False, "sophia"), (False, "polaris")]
 )
 def test_chat_answer_is_the_backends_answer(stack: Stack, federated: bool, cluster: str) -> None:
-    raw = stack.client(federated=federated, cluster=cluster).chat.completions.with_raw_response.create(
-        model=MODEL, messages=MESSAGES, max_tokens=24
-    )
+    raw = stack.client(
+        federated=federated, cluster=cluster
+    ).chat.completions.with_raw_response.create(model=MODEL, messages=MESSAGES, max_tokens=24)
     reply = raw.parse()
     expected = direct(stack).chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=24)
     assert reply.object == "chat.completion"
@@ -52,7 +52,9 @@ def test_chat_answer_is_the_backends_answer(stack: Stack, federated: bool, clust
 
 
 def test_usage_and_owner_are_on_the_request_record(stack: Stack) -> None:
-    raw = stack.client().chat.completions.with_raw_response.create(model=BIG_MODEL, messages=MESSAGES)
+    raw = stack.client().chat.completions.with_raw_response.create(
+        model=BIG_MODEL, messages=MESSAGES
+    )
     reply = raw.parse()
     item = stack.table("requests").get_item(
         Key={"request_id": raw.headers["x-first-request-id"]}, ConsistentRead=True
@@ -224,7 +226,9 @@ def completed_request(stack: Stack) -> str:
     return str(raw.headers["x-first-request-id"])
 
 
-def post_callback(stack: Stack, request_id: str, token: str, body: dict[str, Any]) -> httpx.Response:
+def post_callback(
+    stack: Stack, request_id: str, token: str, body: dict[str, Any]
+) -> httpx.Response:
     return httpx.post(
         f"{stack.base_url}/callbacks/{request_id}",
         json=body,

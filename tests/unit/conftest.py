@@ -8,13 +8,14 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+import pytest
+from moto import mock_aws
+
 import first_core.auth
 import first_core.results
 import first_core.tables
-import pytest
 from first_core.registry import Registry
 from first_core.settings import get_settings
-from moto import mock_aws
 
 
 @pytest.fixture(autouse=True)

@@ -16,15 +16,16 @@ from typing import Any
 from urllib.parse import parse_qs
 
 import boto3
-import first_core.auth
 import pytest
 import responses
+from globus_sdk.testing import RegisteredResponse, get_last_request, load_response
 from pydantic import SecretStr
+
+import first_core.auth
 from first_core.auth import Authenticator, Caller, token_hash
 from first_core.errors import AuthenticationError, PermissionDeniedError
 from first_core.settings import get_settings
 from first_core.tables import TokenCacheEntry
-from globus_sdk.testing import RegisteredResponse, get_last_request, load_response
 
 CLIENT_ID = "0c1a2b3c-0000-4000-8000-00000000c11e"
 CLIENT_SECRET = "gateway-client-secret"

@@ -14,6 +14,8 @@ import globus_sdk
 import httpx
 import pytest
 import uvicorn
+from starlette.applications import Starlette
+
 from first_local.globus_standin import (
     ADMIN_GROUP_ID,
     ALLOWED_GROUP_ID,
@@ -24,7 +26,6 @@ from first_local.globus_standin import (
     create_app,
     mint_token,
 )
-from starlette.applications import Starlette
 
 GROUPS_RS = "groups.api.globus.org"
 PASSING_POLICY = "11111111-2222-3333-4444-555555555555"

@@ -16,6 +16,7 @@ import httpx
 import openai
 import pytest
 import uvicorn
+
 from first_local.mock_vllm import MockConfig, count_prompt_tokens, create_app, generate_text
 
 CHAT_MODEL = "meta-llama/Meta-Llama-3-8B-Instruct"

@@ -6,6 +6,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+
 from first_core.registry import (
     CLUSTER_KEY,
     Registry,

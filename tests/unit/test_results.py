@@ -10,8 +10,10 @@ from collections.abc import Callable
 from typing import Any
 
 import boto3
-import first_core.results
 import pytest
+from pydantic import SecretStr
+
+import first_core.results
 from first_core import records
 from first_core.auth import Caller
 from first_core.errors import (
@@ -32,7 +34,6 @@ from first_core.results import (
 )
 from first_core.settings import get_settings
 from first_core.tables import RequestRecord, ResultRecord
-from pydantic import SecretStr
 
 REQUEST_ID = "req_00000000000000000000000000000001"
 OTHER_ID = "req_00000000000000000000000000000002"

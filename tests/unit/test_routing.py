@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from first_core.auth import Caller
 from first_core.errors import NotFoundError, PermissionDeniedError, ServiceUnavailableError
 from first_core.registry import CLUSTER_KEY, Cluster, Endpoint, FunctionIds, Limits, Registry

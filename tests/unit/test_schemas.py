@@ -10,6 +10,8 @@ from typing import Any
 import httpx2
 import openai
 import pytest
+from pydantic import BaseModel
+
 from first_core.errors import InvalidRequestError
 from first_core.schemas import (
     ChatCompletionRequest,
@@ -19,7 +21,6 @@ from first_core.schemas import (
     Kind,
     parse_request,
 )
-from pydantic import BaseModel
 
 # The fixtures live beside the project (../shared), shared with other implementations.
 FIXTURES = Path(__file__).resolve().parents[2].parent / "shared" / "conformance" / "first-fixtures"

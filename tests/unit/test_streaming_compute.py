@@ -14,13 +14,13 @@ from typing import Any
 import httpx
 import pytest
 import uvicorn
-from first_local.mock_vllm import MockConfig, create_app
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from compute_funcs.streaming import vllm_streaming
+from first_local.mock_vllm import MockConfig, create_app
 
 MODEL = "meta-llama/Meta-Llama-3-8B-Instruct"
 TOKEN = "callback-token-for-test"

@@ -26,6 +26,13 @@ from typing import Any
 
 import pytest
 import uvicorn
+from moto import mock_aws
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from compute_funcs.streaming import vllm_streaming
 from first_core import records, streaming
 from first_core.errors import (
     AuthenticationError,
@@ -37,13 +44,6 @@ from first_core.errors import (
 from first_core.results import callback_token
 from first_core.tables import RequestRecord, StreamChunkBatch, create_all_tables
 from first_local.mock_vllm import MockConfig, create_app, generate_text
-from moto import mock_aws
-from starlette.applications import Starlette
-from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
-
-from compute_funcs.streaming import vllm_streaming
 
 USAGE = {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}
 

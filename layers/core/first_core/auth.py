@@ -125,9 +125,7 @@ class Authenticator:
         until = min(time.time() + self._settings.token_cache_seconds, caller.token_expires_at)
         with self._lock:
             self._memory[key] = (until, caller)
-        TokenCacheEntry(
-            key, verdict=caller.to_json(), expires_at=_utc(until)
-        ).save()
+        TokenCacheEntry(key, verdict=caller.to_json(), expires_at=_utc(until)).save()
 
     def _refuse(self, key: str, error: AuthenticationError) -> AuthenticationError:
         with self._lock:
@@ -158,7 +156,7 @@ class Authenticator:
         include = "session_info,identity_set_detail"
         try:
             if self._settings.authentication_policies:
-                # The SDK method has no parameter for policies; the endpoint takes them as form data.
+                # The SDK method has no parameter for policies; the endpoint takes them as a form.
                 response = self.client.post(
                     "/v2/oauth2/token/introspect",
                     data={
@@ -184,7 +182,9 @@ class Authenticator:
             )
         exp = float(data.get("exp", 0))
         if exp + s.clock_skew_seconds < time.time():
-            raise AuthenticationError("The access token has expired. Get a new one with `first-auth token`.")
+            raise AuthenticationError(
+                "The access token has expired. Get a new one with `first-auth token`."
+            )
         if s.gateway_scope and s.gateway_scope not in str(data.get("scope", "")).split():
             raise AuthenticationError(
                 "The access token was not issued for this gateway's scope. "
@@ -194,15 +194,16 @@ class Authenticator:
             if not evaluation.get("evaluation"):
                 raise AuthenticationError(
                     f"Your Globus session does not satisfy authentication policy {policy} "
-                    "(a high-assurance session may have timed out). Log out of Globus and log in again."
+                    "(a high-assurance session may have timed out). "
+                    "Log out of Globus and log in again."
                 )
         identity = _session_identity(data)
         domain = identity.get("username", "").rpartition("@")[2].lower()
         if s.allowed_domains and domain not in {d.lower() for d in s.allowed_domains}:
             raise AuthenticationError(
                 f"Your Globus session was authenticated through {domain or 'an unknown provider'}, "
-                "which this gateway does not accept. Log out of Globus and sign in with an identity "
-                f"from one of: {', '.join(s.allowed_domains)}."
+                "which this gateway does not accept. Log out of Globus and sign in with an "
+                f"identity from one of: {', '.join(s.allowed_domains)}."
             )
         return Caller(
             user_id=str(data.get("sub")),
@@ -224,7 +225,8 @@ class Authenticator:
             memberships = groups_client.get_my_groups()
         except (globus_sdk.GlobusAPIError, KeyError):
             raise AuthenticationError(
-                "Could not read your Globus group memberships; log in again with `first-auth login`."
+                "Could not read your Globus group memberships; "
+                "log in again with `first-auth login`."
             ) from None
         groups = frozenset(str(group["id"]) for group in memberships)
         return Caller(**{**caller.__dict__, "groups": groups, "groups_checked_at": time.time()})

@@ -188,6 +188,8 @@ def get_backend() -> ComputeBackend:
         from first_core.settings import get_settings
 
         if get_settings().compute_backend != "globus":
-            raise RuntimeError("No local compute pool in this process; start it with first-gateway dev")
+            raise RuntimeError(
+                "No local compute pool in this process; start it with first-gateway dev"
+            )
         _backend = GlobusComputeBackend()
     return _backend

@@ -104,5 +104,3 @@ def get_owned(request_id: str, caller: Caller) -> RequestRecord:
     if record is None or record.user_id != caller.user_id:
         raise NotFoundError(f"No request with id '{request_id}'.", param="request_id")
     return record
-
-

@@ -83,7 +83,9 @@ def publish(registry: RegistryFile) -> int:
         for name, cluster in registry.clusters.items():
             status = "maintenance" if cluster.maintenance else "online"
             config = cluster.model_dump(exclude={"endpoints"})
-            batch.save(RegistryEntry(name, CLUSTER_KEY, config=config, status=status, updated_at=now))
+            batch.save(
+                RegistryEntry(name, CLUSTER_KEY, config=config, status=status, updated_at=now)
+            )
             rows += 1
             for endpoint in cluster.endpoints:
                 for model in endpoint.models:
@@ -156,9 +158,14 @@ class Registry:
         endpoints: list[Endpoint] = []
         for row in rows:
             if row.key == CLUSTER_KEY:
-                clusters[row.cluster] = Cluster(name=row.cluster, status=row.status, **{
-                    k: row.config.get(k, []) for k in ("frameworks", "allowed_groups", "allowed_domains")
-                })
+                clusters[row.cluster] = Cluster(
+                    name=row.cluster,
+                    status=row.status,
+                    **{
+                        k: row.config.get(k, [])
+                        for k in ("frameworks", "allowed_groups", "allowed_domains")
+                    },
+                )
             else:
                 framework, _, model = row.key.partition("#")
                 config = row.config

@@ -41,7 +41,9 @@ def callback_token(request_id: str) -> str:
 def verify_callback_token(request_id: str, authorization: str | None) -> None:
     presented = (authorization or "").removeprefix("Bearer ").strip()
     if not hmac.compare_digest(presented.encode(), callback_token(request_id).encode()):
-        raise AuthenticationError("Invalid callback token for this request.", code="invalid_callback")
+        raise AuthenticationError(
+            "Invalid callback token for this request.", code="invalid_callback"
+        )
 
 
 class CallbackBody(BaseModel):
@@ -68,7 +70,9 @@ def _s3() -> Any:
     return boto3.client("s3", region_name=s.aws_region, endpoint_url=s.aws_endpoint_url)
 
 
-def record(request_id: str, status_code: int, body: Any) -> Literal["written", "duplicate", "refused"]:
+def record(
+    request_id: str, status_code: int, body: Any
+) -> Literal["written", "duplicate", "refused"]:
     """Write the result and end the request record, in one transaction.
 
     `duplicate`: the result was already there (a repeated callback); `refused`: the request does
@@ -101,7 +105,11 @@ def record(request_id: str, status_code: int, body: Any) -> Literal["written", "
         reasons = failure.cancellation_reasons
         if reasons and reasons[0] is not None and reasons[0].code == "ConditionalCheckFailed":
             return "duplicate"
-        if len(reasons) > 1 and reasons[1] is not None and reasons[1].code == "ConditionalCheckFailed":
+        if (
+            len(reasons) > 1
+            and reasons[1] is not None
+            and reasons[1].code == "ConditionalCheckFailed"
+        ):
             return "refused"
         raise
     return "written"
@@ -127,7 +135,9 @@ def accept_callback(request_id: str, authorization: str | None, raw_body: bytes)
     try:
         callback = CallbackBody.model_validate_json(raw_body)
     except ValidationError:
-        raise InvalidRequestError("Malformed callback body.", code="invalid_callback_body") from None
+        raise InvalidRequestError(
+            "Malformed callback body.", code="invalid_callback_body"
+        ) from None
     if callback.request_id != request_id:
         raise InvalidRequestError("Callback body names another request.", param="request_id")
     outcome = record(request_id, callback.status_code, callback.body)

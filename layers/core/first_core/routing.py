@@ -65,7 +65,8 @@ def choose(
     if not candidates:
         where = f" on cluster '{cluster}'" if cluster else ""
         raise NotFoundError(
-            f"The model '{model}' does not exist{where}. GET /v1/models lists the models you can use.",
+            f"The model '{model}' does not exist{where}. "
+            "GET /v1/models lists the models you can use.",
             param="model",
             code="model_not_found",
         )
@@ -87,7 +88,8 @@ def choose(
     reason = (
         f"named cluster {best.cluster} ({status})"
         if cluster
-        else f"{best.cluster}: model {status}; {len(available)} of {len(candidates)} clusters available"
+        else f"{best.cluster}: model {status}; "
+        f"{len(available)} of {len(candidates)} clusters available"
     )
     return Route(endpoint=best, reason=reason)
 

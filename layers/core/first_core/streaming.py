@@ -275,9 +275,7 @@ def _ended_error(record: RequestRecord) -> dict[str, Any]:
 def _rows_after(request_id: str, last_sent: int) -> list[StreamChunkBatch]:
     """Only the rows not sent yet: the range-key condition keeps each poll to the new rows."""
     return list(
-        StreamChunkBatch.query(
-            request_id, StreamChunkBatch.seq > last_sent, consistent_read=True
-        )
+        StreamChunkBatch.query(request_id, StreamChunkBatch.seq > last_sent, consistent_read=True)
     )
 
 

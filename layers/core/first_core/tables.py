@@ -35,7 +35,7 @@ class _Meta:
     max_retry_attempts = 5
 
 
-def _meta(name: str) -> type:
+def _meta(name: str) -> Any:
     return type("Meta", (_Meta,), {"table_name": f"{_settings.table_prefix}{name}"})
 
 

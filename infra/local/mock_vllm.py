@@ -7,7 +7,8 @@ chunk, a separate `choices: []` usage chunk, and `{"error": ...}` events on a mi
 Output is deterministic: the words are a function of (model, prompt text) only, so a streamed and a
 non-streamed request with the same body give the same text, and `n` > 1 yields identical choices.
 Tests can trigger failures on a shared server with markers in the last user message / prompt:
-`[mock:error]`, `[mock:error-after=N]`, `[mock:delay=MS]`, `[mock:tokens=N]`.
+`[mock:error]`, `[mock:error-after=N]`, `[mock:delay=MS]`, `[mock:tokens=N]`,
+`[mock:rate=N]` (tokens per second for that request).
 """
 
 from __future__ import annotations
@@ -80,7 +81,7 @@ _MAX_MODEL_LEN = {
 }
 _DEFAULT_MAX_MODEL_LEN = 8192
 _COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # vLLM's (and OpenAI's) default for /v1/completions only
-_MARKER = re.compile(r"\[mock:(?:(error)|(error-after|delay|tokens)=(\d+))\]")
+_MARKER = re.compile(r"\[mock:(?:(error)|(error-after|delay|tokens|rate)=(\d+))\]")
 _WORD = re.compile(r"\w+|[^\w\s]")
 # At full speed, coalescing SSE events into fewer socket writes is what keeps the rate high.
 _MAX_EVENTS_PER_WRITE = 64
@@ -109,6 +110,7 @@ class _Markers:
     error_after: int | None = None
     delay_s: float = 0.0
     tokens: int | None = None
+    rate: float | None = None  # tokens per second for this request, instead of the config's
 
     def merge(self, other: _Markers) -> None:
         self.error = self.error or other.error
@@ -116,6 +118,7 @@ class _Markers:
             mine = self.error_after
             self.error_after = other.error_after if mine is None else min(mine, other.error_after)
         self.delay_s = max(self.delay_s, other.delay_s)
+        self.rate = other.rate if other.rate is not None else self.rate
 
 
 @dataclass
@@ -158,6 +161,8 @@ def _parse_markers(text: str) -> _Markers:
             markers.error_after = int(value)
         elif name == "delay":
             markers.delay_s += int(value) / 1000
+        elif name == "rate":
+            markers.rate = float(value)
         else:
             markers.tokens = int(value)
     return markers
@@ -431,7 +436,7 @@ class _MockServer:
 
     def _due(self, start: float, markers: _Markers, token_index: int) -> float:
         """When token `token_index` is due: a fixed schedule from the start, so no drift."""
-        rate = self.config.tokens_per_second
+        rate = markers.rate if markers.rate is not None else self.config.tokens_per_second
         pace = token_index / rate if rate > 0 else 0.0
         return start + self.config.first_token_delay_s + markers.delay_s + pace
 

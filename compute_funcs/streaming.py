@@ -284,6 +284,9 @@ def vllm_streaming(
     pending: list[str] = []
     pending_bytes, oldest = 0, 0.0
     status, error, ended, outcome = 200, None, False, "continue"
+    # The first token goes out alone, at once: time to first token is what a user feels. (Chat
+    # streams open with a role-only chunk, so their first token is the second line.)
+    lines_due = 2 if openai_path.strip("/").endswith("chat/completions") else 1
     while not ended:
         wait = None if not pending else max(0.0, oldest + flush_after_s - time.monotonic())
         try:
@@ -301,7 +304,7 @@ def vllm_streaming(
                 ended = True
                 break
             behind = time.monotonic() - oldest >= flush_after_s
-            if len(pending) >= (backlog_lines if behind else flush_lines) or (
+            if len(pending) >= (backlog_lines if behind else lines_due) or (
                 pending_bytes >= backlog_bytes
             ):
                 break
@@ -310,7 +313,7 @@ def vllm_streaming(
             except queue.Empty:
                 item = None
         due = (
-            len(pending) >= flush_lines
+            len(pending) >= lines_due
             or pending_bytes >= backlog_bytes
             or (pending and time.monotonic() - oldest >= flush_after_s)
         )
@@ -318,7 +321,7 @@ def vllm_streaming(
             continue
         if outcome == "continue":  # after "failed", keep reading vLLM for the return value
             outcome = send(pending, ended, error if ended else None)
-        pending, pending_bytes = [], 0
+        pending, pending_bytes, lines_due = [], 0, flush_lines
         if outcome in ("stop", "refused"):
             abort()
             break

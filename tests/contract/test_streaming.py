@@ -59,7 +59,9 @@ def test_streamed_completions_equal_the_non_streamed_text(stack: Stack) -> None:
     client = stack.client()
     whole = client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=30)
     chunks = list(
-        client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=30, stream=True)
+        client.completions.create(
+            model=MODEL, prompt="Once upon a time", max_tokens=30, stream=True
+        )
     )
     assert "".join(c.choices[0].text for c in chunks if c.choices) == whole.choices[0].text
 
@@ -128,10 +130,12 @@ def test_client_that_leaves_early_cancels_the_request_and_the_cluster_stops(stac
             break
     stream.close()
     record = wait_for(
-        lambda: (item := stack.item("requests", request_id))
-        and item["status"] == "cancelled"
-        and "completion_tokens" in item
-        and item
+        lambda: (
+            (item := stack.item("requests", request_id))
+            and item["status"] == "cancelled"
+            and "completion_tokens" in item
+            and item
+        )
     )
     assert record, "the request ends cancelled, with the usage of what was generated"
     generated = int(record["completion_tokens"])

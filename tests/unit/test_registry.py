@@ -181,13 +181,6 @@ def test_current_is_cached_until_invalidated(aws: None, tmp_path: Path) -> None:
     assert set(Registry.current().clusters) == {"sophia", "polaris"}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG registry.py:39-45 (EndpointConfig/ClusterConfig): a model listed twice for one "
-    "framework on one cluster validates, but both map to the same row key "
-    "(cluster, 'framework#model'), so publish() silently keeps only the last endpoint "
-    "(on real DynamoDB the batch write fails with duplicate keys).",
-)
 def test_same_model_twice_on_one_cluster_and_framework_is_rejected(tmp_path: Path) -> None:
     second = (
         "      - framework: vllm\n"

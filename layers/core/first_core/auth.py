@@ -190,8 +190,9 @@ class Authenticator:
                 "The access token was not issued for this gateway's scope. "
                 "Log in again with `first-auth login`."
             )
-        for policy, evaluation in (data.get("policy_evaluations") or {}).items():
-            if not evaluation.get("evaluation"):
+        evaluations = data.get("policy_evaluations") or {}
+        for policy in s.authentication_policies:
+            if not (evaluations.get(policy) or {}).get("evaluation"):
                 raise AuthenticationError(
                     f"Your Globus session does not satisfy authentication policy {policy} "
                     "(a high-assurance session may have timed out). "

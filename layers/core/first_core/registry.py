@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from first_core.settings import get_settings
 from first_core.tables import RegistryEntry, iter_registry
@@ -61,6 +61,26 @@ class ClusterConfig(_Strict):
 
 class RegistryFile(_Strict):
     clusters: dict[str, ClusterConfig] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _one_endpoint_per_model(self) -> RegistryFile:
+        """Each (cluster, framework, model) is one registry row, so it may be served once."""
+        for name, cluster in self.clusters.items():
+            seen: set[tuple[str, str]] = set()
+            for endpoint in cluster.endpoints:
+                if endpoint.framework not in cluster.frameworks:
+                    raise ValueError(
+                        f"clusters.{name}: endpoint {endpoint.endpoint_id} uses framework "
+                        f"'{endpoint.framework}', not among the cluster's {cluster.frameworks}"
+                    )
+                for model in endpoint.models:
+                    if (endpoint.framework, model) in seen:
+                        raise ValueError(
+                            f"clusters.{name}: model '{model}' is listed twice for framework "
+                            f"'{endpoint.framework}'"
+                        )
+                    seen.add((endpoint.framework, model))
+        return self
 
 
 class RegistryFileError(ValueError):

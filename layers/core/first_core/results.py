@@ -12,6 +12,7 @@ import hashlib
 import hmac
 import json
 import time
+import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import lru_cache
@@ -33,13 +34,21 @@ from first_core.tables import RequestRecord, ResultRecord, connection
 from first_core.usage import Usage
 
 
+class MissingCallbackSecret(RuntimeError):
+    """An HMAC under an empty key is no secret: refuse to sign or verify without one."""
+
+
 def callback_token(request_id: str) -> str:
     secret = get_settings().callback_secret.get_secret_value().encode()
+    if not secret:
+        raise MissingCallbackSecret("FIRST_CALLBACK_SECRET is not set")
     return hmac.new(secret, request_id.encode(), hashlib.sha256).hexdigest()
 
 
 def verify_callback_token(request_id: str, authorization: str | None) -> None:
-    presented = (authorization or "").removeprefix("Bearer ").strip()
+    scheme, _, presented = (authorization or "").partition(" ")
+    if scheme.lower() != "bearer":
+        presented = ""
     if not hmac.compare_digest(presented.encode(), callback_token(request_id).encode()):
         raise AuthenticationError(
             "Invalid callback token for this request.", code="invalid_callback"
@@ -90,8 +99,8 @@ def record(
     if len(text) <= s.inline_result_bytes:
         row.body = text
     else:
-        # Same key for a repeat, so a duplicate overwrites with the same bytes.
-        row.s3_key = f"results/{request_id}.json"
+        # A key of its own per attempt: a repeat must not overwrite the result that won.
+        row.s3_key = f"results/{request_id}/{uuid.uuid4().hex}.json"
         _s3().put_object(Bucket=s.results_bucket, Key=row.s3_key, Body=text.encode())
     if status_code < 400:
         end = records.finish_actions("completed", usage=Usage.from_body(body))
@@ -102,14 +111,12 @@ def record(
             transaction.save(row, condition=ResultRecord.request_id.does_not_exist())
             transaction.update(RequestRecord(request_id), actions=end, condition=records.STILL_OPEN)
     except TransactWriteError as failure:
-        reasons = failure.cancellation_reasons
-        if reasons and reasons[0] is not None and reasons[0].code == "ConditionalCheckFailed":
+        if row.s3_key:
+            _s3().delete_object(Bucket=s.results_bucket, Key=row.s3_key)
+        reasons = [r.code if r else None for r in failure.cancellation_reasons]
+        if reasons[:1] == ["ConditionalCheckFailed"]:
             return "duplicate"
-        if (
-            len(reasons) > 1
-            and reasons[1] is not None
-            and reasons[1].code == "ConditionalCheckFailed"
-        ):
+        if reasons[1:2] == ["ConditionalCheckFailed"]:
             return "refused"
         raise
     return "written"

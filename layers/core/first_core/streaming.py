@@ -34,9 +34,10 @@ from first_core.settings import get_settings
 from first_core.tables import TERMINAL_STATUSES, RequestRecord, StreamChunkBatch
 from first_core.usage import Usage
 
-# Polling stream_chunks: fast while tokens flow, backing off to this ceiling while the job is
-# queued, so an idle stream costs about ten reads a second.
-_FIRST_POLL_S = 0.005
+# Polling stream_chunks: the pause is a tenth of the time since data last came (at least
+# `_MIN_POLL_S`), so a first token or the next batch is seen within milliseconds while an idle,
+# queued stream costs about ten reads a second.
+_MIN_POLL_S = 0.002
 _MAX_POLL_S = 0.1
 # While no chunk comes, the request record is read this often, to notice an end elsewhere.
 _STATUS_CHECK_S = 1.0
@@ -192,8 +193,7 @@ async def relay(
     """
     last_sent = -1
     held: dict[int, StreamChunkBatch] = {}  # batches that overtook an earlier one
-    delay = _FIRST_POLL_S
-    quiet_since = checked = time.monotonic()
+    quiet_since = checked = last_data = time.monotonic()
     ended_elsewhere: RequestRecord | None = None
     finished = False
     try:
@@ -207,7 +207,7 @@ async def relay(
             if finished:
                 break
             if events:
-                delay, quiet_since = _FIRST_POLL_S, now
+                quiet_since = last_data = now
                 continue
             if ended_elsewhere is not None:
                 # The done row is written before the record ends, so this poll would have seen it.
@@ -225,8 +225,8 @@ async def relay(
                 # request is cancelled through the API): stop waiting for chunks that never come.
                 checked = now
                 ended_elsewhere = await asyncio.to_thread(_ended_record, request_id)
+            delay = min(max(_MIN_POLL_S, (now - last_data) / 10), _MAX_POLL_S)
             await asyncio.sleep(min(delay, deadline - now))
-            delay = min(delay * 1.5, _MAX_POLL_S)
     finally:
         if not finished:
             # Synchronous on purpose: an await here, in a cancelled task, would be cancelled too.

@@ -4,12 +4,13 @@ In one run, the same request is sent N times straight to the mock vLLM and N tim
 gateway on the local stack (mock at zero delay), interleaved so that machine noise falls on
 both alike. Prints median and p95 of each, the added median and the ratio.
 
-    .venv/bin/python bench/latency.py [--requests 200]
+    .venv/bin/python -m bench.latency [--requests 200]
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 
 import openai
@@ -20,10 +21,25 @@ MODEL = "meta-llama/Meta-Llama-3-8B-Instruct"
 MESSAGES = [{"role": "user", "content": "Give me one sentence about HPC."}]
 
 
-def timed(client: openai.OpenAI) -> float:
+def timed(client: openai.OpenAI, phases: list[dict[str, float]] | None = None) -> float:
     start = time.perf_counter()
-    client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=32)
-    return time.perf_counter() - start
+    raw = client.chat.completions.with_raw_response.create(
+        model=MODEL, messages=MESSAGES, max_tokens=32
+    )
+    elapsed = time.perf_counter() - start
+    raw.parse()
+    if phases is not None:
+        # The gateway's own account of its time (Server-Timing: auth, submit, wait).
+        phases.append(
+            {
+                name: float(duration)
+                for name, _, duration in (
+                    part.strip().partition(";dur=")
+                    for part in raw.headers["server-timing"].split(",")
+                )
+            }
+        )
+    return elapsed
 
 
 def main() -> None:
@@ -43,9 +59,10 @@ def main() -> None:
             timed(direct)
             timed(gateway)
         direct_times, gateway_times = [], []
+        phases: list[dict[str, float]] = []
         for _ in range(args.requests):
             direct_times.append(timed(direct))
-            gateway_times.append(timed(gateway))
+            gateway_times.append(timed(gateway, phases))
 
     d, g = summary(direct_times), summary(gateway_times)
     print(f"machine: {machine()}")
@@ -56,6 +73,8 @@ def main() -> None:
         f"added median latency: {g['median_ms'] - d['median_ms']:7.2f} ms   "
         f"(p95 {g['p95_ms'] - d['p95_ms']:.2f} ms); ratio {g['median_ms'] / d['median_ms']:.2f}x"
     )
+    medians = {name: statistics.median(p[name] for p in phases) for name in phases[0]}
+    print("inside the gateway (median ms): " + ", ".join(f"{k} {v:.1f}" for k, v in medians.items()))
 
 
 if __name__ == "__main__":

@@ -19,8 +19,7 @@ from functools import lru_cache
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError
-from pynamodb.exceptions import DoesNotExist, TransactWriteError
-from pynamodb.transactions import TransactWrite
+from pynamodb.exceptions import DoesNotExist, PutError
 
 from first_core import records
 from first_core.errors import (
@@ -30,7 +29,7 @@ from first_core.errors import (
     PayloadTooLargeError,
 )
 from first_core.settings import get_settings
-from first_core.tables import RequestRecord, ResultRecord, connection
+from first_core.tables import TERMINAL_STATUSES, RequestRecord, ResultRecord
 from first_core.usage import Usage
 
 
@@ -82,12 +81,22 @@ def _s3() -> Any:
 def record(
     request_id: str, status_code: int, body: Any
 ) -> Literal["written", "duplicate", "refused"]:
-    """Write the result and end the request record, in one transaction.
+    """Write the result once, then end the request record once.
 
-    `duplicate`: the result was already there (a repeated callback); `refused`: the request does
-    not exist or already ended otherwise (cancelled, failed). Either way nothing changes.
+    Single-item writes in an order that makes every step safe to repeat (moto copies every
+    table on each transaction, so a transaction here would slow the local stack as it fills):
+    the request must exist and still be open, else `refused` and nothing is written; the result
+    row is put only if absent, else `duplicate`; the request then ends once, also after a
+    duplicate, so a callback retried after a crash between the two writes still ends it.
     """
     s = get_settings()
+    try:
+        request = RequestRecord.get(request_id, consistent_read=True, attributes_to_get=["status"])
+    except DoesNotExist:
+        return "refused"
+    if request.status in TERMINAL_STATUSES:
+        return "duplicate" if load(request_id) is not None else "refused"
+
     text = json.dumps(body, separators=(",", ":"))
     now = time.time()
     row = ResultRecord(
@@ -102,24 +111,24 @@ def record(
         # A key of its own per attempt: a repeat must not overwrite the result that won.
         row.s3_key = f"results/{request_id}/{uuid.uuid4().hex}.json"
         _s3().put_object(Bucket=s.results_bucket, Key=row.s3_key, Body=text.encode())
-    if status_code < 400:
-        end = records.finish_actions("completed", usage=Usage.from_body(body))
-    else:
-        end = records.finish_actions("failed", error=error_message(body))
+    outcome: Literal["written", "duplicate"] = "written"
     try:
-        with TransactWrite(connection=connection()) as transaction:
-            transaction.save(row, condition=ResultRecord.request_id.does_not_exist())
-            transaction.update(RequestRecord(request_id), actions=end, condition=records.STILL_OPEN)
-    except TransactWriteError as failure:
+        row.save(condition=ResultRecord.request_id.does_not_exist())
+    except PutError as failure:
+        if failure.cause_response_code != "ConditionalCheckFailedException":
+            raise
         if row.s3_key:
             _s3().delete_object(Bucket=s.results_bucket, Key=row.s3_key)
-        reasons = [r.code if r else None for r in failure.cancellation_reasons]
-        if reasons[:1] == ["ConditionalCheckFailed"]:
-            return "duplicate"
-        if reasons[1:2] == ["ConditionalCheckFailed"]:
-            return "refused"
-        raise
-    return "written"
+        outcome = "duplicate"
+        stored = load(request_id)
+        if stored is None:
+            return outcome
+        status_code, body = stored.status_code, stored.body
+    if status_code < 400:
+        records.finish(request_id, "completed", usage=Usage.from_body(body))
+    else:
+        records.finish(request_id, "failed", error=error_message(body))
+    return outcome
 
 
 def load(request_id: str) -> Result | None:

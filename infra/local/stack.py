@@ -120,16 +120,7 @@ class LocalStack:
 
     def start_children(self) -> None:
         python = sys.executable
-        moto = [
-            python,
-            "-m",
-            "first_local.moto_server",
-            "-H",
-            "127.0.0.1",
-            "-p",
-            str(self.moto_port),
-        ]
-        self._spawn(moto, quiet=True)
+        self._spawn([python, "-m", "first_local.moto_server", "--port", str(self.moto_port)])
         services = [python, "-m", "first_local.services", "--auth-port", str(self.auth_port)]
         o = self.options
         if self.vllm_port:

@@ -29,7 +29,7 @@ from first_core.errors import (
     PayloadTooLargeError,
 )
 from first_core.settings import get_settings
-from first_core.tables import TERMINAL_STATUSES, RequestRecord, ResultRecord
+from first_core.tables import RequestRecord, ResultRecord
 from first_core.usage import Usage
 
 
@@ -84,19 +84,13 @@ def record(
     """Write the result once, then end the request record once.
 
     Single-item writes in an order that makes every step safe to repeat (moto copies every
-    table on each transaction, so a transaction here would slow the local stack as it fills):
-    the request must exist and still be open, else `refused` and nothing is written; the result
-    row is put only if absent, else `duplicate`; the request then ends once, also after a
-    duplicate, so a callback retried after a crash between the two writes still ends it.
+    table on each transaction, so a transaction here would slow the local stack as it fills).
+    The result row goes first, so the waiting proxy sees it after one write; a repeat finds it
+    there (`duplicate`) and only re-tries ending the request, which heals a callback that died
+    between the two writes. A result for a request that does not exist or ended otherwise
+    (cancelled, timed out) is taken back (`refused`): only then is the record read.
     """
     s = get_settings()
-    try:
-        request = RequestRecord.get(request_id, consistent_read=True, attributes_to_get=["status"])
-    except DoesNotExist:
-        return "refused"
-    if request.status in TERMINAL_STATUSES:
-        return "duplicate" if load(request_id) is not None else "refused"
-
     text = json.dumps(body, separators=(",", ":"))
     now = time.time()
     row = ResultRecord(
@@ -111,24 +105,39 @@ def record(
         # A key of its own per attempt: a repeat must not overwrite the result that won.
         row.s3_key = f"results/{request_id}/{uuid.uuid4().hex}.json"
         _s3().put_object(Bucket=s.results_bucket, Key=row.s3_key, Body=text.encode())
-    outcome: Literal["written", "duplicate"] = "written"
     try:
         row.save(condition=ResultRecord.request_id.does_not_exist())
     except PutError as failure:
         if failure.cause_response_code != "ConditionalCheckFailedException":
             raise
-        if row.s3_key:
-            _s3().delete_object(Bucket=s.results_bucket, Key=row.s3_key)
-        outcome = "duplicate"
+        _delete_body(row)
         stored = load(request_id)
-        if stored is None:
-            return outcome
-        status_code, body = stored.status_code, stored.body
+        if stored is not None:
+            _end_request(request_id, stored.status_code, stored.body)
+        return "duplicate"
+    if _end_request(request_id, status_code, body):
+        return "written"
+    try:
+        status = RequestRecord.get(request_id, consistent_read=True, attributes_to_get=["status"])
+        ended_by_this_result = status.status == ("completed" if status_code < 400 else "failed")
+    except DoesNotExist:
+        ended_by_this_result = False
+    if ended_by_this_result:  # a concurrent repeat of this callback ended it first
+        return "written"
+    row.delete()
+    _delete_body(row)
+    return "refused"
+
+
+def _end_request(request_id: str, status_code: int, body: Any) -> bool:
     if status_code < 400:
-        records.finish(request_id, "completed", usage=Usage.from_body(body))
-    else:
-        records.finish(request_id, "failed", error=error_message(body))
-    return outcome
+        return records.finish(request_id, "completed", usage=Usage.from_body(body))
+    return records.finish(request_id, "failed", error=error_message(body))
+
+
+def _delete_body(row: ResultRecord) -> None:
+    if row.s3_key:
+        _s3().delete_object(Bucket=get_settings().results_bucket, Key=row.s3_key)
 
 
 def load(request_id: str) -> Result | None:

@@ -66,6 +66,14 @@ class GlobusComputeBackend:
 _worker_functions: dict[str, Any] = {}
 
 
+def code_serializer() -> Any:
+    """Functions travel as source code, as they must to a cluster where this project is not
+    installed (Globus Compute's default pickles a module function by reference)."""
+    from globus_compute_sdk.serialize import ComputeSerializer, DillCodeSource
+
+    return ComputeSerializer(strategy_code=DillCodeSource())
+
+
 def _run_serialized(function_buffer: str, kwargs_buffer: str) -> Any:
     """Runs in a worker process: what a Globus Compute worker does with a task."""
     from globus_compute_sdk.serialize import ComputeSerializer
@@ -86,8 +94,6 @@ def _set_environment(env: dict[str, str]) -> None:
 def _warm_up() -> int:
     import globus_compute_sdk.serialize  # noqa: F401  (import cost paid before the first task)
 
-    import compute_funcs  # noqa: F401
-
     return os.getpid()
 
 
@@ -95,9 +101,7 @@ class LocalComputeBackend:
     """A pool of worker processes per endpoint id, running `compute_funcs` for real."""
 
     def __init__(self, worker_env: dict[str, str], workers_per_endpoint: int = 4) -> None:
-        from globus_compute_sdk.serialize import ComputeSerializer
-
-        self._serializer = ComputeSerializer()
+        self._serializer = code_serializer()
         self._worker_env = worker_env
         self._workers = workers_per_endpoint
         self._pools: dict[str, ProcessPoolExecutor] = {}

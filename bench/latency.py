@@ -74,7 +74,8 @@ def main() -> None:
         f"(p95 {g['p95_ms'] - d['p95_ms']:.2f} ms); ratio {g['median_ms'] / d['median_ms']:.2f}x"
     )
     medians = {name: statistics.median(p[name] for p in phases) for name in phases[0]}
-    print("inside the gateway (median ms): " + ", ".join(f"{k} {v:.1f}" for k, v in medians.items()))
+    inside = ", ".join(f"{name} {ms:.1f}" for name, ms in medians.items())
+    print(f"inside the gateway (median ms): {inside}")
 
 
 if __name__ == "__main__":

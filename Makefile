@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 PORT ?= 8000
 STAMP := $(VENV)/.installed
 
-.PHONY: dev test lint bench clean
+.PHONY: dev test lint lint-template deploy bench clean
 
 $(STAMP): requirements.txt requirements-dev.txt pyproject.toml layers/core/pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -25,6 +25,15 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/mypy
+
+# template.yaml alone (tests/infra runs it too, with the rest of the deploy checks).
+lint-template: $(STAMP)
+	$(BIN)/cfn-lint -t template.yaml --include-checks I
+
+# Deploy to AWS: make deploy STAGE=dev (infra/OPERATOR.md first).
+deploy: $(STAMP)
+	@test -n "$(STAGE)" || { echo "usage: make deploy STAGE=dev|prod" >&2; exit 2; }
+	infra/deploy $(STAGE)
 
 bench: $(STAMP)
 	$(BIN)/python bench/latency.py

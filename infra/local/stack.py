@@ -151,19 +151,19 @@ class LocalStack:
         self.children.append(child)
 
     def provision(self) -> None:
-        """Tables, bucket and registry, through the gateway's own modules."""
+        """Tables and bucket as template.yaml declares them, then the registry."""
         import boto3
 
         from first_core.registry import load_file, publish
         from first_core.settings import get_settings
-        from first_core.tables import create_all_tables
+        from first_local.provision import TEMPLATE, create_bucket, create_tables_from_template
 
         settings = get_settings()
-        create_all_tables()
-        s3 = boto3.client(
-            "s3", region_name=settings.aws_region, endpoint_url=settings.aws_endpoint_url
+        where = {"region_name": settings.aws_region, "endpoint_url": settings.aws_endpoint_url}
+        create_tables_from_template(
+            boto3.client("dynamodb", **where), TEMPLATE, settings.table_prefix
         )
-        s3.create_bucket(Bucket=settings.results_bucket)
+        create_bucket(boto3.client("s3", **where), TEMPLATE, settings.results_bucket)
         publish(load_file(self.options.registry))
 
     def start_compute(self) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+import boto3
 import pytest
 from moto import mock_aws
 
@@ -16,6 +17,7 @@ import first_core.results
 import first_core.tables
 from first_core.registry import Registry
 from first_core.settings import get_settings
+from first_local.provision import TEMPLATE, create_bucket, create_tables_from_template
 
 
 @pytest.fixture(autouse=True)
@@ -38,9 +40,11 @@ def aws(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
         # Clients built in an earlier test belong to an earlier (discarded) moto backend.
         first_core.results._s3.cache_clear()
         monkeypatch.setattr(first_core.tables, "_connection", None)
-        first_core.tables.create_all_tables()
         settings = get_settings()
-        first_core.results._s3().create_bucket(Bucket=settings.results_bucket)
+        # The tables and bucket exactly as template.yaml declares them.
+        dynamodb = boto3.client("dynamodb", region_name=settings.aws_region)
+        create_tables_from_template(dynamodb, TEMPLATE, settings.table_prefix)
+        create_bucket(first_core.results._s3(), TEMPLATE, settings.results_bucket)
         yield
         first_core.results._s3.cache_clear()
 

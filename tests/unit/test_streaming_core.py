@@ -24,6 +24,7 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
+import boto3
 import pytest
 import uvicorn
 from moto import mock_aws
@@ -42,8 +43,10 @@ from first_core.errors import (
     PayloadTooLargeError,
 )
 from first_core.results import callback_token
-from first_core.tables import RequestRecord, StreamChunkBatch, create_all_tables
+from first_core.settings import get_settings
+from first_core.tables import RequestRecord, StreamChunkBatch
 from first_local.mock_vllm import MockConfig, create_app, generate_text
+from first_local.provision import TEMPLATE, create_tables_from_template
 
 USAGE = {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}
 
@@ -51,7 +54,9 @@ USAGE = {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}
 @pytest.fixture(scope="module", autouse=True)
 def _stream_tables() -> Iterator[None]:
     with mock_aws():
-        create_all_tables()
+        settings = get_settings()
+        dynamodb = boto3.client("dynamodb", region_name=settings.aws_region)
+        create_tables_from_template(dynamodb, TEMPLATE, settings.table_prefix)
         yield
 
 

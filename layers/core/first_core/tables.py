@@ -141,6 +141,8 @@ class RegistryEntry(Model):
     updated_at = NumberAttribute(default=0)
 
 
+# Every table; template.yaml declares each one (tests/infra checks them key for key), and the
+# local stack and the tests create them from there (first_local.provision).
 ALL_MODELS: tuple[type[Model], ...] = (
     RequestRecord,
     ResultRecord,
@@ -148,13 +150,6 @@ ALL_MODELS: tuple[type[Model], ...] = (
     TokenCacheEntry,
     RegistryEntry,
 )
-
-
-def create_all_tables() -> None:
-    """Create every table that does not exist yet (the local stack and tests)."""
-    for model in ALL_MODELS:
-        if not model.exists():
-            model.create_table(wait=True, billing_mode="PAY_PER_REQUEST")
 
 
 def not_expired(expires_at: Any) -> bool:

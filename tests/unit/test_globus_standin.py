@@ -246,8 +246,17 @@ def test_call_counter(standin: _Server) -> None:
     assert counts == {"introspect": 2, "dependent_tokens": 1, "my_groups": 1}
 
 
-def test_tokens_never_logged(standin: _Server, caplog: pytest.LogCaptureFixture) -> None:
+def test_tokens_never_logged(
+    standin: _Server, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
     caplog.set_level(logging.DEBUG)
+    # Another test's uvicorn may have configured its loggers not to propagate to the root,
+    # where caplog listens: listen on them directly so the access log is always seen.
+    for name in ("uvicorn", "uvicorn.access", "uvicorn.error"):
+        logger = logging.getLogger(name)
+        monkeypatch.setattr(logger, "disabled", False)
+        monkeypatch.setattr(logger, "level", logging.DEBUG)
+        monkeypatch.setattr(logger, "handlers", [*logger.handlers, caplog.handler])
     token = mint_token("alice")
     _introspect(token, include="session_info,identity_set_detail")
     dep = _auth_client().oauth2_get_dependent_tokens(token)

@@ -30,7 +30,7 @@ INFERENCE_PATHS = ("chat/completions", "completions", "embeddings")
 
 # Polling the results table: the pause grows with the time already waited (a tenth of it), so
 # a warm model's answer is seen within milliseconds and a queued job costs a few reads a second.
-_MIN_POLL_S = 0.002
+_MIN_POLL_S = 0.005
 _MAX_POLL_S = 0.25
 
 

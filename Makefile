@@ -7,11 +7,11 @@ STAMP := $(VENV)/.installed
 
 .PHONY: dev test lint lint-template deploy bench clean
 
-$(STAMP): requirements.txt requirements-dev.txt pyproject.toml layers/core/pyproject.toml
+$(STAMP): requirements.txt requirements-dev.txt pyproject.toml layers/core/pyproject.toml clients/first-auth/pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -r requirements-dev.txt
-	$(BIN)/python -m pip install --quiet --no-deps -e layers/core -e .
+	$(BIN)/python -m pip install --quiet --no-deps -e layers/core -e clients/first-auth -e .
 	touch $(STAMP)
 
 dev: $(STAMP)

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from chalice import Chalice, Response
 from chalice.app import Request
 
-from first_core import results, streaming
+from first_core import results, streaming, usage
 from first_core.auth import Caller, get_authenticator
 from first_core.errors import GatewayError, internal_error_body
 from first_core.registry import Registry
@@ -114,7 +114,9 @@ def list_cluster_models(cluster: str, framework: str) -> dict[str, Any]:
 
 @api("/resource_server/v1/whoami", methods=["GET"])
 def whoami() -> dict[str, Any]:
-    who = caller()
+    # Authenticated but not authorized: this is how a refused user learns who the gateway
+    # thinks they are and which groups it saw.
+    who = get_authenticator().authenticate(current_request().headers.get("authorization"))
     return {
         "user_id": who.user_id,
         "username": who.username,
@@ -124,6 +126,17 @@ def whoami() -> dict[str, Any]:
         "groups": sorted(who.groups),
         "is_admin": who.is_admin,
     }
+
+
+@api("/v1/usage", methods=["GET"])
+def usage_report() -> dict[str, Any]:
+    """The caller's own totals by day and model (`?start_date=&end_date=`, default the last 30
+    days); an admin may add `?user=<user_id>` or `?user=all`."""
+    who = caller()
+    params: Mapping[str, str] = current_request().query_params or {}
+    return usage.report(
+        who, params.get("user"), params.get("start_date"), params.get("end_date")
+    )
 
 
 @api("/callbacks/{request_id}", methods=["POST"], content_types=["application/json"])

@@ -1,6 +1,7 @@
 """`first-gateway`: run the local stack, mint dev tokens, manage the registry.
 
 first-gateway dev [--port 8000] [--backend-url URL]   the whole stack, in the foreground
+first-gateway dev --port 8001 --join STATE_FILE       a second gateway process on that stack
 first-gateway token --user alice [--expired]          a dev access token for a dev identity
 first-gateway registry load FILE | show               validate and publish / print the registry
 """
@@ -46,6 +47,7 @@ def _dev(args: argparse.Namespace) -> int:
         backend_hang=args.backend_hang,
         result_wait_seconds=args.result_wait,
         state_file=Path(args.state_file) if args.state_file else None,
+        join=Path(args.join) if args.join else None,
     )
 
     def ready(stack: LocalStack) -> None:
@@ -131,6 +133,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     dev.add_argument("--result-wait", type=float, default=300.0, help="seconds before a 504")
     dev.add_argument("--state-file", help="write the stack's addresses here as JSON")
+    dev.add_argument(
+        "--join",
+        metavar="STATE_FILE",
+        help="start only another gateway (and compute pool) on the running stack whose "
+        "--state-file this is: its moto server, Globus stand-in and backend",
+    )
     dev.set_defaults(run=_dev)
 
     token = commands.add_parser("token", help="print a dev access token")

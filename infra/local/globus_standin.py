@@ -12,6 +12,13 @@ The secrets here are public dev constants: never use them outside a laptop.
 
     python -m first_local.globus_standin serve --port 8765
     python -m first_local.globus_standin token alice
+
+It also runs a native-app login (authorization code with PKCE, refresh tokens,
+revocation), which is what ``first-auth login`` drives. There is no login page:
+``/auth/v2/oauth2/authorize`` signs in the dev user named by the query parameter
+``user`` (alice by default) and redirects straight back with a code. Codes and
+refresh tokens are signed and stateless like the access tokens; only revocation
+and one-time use of codes are remembered, in memory.
 """
 
 from __future__ import annotations
@@ -26,13 +33,16 @@ import os
 import time
 import uuid
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import cache
 from typing import Any
-from urllib.parse import parse_qs
+from urllib.parse import parse_qs, urlencode
 
+import jwt
+from cryptography.hazmat.primitives.asymmetric import rsa
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, PlainTextResponse, RedirectResponse, Response
 from starlette.routing import Mount, Route
 
 # Every id is a uuid5 under this namespace so that ids survive restarts and
@@ -59,6 +69,13 @@ GROUPS_SCOPE = "urn:globus:auth:scope:groups.api.globus.org:view_my_groups_and_m
 DEPENDENT_TOKEN_GRANT = "urn:globus:auth:grant_type:dependent_token"
 _DEPENDENT_LIFETIME_S = 48 * 3600
 _ISSUER = "https://auth.globus.org"
+
+AUTH_RESOURCE_SERVER = "auth.globus.org"
+# Users' native apps may log in only with these client ids (Globus checks its registrations).
+NATIVE_CLIENT_IDS = frozenset({DEV_NATIVE_CLIENT_ID})
+_CODE_LIFETIME_S = 600
+_REFRESH_LIFETIME_S = 180 * 24 * 3600
+_ID_TOKEN_ALG = "RS512"  # what Globus Auth signs id_tokens with
 
 _DEFAULT_TOKEN_SECRET = "first-dev-token-signing-secret-not-for-production"
 _TOKEN_PREFIX = "firstdev."
@@ -133,19 +150,42 @@ def mint_token(
     secret: str | None = None,
 ) -> str:
     """An access token for dev user ``user`` (a key of DEV_IDENTITIES)."""
-    ident = DEV_IDENTITIES[user]
     now = int(time.time())
     # Expired tokens keep their full lifetime, just shifted into the past.
     exp = now - 60 if expired else now + lifetime_s
+    return _access_token(
+        user,
+        scope=scope,
+        iat=exp - lifetime_s,
+        exp=exp,
+        client_id=DEV_NATIVE_CLIENT_ID,
+        session_id=str(uuid.uuid4()),
+        secret=secret,
+    )
+
+
+def _access_token(
+    user: str,
+    *,
+    scope: str,
+    iat: int,
+    exp: int,
+    client_id: str,
+    session_id: str,
+    secret: str | None,
+) -> str:
+    # The one shape of access token: mint_token's and the native-app login's alike.
     claims = {
         "user": user,
-        "sub": ident.sub,
+        "sub": DEV_IDENTITIES[user].sub,
         "scope": scope,
-        "iat": exp - lifetime_s,
+        "iat": iat,
         "exp": exp,
-        "client_id": DEV_NATIVE_CLIENT_ID,
-        "session_id": str(uuid.uuid4()),
+        "client_id": client_id,
+        "session_id": session_id,
         "kind": "access",
+        # Two tokens issued in the same second must still differ (a refresh, say).
+        "jti": uuid.uuid4().hex,
     }
     return _sign(claims, secret)
 
@@ -247,14 +287,88 @@ def _bearer(request: Request) -> str:
     return value.strip() if scheme.lower() == "bearer" else ""
 
 
+def _token_hash(token: str) -> str:
+    return hashlib.sha256(token.encode("utf-8", "replace")).hexdigest()
+
+
+def _pkce_ok(verifier: str, challenge: str) -> bool:
+    """RFC 7636 S256: the challenge is base64url(sha256(verifier)) without padding."""
+    if not 43 <= len(verifier) <= 128 or not verifier.isascii():
+        return False
+    expected = _b64(hashlib.sha256(verifier.encode("ascii")).digest())
+    return hmac.compare_digest(expected.encode(), challenge.encode("utf-8", "replace"))
+
+
+def _scopes_by_server(scope: str) -> dict[str, list[str]]:
+    """Requested scopes grouped by resource server, in the order asked (one token each)."""
+    grouped: dict[str, list[str]] = {}
+    for item in scope.split():
+        [server] = _resource_servers(item)
+        if item not in grouped.setdefault(server, []):
+            grouped[server].append(item)
+    return grouped
+
+
+@cache
+def _id_token_key() -> rsa.RSAPrivateKey:
+    # One key per process: id_tokens are only decoded while a login completes.
+    return rsa.generate_private_key(public_exponent=65537, key_size=2048)
+
+
+def _jwks() -> dict[str, Any]:
+    public = jwt.algorithms.RSAAlgorithm.to_jwk(_id_token_key().public_key(), as_dict=True)
+    public.update(alg=_ID_TOKEN_ALG, use="sig", kid="first-dev")
+    return {"keys": [public]}
+
+
+def _id_token(ident: DevIdentity, client_id: str, session_iat: int, lifetime_s: int) -> str:
+    now = int(time.time())
+    claims = {
+        "iss": _ISSUER,
+        "sub": ident.sub,
+        "aud": client_id,
+        "azp": client_id,
+        "iat": now,
+        "exp": now + lifetime_s,
+        "session_iat": session_iat,
+        "preferred_username": ident.username,
+        "name": ident.name,
+        "email": ident.email,
+        "organization": ident.idp_name,
+        "identity_provider": ident.idp_id,
+        "identity_provider_display_name": ident.idp_name,
+        "identity_set": [_identity_detail(ident, session_iat)],
+    }
+    return jwt.encode(
+        claims, _id_token_key(), algorithm=_ID_TOKEN_ALG, headers={"kid": "first-dev"}
+    )
+
+
+def _oauth_error(error: str, description: str, status: int = 400) -> JSONResponse:
+    return JSONResponse({"error": error, "error_description": description}, status_code=status)
+
+
+@dataclass
+class _State:
+    calls: Counter[str] = field(default_factory=Counter)
+    revoked: set[str] = field(default_factory=set)
+    used_codes: set[str] = field(default_factory=set)
+
+
 def create_app(
     *,
     secret: str | None = None,
     client_id: str = DEV_CLIENT_ID,
     client_secret: str = DEV_CLIENT_SECRET,
     failing_policies: frozenset[str] = frozenset(),
+    native_client_ids: frozenset[str] = NATIVE_CLIENT_IDS,
+    access_token_lifetime_s: int = 48 * 3600,
 ) -> Starlette:
-    """One app serving Auth under ``/auth`` and Groups under ``/groups``."""
+    """One app serving Auth under ``/auth`` and Groups under ``/groups``.
+
+    ``access_token_lifetime_s`` is the lifetime of the access tokens a native-app
+    login or refresh issues (Globus's default is 48 hours).
+    """
     expected_basic = "Basic " + base64.b64encode(f"{client_id}:{client_secret}".encode()).decode()
 
     def client_ok(request: Request) -> bool:
@@ -264,24 +378,207 @@ def create_app(
     def invalid_client() -> JSONResponse:
         return JSONResponse({"error": "invalid_client"}, status_code=401)
 
+    # The little state a stateless stand-in keeps: call counts, revoked tokens, used codes.
+    request_state = _State()
+
     async def introspect(request: Request) -> JSONResponse:
         request.app.state.calls["introspect"] += 1
         if not client_ok(request):
             return invalid_client()
         form = await _form(request)
-        claims = _verify(form.get("token", ""), secret)
-        if claims is None:
+        claims = live(form.get("token", ""))
+        if claims is None or claims["kind"] not in ("access", "groups"):
             return JSONResponse({"active": False})
         return JSONResponse(_introspection(claims, form, client_id, failing_policies))
 
+    def live(token: str) -> dict[str, Any] | None:
+        """A genuine, unexpired, unrevoked token's claims."""
+        claims = _verify(token, secret)
+        if claims is None or _token_hash(token) in request_state.revoked:
+            return None
+        return claims
+
+    def token_entry(
+        claims: dict[str, Any], server: str, scope: str, refresh_token: str | None
+    ) -> dict[str, Any]:
+        now = int(time.time())
+        entry: dict[str, Any] = {
+            "access_token": _access_token(
+                claims["user"],
+                scope=scope,
+                iat=now,
+                exp=now + access_token_lifetime_s,
+                client_id=claims["client_id"],
+                session_id=claims["session_id"],
+                secret=secret,
+            ),
+            "expires_in": access_token_lifetime_s,
+            "resource_server": server,
+            "scope": scope,
+            "token_type": "Bearer",
+        }
+        if refresh_token is not None:
+            entry["refresh_token"] = refresh_token
+        return entry
+
+    def new_refresh_token(claims: dict[str, Any], server: str, scope: str) -> str:
+        now = int(time.time())
+        refresh_claims = {
+            "user": claims["user"],
+            "sub": claims["sub"],
+            "scope": scope,
+            "resource_server": server,
+            "client_id": claims["client_id"],
+            "session_id": claims["session_id"],
+            "iat": now,
+            "exp": now + _REFRESH_LIFETIME_S,
+            "kind": "refresh",
+            "jti": uuid.uuid4().hex,
+        }
+        return _sign(refresh_claims, secret)
+
+    async def authorize(request: Request) -> Response:
+        """The native-app login: no page, the dev user comes from ``?user=`` (alice)."""
+        request.app.state.calls["authorize"] += 1
+        query = request.query_params
+        if query.get("response_type") != "code":
+            return _oauth_error("unsupported_response_type", "response_type must be code")
+        native = query.get("client_id", "")
+        if native not in native_client_ids:
+            return _oauth_error("invalid_client", "unknown native app client_id")
+        redirect_uri, scope = query.get("redirect_uri", ""), query.get("scope", "").strip()
+        if not redirect_uri.startswith(("http://", "https://")) or not scope:
+            return _oauth_error("invalid_request", "redirect_uri and scope are required")
+        challenge = query.get("code_challenge", "")
+        if query.get("code_challenge_method") != "S256" or len(challenge) != 43:
+            return _oauth_error("invalid_request", "PKCE with code_challenge_method=S256 required")
+        user = query.get("user", "alice")
+        if user not in DEV_IDENTITIES:
+            return _oauth_error("invalid_request", f"unknown dev user {user!r}")
+        now = int(time.time())
+        code_claims = {
+            "user": user,
+            "sub": DEV_IDENTITIES[user].sub,
+            "scope": scope,
+            "client_id": native,
+            "redirect_uri": redirect_uri,
+            "code_challenge": challenge,
+            "offline": query.get("access_type") == "offline",
+            "session_id": str(uuid.uuid4()),
+            "iat": now,
+            "exp": now + _CODE_LIFETIME_S,
+            "kind": "code",
+        }
+        params = {"code": _sign(code_claims, secret)}
+        if "state" in query:
+            params["state"] = query["state"]
+        sep = "&" if "?" in redirect_uri else "?"
+        return RedirectResponse(f"{redirect_uri}{sep}{urlencode(params)}", status_code=302)
+
+    async def auth_code_page(request: Request) -> PlainTextResponse:
+        # Globus's helper page that native apps redirect to by default.
+        code = request.query_params.get("code", "")
+        return PlainTextResponse(f"Native App Authorization Code\n\n{code}\n")
+
+    async def native_grant(form: dict[str, str]) -> JSONResponse:
+        request_state.calls["token_grants"] += 1
+        native = form.get("client_id", "")
+        if native not in native_client_ids:
+            return _oauth_error("invalid_client", "unknown native app client_id", 401)
+        if form["grant_type"] == "refresh_token":
+            claims = live(form.get("refresh_token", ""))
+            if claims is None or claims["kind"] != "refresh" or claims["client_id"] != native:
+                return _oauth_error("invalid_grant", "invalid refresh token")
+            entry = token_entry(
+                claims, claims["resource_server"], claims["scope"], form["refresh_token"]
+            )
+            return JSONResponse({**entry, "other_tokens": []})
+        code = form.get("code", "")
+        claims = _verify(code, secret)
+        if (
+            claims is None
+            or claims["kind"] != "code"
+            or claims["client_id"] != native
+            or claims["redirect_uri"] != form.get("redirect_uri")
+        ):
+            return _oauth_error("invalid_grant", "invalid authorization code")
+        if not _pkce_ok(form.get("code_verifier", ""), claims["code_challenge"]):
+            return _oauth_error("invalid_grant", "code_verifier does not match code_challenge")
+        if _token_hash(code) in request_state.used_codes:
+            return _oauth_error("invalid_grant", "authorization code already used")
+        request_state.used_codes.add(_token_hash(code))
+        entries = []
+        for server, scopes in _scopes_by_server(claims["scope"]).items():
+            scope = " ".join(scopes)
+            refresh = new_refresh_token(claims, server, scope) if claims["offline"] else None
+            entries.append(token_entry(claims, server, scope, refresh))
+        # As in Globus: the Auth token (if any) is the top-level one, the rest other_tokens.
+        entries.sort(key=lambda entry: entry["resource_server"] != AUTH_RESOURCE_SERVER)
+        body: dict[str, Any] = {**entries[0], "other_tokens": entries[1:]}
+        if "openid" in claims["scope"].split():
+            ident = DEV_IDENTITIES[claims["user"]]
+            body["id_token"] = _id_token(ident, native, claims["iat"], access_token_lifetime_s)
+        return JSONResponse(body)
+
+    async def revoke(request: Request) -> JSONResponse:
+        request.app.state.calls["revoke"] += 1
+        form = await _form(request)
+        if not client_ok(request) and form.get("client_id", "") not in native_client_ids:
+            return invalid_client()
+        token_value = form.get("token", "")
+        if token_value:
+            request_state.revoked.add(_token_hash(token_value))
+        return JSONResponse({"active": False})
+
+    async def userinfo(request: Request) -> JSONResponse:
+        claims = live(_bearer(request))
+        if claims is None or claims["kind"] != "access" or "openid" not in claims["scope"].split():
+            return JSONResponse({"error": "invalid_token"}, status_code=401)
+        ident = DEV_IDENTITIES[claims["user"]]
+        return JSONResponse(
+            {
+                "sub": ident.sub,
+                "preferred_username": ident.username,
+                "name": ident.name,
+                "email": ident.email,
+                "organization": ident.idp_name,
+                "identity_provider": ident.idp_id,
+                "identity_provider_display_name": ident.idp_name,
+            }
+        )
+
+    async def openid_configuration(request: Request) -> JSONResponse:
+        base = str(request.url).split(".well-known/", 1)[0]
+        return JSONResponse(
+            {
+                "issuer": _ISSUER,
+                "authorization_endpoint": f"{base}v2/oauth2/authorize",
+                "token_endpoint": f"{base}v2/oauth2/token",
+                "revocation_endpoint": f"{base}v2/oauth2/token/revoke",
+                "userinfo_endpoint": f"{base}v2/oauth2/userinfo",
+                "jwks_uri": f"{base}jwk.json",
+                "response_types_supported": ["code"],
+                "grant_types_supported": ["authorization_code", "refresh_token"],
+                "code_challenge_methods_supported": ["S256"],
+                "subject_types_supported": ["public"],
+                "id_token_signing_alg_values_supported": [_ID_TOKEN_ALG],
+                "scopes_supported": ["openid", "profile", "email"],
+            }
+        )
+
+    async def jwk(request: Request) -> JSONResponse:
+        return JSONResponse(_jwks())
+
     async def token(request: Request) -> JSONResponse:
+        form = await _form(request)
+        if form.get("grant_type") in ("authorization_code", "refresh_token"):
+            return await native_grant(form)
         request.app.state.calls["dependent_tokens"] += 1
         if not client_ok(request):
             return invalid_client()
-        form = await _form(request)
         if form.get("grant_type") != DEPENDENT_TOKEN_GRANT:
             return JSONResponse({"error": "unsupported_grant_type"}, status_code=400)
-        claims = _verify(form.get("token", ""), secret)
+        claims = live(form.get("token", ""))
         # Only a token addressed to this client may be exchanged, as in Globus.
         if (
             claims is None
@@ -355,14 +652,21 @@ def create_app(
                 "/auth",
                 routes=[
                     Route("/v2/oauth2/token/introspect", introspect, methods=["POST"]),
+                    Route("/v2/oauth2/token/revoke", revoke, methods=["POST"]),
                     Route("/v2/oauth2/token", token, methods=["POST"]),
+                    Route("/v2/oauth2/authorize", authorize),
+                    Route("/v2/oauth2/userinfo", userinfo, methods=["GET", "POST"]),
+                    Route("/v2/web/auth-code", auth_code_page),
+                    Route("/.well-known/openid-configuration", openid_configuration),
+                    Route("/jwk.json", jwk),
                 ],
             ),
             Mount("/groups", routes=[Route("/v2/groups/my_groups", my_groups)]),
             Route("/_standin/calls", calls),
         ]
     )
-    app.state.calls = Counter[str]()
+    app.state.calls = request_state.calls
+    app.state.revoked = request_state.revoked
     return app
 
 

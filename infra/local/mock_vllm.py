@@ -93,6 +93,7 @@ class MockConfig:
         "meta-llama/Meta-Llama-3-8B-Instruct",
         "meta-llama/Meta-Llama-3.1-70B-Instruct",
         "Salesforce/SFR-Embedding-Mistral",
+        "meta-llama/Llama-3.2-1B-Instruct",
     )
     first_token_delay_s: float = 0.0  # time before the first token (prefill)
     tokens_per_second: float = 0.0  # 0 = as fast as possible

@@ -39,6 +39,10 @@ class StackOptions:
     result_wait_seconds: float = 300.0
     # Where to write the addresses of the running stack (for tests and operator commands).
     state_file: Path | None = None
+    # Join a running stack (its state file): use its moto server, Globus stand-in and backend,
+    # whose tables and registry are already there; start only another gateway process with its
+    # own compute pool. Several gateways on one DynamoDB, as several Lambda instances are.
+    join: Path | None = None
     extra_env: dict[str, str] = field(default_factory=dict)
 
 
@@ -78,10 +82,19 @@ class LocalStack:
     def __init__(self, options: StackOptions) -> None:
         self.options = options
         self.children: list[subprocess.Popen[bytes]] = []
+        self.base_url = f"http://{options.host}:{options.port}"
+        if options.join is not None:
+            from urllib.parse import urlsplit
+
+            joined = json.loads(options.join.read_text())
+            self.moto_port = int(urlsplit(joined["aws_endpoint_url"]).port or 0)
+            self.auth_port = int(urlsplit(joined["globus_auth_url"]).port or 0)
+            self.vllm_port = 0
+            self.backend_url = options.backend_url or joined["backend_url"]
+            return
         self.moto_port = free_port()
         self.auth_port = free_port()
         self.vllm_port = 0 if options.backend_url else free_port()
-        self.base_url = f"http://{options.host}:{options.port}"
         self.backend_url = options.backend_url or f"http://127.0.0.1:{self.vllm_port}/v1"
 
     def gateway_env(self) -> dict[str, str]:
@@ -187,8 +200,11 @@ class LocalStack:
         # A plain SIGTERM would skip `finally` and leave the children running.
         signal.signal(signal.SIGTERM, _exit_on_signal)
         try:
-            self.start_children()
-            self.provision()
+            if self.options.join is None:
+                self.start_children()
+                self.provision()
+            else:
+                _wait_http(f"http://127.0.0.1:{self.moto_port}/moto-api/")
             self.start_compute()
             self.write_state()
             from first_local.server import GatewayServer

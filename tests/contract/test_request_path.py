@@ -20,6 +20,7 @@ from tests.contract.conftest import Stack
 MODEL = "meta-llama/Meta-Llama-3-8B-Instruct"
 BIG_MODEL = "meta-llama/Meta-Llama-3.1-70B-Instruct"
 EMBEDDING_MODEL = "Salesforce/SFR-Embedding-Mistral"
+SMALL_MODEL = "meta-llama/Llama-3.2-1B-Instruct"  # tight rate limits (test_limits_and_usage)
 MESSAGES = [{"role": "user", "content": "What does FIRST stand for?"}]
 
 
@@ -100,9 +101,9 @@ def test_embeddings(stack: Stack, options: dict[str, Any]) -> None:
 
 def test_models_federated_and_per_cluster(stack: Stack) -> None:
     everywhere = {m.id for m in stack.client().models.list()}
-    assert everywhere == {MODEL, BIG_MODEL, EMBEDDING_MODEL}
+    assert everywhere == {MODEL, BIG_MODEL, EMBEDDING_MODEL, SMALL_MODEL}
     polaris = {m.id for m in stack.client(federated=False, cluster="polaris").models.list()}
-    assert polaris == {MODEL}
+    assert polaris == {MODEL, SMALL_MODEL}
 
 
 def test_whoami_and_health(stack: Stack) -> None:

@@ -39,6 +39,8 @@ TABLE_ACCESS = {
         "results": "read",
         "stream_chunks": "read",
         "registry": "read",
+        "rate_counters": "crud",
+        "usage": "crud",
     },
     "ControlPlaneFunction": {
         "requests": "crud",
@@ -46,6 +48,8 @@ TABLE_ACCESS = {
         "stream_chunks": "crud",
         "token_cache": "crud",
         "registry": "read",
+        "rate_counters": "crud",
+        "usage": "crud",
     },
 }
 S3_ACCESS = {

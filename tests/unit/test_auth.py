@@ -17,13 +17,19 @@ from urllib.parse import parse_qs
 
 import boto3
 import pytest
+import requests
 import responses
 from globus_sdk.testing import RegisteredResponse, get_last_request, load_response
 from pydantic import SecretStr
 
 import first_core.auth
 from first_core.auth import Authenticator, Caller, token_hash
-from first_core.errors import AuthenticationError, PermissionDeniedError
+from first_core.errors import (
+    AuthenticationError,
+    GatewayError,
+    PermissionDeniedError,
+    ServiceUnavailableError,
+)
 from first_core.settings import get_settings
 from first_core.tables import TokenCacheEntry
 
@@ -126,6 +132,9 @@ def globus(aws: None, monkeypatch: pytest.MonkeyPatch) -> Iterator[responses.Req
     monkeypatch.setattr(s, "clock_skew_seconds", 5)
     monkeypatch.setattr(s, "token_cache_seconds", 600)
     monkeypatch.setattr(s, "groups_cache_seconds", 300)
+    monkeypatch.setattr(s, "domain_groups", {})
+    monkeypatch.setattr(s, "service_accounts", [])
+    monkeypatch.setattr(s, "globus_retries", 0)  # globus-sdk would sleep between retries
     with responses.RequestsMock(assert_all_requests_are_fired=False) as mock:
         yield mock
 
@@ -372,7 +381,7 @@ def test_passing_policy_evaluations_are_accepted(
     assert authenticator.authenticate(bearer()).user_id == ALICE_ANL
 
 
-def test_globus_auth_failure_is_a_401_asking_to_retry(
+def test_globus_auth_outage_is_a_503_asking_to_retry_and_is_not_cached(
     globus: responses.RequestsMock, authenticator: Authenticator
 ) -> None:
     load_response(
@@ -386,11 +395,103 @@ def test_globus_auth_failure_is_a_401_asking_to_retry(
         requests_mock=globus,
     )
 
+    with pytest.raises(ServiceUnavailableError) as unavailable:
+        authenticator.authenticate(bearer())
+
+    assert unavailable.value.status == 503
+    assert "HTTP 500" in unavailable.value.message
+    assert "retry" in unavailable.value.message
+    assert "not a problem with your token" in unavailable.value.message
+    assert unavailable.value.headers["Retry-After"] == "5"
+    # Globus is back: the next request is answered at once, not from a cached refusal.
+    fake_globus(globus, introspection())
+    globus.replace(responses.POST, INTROSPECT_URL, json=introspection())
+    assert authenticator.authenticate(bearer()).user_id == ALICE_ANL
+    assert len(calls_to(globus, INTROSPECT_URL)) == 2
+    assert TokenCacheEntry.count(token_hash(TOKEN)) == 1  # only the good verdict
+
+
+def test_globus_outage_is_retried_globus_retries_times(
+    globus: responses.RequestsMock, authenticator: Authenticator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(get_settings(), "globus_retries", 1)
+    globus.add(responses.POST, INTROSPECT_URL, status=503, json={"errors": []})
+
+    with pytest.raises(ServiceUnavailableError):
+        Authenticator().authenticate(bearer())
+
+    assert len(calls_to(globus, INTROSPECT_URL)) == 2  # the call and one retry, then 503
+
+
+def test_globus_auth_unreachable_is_a_503(
+    globus: responses.RequestsMock, authenticator: Authenticator
+) -> None:
+    globus.add(responses.POST, INTROSPECT_URL, body=requests.ConnectionError("refused"))
+
+    with pytest.raises(ServiceUnavailableError) as unavailable:
+        authenticator.authenticate(bearer())
+
+    assert "no answer" in unavailable.value.message
+
+
+def test_globus_refusing_the_gateways_own_credentials_is_a_500_for_the_operator(
+    globus: responses.RequestsMock, authenticator: Authenticator
+) -> None:
+    globus.add(responses.POST, INTROSPECT_URL, status=401, json={"error": "invalid_client"})
+
+    with pytest.raises(GatewayError) as failed:
+        authenticator.authenticate(bearer())
+
+    assert failed.value.status == 500
+    assert "operator" in failed.value.message
+
+
+@pytest.mark.parametrize("url", [TOKEN_URL, MY_GROUPS_URL])
+def test_globus_groups_outage_is_a_503_and_is_not_cached(
+    globus: responses.RequestsMock, authenticator: Authenticator, url: str
+) -> None:
+    fake_globus(globus, introspection())
+    method = responses.POST if url == TOKEN_URL else responses.GET
+    globus.replace(method, url, status=502, json={"errors": []})
+
+    with pytest.raises(ServiceUnavailableError) as unavailable:
+        authenticator.authenticate(bearer())
+
+    assert "retry" in unavailable.value.message
+    assert TokenCacheEntry.count() == 0
+    fake_globus(globus, introspection())
+    globus.replace(
+        method,
+        url,
+        **(
+            {"json": [{"id": ALLOWED_GROUP, "name": "g"}]}
+            if url == MY_GROUPS_URL
+            else {
+                "json": [
+                    {
+                        "access_token": GROUPS_TOKEN,
+                        "resource_server": "groups.api.globus.org",
+                        "scope": "x",
+                        "token_type": "bearer",
+                        "expires_in": 10,
+                    }
+                ]
+            }
+        ),
+    )
+    assert authenticator.authenticate(bearer()).groups == {ALLOWED_GROUP}
+
+
+def test_groups_token_refused_by_groups_is_a_401_asking_to_log_in_again(
+    globus: responses.RequestsMock, authenticator: Authenticator
+) -> None:
+    fake_globus(globus, introspection())
+    globus.replace(responses.GET, MY_GROUPS_URL, status=401, json={"code": "UNAUTHORIZED"})
+
     with pytest.raises(AuthenticationError) as refused:
         authenticator.authenticate(bearer())
 
-    assert refused.value.status == 401
-    assert "HTTP 500" in refused.value.message
+    assert "first-auth login" in refused.value.message
 
 
 def test_missing_groups_dependent_token_is_a_401(
@@ -502,9 +603,11 @@ def test_token_cache_is_keyed_by_sha256_and_never_stores_the_token(
         TableName=TokenCacheEntry.Meta.table_name
     )["Items"]
 
-    assert len(raw) == 1
+    # One verdict (by token hash) and one group list (by user id): the token appears in neither.
+    assert sorted(item["token_hash"]["S"] for item in raw) == sorted(
+        [hashlib.sha256(TOKEN.encode()).hexdigest(), f"groups#{ALICE_ANL}"]
+    )
     expected_key = hashlib.sha256(TOKEN.encode()).hexdigest()
-    assert raw[0]["token_hash"] == {"S": expected_key}
     assert token_hash(TOKEN) == expected_key
     assert TOKEN not in json.dumps(raw)
     assert GROUPS_TOKEN not in json.dumps(raw)
@@ -541,9 +644,17 @@ def test_expired_cache_entry_is_not_trusted_by_a_cold_instance(
     fake_globus(globus, introspection())
     TokenCacheEntry(
         token_hash(TOKEN),
-        verdict={"user_id": "stale", "username": "stale@anl.gov", "name": "", "email": "",
-                 "idp_domain": "anl.gov", "idp_name": "", "groups": [],
-                 "token_expires_at": time.time() - 10, "groups_checked_at": time.time()},
+        verdict={
+            "user_id": "stale",
+            "username": "stale@anl.gov",
+            "name": "",
+            "email": "",
+            "idp_domain": "anl.gov",
+            "idp_name": "",
+            "groups": [],
+            "token_expires_at": time.time() - 10,
+            "groups_checked_at": time.time(),
+        },
         expires_at=first_core.auth._utc(time.time() - 10),
     ).save()
 
@@ -589,3 +700,311 @@ def test_groups_are_looked_up_again_after_groups_cache_seconds(
     assert len(calls_to(globus, MY_GROUPS_URL)) == 2
     with pytest.raises(PermissionDeniedError):
         authenticator.authorize(caller)
+
+
+# -- groups cached per user -------------------------------------------------------------------
+OTHER_TOKEN = "AgXyz-a-second-token-of-the-same-user-9876"
+
+
+def test_a_new_token_of_the_same_user_does_not_call_groups_again(
+    globus: responses.RequestsMock, authenticator: Authenticator
+) -> None:
+    fake_globus(globus, introspection())
+    first = authenticator.authenticate(bearer(TOKEN))
+    assert len(calls_to(globus, MY_GROUPS_URL)) == 1
+
+    second = authenticator.authenticate(bearer(OTHER_TOKEN))
+
+    assert len(calls_to(globus, INTROSPECT_URL)) == 2  # each token is introspected once ...
+    assert len(calls_to(globus, TOKEN_URL)) == 1  # ... but no new dependent token
+    assert len(calls_to(globus, MY_GROUPS_URL)) == 1  # ... and no new Groups call
+    assert second.groups == first.groups == {ALLOWED_GROUP}
+    assert second.groups_checked_at == first.groups_checked_at
+
+
+def test_a_cold_instance_reads_the_users_groups_from_the_table(
+    globus: responses.RequestsMock,
+) -> None:
+    fake_globus(globus, introspection(), groups=(ALLOWED_GROUP, OTHER_GROUP))
+    Authenticator().authenticate(bearer(TOKEN))
+    groups_calls = len(calls_to(globus, MY_GROUPS_URL)) + len(calls_to(globus, TOKEN_URL))
+
+    cold = Authenticator().authenticate(bearer(OTHER_TOKEN))  # new instance, new token
+
+    assert cold.groups == {ALLOWED_GROUP, OTHER_GROUP}
+    assert len(calls_to(globus, MY_GROUPS_URL)) + len(calls_to(globus, TOKEN_URL)) == groups_calls
+    assert len(calls_to(globus, INTROSPECT_URL)) == 2
+
+
+def test_the_users_groups_entry_has_no_token_and_expires_after_groups_cache_seconds(
+    globus: responses.RequestsMock, authenticator: Authenticator
+) -> None:
+    fake_globus(globus, introspection())
+    before = time.time()
+    authenticator.authenticate(bearer())
+
+    entry = TokenCacheEntry.get(f"groups#{ALICE_ANL}")
+
+    assert entry.verdict["groups"] == [ALLOWED_GROUP]
+    assert entry.verdict["user_id"] == ALICE_ANL
+    assert entry.expires_at.timestamp() == pytest.approx(before + 300, abs=5)
+    assert TOKEN not in json.dumps(entry.verdict)
+
+
+def test_stale_users_groups_in_the_table_are_not_trusted(
+    globus: responses.RequestsMock,
+) -> None:
+    fake_globus(globus, introspection(), groups=(ALLOWED_GROUP,))
+    old = time.time() - 301
+    TokenCacheEntry(
+        f"groups#{ALICE_ANL}",
+        verdict={"user_id": ALICE_ANL, "groups": [OTHER_GROUP], "checked_at": old},
+        # moto keeps expired items; and a live TTL must not outvote checked_at either
+        expires_at=first_core.auth._utc(time.time() + 60),
+    ).save()
+
+    caller = Authenticator().authenticate(bearer())
+
+    assert caller.groups == {ALLOWED_GROUP}
+    assert len(calls_to(globus, MY_GROUPS_URL)) == 1
+
+
+def test_groups_of_one_user_are_never_given_to_another(
+    globus: responses.RequestsMock, authenticator: Authenticator
+) -> None:
+    fake_globus(globus, introspection(), groups=(ALLOWED_GROUP,))
+    authenticator.authenticate(bearer(TOKEN))
+    bob = "b0b00000-0000-4000-8000-000000000001"
+    globus.replace(
+        responses.POST,
+        INTROSPECT_URL,
+        json=introspection(
+            sub=bob,
+            username="bob@uchicago.edu",
+            session=(bob,),
+            identities=[identity(bob, "bob@uchicago.edu", "Bob")],
+        ),
+    )
+    globus.replace(responses.GET, MY_GROUPS_URL, json=[])
+
+    caller = authenticator.authenticate(bearer(OTHER_TOKEN))
+
+    assert caller.user_id == bob
+    assert caller.groups == frozenset()
+    assert len(calls_to(globus, MY_GROUPS_URL)) == 2
+
+
+def test_refreshing_groups_does_not_extend_the_verdicts_life(
+    globus: responses.RequestsMock, authenticator: Authenticator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A revoked token must stop working token_cache_seconds after its introspection, however
+    often its groups were refreshed in between."""
+    fake_globus(globus, introspection(exp=time.time() + 48 * 3600))
+    introspected = time.time()
+    authenticator.authenticate(bearer())
+    first_expiry = TokenCacheEntry.get(token_hash(TOKEN)).expires_at.timestamp()
+    assert first_expiry == pytest.approx(introspected + 600, abs=5)
+
+    later = introspected + 301  # groups stale, verdict not
+    monkeypatch.setattr(first_core.auth, "time", types.SimpleNamespace(time=lambda: later))
+    authenticator.authenticate(bearer())
+    assert len(calls_to(globus, MY_GROUPS_URL)) == 2
+    assert TokenCacheEntry.get(token_hash(TOKEN)).expires_at.timestamp() == first_expiry
+
+    # Now the token is revoked; past the verdict's expiry Globus is asked again and says so.
+    globus.replace(responses.POST, INTROSPECT_URL, json={"active": False})
+    after = first_expiry + 1
+    monkeypatch.setattr(first_core.auth, "time", types.SimpleNamespace(time=lambda: after))
+    with pytest.raises(AuthenticationError):
+        authenticator.authenticate(bearer())
+    with pytest.raises(AuthenticationError):
+        Authenticator().authenticate(bearer())  # a cold instance does not trust the table
+
+
+def test_memory_and_table_entries_expire_at_the_same_instant(
+    globus: responses.RequestsMock, authenticator: Authenticator
+) -> None:
+    fake_globus(globus, introspection(exp=time.time() + 120))
+    caller = authenticator.authenticate(bearer())
+
+    until, _ = authenticator._memory[token_hash(TOKEN)]
+
+    assert until == caller.verdict_expires_at == caller.token_expires_at
+    assert TokenCacheEntry.get(token_hash(TOKEN)).expires_at.timestamp() == pytest.approx(until)
+
+
+# -- allowed groups per identity-provider domain ----------------------------------------------
+def test_user_of_a_domain_outside_its_groups_is_forbidden_naming_them(
+    globus: responses.RequestsMock, authenticator: Authenticator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(get_settings(), "domain_groups", {"ANL.gov": [OTHER_GROUP]})
+    fake_globus(globus, introspection(), groups=(ALLOWED_GROUP,))
+    caller = authenticator.authenticate(bearer())
+
+    with pytest.raises(PermissionDeniedError) as forbidden:
+        authenticator.authorize(caller)
+
+    assert forbidden.value.status == 403
+    assert "anl.gov" in forbidden.value.message
+    assert OTHER_GROUP in forbidden.value.message
+
+
+def test_user_of_a_domain_in_one_of_its_groups_is_let_in(
+    globus: responses.RequestsMock, authenticator: Authenticator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(get_settings(), "domain_groups", {"anl.gov": [OTHER_GROUP, "x"]})
+    fake_globus(globus, introspection(), groups=(ALLOWED_GROUP, OTHER_GROUP))
+
+    authenticator.authorize(authenticator.authenticate(bearer()))
+
+
+def test_domain_groups_of_another_domain_do_not_apply(
+    globus: responses.RequestsMock, authenticator: Authenticator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(get_settings(), "domain_groups", {"uchicago.edu": [OTHER_GROUP]})
+    fake_globus(globus, introspection(), groups=(ALLOWED_GROUP,))
+
+    authenticator.authorize(authenticator.authenticate(bearer()))
+
+
+def test_domain_groups_come_from_the_environment_as_json(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from first_core.settings import Settings
+
+    monkeypatch.setenv("FIRST_DOMAIN_GROUPS", json.dumps({"uchicago.edu": [OTHER_GROUP]}))
+    monkeypatch.setenv("FIRST_SERVICE_ACCOUNTS", json.dumps(["c1"]))
+
+    settings = Settings()
+
+    assert settings.domain_groups == {"uchicago.edu": [OTHER_GROUP]}
+    assert settings.service_accounts == ["c1"]
+
+
+# -- service accounts -------------------------------------------------------------------------
+SERVICE_CLIENT = "5e7v1ce0-0000-4000-8000-00000000c0de"
+
+
+def client_identity_introspection(client_id: str = SERVICE_CLIENT) -> dict[str, Any]:
+    """What Globus Auth says of a client-credentials token: the client is its own identity."""
+    username = f"{client_id}@clients.auth.globus.org"
+    answer = introspection(
+        sub=client_id,
+        username=username,
+        session=(),
+        identities=[
+            {
+                "sub": client_id,
+                "username": username,
+                "name": "nightly pipeline",
+                "email": None,
+                "identity_provider": "client-idp",
+                "status": "used",
+            }
+        ],
+    )
+    answer["client_id"] = client_id
+    answer["session_info"] = {"session_id": None, "authentications": {}}
+    return answer
+
+
+def test_listed_service_account_skips_the_identity_provider_check(
+    globus: responses.RequestsMock, authenticator: Authenticator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(get_settings(), "service_accounts", [SERVICE_CLIENT])
+    fake_globus(globus, client_identity_introspection())
+
+    caller = authenticator.authenticate(bearer())
+
+    assert caller.is_service_account
+    assert caller.user_id == SERVICE_CLIENT
+    assert caller.idp_domain == "clients.auth.globus.org"
+    authenticator.authorize(caller)  # still needs the allowed group, which it has
+
+
+def test_service_account_still_needs_the_allowed_groups(
+    globus: responses.RequestsMock, authenticator: Authenticator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(get_settings(), "service_accounts", [SERVICE_CLIENT])
+    fake_globus(globus, client_identity_introspection(), groups=())
+
+    with pytest.raises(PermissionDeniedError):
+        authenticator.authorize(authenticator.authenticate(bearer()))
+
+
+def test_unlisted_client_identity_is_refused_saying_how_to_register_it(
+    globus: responses.RequestsMock, authenticator: Authenticator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(get_settings(), "service_accounts", ["some-other-client"])
+    fake_globus(globus, client_identity_introspection())
+
+    with pytest.raises(AuthenticationError) as refused:
+        authenticator.authenticate(bearer())
+
+    assert refused.value.status == 401
+    assert SERVICE_CLIENT in refused.value.message
+    assert "FIRST_SERVICE_ACCOUNTS" in refused.value.message
+
+
+def test_a_person_whose_id_is_listed_is_still_checked_for_the_provider(
+    globus: responses.RequestsMock, authenticator: Authenticator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Only a client identity can be a service account: listing a person's id skips nothing."""
+    mallory = "3a110000-0000-4000-8000-000000000009"
+    monkeypatch.setattr(get_settings(), "service_accounts", [mallory])
+    fake_globus(
+        globus,
+        introspection(
+            sub=mallory,
+            username="mallory@example.org",
+            session=(mallory,),
+            identities=[identity(mallory, "mallory@example.org")],
+        ),
+    )
+
+    with pytest.raises(AuthenticationError) as refused:
+        authenticator.authenticate(bearer())
+
+    assert "example.org" in refused.value.message
+
+
+def test_a_users_token_issued_through_a_listed_client_is_not_a_service_account(
+    globus: responses.RequestsMock, authenticator: Authenticator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The token's `client_id` is the app that obtained it; only the identity (`sub`) counts."""
+    monkeypatch.setattr(get_settings(), "service_accounts", ["native-client-of-the-user"])
+    fake_globus(globus, introspection(session=(ALICE_GMAIL,)))
+
+    with pytest.raises(AuthenticationError) as refused:
+        authenticator.authenticate(bearer())
+
+    assert "gmail.com" in refused.value.message
+
+
+def test_cached_verdicts_without_the_new_fields_are_still_read(
+    globus: responses.RequestsMock,
+) -> None:
+    fake_globus(globus, introspection())
+    until = time.time() + 60
+    TokenCacheEntry(
+        token_hash(TOKEN),
+        verdict={
+            "user_id": ALICE_ANL,
+            "username": "alice@anl.gov",
+            "name": "",
+            "email": "",
+            "idp_domain": "anl.gov",
+            "idp_name": "",
+            "groups": [ALLOWED_GROUP],
+            "token_expires_at": until,
+            "groups_checked_at": time.time(),
+        },
+        expires_at=first_core.auth._utc(until),
+    ).save()
+
+    caller = Authenticator().authenticate(bearer())
+
+    assert caller.user_id == ALICE_ANL
+    assert caller.verdict_expires_at == pytest.approx(until)
+    assert not caller.is_service_account
+    assert len(globus.calls) == 0

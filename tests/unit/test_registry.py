@@ -23,6 +23,7 @@ LOCAL_YAML = PROJECT_ROOT / "infra" / "registry" / "local.yaml"
 LLAMA_8B = "meta-llama/Meta-Llama-3-8B-Instruct"
 LLAMA_70B = "meta-llama/Meta-Llama-3.1-70B-Instruct"
 EMBEDDING = "Salesforce/SFR-Embedding-Mistral"
+LLAMA_1B = "meta-llama/Llama-3.2-1B-Instruct"
 
 VALID = """\
 clusters:
@@ -52,7 +53,10 @@ def test_local_registry_file_has_sophia_and_polaris() -> None:
     assert sophia.frameworks == ["vllm"]
     assert polaris.frameworks == ["vllm"]
     assert [m for e in sophia.endpoints for m in e.models] == [LLAMA_8B, LLAMA_70B, EMBEDDING]
-    assert [m for e in polaris.endpoints for m in e.models] == [LLAMA_8B]
+    assert [m for e in polaris.endpoints for m in e.models] == [LLAMA_8B, LLAMA_1B]
+    # The small model's tight limits are what the rate-limit contract tests run into.
+    assert polaris.endpoints[1].limits.requests_per_second_per_user == 2
+    assert polaris.endpoints[1].limits.tokens_per_minute_per_user == 300
     assert {e.framework for c in registry.clusters.values() for e in c.endpoints} == {"vllm"}
     assert sophia.endpoints[0].limits.max_tokens == 8192
     assert sophia.endpoints[0].batches is True
@@ -118,19 +122,20 @@ def test_empty_or_unparsable_file_is_a_registry_file_error(tmp_path: Path, text:
 def test_publish_then_current_round_trips_the_local_registry(aws: None) -> None:
     rows = publish(load_file(LOCAL_YAML))
 
-    assert rows == 2 + 4  # two cluster rows, one row per (framework, model)
+    assert rows == 2 + 5  # two cluster rows, one row per (framework, model)
     snapshot = Registry.current()
     assert set(snapshot.clusters) == {"sophia", "polaris"}
     assert {c.status for c in snapshot.clusters.values()} == {"online"}
     assert snapshot.clusters["sophia"].frameworks == ["vllm"]
     assert sorted((e.cluster, e.framework, e.model) for e in snapshot.endpoints) == [
+        ("polaris", "vllm", LLAMA_1B),
         ("polaris", "vllm", LLAMA_8B),
         ("sophia", "vllm", EMBEDDING),
         ("sophia", "vllm", LLAMA_8B),
         ("sophia", "vllm", LLAMA_70B),
     ]
-    assert snapshot.models() == sorted({LLAMA_8B, LLAMA_70B, EMBEDDING})
-    polaris = next(e for e in snapshot.endpoints if e.cluster == "polaris")
+    assert snapshot.models() == sorted({LLAMA_8B, LLAMA_70B, EMBEDDING, LLAMA_1B})
+    polaris = next(e for e in snapshot.endpoints if e.cluster == "polaris" and e.model == LLAMA_8B)
     assert polaris.endpoint_id == "local-polaris-vllm"
     assert polaris.functions.inference == "local:inference"
     assert polaris.limits.max_tokens == 8192
@@ -146,6 +151,7 @@ def test_published_rows_use_the_cluster_and_framework_model_keys(aws: None) -> N
         [
             ("polaris", CLUSTER_KEY),
             ("polaris", f"vllm#{LLAMA_8B}"),
+            ("polaris", f"vllm#{LLAMA_1B}"),
             ("sophia", CLUSTER_KEY),
             ("sophia", f"vllm#{LLAMA_8B}"),
             ("sophia", f"vllm#{LLAMA_70B}"),

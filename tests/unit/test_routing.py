@@ -7,7 +7,7 @@ import pytest
 from first_core.auth import Caller
 from first_core.errors import NotFoundError, PermissionDeniedError, ServiceUnavailableError
 from first_core.registry import CLUSTER_KEY, Cluster, Endpoint, FunctionIds, Limits, Registry
-from first_core.routing import choose
+from first_core.routing import choose, may_use, refusal
 from first_core.tables import RegistryEntry
 
 MODEL = "meta-llama/Meta-Llama-3-8B-Instruct"
@@ -48,6 +48,7 @@ def endpoint(
     model: str = MODEL,
     framework: str = "vllm",
     allowed_groups: tuple[str, ...] = (),
+    allowed_domains: tuple[str, ...] = (),
 ) -> Endpoint:
     return Endpoint(
         cluster=cluster_name,
@@ -57,6 +58,7 @@ def endpoint(
         functions=FunctionIds(inference="local:inference"),
         limits=Limits(),
         allowed_groups=list(allowed_groups),
+        allowed_domains=list(allowed_domains),
         status=status,
     )
 
@@ -231,6 +233,7 @@ EXCLUSIONS = {
     "cluster-groups": {"cluster": {"allowed_groups": (GROUP_B,)}},
     "endpoint-groups": {"endpoint": {"allowed_groups": (GROUP_B,)}},
     "cluster-domains": {"cluster": {"allowed_domains": ("uchicago.edu",)}},
+    "endpoint-domains": {"endpoint": {"allowed_domains": ("uchicago.edu",)}},
 }
 
 
@@ -291,9 +294,7 @@ def test_member_of_the_allowed_group_or_domain_is_let_in(how: str) -> None:
 
 
 def test_allowed_domains_match_case_insensitively() -> None:
-    reg = registry(
-        [cluster("sophia", allowed_domains=("ANL.gov",))], [endpoint("sophia")]
-    )
+    reg = registry([cluster("sophia", allowed_domains=("ANL.gov",))], [endpoint("sophia")])
 
     assert choose(reg, ALICE, MODEL).endpoint.cluster == "sophia"
 
@@ -338,3 +339,130 @@ def test_choose_on_a_snapshot_built_from_registry_rows() -> None:
     assert route.endpoint.cluster == "sophia"
     assert route.endpoint.endpoint_id == "ep-s"
     assert route.reason == "sophia: model queued; 1 of 2 clusters available"
+
+
+# -- per-model domains, service accounts, refusal messages --------------------------------------
+SERVICE = Caller(
+    user_id="5e7v1ce0-0000-4000-8000-000000000001",
+    username="5e7v1ce0-0000-4000-8000-000000000001@clients.auth.globus.org",
+    name="pipeline",
+    email="",
+    idp_domain="clients.auth.globus.org",
+    idp_name="Globus Auth (client identity)",
+    groups=frozenset({GROUP_A}),
+    is_service_account=True,
+)
+
+
+def test_model_allowed_domains_refuse_other_providers_naming_them() -> None:
+    reg = registry([cluster("sophia")], [endpoint("sophia", allowed_domains=("uchicago.edu",))])
+
+    assert not may_use(ALICE, reg, reg.endpoints[0])
+    with pytest.raises(PermissionDeniedError) as forbidden:
+        choose(reg, ALICE, MODEL)
+
+    message = forbidden.value.message
+    assert forbidden.value.status == 403
+    assert "anl.gov" in message and "uchicago.edu" in message
+    assert "the model accepts only" in message
+    assert "sophia" in message and MODEL in message
+
+
+def test_model_allowed_domains_apply_to_that_model_only() -> None:
+    reg = registry(
+        [cluster("sophia")],
+        [
+            endpoint("sophia", allowed_domains=("uchicago.edu",)),
+            endpoint("sophia", model=OTHER_MODEL),
+        ],
+    )
+
+    assert choose(reg, ALICE, OTHER_MODEL).endpoint.model == OTHER_MODEL
+    with pytest.raises(PermissionDeniedError):
+        choose(reg, ALICE, MODEL)
+
+
+def test_model_allowed_domains_match_case_insensitively() -> None:
+    reg = registry([cluster("sophia")], [endpoint("sophia", allowed_domains=("ANL.GOV",))])
+
+    assert choose(reg, ALICE, MODEL).endpoint.cluster == "sophia"
+
+
+@pytest.mark.parametrize("where", ["cluster", "endpoint"])
+def test_service_account_skips_domain_checks(where: str) -> None:
+    domains = ("anl.gov",)
+    reg = registry(
+        [cluster("sophia", allowed_domains=domains if where == "cluster" else ())],
+        [endpoint("sophia", allowed_domains=domains if where == "endpoint" else ())],
+    )
+    not_a_service = Caller(**{**SERVICE.__dict__, "is_service_account": False})
+
+    assert may_use(SERVICE, reg, reg.endpoints[0])
+    assert not may_use(not_a_service, reg, reg.endpoints[0])
+
+
+@pytest.mark.parametrize("where", ["cluster", "endpoint"])
+def test_service_account_still_needs_the_allowed_groups(where: str) -> None:
+    reg = registry(
+        [cluster("sophia", allowed_groups=(GROUP_B,) if where == "cluster" else ())],
+        [endpoint("sophia", allowed_groups=(GROUP_B,) if where == "endpoint" else ())],
+    )
+
+    with pytest.raises(PermissionDeniedError) as forbidden:
+        choose(reg, SERVICE, MODEL)
+
+    assert GROUP_B in forbidden.value.message
+
+
+def test_refusal_says_why_for_each_cluster() -> None:
+    reg = registry(
+        [cluster("sophia", allowed_groups=(GROUP_B,)), cluster("polaris")],
+        [endpoint("sophia"), endpoint("polaris", allowed_domains=("uchicago.edu",))],
+    )
+
+    assert "group-b" in str(refusal(ALICE, reg, reg.endpoints[0]))
+    assert "uchicago.edu" in str(refusal(ALICE, reg, reg.endpoints[1]))
+    with pytest.raises(PermissionDeniedError) as forbidden:
+        choose(reg, ALICE, MODEL)
+
+    message = forbidden.value.message
+    assert "cluster 'sophia': the cluster is open only to members of the Globus groups group-b" in (
+        message
+    )
+    assert "cluster 'polaris': you signed in through anl.gov" in message
+
+
+def test_model_allowed_domains_survive_the_registry_table() -> None:
+    rows = [
+        RegistryEntry("sophia", CLUSTER_KEY, config={"frameworks": ["vllm"]}, status="online"),
+        RegistryEntry(
+            "sophia",
+            f"vllm#{MODEL}",
+            config={
+                "endpoint_id": "sophia-vllm",
+                "functions": {"inference": "local:inference"},
+                "allowed_domains": ["uchicago.edu"],
+            },
+            status="online",
+        ),
+    ]
+
+    reg = Registry.from_rows(rows)
+
+    assert reg.endpoints[0].allowed_domains == ["uchicago.edu"]
+    with pytest.raises(PermissionDeniedError):
+        choose(reg, ALICE, MODEL)
+
+
+def test_registry_file_accepts_model_allowed_domains() -> None:
+    from first_core.registry import EndpointConfig
+
+    config = EndpointConfig(
+        framework="vllm",
+        models=[MODEL],
+        endpoint_id="e",
+        functions=FunctionIds(inference="local:inference"),
+        allowed_domains=["anl.gov"],
+    )
+
+    assert config.model_dump()["allowed_domains"] == ["anl.gov"]

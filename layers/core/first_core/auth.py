@@ -3,29 +3,56 @@
 Everything goes through `globus-sdk`; locally the SDK is pointed at a stand-in by its own
 `GLOBUS_SDK_SERVICE_URL_*` settings, so this module has no local branch.
 
-Verdicts are cached by the SHA-256 of the token, first in this instance's memory, then in the
-`token_cache` table (so a cold instance does not call Globus again), never beyond the token's
-own expiry. A revoked token therefore keeps working until `token_cache_seconds` have passed.
+Two caches, each in this instance's memory and in the `token_cache` table (so a cold instance
+does not call Globus again):
+
+- **Verdicts**, keyed by the SHA-256 of the token. A verdict is trusted until
+  `min(introspection time + token_cache_seconds, the token's exp)`; the memory entry and the
+  table entry carry that same instant, and refreshing the groups never extends it. A revoked
+  token therefore keeps working for at most `token_cache_seconds` (600 s by default).
+- **Group memberships**, per USER (Globus identity id), so a new token of the same user does not
+  call Groups again within `groups_cache_seconds`. They live in the `token_cache` table too,
+  under the key `groups#<user_id>` (a SHA-256 hex digest never contains `#`, so the two kinds
+  never collide): the table has the right shape (string hash key, JSON value, TTL on
+  `expires_at`) and a table of their own would mean another template resource for one item
+  per user. Readers filter on `expires_at`, since DynamoDB's TTL deletes late and moto never.
+
+Refusals (inactive, expired, wrong scope, provider, policy) are remembered in memory for
+`_REFUSAL_CACHE_SECONDS`; outages of Globus (HTTP 5xx, 429, network) are never cached and
+answer 503 asking the client to retry.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import threading
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, NoReturn
 
 import globus_sdk
+from globus_sdk.transport import RetryConfig
 from pynamodb.exceptions import DoesNotExist
 
-from first_core.errors import AuthenticationError, PermissionDeniedError
+from first_core.errors import (
+    AuthenticationError,
+    GatewayError,
+    PermissionDeniedError,
+    ServiceUnavailableError,
+)
 from first_core.settings import get_settings
-from first_core.tables import TokenCacheEntry, not_expired
+from first_core.tables import TokenCacheEntry
 
 GROUPS_RESOURCE_SERVER = "groups.api.globus.org"
+# Globus client identities (confidential apps acting as themselves) have usernames
+# `<client_id>@clients.auth.globus.org`.
+CLIENT_IDENTITY_DOMAIN = "clients.auth.globus.org"
+GROUPS_KEY_PREFIX = "groups#"
 # A refusal is remembered briefly so a client retrying a bad token does not hammer Globus.
 _REFUSAL_CACHE_SECONDS = 10.0
+# What a client is told to wait when Globus itself is down.
+_OUTAGE_RETRY_AFTER = "5"
 
 
 @dataclass(frozen=True)
@@ -41,6 +68,10 @@ class Caller:
     groups: frozenset[str] = field(default_factory=frozenset)
     token_expires_at: float = 0.0
     groups_checked_at: float = 0.0
+    # A listed Globus client identity: no identity-provider/domain check applies to it.
+    is_service_account: bool = False
+    # The verdict is trusted until then: min(introspection + token_cache_seconds, token exp).
+    verdict_expires_at: float = 0.0
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -49,7 +80,9 @@ class Caller:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Caller:
-        return cls(**{**data, "groups": frozenset(data.get("groups", ()))})
+        known = {f.name for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in data.items() if k in known}
+        return cls(**{**values, "groups": frozenset(data.get("groups", ()))})
 
     @property
     def is_admin(self) -> bool:
@@ -78,28 +111,41 @@ class Authenticator:
     def __init__(self) -> None:
         self._settings = get_settings()
         self._memory: dict[str, tuple[float, Caller | AuthenticationError]] = {}
+        # user_id -> (groups, checked_at); valid while checked_at + groups_cache_seconds > now
+        self._user_groups: dict[str, tuple[frozenset[str], float]] = {}
         self._lock = threading.Lock()
         self._client: globus_sdk.ConfidentialAppAuthClient | None = None
 
     # -- public -----------------------------------------------------------------------
     def authenticate(self, authorization: str | None) -> Caller:
+        """Who the caller is (401 if that cannot be established). Does not authorize."""
         token = bearer_token(authorization)
         key = token_hash(token)
         caller = self._cached(key)
         if caller is None:
-            caller = self._introspect_and_cache(token, key)
+            return self._introspect_and_cache(token, key)
         if time.time() - caller.groups_checked_at > self._settings.groups_cache_seconds:
             caller = self._with_groups(caller, token)
             self._remember(key, caller)
         return caller
 
     def authorize(self, caller: Caller) -> None:
-        """The global gate: the caller must be in one of the allowed groups."""
-        allowed = set(self._settings.allowed_groups)
+        """The gateway-wide gates (403): the global allowed groups, then the allowed groups
+        of the caller's identity-provider domain."""
+        s = self._settings
+        allowed = set(s.allowed_groups)
         if allowed and not caller.groups & allowed:
             raise PermissionDeniedError(
                 f"{caller.username} is authenticated but is not a member of a Globus group "
                 "allowed to use this gateway. Ask the facility for access."
+            )
+        required = domain_groups(caller.idp_domain)
+        if required and not caller.groups & set(required):
+            raise PermissionDeniedError(
+                f"{caller.username} signed in through {caller.idp_domain}; users from "
+                f"{caller.idp_domain} must be members of one of the Globus groups "
+                f"{', '.join(required)}. Ask the facility for access, or sign in with "
+                "another of your linked identities."
             )
 
     # -- caches -----------------------------------------------------------------------
@@ -114,15 +160,20 @@ class Authenticator:
             entry = TokenCacheEntry.get(key, consistent_read=False)
         except DoesNotExist:
             return None
-        if not not_expired(entry.expires_at):
+        until = entry.expires_at.timestamp() if entry.expires_at else 0.0
+        if until <= now:  # DynamoDB deletes expired items late (moto never): filter here
             return None
         caller = Caller.from_json(entry.verdict)
+        if not caller.verdict_expires_at:  # written before the field existed
+            caller = dataclasses.replace(caller, verdict_expires_at=until)
         with self._lock:
-            self._memory[key] = (entry.expires_at.timestamp(), caller)
+            self._memory[key] = (until, caller)
         return caller
 
     def _remember(self, key: str, caller: Caller) -> None:
-        until = min(time.time() + self._settings.token_cache_seconds, caller.token_expires_at)
+        # The instant was fixed at introspection: refreshing groups must not extend it,
+        # or a revoked token would live on past token_cache_seconds.
+        until = caller.verdict_expires_at
         with self._lock:
             self._memory[key] = (until, caller)
         TokenCacheEntry(key, verdict=caller.to_json(), expires_at=_utc(until)).save()
@@ -132,6 +183,35 @@ class Authenticator:
             self._memory[key] = (time.time() + _REFUSAL_CACHE_SECONDS, error)
         return error
 
+    def _cached_groups(self, user_id: str) -> tuple[frozenset[str], float] | None:
+        """The user's groups if checked within groups_cache_seconds (memory, then table)."""
+        now = time.time()
+        ttl = self._settings.groups_cache_seconds
+        hit = self._user_groups.get(user_id)
+        if hit is not None and hit[1] + ttl > now:
+            return hit
+        try:
+            entry = TokenCacheEntry.get(GROUPS_KEY_PREFIX + user_id, consistent_read=False)
+        except DoesNotExist:
+            return None
+        checked_at = float(entry.verdict.get("checked_at", 0))
+        expires = entry.expires_at.timestamp() if entry.expires_at else 0.0
+        if expires <= now or checked_at + ttl <= now:
+            return None
+        found = (frozenset(str(g) for g in entry.verdict.get("groups", ())), checked_at)
+        with self._lock:
+            self._user_groups[user_id] = found
+        return found
+
+    def _remember_groups(self, user_id: str, groups: frozenset[str], checked_at: float) -> None:
+        with self._lock:
+            self._user_groups[user_id] = (groups, checked_at)
+        TokenCacheEntry(
+            GROUPS_KEY_PREFIX + user_id,
+            verdict={"user_id": user_id, "groups": sorted(groups), "checked_at": checked_at},
+            expires_at=_utc(checked_at + self._settings.groups_cache_seconds),
+        ).save()
+
     # -- Globus -----------------------------------------------------------------------
     @property
     def client(self) -> globus_sdk.ConfidentialAppAuthClient:
@@ -139,11 +219,15 @@ class Authenticator:
             self._client = globus_sdk.ConfidentialAppAuthClient(
                 self._settings.globus_client_id,
                 self._settings.globus_client_secret.get_secret_value(),
+                retry_config=self._retry_config(),
             )
         return self._client
 
+    def _retry_config(self) -> RetryConfig:
+        return RetryConfig(max_retries=self._settings.globus_retries, max_sleep=1.0)
+
     def _introspect_and_cache(self, token: str, key: str) -> Caller:
-        data = self._introspect(token)
+        data = self._introspect(token)  # an outage raises here: nothing is cached
         try:
             caller = self._caller_from_introspection(data)
         except AuthenticationError as error:
@@ -169,9 +253,15 @@ class Authenticator:
             else:
                 response = self.client.oauth2_token_introspect(token, include=include)
         except globus_sdk.GlobusAPIError as error:
-            raise AuthenticationError(
-                f"Globus Auth could not check the token (HTTP {error.http_status}). Retry shortly."
+            if _is_outage(error):
+                _outage("Globus Auth", error.http_status)
+            # 400/401 here mean Globus refused the gateway's own client credentials.
+            raise GatewayError(
+                f"The gateway could not check your token: Globus Auth refused the gateway's "
+                f"own credentials (HTTP {error.http_status}). Tell the gateway's operator."
             ) from None
+        except globus_sdk.NetworkError:
+            _outage("Globus Auth", None)
         return dict(response.data)
 
     def _caller_from_introspection(self, data: dict[str, Any]) -> Caller:
@@ -180,8 +270,9 @@ class Authenticator:
             raise AuthenticationError(
                 "The access token is inactive or expired. Get a new one with `first-auth token`."
             )
+        now = time.time()
         exp = float(data.get("exp", 0))
-        if exp + s.clock_skew_seconds < time.time():
+        if exp + s.clock_skew_seconds < now:
             raise AuthenticationError(
                 "The access token has expired. Get a new one with `first-auth token`."
             )
@@ -198,39 +289,92 @@ class Authenticator:
                     "(a high-assurance session may have timed out). "
                     "Log out of Globus and log in again."
                 )
+        sub = str(data.get("sub"))
         identity = _session_identity(data)
-        domain = identity.get("username", "").rpartition("@")[2].lower()
-        if s.allowed_domains and domain not in {d.lower() for d in s.allowed_domains}:
+        username = str(identity.get("username") or data.get("username") or "")
+        domain = username.rpartition("@")[2].lower()
+        service_account = domain == CLIENT_IDENTITY_DOMAIN and sub in set(s.service_accounts)
+        if domain == CLIENT_IDENTITY_DOMAIN and not service_account and s.allowed_domains:
+            raise AuthenticationError(
+                f"This token belongs to the Globus client identity {sub}, which is not a "
+                "service account of this gateway. Ask the gateway's operator to add it to "
+                "FIRST_SERVICE_ACCOUNTS, or use a token of a person's identity."
+            )
+        allowed_domains = {d.lower() for d in s.allowed_domains}
+        if not service_account and allowed_domains and domain not in allowed_domains:
             raise AuthenticationError(
                 f"Your Globus session was authenticated through {domain or 'an unknown provider'}, "
                 "which this gateway does not accept. Log out of Globus and sign in with an "
                 f"identity from one of: {', '.join(s.allowed_domains)}."
             )
         return Caller(
-            user_id=str(data.get("sub")),
-            username=str(identity.get("username", data.get("username", ""))),
+            user_id=sub,
+            username=username,
             name=str(identity.get("name") or data.get("name") or ""),
             email=str(identity.get("email") or data.get("email") or ""),
             idp_domain=domain,
-            idp_name=str(identity.get("identity_provider_display_name", "")),
+            idp_name=str(
+                identity.get("identity_provider_display_name")
+                or ("Globus Auth (client identity)" if service_account else "")
+            ),
             token_expires_at=exp,
+            is_service_account=service_account,
+            verdict_expires_at=min(now + s.token_cache_seconds, exp),
         )
 
     def _with_groups(self, caller: Caller, token: str) -> Caller:
+        """The caller with the user's groups: from the per-user cache, else from Groups."""
+        cached = self._cached_groups(caller.user_id)
+        if cached is None:
+            groups, checked_at = self._groups_from_globus(token), time.time()
+            self._remember_groups(caller.user_id, groups, checked_at)
+        else:
+            groups, checked_at = cached
+        return dataclasses.replace(caller, groups=groups, groups_checked_at=checked_at)
+
+    def _groups_from_globus(self, token: str) -> frozenset[str]:
+        relogin = (
+            "Could not read your Globus group memberships; log in again with `first-auth login`."
+        )
         try:
             tokens = self.client.oauth2_get_dependent_tokens(token).by_resource_server
             groups_token = tokens[GROUPS_RESOURCE_SERVER]["access_token"]
             groups_client = globus_sdk.GroupsClient(
-                authorizer=globus_sdk.AccessTokenAuthorizer(groups_token)
+                authorizer=globus_sdk.AccessTokenAuthorizer(groups_token),
+                retry_config=self._retry_config(),
             )
             memberships = groups_client.get_my_groups()
-        except (globus_sdk.GlobusAPIError, KeyError):
-            raise AuthenticationError(
-                "Could not read your Globus group memberships; "
-                "log in again with `first-auth login`."
-            ) from None
-        groups = frozenset(str(group["id"]) for group in memberships)
-        return Caller(**{**caller.__dict__, "groups": groups, "groups_checked_at": time.time()})
+        except globus_sdk.GlobusAPIError as error:
+            if _is_outage(error):
+                _outage("Globus Groups", error.http_status)
+            raise AuthenticationError(relogin) from None
+        except globus_sdk.NetworkError:
+            _outage("Globus Groups", None)
+        except KeyError:
+            raise AuthenticationError(relogin) from None
+        return frozenset(str(group["id"]) for group in memberships)
+
+
+def domain_groups(domain: str) -> list[str]:
+    """The groups a user signed in through `domain` must be in (none configured: [])."""
+    for configured, groups in get_settings().domain_groups.items():
+        if configured.lower() == domain.lower():
+            return list(groups)
+    return []
+
+
+def _is_outage(error: globus_sdk.GlobusAPIError) -> bool:
+    return error.http_status >= 500 or error.http_status == 429
+
+
+def _outage(service: str, status: int | None) -> NoReturn:
+    what = f"HTTP {status}" if status is not None else "no answer"
+    raise ServiceUnavailableError(
+        f"{service} is not answering right now ({what}), so your token could not be "
+        "checked. This is not a problem with your token: retry in a few seconds.",
+        code="globus_unavailable",
+        headers={"Retry-After": _OUTAGE_RETRY_AFTER},
+    ) from None
 
 
 def _session_identity(data: dict[str, Any]) -> dict[str, Any]:

@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-from first_core import records, results, routing, schemas, streaming
+from first_core import ratelimit, records, results, routing, schemas, streaming
 from first_core.auth import Caller
 from first_core.compute import get_backend
 from first_core.errors import (
@@ -76,8 +76,29 @@ def submit(
             param="stream",
         )
 
+    # The rate limits, before anything is written or submitted: over a limit this raises 429
+    # with nothing taken and nothing recorded.
+    reservation = ratelimit.reserve(
+        caller.user_id,
+        endpoint,
+        ratelimit.prompt_estimate(len(raw_body)),
+        0 if openai_path == "embeddings" else asked,
+        int(getattr(request, "n", None) or 1),
+    )
     request_id = records.new_request_id()
-    records.create(request_id, caller, endpoint, openai_path, stream, route.reason)
+    try:
+        records.create(
+            request_id,
+            caller,
+            endpoint,
+            openai_path,
+            stream,
+            route.reason,
+            rate_reservation=reservation.to_json() if reservation.counters else None,
+        )
+    except BaseException:
+        ratelimit.settle(reservation.to_json(), 0)
+        raise
     payload: dict[str, Any] = json.loads(raw_body)
     if not stream:
         # Nothing streams, so there is nothing to configure; vLLM would refuse the key.

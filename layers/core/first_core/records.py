@@ -8,6 +8,7 @@ from typing import Any
 
 from pynamodb.exceptions import DoesNotExist, UpdateError
 
+from first_core import usage as usage_module
 from first_core.auth import Caller
 from first_core.errors import NotFoundError
 from first_core.registry import Endpoint
@@ -26,6 +27,7 @@ def create(
     openai_path: str,
     stream: bool,
     route_reason: str,
+    rate_reservation: dict[str, Any] | None = None,
 ) -> None:
     now = time.time()
     record = RequestRecord(
@@ -43,6 +45,7 @@ def create(
         route_reason=route_reason,
         created_at=now,
         updated_at=now,
+        rate_reservation=rate_reservation or None,
     )
     record.save(condition=RequestRecord.request_id.does_not_exist())
 
@@ -83,15 +86,19 @@ def finish(
     usage: Usage | None = None,
     error: str | None = None,
 ) -> bool:
-    """Move a request to a terminal state once; a second attempt changes nothing (False)."""
+    """Move a request to a terminal state once; a second attempt changes nothing (False).
+
+    The one call that ends it (True) also writes the request's usage record and settles its
+    rate-limit reservation (`usage.request_ended`), from the record as this update left it.
+    """
+    record = RequestRecord(request_id)
     try:
-        RequestRecord(request_id).update(
-            actions=finish_actions(status, usage, error), condition=STILL_OPEN
-        )
+        record.update(actions=finish_actions(status, usage, error), condition=STILL_OPEN)
     except UpdateError as failure:
         if failure.cause_response_code == "ConditionalCheckFailedException":
             return False
         raise
+    usage_module.request_ended(record)  # `update` left the whole new record in `record`
     return True
 
 

@@ -48,6 +48,8 @@ class EndpointConfig(_Strict):
     functions: FunctionIds
     limits: Limits = Limits()
     allowed_groups: list[str] = Field(default_factory=list)
+    # Identity-provider domains whose users may use these models (empty: any the gateway allows).
+    allowed_domains: list[str] = Field(default_factory=list)
     batches: bool = False
 
 
@@ -135,6 +137,7 @@ class Endpoint(BaseModel):
     limits: Limits
     allowed_groups: list[str]
     status: str
+    allowed_domains: list[str] = Field(default_factory=list)
 
 
 class Cluster(BaseModel):
@@ -198,6 +201,7 @@ class Registry:
                         functions=FunctionIds(**config["functions"]),
                         limits=Limits(**config.get("limits", {})),
                         allowed_groups=config.get("allowed_groups", []),
+                        allowed_domains=config.get("allowed_domains", []),
                         status=row.status,
                     )
                 )

@@ -23,13 +23,42 @@ class Route:
 
 
 def may_use(caller: Caller, registry: Registry, endpoint: Endpoint) -> bool:
+    return refusal(caller, registry, endpoint) is None
+
+
+def refusal(caller: Caller, registry: Registry, endpoint: Endpoint) -> str | None:
+    """Why `caller` may not use `endpoint` (None: they may).
+
+    Groups: the cluster's and the model's allowed groups must each be met. Domains: the
+    cluster's and the model's allowed identity-provider domains likewise; a service account
+    (a listed Globus client identity) has no identity provider and skips the domain checks.
+    """
     cluster = registry.clusters.get(endpoint.cluster)
-    for allowed in (cluster.allowed_groups if cluster else [], endpoint.allowed_groups):
+    where = {"cluster": "the cluster", "model": "the model"}
+    groups = {
+        "cluster": cluster.allowed_groups if cluster else [],
+        "model": endpoint.allowed_groups,
+    }
+    for scope, allowed in groups.items():
         if allowed and not caller.groups & set(allowed):
-            return False
-    if cluster and cluster.allowed_domains:
-        return caller.idp_domain in {d.lower() for d in cluster.allowed_domains}
-    return True
+            return (
+                f"{where[scope]} is open only to members of the Globus groups "
+                f"{', '.join(allowed)}; ask the facility for access"
+            )
+    if caller.is_service_account:
+        return None
+    domains = {
+        "cluster": cluster.allowed_domains if cluster else [],
+        "model": endpoint.allowed_domains,
+    }
+    for scope, allowed in domains.items():
+        if allowed and caller.idp_domain.lower() not in {d.lower() for d in allowed}:
+            return (
+                f"you signed in through {caller.idp_domain or 'an unknown provider'}, but "
+                f"{where[scope]} accepts only identities from {', '.join(allowed)}; log out "
+                "of Globus and sign in with a linked identity from one of those"
+            )
+    return None
 
 
 def choose(
@@ -70,11 +99,15 @@ def choose(
             param="model",
             code="model_not_found",
         )
-    permitted = [e for e in candidates if may_use(caller, registry, e)]
+    reasons = {id(e): refusal(caller, registry, e) for e in candidates}
+    permitted = [e for e in candidates if reasons[id(e)] is None]
     if not permitted:
         raise PermissionDeniedError(
-            f"{caller.username} is not in a group allowed to use '{model}'"
-            + (f" on cluster '{cluster}'." if cluster else ".")
+            " ".join(
+                f"{caller.username} may not use '{model}' on cluster '{e.cluster}': "
+                f"{reasons[id(e)]}."
+                for e in candidates
+            )
         )
     available = [e for e in permitted if _status(registry, e) not in _UNAVAILABLE]
     if not available:

@@ -31,13 +31,26 @@ class Settings(BaseSettings):
     allowed_domains: list[str] = Field(default_factory=list)
     allowed_groups: list[str] = Field(default_factory=list)
     admin_groups: list[str] = Field(default_factory=list)
+    # Per identity-provider domain, the groups a user signed in through it must be in
+    # (JSON, e.g. {"uchicago.edu": ["<group id>"]}); on top of `allowed_groups`.
+    domain_groups: dict[str, list[str]] = Field(default_factory=dict)
+    # Globus client identities (their ids; for a client identity `sub` == its client id) that
+    # may call with their own tokens: no identity-provider/domain check applies to them.
+    service_accounts: list[str] = Field(default_factory=list)
     # Globus authentication policies (e.g. high assurance) every session must satisfy.
     authentication_policies: list[str] = Field(default_factory=list)
     # Seconds of clock skew tolerated when checking a token's expiry.
     clock_skew_seconds: int = 5
-    # Introspection results are trusted this long (bounded again by the token's own expiry).
+    # Introspection results are trusted this long (bounded again by the token's own expiry):
+    # a cached verdict, in memory and in the table, expires at
+    # min(introspection time + token_cache_seconds, token exp). A revoked token works that long.
     token_cache_seconds: int = 600
-    # Group memberships are looked up again after this long.
+    # Retries of a Globus call that failed transiently (5xx, 429, network), at most 1 s apart,
+    # before the caller gets a 503 asking to retry (globus-sdk's own default is 5 retries,
+    # up to 10 s apart: a request would hang for ~12 s during an outage).
+    globus_retries: int = 2
+    # Group memberships are cached per user (any token of that user) and looked up again
+    # after this long.
     groups_cache_seconds: int = 300
 
     # Callbacks from the clusters come back to this URL, signed with this secret.
@@ -52,6 +65,16 @@ class Settings(BaseSettings):
     max_payload_bytes: int = 10 * 1024 * 1024
     # Result and chunk rows expire after this long.
     result_ttl_seconds: int = 7 * 24 * 3600
+    # Rate limits where the registry endpoint's `limits` name none (0 = no limit).
+    default_requests_per_second_per_user: float = 20.0
+    default_tokens_per_minute_per_user: int = 200_000
+    default_tokens_per_minute: int = 0
+    # Completion tokens reserved against the per-minute limits when a request names no max_tokens.
+    default_reserved_completion_tokens: int = 1024
+    # Usage records (one per request) are kept this long.
+    usage_retention_days: int = 400
+    # GET /v1/usage covers at most this many days at once.
+    usage_max_days: int = 366
     # The registry table is re-read at most this often per function instance.
     registry_cache_seconds: float = 5.0
 

@@ -32,7 +32,7 @@ from first_core.errors import (
 )
 from first_core.settings import get_settings
 from first_core.tables import TERMINAL_STATUSES, RequestRecord, StreamChunkBatch
-from first_core.usage import Usage
+from first_core.usage import Usage, late_usage
 
 # Polling stream_chunks: the pause is a tenth of the time since data last came (at least
 # `_MIN_POLL_S`), so a first token or the next batch is seen within milliseconds while an idle,
@@ -158,9 +158,11 @@ def _put_batch(request_id: str, batch: StreamBatchBody) -> bool:
 
 
 def _record_usage_after_cancel(request_id: str, usage: Usage) -> None:
-    """Set the usage of a cancelled request once, leaving its status alone."""
+    """Set the usage of a cancelled request once, leaving its status alone (and on its usage
+    record, and against its rate-limit windows)."""
+    record = RequestRecord(request_id)
     try:
-        RequestRecord(request_id).update(
+        record.update(
             actions=[
                 RequestRecord.prompt_tokens.set(usage.prompt_tokens),
                 RequestRecord.completion_tokens.set(usage.completion_tokens),
@@ -172,6 +174,8 @@ def _record_usage_after_cancel(request_id: str, usage: Usage) -> None:
     except UpdateError as failure:
         if failure.cause_response_code != "ConditionalCheckFailedException":
             raise
+        return
+    late_usage(record)
 
 
 def cancel(request_id: str) -> None:

@@ -88,6 +88,8 @@ class RequestRecord(Model):
     prompt_tokens = NumberAttribute(null=True)
     completion_tokens = NumberAttribute(null=True)
     total_tokens = NumberAttribute(null=True)
+    # The rate-limit tokens reserved before submitting (first_core.ratelimit), settled at the end.
+    rate_reservation = JSONAttribute(null=True)
 
     by_user = RequestsByUser()
     by_open_status = RequestsByStatus()
@@ -141,6 +143,60 @@ class RegistryEntry(Model):
     updated_at = NumberAttribute(default=0)
 
 
+class RateCounter(Model):
+    """One rate-limit window's counter (first_core.ratelimit): `rps#{user}#{model}#{second}`..."""
+
+    Meta = _meta("rate_counters")
+
+    key = UnicodeAttribute(hash_key=True)
+    used = NumberAttribute(null=True)  # taken with conditional ADDs; never read-modify-written
+    expires_at = TTLAttribute()
+
+
+class UsageByDate(GlobalSecondaryIndex["UsageRecord"]):
+    """Everyone's usage of one day, for admins (`GET /v1/usage?user=all`)."""
+
+    class Meta:
+        index_name = "by_date"
+        projection = AllProjection()
+
+    date = UnicodeAttribute(hash_key=True)
+    sk = UnicodeAttribute(range_key=True)
+
+
+class UsageRecord(Model):
+    """What one request used, written once when it ends (first_core.usage).
+
+    `sk` is `{created_at, ISO 8601 UTC}#{request_id}`: made only of what the request record
+    fixes at creation, so every attempt to write it names the same item, and a user's days are
+    one key-range query.
+    """
+
+    Meta = _meta("usage")
+
+    user_id = UnicodeAttribute(hash_key=True)
+    sk = UnicodeAttribute(range_key=True)
+    date = UnicodeAttribute()  # YYYY-MM-DD (UTC) of created_at
+    request_id = UnicodeAttribute()
+    username = UnicodeAttribute()
+    model = UnicodeAttribute()
+    cluster = UnicodeAttribute()
+    openai_path = UnicodeAttribute()
+    stream = BooleanAttribute(default=False)
+    status = UnicodeAttribute()
+    prompt_tokens = NumberAttribute(default=0)
+    completion_tokens = NumberAttribute(default=0)
+    total_tokens = NumberAttribute(default=0)
+    created_at = NumberAttribute()
+    completed_at = NumberAttribute()
+    queued_ms = NumberAttribute(null=True)
+    first_token_ms = NumberAttribute(null=True)
+    total_ms = NumberAttribute()
+    expires_at = TTLAttribute()
+
+    by_date = UsageByDate()
+
+
 # Every table; template.yaml declares each one (tests/infra checks them key for key), and the
 # local stack and the tests create them from there (first_local.provision).
 ALL_MODELS: tuple[type[Model], ...] = (
@@ -149,6 +205,8 @@ ALL_MODELS: tuple[type[Model], ...] = (
     StreamChunkBatch,
     TokenCacheEntry,
     RegistryEntry,
+    RateCounter,
+    UsageRecord,
 )
 
 

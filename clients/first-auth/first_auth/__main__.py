@@ -1,0 +1,5 @@
+import sys
+
+from first_auth.cli import main
+
+sys.exit(main())

@@ -1,0 +1,200 @@
+"""Rate limits: conditional DynamoDB counters that hold exactly under concurrency, their
+windows, Retry-After, and the token reservation settled at the end of a request."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import pytest
+from moto.dynamodb.models import DynamoDBBackend
+
+from first_core import ratelimit
+from first_core.errors import RateLimitError
+from first_core.ratelimit import Counter, reserve, retry_after, settle, take, used
+from first_core.registry import Endpoint, FunctionIds, Limits
+from first_core.settings import get_settings
+
+MODEL = "meta-llama/Llama-3.2-1B-Instruct"
+T0 = 1_800_000_000.0  # a whole second and a whole minute (1_800_000_000 = 60 * 30_000_000)
+
+
+def endpoint(**limits: Any) -> Endpoint:
+    return Endpoint(
+        cluster="polaris",
+        framework="vllm",
+        model=MODEL,
+        endpoint_id="local-polaris-vllm",
+        functions=FunctionIds(inference="local:inference"),
+        limits=Limits(**limits),
+        allowed_groups=[],
+        status="online",
+    )
+
+
+@pytest.fixture
+def atomic_moto(aws: None, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """DynamoDB applies a write's condition and update atomically per item; moto's in-process
+    backend checks and writes without a lock. One lock around it makes it behave as DynamoDB
+    does (the local stack's moto server does the same, first_local.moto_server)."""
+    lock = threading.Lock()
+    original = DynamoDBBackend.update_item
+
+    def update_item(self: Any, *args: Any, **kwargs: Any) -> Any:
+        with lock:
+            return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(DynamoDBBackend, "update_item", update_item)
+    yield
+
+
+def test_exactly_the_limit_of_fifty_concurrent_takers_succeed(atomic_moto: None) -> None:
+    counter = Counter("rps#alice#m#1", limit=7, window_end=T0 + 1, kind="requests")
+    assert used(counter.key) == 0  # (connects once, before the race)
+    start = threading.Barrier(50)
+
+    def racer(_: int) -> bool:
+        start.wait()
+        return take(counter, 1)
+
+    with ThreadPoolExecutor(max_workers=50) as pool:
+        outcomes = list(pool.map(racer, range(50)))
+
+    assert outcomes.count(True) == 7
+    assert used(counter.key) == 7
+
+
+def test_concurrent_token_takers_never_pass_the_limit(atomic_moto: None) -> None:
+    counter = Counter("tpm#alice#m#1", limit=1000, window_end=T0 + 60, kind="tokens")
+    sizes = [130, 70, 250, 40, 300, 90, 160, 210] * 4  # 32 takers, 5,000 tokens asked
+    assert used(counter.key) == 0
+    start = threading.Barrier(len(sizes))
+
+    def racer(units: int) -> int:
+        start.wait()
+        return units if take(counter, units) else 0
+
+    with ThreadPoolExecutor(max_workers=len(sizes)) as pool:
+        granted = sum(pool.map(racer, sizes))
+
+    assert granted == used(counter.key) <= 1000
+    assert granted > 1000 - min(sizes)  # the counter only refuses what would not fit
+
+
+def test_a_refused_take_changes_nothing(aws: None) -> None:
+    counter = Counter("tpm#bob#m#1", limit=100, window_end=T0 + 60, kind="tokens")
+    assert take(counter, 60)
+    assert not take(counter, 41)
+    assert used(counter.key) == 60
+    assert take(counter, 40)
+    assert not take(counter, 1)
+    assert not take(counter, 101)  # never fits, even in an empty window
+    assert used(counter.key) == 100
+
+
+def test_requests_per_second_roll_over_to_the_next_window(aws: None) -> None:
+    limited = endpoint(requests_per_second_per_user=2, tokens_per_minute_per_user=0)
+    reserve("alice", limited, 10, 5, now=T0 + 0.1)
+    reserve("alice", limited, 10, 5, now=T0 + 0.5)
+    with pytest.raises(RateLimitError) as refused:
+        reserve("alice", limited, 10, 5, now=T0 + 0.9)
+    assert refused.value.status == 429
+    assert refused.value.headers["retry-after"] == "1"
+    assert refused.value.to_body()["error"]["type"] == "rate_limit_error"
+    assert refused.value.to_body()["error"]["code"] == "rate_limit_exceeded"
+    # Another user, and the next second, have their own counters.
+    reserve("bob", limited, 10, 5, now=T0 + 0.9)
+    reserve("alice", limited, 10, 5, now=T0 + 1.0)
+    assert used(f"rps#alice#{MODEL}#{int(T0)}") == 2
+    assert used(f"rps#alice#{MODEL}#{int(T0) + 1}") == 1
+
+
+def test_a_fractional_rate_is_one_request_per_longer_window(aws: None) -> None:
+    slow = endpoint(requests_per_second_per_user=0.25, tokens_per_minute_per_user=0)
+    reserve("alice", slow, 1, 1, now=T0 + 0.5)
+    with pytest.raises(RateLimitError) as refused:
+        reserve("alice", slow, 1, 1, now=T0 + 1.5)
+    assert refused.value.headers["retry-after"] == "3"  # the 4 s window ends at T0 + 4
+    reserve("alice", slow, 1, 1, now=T0 + 4.0)
+
+
+@pytest.mark.parametrize(
+    ("window_end", "now", "expected"),
+    [(T0 + 60, T0 + 15.5, 45), (T0 + 60, T0 + 59.99, 1), (T0 + 1, T0 + 0.0, 1), (T0, T0 + 3, 1)],
+)
+def test_retry_after_is_whole_seconds_to_the_next_window(
+    window_end: float, now: float, expected: int
+) -> None:
+    assert retry_after(window_end, now) == expected
+
+
+def test_tokens_per_minute_reserved_up_front_then_settled_to_the_real_use(aws: None) -> None:
+    limited = endpoint(tokens_per_minute_per_user=300, requests_per_second_per_user=0)
+    key = f"tpm#alice#{MODEL}#{int(T0) // 60}"
+    first = reserve("alice", limited, 40, 200, now=T0 + 1)
+    assert first.tokens == 240 and used(key) == 240
+    with pytest.raises(RateLimitError) as refused:
+        reserve("alice", limited, 40, 100, now=T0 + 15.2)
+    assert refused.value.headers["retry-after"] == "45"
+    assert used(key) == 240  # the refused reservation took nothing
+    # The first request used less than it reserved: the difference goes back to the window.
+    settle(first.to_json(), actual_tokens=90)
+    assert used(key) == 90
+    second = reserve("alice", limited, 40, 100, now=T0 + 20)
+    assert used(key) == 230
+    # A request may use more than it reserved (a prompt under-estimated): charged the same way.
+    settle(second.to_json(), actual_tokens=160)
+    assert used(key) == 250
+    # The next minute starts empty.
+    reserve("alice", limited, 40, 200, now=T0 + 60)
+    assert used(f"tpm#alice#{MODEL}#{int(T0) // 60 + 1}") == 240
+
+
+def test_a_request_larger_than_the_limit_is_refused_without_retry_after(aws: None) -> None:
+    limited = endpoint(tokens_per_minute_per_user=300, requests_per_second_per_user=0)
+    with pytest.raises(RateLimitError) as refused:
+        reserve("alice", limited, 40, 1000, now=T0)
+    assert refused.value.code == "request_too_large"
+    assert "retry-after" not in refused.value.headers
+    assert used(f"tpm#alice#{MODEL}#{int(T0) // 60}") == 0
+
+
+def test_without_max_tokens_the_default_reservation_is_capped_to_what_fits(aws: None) -> None:
+    limited = endpoint(tokens_per_minute_per_user=300, requests_per_second_per_user=0)
+    assert get_settings().default_reserved_completion_tokens > 300
+    reservation = reserve("alice", limited, 40, None, now=T0)
+    assert reservation.tokens == 300
+    with pytest.raises(RateLimitError):
+        reserve("alice", limited, 40, None, now=T0 + 1)
+
+
+def test_a_later_limit_refusing_gives_the_earlier_tokens_back(aws: None) -> None:
+    limited = endpoint(
+        tokens_per_minute_per_user=1000, tokens_per_minute=500, requests_per_second_per_user=10
+    )
+    minute = int(T0) // 60
+    reserve("alice", limited, 50, 350, now=T0)  # 400 on both token counters
+    with pytest.raises(RateLimitError) as refused:
+        reserve("bob", limited, 50, 150, now=T0 + 1)  # fits bob's own, not the endpoint's
+    assert "for this endpoint" in refused.value.message
+    assert used(f"tpm#bob#{MODEL}#{minute}") == 0
+    assert used(f"tpmm#polaris#{MODEL}#{minute}") == 400
+    assert used(f"rps#bob#{MODEL}#{int(T0) + 1}") == 1  # the request itself was made
+
+
+def test_limits_default_to_the_settings_where_the_registry_names_none(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    settings = get_settings()
+    monkeypatch.setattr(settings, "default_requests_per_second_per_user", 5.0)
+    monkeypatch.setattr(settings, "default_tokens_per_minute_per_user", 1234)
+    monkeypatch.setattr(settings, "default_tokens_per_minute", 0)
+    assert ratelimit.limits_for(endpoint()) == ratelimit.EffectiveLimits(5.0, 1234, None)
+    assert ratelimit.limits_for(
+        endpoint(requests_per_second_per_user=2, tokens_per_minute=99)
+    ) == ratelimit.EffectiveLimits(2, 1234, 99)
+    # 0 in the registry switches a limit off for that endpoint.
+    switched_off = ratelimit.limits_for(endpoint(tokens_per_minute_per_user=0))
+    assert switched_off.tokens_per_minute_per_user is None

@@ -18,7 +18,7 @@ names none. When the request ends, `settle` adds the difference between what was
 what was used to the same window's counters (best effort, unconditional, may be negative), so
 the next requests in that minute see the real use.
 
-Several counters are taken one after the other; if a later one refuses, the earlier ones are
+Several counters are taken side by side; if one refuses, the token units the others took are
 given back. Between the take and the give-back a unit is held that was not used: limits err on
 the side of refusing, never of letting more through.
 """
@@ -28,6 +28,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -43,6 +44,7 @@ log = logging.getLogger("first.ratelimit")
 
 # Counter rows outlive their window by this long (DynamoDB deletes them lazily, later still).
 _TTL_GRACE_SECONDS = 300
+_TAKERS = ThreadPoolExecutor(max_workers=4, thread_name_prefix="ratelimit")
 
 
 @dataclass(frozen=True)
@@ -221,15 +223,18 @@ def reserve(
                 f"tokens per minute {scope}. Lower max_tokens or shorten the prompt.",
                 code="request_too_large",
             )
-    taken: list[tuple[Counter, int]] = []
-    for counter in counters + token_counters:
-        units = 1 if counter.kind == "requests" else tokens
-        if take(counter, units):
-            taken.append((counter, units))
-            continue
-        for earlier, earlier_units in taken:
-            if earlier.kind == "tokens":  # a request unit stays taken: the request was made
-                _safe_give_back(earlier.key, earlier_units, earlier.window_end)
+    # The counters are independent rows: take them side by side, one round trip in all.
+    wanted = [(c, 1 if c.kind == "requests" else tokens) for c in counters + token_counters]
+    if len(wanted) > 1:
+        outcomes = list(_TAKERS.map(lambda pair: take(*pair), wanted))
+    else:
+        outcomes = [take(*pair) for pair in wanted]
+    refused = [counter for (counter, _), ok in zip(wanted, outcomes, strict=True) if not ok]
+    if refused:
+        for (taken, units), ok in zip(wanted, outcomes, strict=True):
+            if ok and taken.kind == "tokens":  # a request unit stays taken: the request was made
+                _safe_give_back(taken.key, units, taken.window_end)
+        counter = refused[0]
         wait = retry_after(counter.window_end, now=now)
         if counter.kind == "requests":
             message = (

@@ -270,3 +270,16 @@ def test_replayed_callback_changes_nothing(stack: Stack) -> None:
     assert response.json() == {"accepted": False, "duplicate": True}
     assert stack.item("requests", done) == record_before
     assert stack.item("results", done) == result_before
+
+
+def test_a_body_over_the_payload_cap_is_refused_before_anything_is_recorded(stack: Stack) -> None:
+    huge = "x" * (10 * 1024 * 1024 + 1)  # the default cap is 10 MB
+    with pytest.raises(openai.APIStatusError) as raised:
+        stack.client().chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": huge}]
+        )
+    assert raised.value.status_code == 413
+    error = assert_openai_shaped(raised.value)
+    assert error["code"] == "payload_too_large"
+    assert "limit" in error["message"]
+    assert "x-first-request-id" not in raised.value.response.headers

@@ -2,16 +2,9 @@
 
 from __future__ import annotations
 
-import json
 import os
 import platform
-import signal
 import statistics
-import subprocess
-import sys
-import tempfile
-import time
-import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -50,41 +43,9 @@ def summary(values: list[float]) -> dict[str, float]:
 
 
 @contextmanager
-def local_stack(*extra: str) -> Iterator[dict[str, Any]]:
-    """`first-gateway dev` on a free port, in its own session; yields its state file."""
-    from first_local.stack import free_port
+def local_stack(*options: str) -> Iterator[dict[str, Any]]:
+    """`first-gateway dev OPTIONS` on a free port; yields its state (addresses)."""
+    from first_local.stack import stack_process
 
-    port = free_port()
-    state_file = Path(tempfile.mkdtemp()) / "stack.json"
-    command = [
-        str(Path(sys.executable).with_name("first-gateway")),
-        "dev",
-        "--port",
-        str(port),
-        "--state-file",
-        str(state_file),
-        *extra,
-    ]
-    process = subprocess.Popen(
-        command,
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("the local stack did not start")
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
-                if state_file.exists():
-                    break
-            except OSError:
-                pass
-            time.sleep(0.2)
-        yield json.loads(state_file.read_text())
-    finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        process.wait(timeout=30)
+    with stack_process(*options) as state:
+        yield state

@@ -15,10 +15,14 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 LOCAL_REGISTRY = PROJECT_ROOT / "infra" / "registry" / "local.yaml"
@@ -253,3 +257,59 @@ class LocalStack:
                 child.wait(timeout=5)
             except subprocess.TimeoutExpired:
                 child.kill()
+
+
+@contextmanager
+def stack_process(
+    *options: str,
+    env: dict[str, str] | None = None,
+    log: Path | None = None,
+    timeout: float = 180.0,
+) -> Iterator[dict[str, Any]]:
+    """`first-gateway dev OPTIONS` on a free port in a session of its own, for tests and
+    benchmarks: waits until it answers, yields its state (addresses of every piece), and ends
+    it with all its children."""
+    port = free_port()
+    state_file = Path(tempfile.mkdtemp(prefix="first-stack-")) / "stack.json"
+    command = [
+        str(Path(sys.executable).with_name("first-gateway")),
+        "dev",
+        "--port",
+        str(port),
+        "--state-file",
+        str(state_file),
+        *options,
+    ]
+    output = open(log, "wb") if log else subprocess.DEVNULL  # noqa: SIM115
+    process = subprocess.Popen(
+        command,
+        cwd=PROJECT_ROOT,
+        env={**os.environ, **(env or {})},
+        stdout=output,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            if process.poll() is not None:
+                detail = log.read_text() if log else "(no log kept)"
+                raise RuntimeError(f"the local stack exited: {detail[-4000:]}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the local stack did not come up in {timeout:.0f} s")
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+                if state_file.exists():
+                    break
+            except OSError:
+                pass
+            time.sleep(0.2)
+        yield json.loads(state_file.read_text())
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+        if log:
+            output.close()  # type: ignore[union-attr]

@@ -8,13 +8,9 @@ other test is throttled. One test starts a second gateway process on the same mo
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
+import json
 import threading
 import time
-import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
@@ -27,9 +23,8 @@ import pytest
 from boto3.dynamodb.conditions import Attr
 
 from first_local.globus_standin import mint_token
-from first_local.stack import free_port
-from tests.conftest import CALLBACK_SECRET, PROJECT_ROOT
-from tests.contract.conftest import Stack
+from first_local.stack import stack_process
+from tests.contract.conftest import STACK_ENV, Stack
 
 SMALL = "meta-llama/Llama-3.2-1B-Instruct"
 RPS_LIMIT = 2
@@ -187,8 +182,13 @@ def _totals_from_request_records(stack: Stack, uid: str) -> dict[tuple[str, str]
             day = datetime.fromtimestamp(float(item["created_at"]), tz=UTC).strftime("%Y-%m-%d")
             entry = totals.setdefault(
                 (day, str(item["model"])),
-                {"requests": 0, "prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0,
-                 "by_status": {}},
+                {
+                    "requests": 0,
+                    "prompt_tokens": 0,
+                    "completion_tokens": 0,
+                    "total_tokens": 0,
+                    "by_status": {},
+                },
             )
             entry["requests"] += 1
             for name in ("prompt_tokens", "completion_tokens", "total_tokens"):
@@ -261,9 +261,7 @@ def test_usage_of_others_is_for_admins_only(stack: Stack) -> None:
     own = {(r["date"], r["model"]): r for r in _usage(stack, "alice").json()["data"]}
     everyone = _usage(stack, "dave", user="all")
     assert everyone.status_code == 200 and everyone.json()["user"] == "all"
-    alices = {
-        (r["date"], r["model"]): r for r in everyone.json()["data"] if r["user_id"] == alice
-    }
+    alices = {(r["date"], r["model"]): r for r in everyone.json()["data"] if r["user_id"] == alice}
     for key in own:
         for name in ("requests", "total_tokens"):
             # Admin's view was read after alice's own: it can only have grown.
@@ -276,43 +274,18 @@ def test_usage_of_others_is_for_admins_only(stack: Stack) -> None:
 @pytest.fixture
 def second_gateway(stack: Stack, tmp_path: Path) -> Iterator[str]:
     """Another `first-gateway dev` process on the same moto server, stand-in and backend."""
-    port = free_port()
-    state = tmp_path / "second.json"
     first_state = tmp_path / "first.json"
-    first_state.write_text(__import__("json").dumps(stack.state))
-    log = open(tmp_path / "second.log", "wb")  # noqa: SIM115
-    process = subprocess.Popen(
-        [
-            str(Path(sys.executable).with_name("first-gateway")),
-            "dev", "--port", str(port), "--join", str(first_state),
-            "--state-file", str(state), "--workers", "2",
-        ],
-        cwd=PROJECT_ROOT,
-        env={**os.environ, "FIRST_CALLBACK_SECRET": CALLBACK_SECRET,
-             "FIRST_TABLE_PREFIX": "first-local-"},
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    )
-    base_url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 90
-    try:
-        while True:
-            assert process.poll() is None, (tmp_path / "second.log").read_text()
-            try:
-                urllib.request.urlopen(f"{base_url}/health", timeout=2)
-                if state.exists():
-                    break
-            except OSError:
-                pass
-            assert time.monotonic() < deadline, "the second gateway did not come up"
-            time.sleep(0.2)
-        yield base_url
-    finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-        log.close()
+    first_state.write_text(json.dumps(stack.state))
+    with stack_process(
+        "--join",
+        str(first_state),
+        "--workers",
+        "2",
+        env=STACK_ENV,
+        log=tmp_path / "second.log",
+        timeout=90,
+    ) as state:
+        yield str(state["base_url"])
 
 
 def test_two_gateway_processes_on_one_moto_hold_the_limit_exactly(

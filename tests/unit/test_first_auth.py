@@ -41,6 +41,7 @@ from first_local.globus_standin import (
     create_app,
     mint_token,
 )
+from tests.asgi_server import serve
 
 GATEWAY_RS = DEV_CLIENT_ID
 
@@ -55,20 +56,8 @@ class _Server:
 @pytest.fixture(scope="module")
 def server() -> Iterator[_Server]:
     app = create_app()
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    uv = uvicorn.Server(uvicorn.Config(app, log_config=None, lifespan="off", log_level="warning"))
-    thread = threading.Thread(target=uv.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not uv.started:
-        assert time.monotonic() < deadline, "stand-in did not start"
-        time.sleep(0.01)
-    yield _Server(app, f"http://127.0.0.1:{port}")
-    uv.should_exit = True
-    thread.join(timeout=10)
-    sock.close()
+    with serve(app, log_config=None) as url:
+        yield _Server(app, url)
 
 
 @pytest.fixture

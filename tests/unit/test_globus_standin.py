@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import logging
-import socket
 import string
-import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -13,7 +11,6 @@ from typing import Any
 import globus_sdk
 import httpx
 import pytest
-import uvicorn
 from starlette.applications import Starlette
 
 from first_local.globus_standin import (
@@ -26,6 +23,7 @@ from first_local.globus_standin import (
     create_app,
     mint_token,
 )
+from tests.asgi_server import serve
 
 GROUPS_RS = "groups.api.globus.org"
 PASSING_POLICY = "11111111-2222-3333-4444-555555555555"
@@ -41,22 +39,9 @@ class _Server:
 @pytest.fixture(scope="module")
 def server() -> Iterator[_Server]:
     app = create_app(failing_policies=frozenset({FAILING_POLICY}))
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
     # log_config=None leaves logging alone, so caplog sees uvicorn's records too.
-    config = uvicorn.Config(app, log_config=None, lifespan="off")
-    uv = uvicorn.Server(config)
-    thread = threading.Thread(target=uv.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not uv.started:
-        assert time.monotonic() < deadline, "stand-in did not start"
-        time.sleep(0.01)
-    yield _Server(app, f"http://127.0.0.1:{port}")
-    uv.should_exit = True
-    thread.join(timeout=10)
-    sock.close()
+    with serve(app, log_config=None, log_level="info") as url:
+        yield _Server(app, url)
 
 
 @pytest.fixture

@@ -6,8 +6,6 @@ import base64
 import contextlib
 import json
 import math
-import socket
-import threading
 import time
 from array import array
 from collections.abc import Iterator
@@ -15,9 +13,9 @@ from collections.abc import Iterator
 import httpx
 import openai
 import pytest
-import uvicorn
 
 from first_local.mock_vllm import MockConfig, count_prompt_tokens, create_app, generate_text
+from tests.asgi_server import serve as serve_app
 
 CHAT_MODEL = "meta-llama/Meta-Llama-3-8B-Instruct"
 EMBED_MODEL = "Salesforce/SFR-Embedding-Mistral"
@@ -25,23 +23,8 @@ EMBED_MODEL = "Salesforce/SFR-Embedding-Mistral"
 
 @contextlib.contextmanager
 def serve(config: MockConfig) -> Iterator[str]:
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))  # binding here, not in uvicorn, avoids a free-port race
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(create_app(config), log_level="warning",
-                                           lifespan="off", timeout_graceful_shutdown=2))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "mock server did not start"
-        time.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
-        sock.close()
+    with serve_app(create_app(config)) as url:
+        yield url
 
 
 def sdk(base_url: str, api_key: str = "x") -> openai.OpenAI:

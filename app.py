@@ -11,14 +11,14 @@ import logging
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from chalice import Chalice, Response
+from chalice import Chalice, Rate, Response
 from chalice.app import Request
 
 from first_core import results, streaming, usage
 from first_core.auth import Caller, get_authenticator
 from first_core.errors import GatewayError, internal_error_body
 from first_core.registry import Registry
-from first_core.routing import may_use
+from first_core.routing import may_use, state
 
 app = Chalice(app_name="first-gateway")
 log = logging.getLogger("first.control")
@@ -74,6 +74,7 @@ def _models(
 ) -> dict[str, Any]:
     registry = Registry.current()
     served: dict[str, list[str]] = {}
+    states: dict[str, dict[str, str]] = {}  # model -> cluster -> state, as last polled
     for endpoint in registry.endpoints:
         if (cluster and endpoint.cluster != cluster) or (
             framework and endpoint.framework != framework
@@ -81,6 +82,7 @@ def _models(
             continue
         if may_use(who, registry, endpoint):
             served.setdefault(endpoint.model, []).append(endpoint.cluster)
+            states.setdefault(endpoint.model, {})[endpoint.cluster] = state(registry, endpoint)
     return {
         "object": "list",
         "data": [
@@ -90,6 +92,7 @@ def _models(
                 "created": 0,
                 "owned_by": "first",
                 "clusters": clusters,
+                "states": states[model],
             }
             for model, clusters in sorted(served.items())
         ],
@@ -149,3 +152,51 @@ def result_callback(request_id: str) -> dict[str, Any]:
 def stream_callback(request_id: str) -> dict[str, Any]:
     authorization = current_request().headers.get("authorization")
     return streaming.accept_stream_callback(request_id, authorization, raw_body())
+
+
+@api("/v1/requests/{request_id}", methods=["GET"])
+def get_request(request_id: str) -> dict[str, Any]:
+    """A request's state and, once completed, its answer (owner only: 404 for anyone else)."""
+    from first_core import records
+
+    return results.request_view(records.get_owned(request_id, caller()))
+
+
+@app.schedule(Rate(1, unit=Rate.MINUTES), name="reconciler")
+def reconciler(event: Any) -> dict[str, Any]:
+    """Recover requests whose callback was lost (first_core.reconciler)."""
+    from first_core.reconciler import reconcile
+
+    return reconcile().to_json()
+
+
+@api("/resource_server/v1/list-endpoints", methods=["GET"])
+def list_endpoints() -> dict[str, Any]:
+    """FIRST's list of clusters, frameworks and models the caller may use."""
+    from first_core import listing
+
+    return listing.list_endpoints(Registry.current(), caller())
+
+
+@api("/resource_server/v1/{cluster}/jobs", methods=["GET"])
+def cluster_jobs(cluster: str) -> dict[str, Any]:
+    """The cluster's running, starting, queued and stopped models, as last polled."""
+    from first_core import listing
+
+    return listing.jobs(Registry.current(), caller(), cluster)
+
+
+@api("/resource_server/v1/status", methods=["GET"])
+def cluster_status() -> dict[str, Any]:
+    """Per cluster status, free nodes and model counts (no auth)."""
+    from first_core import listing
+
+    return listing.status(Registry.current())
+
+
+@app.schedule(Rate(1, unit=Rate.MINUTES), name="health_poller")
+def health_poller(event: Any) -> dict[str, Any]:
+    """Endpoint status and qstat into the registry table (first_core.health)."""
+    from first_core.health import poll
+
+    return poll().to_json()

@@ -10,9 +10,11 @@ from collections.abc import Callable
 from typing import Any
 
 from compute_funcs.inference import vllm_inference
+from compute_funcs.qstat import qstat
 from compute_funcs.streaming import vllm_streaming
 
 FUNCTIONS: dict[str, Callable[..., Any]] = {
     "inference": vllm_inference,
     "streaming": vllm_streaming,
+    "qstat": qstat,
 }

@@ -4,6 +4,7 @@ first-gateway dev [--port 8000] [--backend-url URL]   the whole stack, in the fo
 first-gateway dev --port 8001 --join STATE_FILE       a second gateway process on that stack
 first-gateway token --user alice [--expired]          a dev access token for a dev identity
 first-gateway registry load FILE | show               validate and publish / print the registry
+first-gateway registry maintenance CLUSTER on|off     an operator's maintenance switch
 """
 
 from __future__ import annotations
@@ -46,8 +47,17 @@ def _dev(args: argparse.Namespace) -> int:
         backend_errors=args.backend_errors,
         backend_hang=args.backend_hang,
         result_wait_seconds=args.result_wait,
+        reconcile_every=args.reconcile_every,
+        reconcile_grace=args.reconcile_grace,
+        drop_callbacks=args.drop_callbacks,
+        duplicate_callbacks=args.duplicate_callbacks,
+        delay_callbacks=args.delay_callbacks,
+        fail_compute=args.fail_compute,
+        throttle_writes=args.throttle_writes,
         state_file=Path(args.state_file) if args.state_file else None,
         join=Path(args.join) if args.join else None,
+        health_every=args.health_every,
+        stop_endpoints=[e for e in (args.stop_endpoints or "").split(",") if e],
     )
 
     def ready(stack: LocalStack) -> None:
@@ -88,6 +98,16 @@ def _registry(args: argparse.Namespace) -> int:
             print(error, file=sys.stderr)
             return 1
         print(f"wrote {publish(registry)} registry rows")
+        return 0
+    if args.action == "maintenance":
+        from first_core.health import set_maintenance
+
+        try:
+            set_maintenance(args.cluster, args.state == "on")
+        except KeyError:
+            print(f"no cluster {args.cluster!r} in the registry", file=sys.stderr)
+            return 1
+        print(f"{args.cluster}: maintenance {args.state}")
         return 0
     snapshot = Registry.current()
     print(
@@ -132,12 +152,52 @@ def main(argv: list[str] | None = None) -> int:
         "--backend-hang", type=float, default=0.0, help="fraction of mock requests that hang"
     )
     dev.add_argument("--result-wait", type=float, default=300.0, help="seconds before a 504")
+    dev.add_argument(
+        "--reconcile-every", type=float, default=5.0, help="reconciler period in s (0 = off)"
+    )
+    dev.add_argument(
+        "--reconcile-grace",
+        type=float,
+        default=10.0,
+        help="the reconciler looks at open requests older than this (s)",
+    )
+    faults = dev.add_argument_group("fault injection (first_local.faults; all off by default)")
+    faults.add_argument(
+        "--drop-callbacks", type=float, default=0.0, help="fraction of callbacks lost"
+    )
+    faults.add_argument(
+        "--duplicate-callbacks", type=float, default=0.0, help="fraction delivered twice"
+    )
+    faults.add_argument(
+        "--delay-callbacks", type=float, default=0.0, help="seconds every callback is held"
+    )
+    faults.add_argument(
+        "--fail-compute", type=float, default=0.0, help="fraction of compute tasks that raise"
+    )
+    faults.add_argument(
+        "--throttle-writes",
+        type=float,
+        default=0.0,
+        help="fraction of DynamoDB writes answered ProvisionedThroughputExceededException",
+    )
     dev.add_argument("--state-file", help="write the stack's addresses here as JSON")
     dev.add_argument(
         "--join",
         metavar="STATE_FILE",
         help="start only another gateway (and compute pool) on the running stack whose "
         "--state-file this is: its moto server, Globus stand-in and backend",
+    )
+    dev.add_argument(
+        "--health-every",
+        type=float,
+        default=10.0,
+        help="seconds between health polls (endpoint status + qstat into the registry; 0: never)",
+    )
+    dev.add_argument(
+        "--stop-endpoints",
+        metavar="ID[,ID]",
+        help="compute endpoint ids whose local pool is stopped (offline) from the start, "
+        "e.g. local-polaris-vllm",
     )
     dev.set_defaults(run=_dev)
 
@@ -151,6 +211,11 @@ def main(argv: list[str] | None = None) -> int:
     load = registry_commands.add_parser("load")
     load.add_argument("file")
     registry_commands.add_parser("show")
+    maintenance = registry_commands.add_parser(
+        "maintenance", help="put a cluster in maintenance (on) or take it out (off)"
+    )
+    maintenance.add_argument("cluster")
+    maintenance.add_argument("state", choices=["on", "off"])
     registry.set_defaults(run=_registry)
 
     args = parser.parse_args(argv)

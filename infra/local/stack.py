@@ -41,6 +41,15 @@ class StackOptions:
     backend_errors: float = 0.0
     backend_hang: float = 0.0
     result_wait_seconds: float = 300.0
+    # The reconciler's period (0: not run) and grace period (first_core.reconciler).
+    reconcile_every: float = 5.0
+    reconcile_grace: float = 10.0
+    # Fault injection (first_local.faults), all off by default.
+    drop_callbacks: float = 0.0
+    duplicate_callbacks: float = 0.0
+    delay_callbacks: float = 0.0
+    fail_compute: float = 0.0
+    throttle_writes: float = 0.0
     # Where to write the addresses of the running stack (for tests and operator commands).
     state_file: Path | None = None
     # Join a running stack (its state file): use its moto server, Globus stand-in and backend,
@@ -48,6 +57,12 @@ class StackOptions:
     # own compute pool. Several gateways on one DynamoDB, as several Lambda instances are.
     join: Path | None = None
     extra_env: dict[str, str] = field(default_factory=dict)
+    # The health poller (first_core.health.poll) in a background thread, every this many
+    # seconds (0: never); the first poll runs before the gateway answers.
+    health_every: float = 10.0
+    # Compute endpoints whose local pool is stopped from the start, as when a cluster's
+    # endpoint is down (tests: requests must go elsewhere).
+    stop_endpoints: list[str] = field(default_factory=list)
 
 
 def free_port() -> int:
@@ -130,6 +145,7 @@ class LocalStack:
             or secrets.token_hex(32),
             "FIRST_COMPUTE_BACKEND": "local",
             "FIRST_RESULT_WAIT_SECONDS": str(self.options.result_wait_seconds),
+            "FIRST_RECONCILE_GRACE_SECONDS": str(self.options.reconcile_grace),
             "GLOBUS_SDK_SERVICE_URL_AUTH": f"{auth}/auth/",
             "GLOBUS_SDK_SERVICE_URL_GROUPS": f"{auth}/groups/",
             **self.options.extra_env,
@@ -137,7 +153,10 @@ class LocalStack:
 
     def start_children(self) -> None:
         python = sys.executable
-        self._spawn([python, "-m", "first_local.moto_server", "--port", str(self.moto_port)])
+        moto = [python, "-m", "first_local.moto_server", "--port", str(self.moto_port)]
+        if self.options.throttle_writes:
+            moto += ["--throttle-writes", str(self.options.throttle_writes)]
+        self._spawn(moto)
         services = [python, "-m", "first_local.services", "--auth-port", str(self.auth_port)]
         o = self.options
         if self.vllm_port:
@@ -186,15 +205,80 @@ class LocalStack:
     def start_compute(self) -> None:
         from first_core.compute import LocalComputeBackend, set_backend
         from first_core.registry import Registry
+        from first_local.faults import CallbackFaultProxy, CallbackFaults
 
+        o = self.options
         worker_env = {"VLLM_BASE_URL": self.backend_url}
-        if self.options.backend_api_key:
-            worker_env["VLLM_API_KEY"] = self.options.backend_api_key
-        backend = LocalComputeBackend(worker_env, workers_per_endpoint=self.options.workers)
+        if o.backend_api_key:
+            worker_env["VLLM_API_KEY"] = o.backend_api_key
+        if o.fail_compute:
+            worker_env["FIRST_LOCAL_FAIL_COMPUTE"] = str(o.fail_compute)
+        faults = CallbackFaults(o.drop_callbacks, o.duplicate_callbacks, o.delay_callbacks)
+        callback_base_url = None
+        if faults.active:
+            self.fault_proxy = CallbackFaultProxy(self.base_url, faults).start()
+            callback_base_url = self.fault_proxy.url
+        backend = LocalComputeBackend(
+            worker_env, workers_per_endpoint=o.workers, callback_base_url=callback_base_url
+        )
         for endpoint_id in sorted({e.endpoint_id for e in Registry.current().endpoints}):
-            backend.start_endpoint(endpoint_id)
+            if endpoint_id in self.options.stop_endpoints:
+                backend.stop_endpoint(endpoint_id)
+            else:
+                backend.start_endpoint(endpoint_id)
         set_backend(backend)
         self.compute = backend
+
+    def start_reconciler(self) -> None:
+        """The scheduled reconciler, as a thread of this process (the compute pool lives here;
+        each gateway process reconciles its own pool's tasks)."""
+        import logging
+        import threading
+
+        every = self.options.reconcile_every
+        if every <= 0:
+            return
+        self._reconciler_stop = threading.Event()
+
+        def loop() -> None:
+            from first_core.reconciler import reconcile
+
+            while not self._reconciler_stop.wait(every):
+                try:
+                    report = reconcile()
+                except Exception:
+                    logging.getLogger("first.reconciler").exception("reconciler run failed")
+                    continue
+                if report.completed or report.failed or report.timed_out or report.errors:
+                    print(f"reconciler: {json.dumps(report.to_json())}", flush=True)
+
+        threading.Thread(target=loop, name="reconciler", daemon=True).start()
+
+    def start_health_poller(self) -> None:
+        """Poll once now, then every `health_every` seconds in a background thread."""
+        import logging
+        import threading
+
+        from first_core.health import poll
+
+        every = self.options.health_every
+        if every <= 0:
+            return
+        log = logging.getLogger("first.health")
+        self._health_stop = threading.Event()
+
+        def poll_once() -> None:
+            try:
+                poll(qstat_wait=max(5.0, every))
+            except Exception:
+                log.exception("health poll failed")
+
+        def loop() -> None:
+            while not self._health_stop.wait(every):
+                poll_once()
+
+        poll_once()
+        threading.Thread(target=loop, name="health-poller", daemon=True).start()
 
     def run(self, on_ready: object = None) -> None:
         """Start everything and serve in the foreground until interrupted."""
@@ -210,6 +294,9 @@ class LocalStack:
             else:
                 _wait_http(f"http://127.0.0.1:{self.moto_port}/moto-api/")
             self.start_compute()
+            self.start_reconciler()
+            if self.options.join is None:
+                self.start_health_poller()
             self.write_state()
             from first_local.server import GatewayServer
 
@@ -247,6 +334,15 @@ class LocalStack:
         )
 
     def stop(self) -> None:
+        reconciler_stop = getattr(self, "_reconciler_stop", None)
+        if reconciler_stop is not None:
+            reconciler_stop.set()
+        proxy = getattr(self, "fault_proxy", None)
+        if proxy is not None:
+            proxy.stop()
+        health_stop = getattr(self, "_health_stop", None)
+        if health_stop is not None:
+            health_stop.set()
         compute = getattr(self, "compute", None)
         if compute is not None:
             compute.shutdown()

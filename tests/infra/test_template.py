@@ -51,8 +51,18 @@ TABLE_ACCESS = {
         "rate_counters": "crud",
         "usage": "crud",
     },
+    "HealthPollerFunction": {"registry": "crud"},
+    "ReconcilerFunction": {
+        "requests": "crud",
+        "results": "crud",
+        "stream_chunks": "crud",
+        "rate_counters": "crud",
+        "usage": "crud",
+    },
 }
 S3_ACCESS = {
+    "ReconcilerFunction": {"s3:PutObject", "s3:GetObject", "s3:DeleteObject"},
+    "HealthPollerFunction": set(),
     "ProxyFunction": {"s3:GetObject"},
     "ControlPlaneFunction": {"s3:PutObject", "s3:GetObject", "s3:DeleteObject"},
 }
@@ -411,7 +421,12 @@ def _function_env(deployed: dict[str, Any], name: str) -> tuple[dict[str, Any], 
 
 @pytest.mark.parametrize(
     ("name", "handler", "memory", "timeout"),
-    [("first-dev-proxy", "run.sh", 1024, 900), ("first-dev-control", "app.app", 512, 30)],
+    [
+        ("first-dev-proxy", "run.sh", 1024, 900),
+        ("first-dev-control", "app.app", 512, 30),
+        ("first-dev-reconciler", "app.reconciler", 512, 120),
+        ("first-dev-health", "app.health_poller", 512, 300),
+    ],
 )
 def test_functions_carry_exactly_the_settings_the_code_reads(
     deployed: dict[str, Any], name: str, handler: str, memory: int, timeout: int,
@@ -556,3 +571,29 @@ def test_outputs_give_the_sdk_base_url(deployed: dict[str, Any]) -> None:
     assert outputs["GatewayUrl"] == f"https://{api_id}.execute-api.us-east-1.amazonaws.com/dev"
     assert outputs["BaseUrl"] == outputs["GatewayUrl"] + "/v1"
     assert outputs["RegistryFile"] == "infra/registry/dev.yaml"
+
+
+def test_every_chalice_schedule_is_a_scheduled_function(template: dict[str, Any]) -> None:
+    """Each @app.schedule is its own function, handler `app.<name>`, on the same rate."""
+    from chalice.app import ScheduledEventConfig
+
+    import app
+
+    schedules = {
+        source.name: source.schedule_expression
+        for source in app.app.event_sources
+        if isinstance(source, ScheduledEventConfig)
+    }
+    assert "reconciler" in schedules
+    assert "health_poller" in schedules
+    declared = {}
+    for resource in template["Resources"].values():
+        if resource["Type"] != "AWS::Serverless::Function":
+            continue
+        properties = resource["Properties"]
+        for event in (properties.get("Events") or {}).values():
+            if event["Type"] == "Schedule":
+                declared[properties["Handler"]] = event["Properties"]["Schedule"]
+    for name, expression in schedules.items():
+        rate = expression if isinstance(expression, str) else expression.to_string()
+        assert declared.get(f"app.{name}") == rate, name

@@ -90,7 +90,13 @@ def two_clusters(
         ("starting", "running", "polaris"),
         ("queued", "running", "polaris"),
         ("running", "queued", "sophia"),
-        ("starting", "online", "sophia"),
+        # A starting endpoint (online, no workers yet) takes nothing while another can serve.
+        ("starting", "online", "polaris"),
+        ("starting", "stopped", "polaris"),
+        ("queued", "starting", "sophia"),
+        ("stopped", "running", "polaris"),
+        ("stopped", "queued", "polaris"),
+        ("offline", "stopped", "polaris"),
         ("online", "queued", "polaris"),
         ("online", "offline", "sophia"),
         ("offline", "online", "polaris"),
@@ -466,3 +472,84 @@ def test_registry_file_accepts_model_allowed_domains() -> None:
     )
 
     assert config.model_dump()["allowed_domains"] == ["anl.gov"]
+
+
+# -- live states from the health poller -------------------------------------------------------
+@pytest.mark.parametrize("down", ["offline", "maintenance"])
+def test_only_starting_left_is_503_starting_retry_with_retry_after(down: str) -> None:
+    reg = two_clusters(sophia="starting", polaris="running", polaris_cluster=down)
+
+    with pytest.raises(ServiceUnavailableError) as unavailable:
+        choose(reg, ALICE, MODEL)
+
+    assert "starting, retry" in unavailable.value.message
+    assert "sophia" in unavailable.value.message
+    assert unavailable.value.code == "model_starting"
+    assert unavailable.value.headers["Retry-After"].isdigit()
+
+
+def test_named_starting_cluster_is_503_starting_even_if_another_could_serve() -> None:
+    reg = two_clusters(sophia="starting", polaris="running")
+
+    with pytest.raises(ServiceUnavailableError) as unavailable:
+        choose(reg, ALICE, MODEL, cluster="sophia")
+
+    assert "starting, retry" in unavailable.value.message
+    assert "Retry-After" in unavailable.value.headers
+
+
+def _with_free_nodes(sophia: int | None, polaris: int | None) -> Registry:
+    return registry(
+        [
+            cluster("sophia").model_copy(update={"free_nodes": sophia}),
+            cluster("polaris").model_copy(update={"free_nodes": polaris}),
+        ],
+        [endpoint("polaris", "stopped"), endpoint("sophia", "stopped")],
+    )
+
+
+@pytest.mark.parametrize(
+    ("sophia", "polaris", "chosen"),
+    [(4, 0, "sophia"), (0, 4, "polaris"), (1, 8, "polaris"), (None, 2, "polaris")],
+)
+def test_stopped_everywhere_prefers_the_cluster_with_free_nodes(
+    sophia: int | None, polaris: int | None, chosen: str
+) -> None:
+    route = choose(_with_free_nodes(sophia, polaris), ALICE, MODEL)
+
+    assert route.endpoint.cluster == chosen
+    assert "stopped" in route.reason and "free nodes" in route.reason
+
+
+def test_online_without_a_known_model_state_beats_stopped_with_no_free_nodes() -> None:
+    reg = registry(
+        [cluster("sophia").model_copy(update={"free_nodes": 0}), cluster("polaris")],
+        [endpoint("polaris", "online"), endpoint("sophia", "stopped")],
+    )
+
+    assert choose(reg, ALICE, MODEL).endpoint.cluster == "polaris"
+
+
+@pytest.mark.parametrize("state", ["running", "queued", "online", "stopped"])
+def test_reason_names_the_state(state: str) -> None:
+    route = choose(two_clusters(sophia=state, polaris="offline"), ALICE, MODEL)
+
+    assert route.reason.startswith(f"sophia: model {state}")
+
+
+def test_excluded_endpoint_is_skipped_and_the_reason_says_so() -> None:
+    reg = two_clusters(sophia="online", polaris="running")
+
+    route = choose(reg, ALICE, MODEL, exclude=frozenset({"polaris-vllm"}))
+
+    assert route.endpoint.cluster == "sophia"
+    assert "polaris-vllm refused the submit" in route.reason
+
+
+def test_every_endpoint_excluded_is_503_naming_the_refusals() -> None:
+    reg = two_clusters(sophia="running", polaris="running")
+
+    with pytest.raises(ServiceUnavailableError) as unavailable:
+        choose(reg, ALICE, MODEL, exclude=frozenset({"polaris-vllm", "sophia-vllm"}))
+
+    assert "submit refused" in unavailable.value.message

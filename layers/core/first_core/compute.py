@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import random
 import threading
+import urllib.parse
 import uuid
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
@@ -20,6 +22,7 @@ from typing import Any, Literal, Protocol
 from first_core.errors import ServiceUnavailableError
 
 TaskStatus = Literal["pending", "success", "failed", "unknown"]
+EndpointStatus = Literal["online", "offline"]
 
 
 @dataclass(frozen=True)
@@ -35,6 +38,10 @@ class ComputeBackend(Protocol):
         ...
 
     def task_state(self, task_id: str) -> TaskState: ...
+
+    def endpoint_status(self, endpoint_id: str) -> EndpointStatus:
+        """Whether the endpoint takes work ("online") or not ("offline")."""
+        ...
 
 
 class GlobusComputeBackend:
@@ -55,12 +62,26 @@ class GlobusComputeBackend:
             ) from error
 
     def task_state(self, task_id: str) -> TaskState:
-        task = self._client.get_task(task_id)
+        from globus_sdk import GlobusAPIError
+
+        try:
+            task = self._client.get_task(task_id)
+        except GlobusAPIError as error:
+            if error.http_status in (404, 410):  # the service no longer knows the task
+                return TaskState("unknown", error=f"Globus Compute: {error.http_status} {task_id}")
+            raise
         if task.get("pending"):
             return TaskState("pending")
         if "exception" in task:
             return TaskState("failed", error=str(task["exception"])[:2000])
         return TaskState("success", result=task.get("result"))
+
+    def endpoint_status(self, endpoint_id: str) -> EndpointStatus:
+        try:
+            answer = self._client.get_endpoint_status(endpoint_id)
+        except Exception:  # unknown endpoint, Globus outage: not usable now
+            return "offline"
+        return "online" if str(answer.get("status", "")).lower() == "online" else "offline"
 
 
 _worker_functions: dict[str, Any] = {}
@@ -84,6 +105,10 @@ def _run_serialized(function_buffer: str, kwargs_buffer: str) -> Any:
     if function is None:
         function = _worker_functions[function_buffer] = serializer.deserialize(function_buffer)
     kwargs = serializer.deserialize(kwargs_buffer)
+    # Fault injection of the local stack (`first-gateway dev --fail-compute F`).
+    fail = float(os.environ.get("FIRST_LOCAL_FAIL_COMPUTE") or 0)
+    if fail and random.random() < fail:
+        raise RuntimeError("injected fault: the compute function raised (--fail-compute)")
     return function(**kwargs)
 
 
@@ -100,7 +125,16 @@ def _warm_up() -> int:
 class LocalComputeBackend:
     """A pool of worker processes per endpoint id, running `compute_funcs` for real."""
 
-    def __init__(self, worker_env: dict[str, str], workers_per_endpoint: int = 4) -> None:
+    def __init__(
+        self,
+        worker_env: dict[str, str],
+        workers_per_endpoint: int = 4,
+        callback_base_url: str | None = None,
+    ) -> None:
+        # Callbacks go here instead of the gateway's own URL (the local fault proxy).
+        self._callback_base_url = callback_base_url
+        # Task ids name this pool, so a pool never claims another gateway process's tasks.
+        self._prefix = f"local-{os.getpid()}-"
         self._serializer = code_serializer()
         self._worker_env = worker_env
         self._workers = workers_per_endpoint
@@ -134,6 +168,10 @@ class LocalComputeBackend:
         if pool is not None:
             pool.shutdown(wait=False, cancel_futures=True)
 
+    def endpoint_status(self, endpoint_id: str) -> EndpointStatus:
+        """A stopped pool is offline; any other starts on first use, as an endpoint does."""
+        return "offline" if endpoint_id in self._stopped else "online"
+
     def shutdown(self) -> None:
         for endpoint_id in list(self._pools):
             self.stop_endpoint(endpoint_id)
@@ -145,16 +183,22 @@ class LocalComputeBackend:
             )
         if endpoint_id not in self._pools:
             self.start_endpoint(endpoint_id)
+        if self._callback_base_url and "callback_url" in kwargs:
+            path = urllib.parse.urlsplit(kwargs["callback_url"]).path
+            kwargs = {**kwargs, "callback_url": self._callback_base_url.rstrip("/") + path}
         future = self._pools[endpoint_id].submit(
             _run_serialized, self._function_buffer(function_id), self._serializer.serialize(kwargs)
         )
-        task_id = str(uuid.uuid4())
+        task_id = f"{self._prefix}{uuid.uuid4()}"
         with self._lock:
             self._tasks[task_id] = future
         return task_id
 
     def task_state(self, task_id: str) -> TaskState:
         future = self._tasks.get(task_id)
+        if future is None and task_id.startswith("local-") and not task_id.startswith(self._prefix):
+            # Another gateway process's pool (first-gateway dev --join): only it can tell.
+            return TaskState("pending")
         if future is None:
             return TaskState("unknown", error="no such task on this local pool")
         if not future.done():

@@ -21,6 +21,7 @@ from first_core.errors import (
     GatewayError,
     InvalidRequestError,
     PayloadTooLargeError,
+    ServiceUnavailableError,
     UpstreamError,
 )
 from first_core.registry import Endpoint, Registry
@@ -50,6 +51,7 @@ def submit(
     raw_body: bytes,
     cluster: str | None = None,
     framework: str | None = None,
+    exclude: frozenset[str] = frozenset(),
 ) -> Submission:
     settings = get_settings()
     if len(raw_body) > settings.max_payload_bytes:
@@ -58,7 +60,9 @@ def submit(
         )
     request = schemas.parse_request(openai_path, raw_body)  # type: ignore[arg-type]
     stream = request.wants_stream()
-    route = routing.choose(Registry.current(), caller, request.model, cluster, framework)
+    route = routing.choose(
+        Registry.current(), caller, request.model, cluster, framework, exclude=exclude
+    )
     endpoint = route.endpoint
     limit = endpoint.limits.max_tokens
     asked = request.max_output_tokens()
@@ -113,6 +117,15 @@ def submit(
     }
     try:
         task_id = get_backend().submit(endpoint.endpoint_id, function_id, kwargs)
+    except ServiceUnavailableError as error:
+        # The endpoint went offline since the status was read: a federated request tries the
+        # next cluster (this attempt ends failed, with its reservation settled).
+        records.finish(request_id, "failed", error=error.message)
+        if cluster is not None:
+            raise
+        return submit(
+            caller, openai_path, raw_body, cluster, framework, exclude | {endpoint.endpoint_id}
+        )
     except GatewayError as error:
         records.finish(request_id, "failed", error=error.message)
         raise

@@ -148,6 +148,12 @@ class Cluster(BaseModel):
     allowed_groups: list[str]
     allowed_domains: list[str]
     status: str
+    free_nodes: int | None = None  # as the health poller last saw (None: unknown)
+
+
+def _free_nodes(row: Any) -> int | None:
+    free = getattr(row, "free_nodes", None)
+    return int(free) if free is not None else None
 
 
 class Registry:
@@ -184,6 +190,7 @@ class Registry:
                 clusters[row.cluster] = Cluster(
                     name=row.cluster,
                     status=row.status,
+                    free_nodes=_free_nodes(row),
                     **{
                         k: row.config.get(k, [])
                         for k in ("frameworks", "allowed_groups", "allowed_domains")

@@ -178,3 +178,31 @@ def error_message(body: Any) -> str:
             return str(error.get("message", error))
         return str(body.get("message", error))
     return str(body)
+
+
+def request_view(request: RequestRecord) -> dict[str, Any]:
+    """`GET /v1/requests/{id}`: the request's state and, once it completed, its answer."""
+    usage = None
+    if request.total_tokens is not None:
+        usage = {
+            "prompt_tokens": int(request.prompt_tokens or 0),
+            "completion_tokens": int(request.completion_tokens or 0),
+            "total_tokens": int(request.total_tokens or 0),
+        }
+    response = None
+    if request.status == "completed":
+        stored = load(request.request_id)
+        response = stored.body if stored is not None else None
+    return {
+        "id": request.request_id,
+        "object": "request",
+        "status": request.status,
+        "model": request.model,
+        "cluster": request.cluster,
+        "stream": bool(request.stream),
+        "created_at": int(request.created_at),
+        "completed_at": int(request.completed_at) if request.completed_at else None,
+        "usage": usage,
+        "error": request.error,
+        "response": response,
+    }

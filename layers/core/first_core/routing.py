@@ -11,9 +11,13 @@ from first_core.auth import Caller
 from first_core.errors import NotFoundError, PermissionDeniedError, ServiceUnavailableError
 from first_core.registry import Endpoint, Registry
 
-# Lower is better. A model already running answers at once; one starting or queued soon.
-_PREFERENCE = {"running": 0, "starting": 1, "queued": 1, "online": 2}
+# Lower is better. A model already running answers at once; a queued job soon; then a cluster
+# with free nodes, then any online one (`online`: the poller could not tell the model's state).
+# `starting` (the endpoint is up but has no workers yet) takes no requests while another cluster
+# can serve; alone, it answers 503 "starting, retry" rather than piling requests on it.
+_PREFERENCE = {"running": 0, "queued": 1, "online": 2, "stopped": 2}
 _UNAVAILABLE = {"offline", "maintenance"}
+STARTING_RETRY_AFTER = "30"
 
 
 @dataclass(frozen=True)
@@ -67,7 +71,9 @@ def choose(
     model: str,
     cluster: str | None = None,
     framework: str | None = None,
+    exclude: frozenset[str] = frozenset(),
 ) -> Route:
+    """The endpoint to run on and why. `exclude`: endpoint ids that just refused a submit."""
     if cluster is not None:
         known = registry.clusters.get(cluster)
         if known is None:
@@ -109,22 +115,68 @@ def choose(
                 for e in candidates
             )
         )
-    available = [e for e in permitted if _status(registry, e) not in _UNAVAILABLE]
+    def state(e: Endpoint) -> str:
+        return "offline (submit refused)" if e.endpoint_id in exclude else _status(registry, e)
+
+    available = [
+        e
+        for e in permitted
+        if _status(registry, e) not in _UNAVAILABLE and e.endpoint_id not in exclude
+    ]
     if not available:
-        states = ", ".join(f"{e.cluster}: {_status(registry, e)}" for e in permitted)
+        states = ", ".join(f"{e.cluster}: {state(e)}" for e in permitted)
         raise ServiceUnavailableError(
             f"No cluster can serve '{model}' right now ({states}). Retry later.",
-            headers={"Retry-After": "60"},
+            headers={
+                "Retry-After": "60",
+                "x-first-route-reason": f"no cluster available: {states}",
+            },
         )
-    best = min(available, key=lambda e: _PREFERENCE.get(_status(registry, e), 3))
+    serving = [e for e in available if _status(registry, e) != "starting"]
+    if not serving:
+        where = ", ".join(sorted({e.cluster for e in available}))
+        raise ServiceUnavailableError(
+            f"'{model}' is starting on {where} (the endpoint is online but has no workers "
+            f"yet); starting, retry in {STARTING_RETRY_AFTER} s.",
+            headers={
+                "Retry-After": STARTING_RETRY_AFTER,
+                "x-first-route-reason": f"model starting on {where}; retry",
+            },
+            code="model_starting",
+        )
+    best = min(serving, key=lambda e: _rank(registry, e))
     status = _status(registry, best)
+    if status == "stopped":
+        free = _free_nodes(registry, best)
+        status = f"stopped, {free} free nodes" if free else "stopped"
     reason = (
         f"named cluster {best.cluster} ({status})"
         if cluster
         else f"{best.cluster}: model {status}; "
-        f"{len(available)} of {len(candidates)} clusters available"
+        f"{len(serving)} of {len(candidates)} clusters available"
     )
+    if exclude:
+        reason += f"; after {', '.join(sorted(exclude))} refused the submit"
     return Route(endpoint=best, reason=reason)
+
+
+def _free_nodes(registry: Registry, endpoint: Endpoint) -> int:
+    cluster = registry.clusters.get(endpoint.cluster)
+    return (cluster.free_nodes or 0) if cluster is not None else 0
+
+
+def _rank(registry: Registry, endpoint: Endpoint) -> tuple[int, int]:
+    status = _status(registry, endpoint)
+    preference = _PREFERENCE.get(status, 3)
+    free = _free_nodes(registry, endpoint)
+    if status == "stopped" and not free:
+        preference = 3  # nothing to start it on: after any online cluster
+    return (preference, -free)
+
+
+def state(registry: Registry, endpoint: Endpoint) -> str:
+    """The endpoint's state as the router sees it: the cluster's when it is down."""
+    return _status(registry, endpoint)
 
 
 def _status(registry: Registry, endpoint: Endpoint) -> str:

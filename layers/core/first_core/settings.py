@@ -77,6 +77,10 @@ class Settings(BaseSettings):
     usage_max_days: int = 366
     # The registry table is re-read at most this often per function instance.
     registry_cache_seconds: float = 5.0
+    # The reconciler (first_core.reconciler) looks at open requests older than this, and ends
+    # those whose task is still pending after `request_deadline_seconds` as timed_out.
+    reconcile_grace_seconds: float = 120.0
+    request_deadline_seconds: float = 6 * 3600.0
 
 
 @lru_cache(maxsize=1)

@@ -113,8 +113,53 @@ def accept_stream_callback(
         # Also after a duplicate put: the first delivery may have died between the two writes.
         usage = batch.usage.to_usage() if batch.usage else None
         error = batch.error.message if batch.error else None
+        if batch.seq and _batches_before(request_id, batch.seq) < batch.seq:
+            # An earlier batch is missing (late, or lost): the request ends once the gap is
+            # filled, by that batch or by the reconciler from the task's result. The mark goes
+            # first, so a batch that fills the gap meanwhile sees it (or the count below sees
+            # that batch).
+            _mark_done_seq(request_id, batch.seq)
+            if _batches_before(request_id, batch.seq) < batch.seq:
+                return {"continue": True, "duplicate": not written}
         records.finish(request_id, ends_as, usage=usage, error=error)
+    elif record.stream_done_seq is not None and record.status not in TERMINAL_STATUSES:
+        _finish_if_whole(request_id, int(record.stream_done_seq))
     return {"continue": True, "duplicate": not written}
+
+
+def _batches_before(request_id: str, seq: int) -> int:
+    return int(
+        StreamChunkBatch.count(request_id, StreamChunkBatch.seq < seq, consistent_read=True)
+    )
+
+
+def _mark_done_seq(request_id: str, seq: int) -> None:
+    try:
+        RequestRecord(request_id).update(
+            actions=[RequestRecord.stream_done_seq.set(seq)], condition=records.STILL_OPEN
+        )
+    except UpdateError as failure:
+        if failure.cause_response_code != "ConditionalCheckFailedException":
+            raise
+
+
+def _finish_if_whole(request_id: str, done_seq: int) -> None:
+    """End a stream whose done batch came early, once no batch before it is missing."""
+    if _batches_before(request_id, done_seq) < done_seq:
+        return
+    try:
+        done = StreamChunkBatch.get(request_id, done_seq, consistent_read=True)
+    except DoesNotExist:
+        return
+    error = None
+    if done.chunks:
+        last = json.loads(done.chunks[-1]) if done.chunks[-1].startswith('{"error"') else None
+        if isinstance(last, dict) and isinstance(last.get("error"), dict):
+            error = str(last["error"].get("message") or "The stream failed.")
+    usage = StreamUsage.model_validate(done.usage).to_usage() if done.usage else None
+    records.finish(
+        request_id, "failed" if error else "completed", usage=usage, error=error
+    )
 
 
 def _ended_by_this_stream(status: str, batch: StreamBatchBody) -> bool:
@@ -145,6 +190,7 @@ def _put_batch(request_id: str, batch: StreamBatchBody) -> bool:
         batch.seq,
         chunks=chunks,
         done=batch.done,
+        usage=batch.usage.model_dump() if batch.done and batch.usage else None,
         created_at=now,
         expires_at=datetime.fromtimestamp(now + get_settings().result_ttl_seconds, tz=UTC),
     )

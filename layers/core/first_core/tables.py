@@ -90,6 +90,9 @@ class RequestRecord(Model):
     total_tokens = NumberAttribute(null=True)
     # The rate-limit tokens reserved before submitting (first_core.ratelimit), settled at the end.
     rate_reservation = JSONAttribute(null=True)
+    # A streamed request whose done batch (this seq) came while an earlier batch was missing:
+    # it ends when the gap is filled, by the late batch or by the reconciler (first_core.streaming).
+    stream_done_seq = NumberAttribute(null=True)
 
     by_user = RequestsByUser()
     by_open_status = RequestsByStatus()
@@ -117,6 +120,7 @@ class StreamChunkBatch(Model):
     seq = NumberAttribute(range_key=True)  # 0, 1, 2, ... per request, no gaps
     chunks = JSONAttribute()  # list of SSE `data:` payloads (JSON strings), in order
     done = BooleanAttribute(default=False)  # the last batch of the stream
+    usage = JSONAttribute(null=True)  # on the done batch: the stream's usage, to end it later
     created_at = NumberAttribute()
     expires_at = TTLAttribute()
 
@@ -141,6 +145,8 @@ class RegistryEntry(Model):
     config = JSONAttribute()
     status = UnicodeAttribute(default="online")
     updated_at = NumberAttribute(default=0)
+    # Cluster rows: free nodes the health poller last saw (None: unknown).
+    free_nodes = NumberAttribute(null=True)
 
 
 class RateCounter(Model):

@@ -1,0 +1,96 @@
+"""What the control plane shows of the registry and its live status: FIRST's
+`list-endpoints`, a cluster's jobs, and the per-cluster status page."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from first_core.auth import Caller
+from first_core.errors import NotFoundError
+from first_core.registry import Registry
+from first_core.routing import may_use, state
+
+JOB_STATES = ("running", "starting", "queued", "stopped")
+
+
+def list_endpoints(registry: Registry, who: Caller) -> dict[str, Any]:
+    """FIRST's shape: clusters → base_url, frameworks → models and the OpenAI paths."""
+    clusters: dict[str, Any] = {}
+    for endpoint in registry.endpoints:
+        if not may_use(who, registry, endpoint):
+            continue
+        known = registry.clusters.get(endpoint.cluster)
+        cluster = clusters.setdefault(
+            endpoint.cluster,
+            {
+                "base_url": f"/resource_server/v1/{endpoint.cluster}",
+                "status": known.status if known else "unknown",
+                "frameworks": {},
+            },
+        )
+        framework = cluster["frameworks"].setdefault(
+            endpoint.framework,
+            {
+                "models": [],
+                "endpoints": {
+                    "chat": f"/{endpoint.framework}/v1/chat/completions",
+                    "completion": f"/{endpoint.framework}/v1/completions",
+                    "embedding": f"/{endpoint.framework}/v1/embeddings",
+                },
+            },
+        )
+        framework["models"].append(endpoint.model)
+    for cluster in clusters.values():
+        for framework in cluster["frameworks"].values():
+            framework["models"].sort()
+    return {"clusters": dict(sorted(clusters.items()))}
+
+
+def jobs(registry: Registry, who: Caller, cluster: str) -> dict[str, Any]:
+    """The cluster's models by state (running, starting, queued, stopped), as last polled."""
+    known = registry.clusters.get(cluster)
+    if known is None:
+        raise NotFoundError(
+            f"Cluster '{cluster}' does not exist. Known clusters: "
+            f"{', '.join(sorted(registry.clusters))}.",
+            param="cluster",
+            code="cluster_not_found",
+        )
+    by_state: dict[str, list[dict[str, Any]]] = {s: [] for s in JOB_STATES}
+    others: list[dict[str, Any]] = []
+    for endpoint in registry.endpoints:
+        if endpoint.cluster != cluster or not may_use(who, registry, endpoint):
+            continue
+        entry = {
+            "model": endpoint.model,
+            "framework": endpoint.framework,
+            "endpoint_id": endpoint.endpoint_id,
+            "state": endpoint.status,
+        }
+        by_state.get(endpoint.status, others).append(entry)
+    return {
+        "cluster": cluster,
+        "status": known.status,
+        "free_nodes": known.free_nodes,
+        **by_state,
+        # Endpoints whose model state the poller could not tell (online) or that are offline.
+        "others": others,
+    }
+
+
+def status(registry: Registry) -> dict[str, Any]:
+    """Per cluster, for anyone: its status, free nodes and how many models are in each state."""
+    clusters: dict[str, Any] = {}
+    for name, cluster in sorted(registry.clusters.items()):
+        counts = dict.fromkeys((*JOB_STATES, "offline", "online"), 0)
+        for endpoint in registry.endpoints:
+            if endpoint.cluster == name:
+                key = state(registry, endpoint)
+                counts[key] = counts.get(key, 0) + 1
+        clusters[name] = {
+            "status": cluster.status,
+            "free_nodes": cluster.free_nodes,
+            "frameworks": cluster.frameworks,
+            "models": {k: v for k, v in counts.items() if k in (*JOB_STATES, "offline")},
+        }
+    return {"clusters": clusters}

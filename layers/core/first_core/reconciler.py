@@ -1,0 +1,199 @@
+"""The reconciler: a lost callback costs latency, never an answer.
+
+Run on a schedule (the `reconciler` function in app.py; the local stack runs it in a thread).
+It reads the open requests (the `by_open_status` index holds only requests not yet ended) older
+than a grace period and asks the compute backend for each one's task by id:
+
+- `success`: the task's return value is written through the callback's own idempotent path
+  (`results.record` for a non-streamed request; for a streamed one the missing chunk batches are
+  put with the stream callback's conditional put, in seq order, and the record ends);
+- `failed`, `unknown` (the task vanished), or no task id at all: the request ends `failed` with
+  the reason, through the same path (so a client still waiting gets the error at once);
+- `pending`: left alone, unless the request is past its deadline, when it ends `timed_out`.
+
+Every end goes through `records.finish`, which is conditional: a request ends exactly once, so a
+callback racing the reconciler changes nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from first_core import records, results, streaming
+from first_core.compute import ComputeBackend, get_backend
+from first_core.settings import get_settings
+from first_core.tables import RequestRecord, StreamChunkBatch
+
+log = logging.getLogger("first.reconciler")
+
+
+@dataclass
+class ReconcileReport:
+    checked: int = 0
+    completed: list[str] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
+    timed_out: list[str] = field(default_factory=list)
+    pending: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "checked": self.checked,
+            "completed": self.completed,
+            "failed": self.failed,
+            "timed_out": self.timed_out,
+            "pending": self.pending,
+            "errors": self.errors,
+        }
+
+
+def reconcile(
+    now: float | None = None,
+    grace_seconds: float | None = None,
+    backend: ComputeBackend | None = None,
+) -> ReconcileReport:
+    settings = get_settings()
+    now = time.time() if now is None else now
+    grace = settings.reconcile_grace_seconds if grace_seconds is None else grace_seconds
+    report = ReconcileReport()
+    stale = RequestRecord.by_open_status.query(
+        "open", RequestRecord.created_at <= now - grace
+    )
+    for record in stale:
+        report.checked += 1
+        try:
+            _reconcile_one(record, now, backend or get_backend(), report)
+        except Exception as error:  # one bad request must not stop the others
+            log.exception("could not reconcile %s", record.request_id)
+            report.errors.append(f"{record.request_id}: {type(error).__name__}: {error}")
+    return report
+
+
+def _reconcile_one(
+    record: RequestRecord, now: float, backend: ComputeBackend, report: ReconcileReport
+) -> None:
+    request_id = record.request_id
+    if not record.task_id:
+        _fail(record, "The request was never submitted to a compute endpoint.", report)
+        return
+    state = backend.task_state(record.task_id)
+    if state.status == "success":
+        value = state.result if isinstance(state.result, dict) else {}
+        if _write_result(record, value):
+            report.completed.append(request_id)
+        else:
+            report.failed.append(request_id)
+    elif state.status == "failed":
+        _fail(record, f"The compute task failed: {state.error or 'no reason given'}", report)
+    elif state.status == "unknown":
+        _fail(record, f"The compute task vanished: {state.error or 'unknown task'}", report)
+    elif now - float(record.created_at) > get_settings().request_deadline_seconds:
+        if records.finish(
+            request_id, "timed_out", error="The compute task did not finish before the deadline."
+        ):
+            report.timed_out.append(request_id)
+    else:
+        report.pending.append(request_id)
+
+
+def _error_body(message: str, code: str) -> dict[str, Any]:
+    return {"error": {"message": message, "type": "server_error", "param": None, "code": code}}
+
+
+def _fail(record: RequestRecord, message: str, report: ReconcileReport) -> None:
+    body = _error_body(message, "compute_failed")
+    if record.stream:
+        _end_stream(record.request_id, [], 502, body, None)
+    else:
+        results.record(record.request_id, 502, body)
+    report.failed.append(record.request_id)
+
+
+def _write_result(record: RequestRecord, value: dict[str, Any]) -> bool:
+    """Write a finished task's return value as its callback would have; True if it succeeded."""
+    status_code = int(value.get("status_code") or 500)
+    body = value.get("body")
+    if status_code >= 400 and not (isinstance(body, dict) and "error" in body):
+        body = _error_body(results.error_message(body), "upstream_error")
+    if not record.stream:
+        results.record(record.request_id, status_code, body)
+        return status_code < 400
+    chunks = [str(c) for c in value.get("chunks") or []]
+    _end_stream(record.request_id, chunks, status_code, body, value.get("usage"))
+    return status_code < 400
+
+
+def _end_stream(
+    request_id: str,
+    chunks: list[str],
+    status_code: int,
+    body: Any,
+    usage: Any,
+) -> None:
+    """Fill the gaps of a stream from the task's whole list of chunks, then its done batch.
+
+    Batches already stored keep their place; a lost batch's chunks are those between the end
+    of the stored batch before it and the start of the stored batch after it. Each batch is put
+    with the stream callback's conditional put, so a batch that lands meanwhile wins.
+    """
+    error = None
+    if status_code >= 400:
+        raw = body.get("error") if isinstance(body, dict) else None
+        error = streaming.StreamError.model_validate(
+            raw if isinstance(raw, dict) else {"message": results.error_message(body)}
+        )
+    stream_usage = streaming.StreamUsage.model_validate(usage) if isinstance(usage, dict) else None
+    stored = list(StreamChunkBatch.query(request_id, consistent_read=True))
+    position, next_seq, done = 0, 0, False
+    for row in sorted(stored, key=lambda r: int(r.seq)):
+        seq = int(row.seq)
+        row_chunks = [c for c in row.chunks if not _is_error_chunk(c)]
+        if seq > next_seq:
+            start = _find(chunks, row_chunks, position)
+            _put(request_id, next_seq, chunks[position:start])
+            for empty in range(next_seq + 1, seq):
+                _put(request_id, empty, [])
+            position = start
+        position += len(row_chunks)
+        next_seq = seq + 1
+        if row.done:  # the stream's own end is stored (its callback died before ending it)
+            done = True
+            break
+    if not done:
+        batch = streaming.StreamBatchBody(
+            request_id=request_id,
+            seq=next_seq,
+            chunks=chunks[position:],
+            done=True,
+            error=error,
+            usage=stream_usage,
+        )
+        streaming._put_batch(request_id, batch)
+    records.finish(
+        request_id,
+        "failed" if error else "completed",
+        usage=stream_usage.to_usage() if stream_usage else None,
+        error=error.message if error else None,
+    )
+
+
+def _put(request_id: str, seq: int, chunks: list[str]) -> None:
+    batch = streaming.StreamBatchBody(request_id=request_id, seq=seq, chunks=chunks)
+    streaming._put_batch(request_id, batch)
+
+
+def _find(chunks: list[str], part: list[str], start: int) -> int:
+    """Where `part` begins in `chunks`, at or after `start` (at `start` if it cannot be found)."""
+    if not part:
+        return start
+    for index in range(start, len(chunks) - len(part) + 1):
+        if chunks[index : index + len(part)] == part:
+            return index
+    return start
+
+
+def _is_error_chunk(chunk: str) -> bool:
+    return chunk.startswith('{"error"')

@@ -1,0 +1,179 @@
+"""The reconciler against a fake compute backend, on in-process moto."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import pytest
+
+from first_core import reconciler, records, results, streaming
+from first_core.compute import TaskState
+from first_core.tables import RequestRecord, StreamChunkBatch, UsageRecord
+from tests.unit.test_results import CALLER, ENDPOINT
+
+pytestmark = pytest.mark.usefixtures("aws")
+
+ANSWER = {
+    "id": "chatcmpl-1",
+    "object": "chat.completion",
+    "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}}],
+    "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5},
+}
+
+
+class FakeBackend:
+    def __init__(self, states: dict[str, TaskState]) -> None:
+        self.states = states
+        self.asked: list[str] = []
+
+    def submit(self, endpoint_id: str, function_id: str, kwargs: dict[str, Any]) -> str:
+        raise AssertionError("the reconciler never submits")
+
+    def task_state(self, task_id: str) -> TaskState:
+        self.asked.append(task_id)
+        return self.states.get(task_id, TaskState("unknown", error="no such task"))
+
+
+def new_request(task_id: str | None, *, stream: bool = False) -> str:
+    request_id = records.new_request_id()
+    records.create(request_id, CALLER, ENDPOINT, "chat/completions", stream, "test")
+    if task_id:
+        records.set_task(request_id, task_id)
+    return request_id
+
+
+def status(request_id: str) -> RequestRecord:
+    return RequestRecord.get(request_id, consistent_read=True)
+
+
+def run(backend: FakeBackend, now: float | None = None) -> reconciler.ReconcileReport:
+    return reconciler.reconcile(
+        now=(now or time.time()) + 10, grace_seconds=5, backend=backend
+    )
+
+
+def usage_rows() -> list[UsageRecord]:
+    return list(UsageRecord.scan())
+
+
+def test_a_lost_callback_is_recovered_once() -> None:
+    request_id = new_request("t1")
+    value = {"request_id": request_id, "status_code": 200, "body": ANSWER}
+    backend = FakeBackend({"t1": TaskState("success", result=value)})
+    report = run(backend)
+    assert report.completed == [request_id]
+    record = status(request_id)
+    assert (record.status, record.total_tokens, record.open_status) == ("completed", 5, None)
+    stored = results.load(request_id)
+    assert stored is not None and stored.body == ANSWER
+    # Ended requests leave the open index: a second run does not even look at them.
+    assert run(backend).checked == 0
+    # A late callback changes nothing: one result, one usage record.
+    assert results.record(request_id, 200, ANSWER) == "duplicate"
+    assert len(usage_rows()) == 1
+
+
+def test_young_requests_are_left_alone() -> None:
+    new_request("t1")
+    backend = FakeBackend({})
+    assert reconciler.reconcile(grace_seconds=60, backend=backend).checked == 0
+    assert backend.asked == []
+
+
+@pytest.mark.parametrize(
+    ("state", "reason"),
+    [
+        (TaskState("failed", error="RuntimeError: boom"), "boom"),
+        (TaskState("unknown", error="gone"), "vanished"),
+    ],
+)
+def test_failed_or_vanished_tasks_end_failed_with_the_reason(state: TaskState, reason: str) -> None:
+    request_id = new_request("t1")
+    report = run(FakeBackend({"t1": state}))
+    assert report.failed == [request_id]
+    record = status(request_id)
+    assert record.status == "failed" and reason in (record.error or "")
+    stored = results.load(request_id)  # a client still waiting gets the error at once
+    assert stored is not None and stored.status_code == 502
+    assert "error" in stored.body
+
+
+def test_never_submitted_requests_fail() -> None:
+    request_id = new_request(None)
+    run(FakeBackend({}))
+    record = status(request_id)
+    assert record.status == "failed" and "never submitted" in (record.error or "")
+
+
+def test_pending_tasks_wait_until_the_deadline_then_time_out() -> None:
+    request_id = new_request("t1")
+    backend = FakeBackend({"t1": TaskState("pending")})
+    assert run(backend).pending == [request_id]
+    assert status(request_id).status == "submitted"
+    report = reconciler.reconcile(now=time.time() + 7 * 3600, grace_seconds=5, backend=backend)
+    assert report.timed_out == [request_id]
+    assert status(request_id).status == "timed_out"
+    assert len(usage_rows()) == 1
+
+
+def chunk(content: str) -> str:
+    return json.dumps({"id": "c", "choices": [{"index": 0, "delta": {"content": content}}]})
+
+
+def test_a_stream_with_lost_batches_is_completed_in_order() -> None:
+    request_id = new_request("t1", stream=True)
+    chunks = [chunk(word) for word in ("a", "b", "c", "d", "e", "f")]
+    # Batch 0 (a) and batch 2 (d, e) landed; batch 1 (b, c) and the done batch (f) were lost.
+    for seq, part in ((0, chunks[:1]), (2, chunks[3:5])):
+        batch = streaming.StreamBatchBody(request_id=request_id, seq=seq, chunks=part)
+        streaming._put_batch(request_id, batch)
+    value = {
+        "request_id": request_id,
+        "status_code": 200,
+        "body": {},
+        "chunks": chunks,
+        "usage": {"prompt_tokens": 1, "completion_tokens": 6, "total_tokens": 7},
+    }
+    run(FakeBackend({"t1": TaskState("success", result=value)}))
+    rows = sorted(StreamChunkBatch.query(request_id), key=lambda r: int(r.seq))
+    assert [int(r.seq) for r in rows] == [0, 1, 2, 3]
+    assert [c for r in rows for c in r.chunks] == chunks
+    assert [bool(r.done) for r in rows] == [False, False, False, True]
+    record = status(request_id)
+    assert (record.status, record.total_tokens) == ("completed", 7)
+
+
+def test_a_failed_stream_task_ends_with_an_error_batch() -> None:
+    request_id = new_request("t1", stream=True)
+    run(FakeBackend({"t1": TaskState("failed", error="boom")}))
+    [row] = list(StreamChunkBatch.query(request_id))
+    assert row.done and json.loads(row.chunks[-1])["error"]["message"].endswith("boom")
+    assert status(request_id).status == "failed"
+
+
+def test_a_done_batch_after_a_lost_one_waits_for_the_reconciler_to_fill_the_gap() -> None:
+    from first_core.results import callback_token
+
+    request_id = new_request("t1", stream=True)
+    chunks = [chunk(word) for word in ("a", "b", "c")]
+    usage = {"prompt_tokens": 1, "completion_tokens": 3, "total_tokens": 4}
+
+    def post(seq: int, part: list[str], done: bool = False) -> None:
+        body = {"request_id": request_id, "seq": seq, "chunks": part, "done": done,
+                "usage": usage if done else None}
+        streaming.accept_stream_callback(
+            request_id, f"Bearer {callback_token(request_id)}", json.dumps(body).encode()
+        )
+
+    post(0, chunks[:1])
+    post(2, chunks[2:], done=True)  # batch 1 was lost
+    assert status(request_id).status == "submitted"  # not ended over a hole
+    value = {"status_code": 200, "body": {}, "chunks": chunks, "usage": usage}
+    run(FakeBackend({"t1": TaskState("success", result=value)}))
+    rows = sorted(StreamChunkBatch.query(request_id), key=lambda r: int(r.seq))
+    assert [c for r in rows for c in r.chunks] == chunks
+    record = status(request_id)
+    assert (record.status, record.total_tokens) == ("completed", 4)
+    assert len(usage_rows()) == 1

@@ -292,7 +292,9 @@ def test_the_aws_registry_example_is_a_valid_registry() -> None:
 
 
 def test_the_pbs_endpoint_example_is_a_globus_compute_engine_on_pbs() -> None:
-    config = yaml.safe_load((INFRA / "pbs-endpoint-example.yaml").read_text())
+    config = yaml.safe_load(
+        (INFRA.parent / "compute_funcs" / "pbs-endpoint-example.yaml").read_text()
+    )
     engine = config["engine"]
     assert engine["type"] == "GlobusComputeEngine"
     provider = engine["provider"]

@@ -1,0 +1,73 @@
+"""Register the compute functions with Globus Compute and put their ids in a registry file.
+
+Run by an operator with Globus Compute credentials (a `globus-compute-endpoint` login or
+`GLOBUS_COMPUTE_CLIENT_ID`/`_SECRET`), not on the clusters:
+
+    python -m compute_funcs.register                          # register, print the ids
+    python -m compute_funcs.register --registry FILE --write  # and write them into FILE
+
+Functions are registered as source code (`DillCodeSource`), the same way the local compute
+pool ships them, because the endpoints do not have this project installed. `--write` rewrites
+FILE through a YAML round trip, which drops its comments; without it the ids are printed as a
+`functions:` block to paste.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from compute_funcs import FUNCTIONS
+
+
+def make_client() -> Any:
+    from globus_compute_sdk import Client
+    from globus_compute_sdk.serialize import DillCodeSource
+
+    return Client(code_serialization_strategy=DillCodeSource())
+
+
+def register_all(client: Any) -> dict[str, str]:
+    """Register every function; their names in the registry → the ids Globus Compute gave."""
+    return {
+        name: str(client.register_function(function, description=f"FIRST gateway: {name}"))
+        for name, function in FUNCTIONS.items()
+    }
+
+
+def write_ids(registry: dict[str, Any], ids: dict[str, str], clusters: list[str]) -> int:
+    """Put the ids on every endpoint of the named clusters (all if none); endpoints changed."""
+    changed = 0
+    for name, cluster in registry.get("clusters", {}).items():
+        if clusters and name not in clusters:
+            continue
+        for endpoint in cluster.get("endpoints", []):
+            endpoint["functions"] = {**endpoint.get("functions", {}), **ids}
+            changed += 1
+    return changed
+
+
+def main(argv: list[str] | None = None, client: Any = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m compute_funcs.register")
+    parser.add_argument("--registry", type=Path, help="registry YAML to update")
+    parser.add_argument("--cluster", action="append", default=[], help="only these clusters")
+    parser.add_argument("--write", action="store_true", help="rewrite --registry in place")
+    args = parser.parse_args(argv)
+    import yaml
+
+    ids = register_all(client if client is not None else make_client())
+    if args.write:
+        if args.registry is None:
+            parser.error("--write needs --registry")
+        registry = yaml.safe_load(args.registry.read_text())
+        changed = write_ids(registry, ids, args.cluster)
+        args.registry.write_text(yaml.safe_dump(registry, sort_keys=False))
+        print(f"wrote function ids to {changed} endpoint(s) in {args.registry}", file=sys.stderr)
+    print(yaml.safe_dump({"functions": ids}, sort_keys=False), end="")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

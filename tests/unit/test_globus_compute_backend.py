@@ -125,6 +125,8 @@ def test_get_task_maps_to_task_state(
     ("answer", "status"),
     [
         ({"status": "online", "details": {"total_workers": 4}}, "online"),
+        # Up, but its batch job has not given it workers yet.
+        ({"status": "online", "details": {"total_workers": 0}}, "starting"),
         ({"status": "offline"}, "offline"),
         ({"status": "ONLINE"}, "online"),
         ({}, "offline"),

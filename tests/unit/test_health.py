@@ -104,6 +104,19 @@ def test_poll_writes_endpoint_states_cluster_status_and_free_nodes(registry_tabl
     assert json.dumps(report.to_json())
 
 
+def test_an_endpoint_without_workers_yet_makes_its_models_starting(registry_table: None) -> None:
+    backend = FakeBackend({SOPHIA: "online", POLARIS: "starting"}, {SOPHIA: _qstat_answer({})})
+
+    report = health.poll(backend)
+
+    rows = _rows()
+    assert rows[("polaris", f"vllm#{MODEL}")].status == "starting"
+    assert rows[("polaris", CLUSTER_KEY)].status == "online"
+    assert report.clusters["polaris"] == "online"
+    # No worker could run qstat there.
+    assert not [c for c in backend.calls if c[0] == "submit" and c[1] == POLARIS]
+
+
 def test_a_failed_or_silent_qstat_leaves_the_models_online(registry_table: None) -> None:
     backend = FakeBackend(
         {},

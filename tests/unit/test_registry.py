@@ -201,3 +201,23 @@ def test_same_model_twice_on_one_cluster_and_framework_is_rejected(tmp_path: Pat
         load_file(path)
 
     assert "m1" in str(bad.value)
+
+
+def test_errors_give_the_line_of_the_offending_field(tmp_path: Path) -> None:
+    path = tmp_path / "registry.yaml"
+    path.write_text(
+        "clusters:\n"
+        "  sophia:\n"
+        "    frameworks: [vllm]\n"
+        "    endpoints:\n"
+        "      - framework: vllm\n"
+        "        models: [m1]\n"
+        "        functions:\n"
+        '          inference: "local:inference"\n'
+        "        colour: blue\n"
+    )
+    with pytest.raises(RegistryFileError) as raised:
+        load_file(path)
+    lines = str(raised.value).splitlines()
+    assert f"{path}:5: clusters.sophia.endpoints.0.endpoint_id: Field required" in lines
+    assert any(line.startswith(f"{path}:9: clusters.sophia.endpoints.0.colour:") for line in lines)

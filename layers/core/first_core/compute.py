@@ -22,7 +22,8 @@ from typing import Any, Literal, Protocol
 from first_core.errors import ServiceUnavailableError
 
 TaskStatus = Literal["pending", "success", "failed", "unknown"]
-EndpointStatus = Literal["online", "offline"]
+# "starting": the endpoint is up but has no workers yet (its batch job is still queued).
+EndpointStatus = Literal["online", "starting", "offline"]
 
 
 @dataclass(frozen=True)
@@ -40,7 +41,8 @@ class ComputeBackend(Protocol):
     def task_state(self, task_id: str) -> TaskState: ...
 
     def endpoint_status(self, endpoint_id: str) -> EndpointStatus:
-        """Whether the endpoint takes work ("online") or not ("offline")."""
+        """Whether the endpoint takes work ("online"), is up without workers yet ("starting"),
+        or does not ("offline")."""
         ...
 
 
@@ -81,7 +83,11 @@ class GlobusComputeBackend:
             answer = self._client.get_endpoint_status(endpoint_id)
         except Exception:  # unknown endpoint, Globus outage: not usable now
             return "offline"
-        return "online" if str(answer.get("status", "")).lower() == "online" else "offline"
+        if str(answer.get("status", "")).lower() != "online":
+            return "offline"
+        # An endpoint reports its workers; none yet means its nodes have not started.
+        workers = (answer.get("details") or {}).get("total_workers")
+        return "starting" if workers == 0 else "online"
 
 
 _worker_functions: dict[str, Any] = {}

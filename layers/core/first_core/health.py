@@ -95,7 +95,10 @@ def poll(backend: ComputeBackend | None = None, qstat_wait: float = 20.0) -> Hea
         entry = EndpointReport(endpoint_id, cluster, status)
         report.endpoints[endpoint_id] = entry
         if status != "online":
-            entry.models = {e.model: "offline" for e in endpoints}
+            # No workers to run qstat on: every model there is starting, or the endpoint is down.
+            entry.models = {
+                e.model: "starting" if status == "starting" else "offline" for e in endpoints
+            }
             continue
         function_id = next((e.functions.qstat for e in endpoints if e.functions.qstat), None)
         answer: dict[str, Any] | None = None
@@ -123,7 +126,7 @@ def poll(backend: ComputeBackend | None = None, qstat_wait: float = 20.0) -> Hea
     for row in rows:
         if row.key == CLUSTER_KEY:
             ours = [r for r in report.endpoints.values() if r.cluster == row.cluster]
-            online = any(r.status == "online" for r in ours)
+            online = any(r.status in ("online", "starting") for r in ours)
             known = [r.free_nodes for r in ours if r.free_nodes is not None]
             free = sum(known) if known else None
             if (row.config or {}).get("maintenance"):

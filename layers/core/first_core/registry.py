@@ -90,11 +90,37 @@ class RegistryFileError(ValueError):
 
 
 def load_file(path: str | Path) -> RegistryFile:
+    """The registry file, validated; errors name the file, the line and the field."""
     text = Path(path).read_text()
     try:
         return RegistryFile.model_validate(yaml.safe_load(text))
-    except (yaml.YAMLError, ValidationError) as error:
+    except yaml.YAMLError as error:
         raise RegistryFileError(f"{path}: {error}") from None
+    except ValidationError as error:
+        root = yaml.compose(text)
+        problems = [
+            f"{path}:{_line_of(root, problem['loc'])}: {'.'.join(map(str, problem['loc']))}: "
+            f"{problem['msg']}"
+            for problem in error.errors(include_url=False)
+        ]
+        raise RegistryFileError("\n".join(problems)) from None
+
+
+def _line_of(node: yaml.Node | None, loc: tuple[int | str, ...]) -> int:
+    """The 1-based line of the deepest part of `loc` that exists in the YAML document."""
+    line = node.start_mark.line + 1 if node is not None else 1
+    for part in loc:
+        child: yaml.Node | None = None
+        if isinstance(node, yaml.MappingNode):
+            child = next((v for k, v in node.value if k.value == str(part)), None)
+            if child is None:  # an unknown key: point at the key itself
+                child = next((k for k, _ in node.value if k.value == str(part)), None)
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int):
+            child = node.value[part] if part < len(node.value) else None
+        if child is None:
+            break
+        node, line = child, child.start_mark.line + 1
+    return line
 
 
 def publish(registry: RegistryFile) -> int:

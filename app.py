@@ -16,7 +16,7 @@ from chalice.app import Request
 
 from first_core import results, streaming, usage
 from first_core.auth import Caller, get_authenticator
-from first_core.errors import GatewayError, internal_error_body
+from first_core.errors import GatewayError, InvalidRequestError, internal_error_body
 from first_core.registry import Registry
 from first_core.routing import may_use, state
 
@@ -43,6 +43,26 @@ def api(path: str, **options: Any) -> Callable[[Callable[..., Any]], Callable[..
         return app.route(path, **options)(guarded)
 
     return register
+
+
+# Chalice answers a few refusals itself, before any view runs (405 for a method a route does not
+# take, 415 for a content type it does not accept), as `{"Code", "Message"}`: put them in OpenAI's
+# shape too. API Gateway sends a wrong method nowhere (the template's 404), but not a wrong type.
+_CHALICE_ERROR_CODES = {405: "method_not_allowed", 415: "unsupported_media_type"}
+
+
+@app.middleware("http")
+def openai_shaped_chalice_errors(event: Request, get_response: Callable[..., Any]) -> Response:
+    response: Response = get_response(event)
+    body = response.body
+    if response.status_code >= 400 and isinstance(body, dict) and set(body) == {"Code", "Message"}:
+        if response.status_code >= 500:
+            response.body = internal_error_body()
+        else:
+            response.body = InvalidRequestError(
+                str(body["Message"]), code=_CHALICE_ERROR_CODES.get(response.status_code)
+            ).to_body()
+    return response
 
 
 def current_request() -> Request:

@@ -51,8 +51,10 @@ class GatewayServer:
         try:
             response = self._control_plane.handle_request(scope["method"], path, headers, body)
         except LocalGatewayException as error:
-            if error.CODE == 403 and b"Authentication Token" in (error.body or b""):
-                # API Gateway's answer for a route that does not exist; the template maps it too.
+            if error.CODE == 403:
+                # API Gateway's answer for a route that does not exist ("Missing Authentication
+                # Token", or with an Authorization header, a complaint about its SigV4
+                # parameters); the template maps it too.
                 return (
                     404,
                     [(b"content-type", b"application/json")],

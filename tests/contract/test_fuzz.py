@@ -1,0 +1,331 @@
+"""Bad input, fuzzed: every route of the running local stack, over HTTP, with hypothesis.
+
+Properties, for every answer: no 5xx but the upstream ones (502/503/504), no stack trace or
+server path in the body, and every refusal exactly OpenAI's error shape with a message.
+Fuzzed inference uses `dave` (served, like alice) so the token budget the other contract
+tests spend as alice is left alone; a few cases use no token or a garbage one.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+from urllib.parse import quote, urlencode
+
+import httpx
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from first_local.globus_standin import mint_token
+from tests.contract.conftest import Stack
+
+MODEL = "meta-llama/Meta-Llama-3-8B-Instruct"
+EMBEDDING_MODEL = "Salesforce/SFR-Embedding-Mistral"
+UPSTREAM_STATUSES = {502, 503, 504}
+LEAKS = ("Traceback", "/work/", "site-packages", 'File "')
+FUZZ = settings(
+    max_examples=150,
+    deadline=None,
+    database=None,  # no .hypothesis/ directory in the checkout
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+FEW = settings(FUZZ, max_examples=60)
+
+INFERENCE_PATHS = [
+    f"{base}/{kind}"
+    for base in ("/v1", "/resource_server/v1/sophia/vllm/v1")
+    for kind in ("chat/completions", "completions", "embeddings")
+]
+
+
+@pytest.fixture(scope="module")
+def http(stack: Stack) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=stack.base_url, timeout=30) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def token() -> str:
+    return mint_token("dave")
+
+
+def assert_well_behaved(response: httpx.Response) -> None:
+    status = response.status_code
+    text = response.text
+    where = f"{response.request.method} {response.request.url} -> {status}: {text[:300]!r}"
+    assert status < 500 or status in UPSTREAM_STATUSES, where
+    for leak in LEAKS:
+        assert leak not in text, where
+    if status >= 400:
+        body = response.json()
+        assert isinstance(body, dict) and set(body) == {"error"}, where
+        error = body["error"]
+        assert isinstance(error, dict), where
+        assert set(error) == {"message", "type", "param", "code"}, where
+        assert isinstance(error["message"], str) and error["message"].strip(), where
+        assert isinstance(error["type"], str) and error["type"], where
+
+
+# -- strategies -------------------------------------------------------------------------------
+
+scalars = (
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**70), max_value=2**70)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=40)
+)
+json_values = st.recursive(
+    scalars,
+    lambda children: (
+        st.lists(children, max_size=5) | st.dictionaries(st.text(max_size=12), children, max_size=5)
+    ),
+    max_leaves=25,
+)
+odd_values = st.one_of(
+    json_values,
+    st.just("x" * 200_000),  # huge string
+    st.integers(min_value=2**63, max_value=2**80),
+    st.just(-1),
+    st.just(10**9),
+    st.builds(lambda depth: json.loads("[" * depth + "]" * depth), st.integers(50, 400)),
+)
+
+NEAR_VALID: dict[str, dict[str, Any]] = {
+    "chat/completions": {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "hi"}],
+        "max_tokens": 4,
+    },
+    "completions": {"model": MODEL, "prompt": "Once upon", "max_tokens": 4},
+    "embeddings": {"model": EMBEDDING_MODEL, "input": ["protein folding"]},
+}
+FIELDS = [
+    "model",
+    "messages",
+    "prompt",
+    "input",
+    "max_tokens",
+    "temperature",
+    "top_p",
+    "n",
+    "stream",
+    "stop",
+    "logprobs",
+    "encoding_format",
+    "stream_options",
+    "tools",
+]
+
+
+@st.composite
+def mutated_body(draw: st.DrawFn, kind: str) -> dict[str, Any]:
+    body = dict(NEAR_VALID[kind])
+    action = draw(st.sampled_from(["set", "delete", "unknown"]))
+    if action == "delete":
+        body.pop(draw(st.sampled_from(sorted(body))), None)
+    elif action == "unknown":
+        body[draw(st.text(min_size=1, max_size=30))] = draw(json_values)
+    else:
+        field = draw(st.sampled_from(FIELDS))
+        if field == "messages":
+            # Mutate inside a message as well as the list itself.
+            value = draw(
+                odd_values
+                | st.lists(
+                    st.dictionaries(
+                        st.sampled_from(["role", "content", "name", "tool_calls", "x"]),
+                        odd_values,
+                        max_size=3,
+                    ),
+                    max_size=3,
+                )
+            )
+        else:
+            value = draw(odd_values)
+        body[field] = value
+    return body
+
+
+def raw_body(body: Any) -> bytes:
+    return json.dumps(body, allow_nan=False).encode()
+
+
+broken_bytes = st.sampled_from(
+    [
+        b"",
+        b"{",
+        b"null",
+        b"[]",
+        b'{"model": ',
+        b"\xff\xfe\xfd",
+        b'{"model": "\xff\xfe"}',
+        b'{"model": "a", "messages": [{"role": "user", "content": "\xc3\x28"}]}',
+        b"NaN",
+        b'{"max_tokens": NaN}',
+        b'{"max_tokens": Infinity}',
+        b'{"a": 1, "a": 2}',
+        b"\x00" * 64,
+        ("[" * 5000 + "]" * 5000).encode(),
+        ('{"a":' * 3000 + "1" + "}" * 3000).encode(),
+    ]
+) | st.binary(max_size=300)
+content_types = st.sampled_from(
+    [
+        "application/json",
+        "text/plain",
+        "application/x-www-form-urlencoded",
+        "multipart/form-data",
+        "application/json; charset=latin-1",
+        "",
+    ]
+)
+
+
+# -- inference --------------------------------------------------------------------------------
+
+
+@FUZZ
+@given(
+    path=st.sampled_from(INFERENCE_PATHS),
+    data=st.data(),
+)
+def test_inference_with_one_field_mutated(
+    http: httpx.Client, token: str, path: str, data: st.DataObject
+) -> None:
+    kind = path.rsplit("/v1/", 1)[1]
+    body = data.draw(mutated_body(kind))
+    response = http.post(
+        path,
+        content=raw_body(body),
+        headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
+    )
+    assert_well_behaved(response)
+
+
+@FUZZ
+@given(
+    path=st.sampled_from(INFERENCE_PATHS),
+    body=json_values.map(raw_body) | broken_bytes,
+    content_type=content_types,
+    auth=st.sampled_from(["dave", "dave", "dave", "dave", "none", "garbage", "bob", "carol"]),
+)
+def test_inference_with_any_body(
+    http: httpx.Client, token: str, path: str, body: bytes, content_type: str, auth: str
+) -> None:
+    headers: dict[str, Any] = {"Content-Type": content_type}
+    if auth == "dave":
+        headers["Authorization"] = f"Bearer {token}"
+    elif auth == "garbage":
+        headers["Authorization"] = "Bearer \u00e9\u00e9not-a-token".encode()  # not ASCII
+    elif auth != "none":
+        headers["Authorization"] = f"Bearer {mint_token(auth)}"
+    assert_well_behaved(http.post(path, content=body, headers=headers))
+
+
+# -- GET routes -------------------------------------------------------------------------------
+
+segment = st.one_of(
+    st.sampled_from(["sophia", "polaris", "vllm", "nowhere", "..", ".", "%", "req_"]),
+    st.text(min_size=1, max_size=40),
+).map(lambda s: quote(s, safe=""))
+query = st.dictionaries(
+    st.sampled_from(["start_date", "end_date", "user", "x", "limit"]),
+    st.one_of(
+        st.text(max_size=30),
+        st.sampled_from(["all", "2026-01-01", "2026-13-45", "9999-12-31", "-1", "0000-00-00"]),
+    ),
+    max_size=3,
+).map(urlencode)
+GET_ROUTES = [
+    "/v1/models",
+    "/resource_server/v1/{a}/{b}/v1/models",
+    "/resource_server/v1/whoami",
+    "/v1/usage",
+    "/health",
+    "/resource_server/v1/status",
+    "/resource_server/v1/list-endpoints",
+    "/resource_server/v1/{a}/jobs",
+    "/v1/requests/{a}",
+    "/{a}",
+    "/v1/{a}",
+    "/resource_server/v1/{a}/{b}/v1/{a}",
+]
+
+
+@FUZZ
+@given(
+    route=st.sampled_from(GET_ROUTES),
+    a=segment,
+    b=segment,
+    qs=query,
+    auth=st.sampled_from(["dave", "dave", "dave", "none", "garbage"]),
+)
+def test_get_routes(
+    http: httpx.Client, token: str, route: str, a: str, b: str, qs: str, auth: str
+) -> None:
+    path = route.format(a=a, b=b) + (f"?{qs}" if qs else "")
+    headers = {}
+    if auth == "dave":
+        headers["Authorization"] = f"Bearer {token}"
+    elif auth == "garbage":
+        headers["Authorization"] = "Basic Zm9vOmJhcg=="
+    assert_well_behaved(http.get(path, headers=headers))
+
+
+@FEW
+@given(
+    route=st.sampled_from(
+        [*GET_ROUTES[:9], "/callbacks/req_x", "/callbacks/req_x/stream", *INFERENCE_PATHS]
+    ),
+    method=st.sampled_from(["PUT", "DELETE", "PATCH", "POST", "GET"]),
+)
+def test_wrong_methods(http: httpx.Client, token: str, route: str, method: str) -> None:
+    path = route.format(a="sophia", b="vllm")
+    response = http.request(
+        method, path, headers={"Authorization": f"Bearer {token}"}, content=b"{}"
+    )
+    assert_well_behaved(response)
+
+
+# -- callbacks --------------------------------------------------------------------------------
+
+
+@FUZZ
+@given(
+    stream=st.booleans(),
+    request_id=st.one_of(st.just("req_" + "0" * 32), segment),
+    authorization=st.one_of(
+        st.none(),
+        st.just("Bearer " + "0" * 64),
+        st.text(alphabet=st.characters(min_codepoint=32, max_codepoint=126), max_size=80),
+    ),
+    body=st.one_of(
+        json_values.map(raw_body),
+        broken_bytes,
+        st.builds(
+            lambda seq, rid: raw_body({"request_id": rid, "status_code": 200, "seq": seq}),
+            st.integers(-5, 5),
+            st.text(max_size=10),
+        ),
+    ),
+    content_type=content_types,
+)
+def test_callbacks_with_random_tokens_and_bodies(
+    http: httpx.Client,
+    stream: bool,
+    request_id: str,
+    authorization: str | None,
+    body: bytes,
+    content_type: str,
+) -> None:
+    headers = {"Content-Type": content_type}
+    if authorization is not None and authorization.strip() == authorization:
+        # (h11 refuses to send a header value with whitespace at either end)
+        headers["Authorization"] = authorization
+    path = f"/callbacks/{request_id}" + ("/stream" if stream else "")
+    response = http.post(path, content=body, headers=headers)
+    assert_well_behaved(response)
+    assert response.status_code >= 400  # nobody here holds a real callback token

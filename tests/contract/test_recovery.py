@@ -169,7 +169,7 @@ def test_a_compute_function_that_raises_is_a_clear_error(tmp_path: Path) -> None
 
 
 def test_throttled_writes_are_retried(tmp_path: Path) -> None:
-    with small_stack(tmp_path, "--throttle-writes", "0.3") as state:
+    with small_stack(tmp_path, "--throttle-writes", "0.2") as state:
         stack = Stack(state["base_url"], state)
         raw = chat(stack)
         assert raw.parse().choices[0].message.content

@@ -10,6 +10,7 @@ import pytest
 
 from first_core import reconciler, records, results, streaming
 from first_core.compute import TaskState
+from first_core.settings import get_settings
 from first_core.tables import RequestRecord, StreamChunkBatch, UsageRecord
 from tests.unit.test_results import CALLER, ENDPOINT
 
@@ -100,9 +101,13 @@ def test_failed_or_vanished_tasks_end_failed_with_the_reason(state: TaskState, r
     assert "error" in stored.body
 
 
-def test_never_submitted_requests_fail() -> None:
+def test_never_submitted_requests_fail_once_the_proxys_wait_is_over() -> None:
     request_id = new_request(None)
-    run(FakeBackend({}))
+    # Within the proxy's wait the task id may still be on its way (a throttled write).
+    assert run(FakeBackend({})).pending == [request_id]
+    assert status(request_id).status == "submitted"
+    later = time.time() + get_settings().result_wait_seconds + 1
+    reconciler.reconcile(now=later, grace_seconds=5, backend=FakeBackend({}))
     record = status(request_id)
     assert record.status == "failed" and "never submitted" in (record.error or "")
 

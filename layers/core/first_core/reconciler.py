@@ -77,6 +77,11 @@ def _reconcile_one(
 ) -> None:
     request_id = record.request_id
     if not record.task_id:
+        # The proxy writes the task id beside its first polls, and a throttled write can land
+        # seconds later: "never submitted" is certain only once the proxy's own wait is over.
+        if now - float(record.created_at) < get_settings().result_wait_seconds:
+            report.pending.append(request_id)
+            return
         _fail(record, "The request was never submitted to a compute endpoint.", report)
         return
     state = backend.task_state(record.task_id)

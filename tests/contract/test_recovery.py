@@ -165,7 +165,7 @@ def test_a_compute_function_that_raises_is_a_clear_error(tmp_path: Path) -> None
         assert "injected fault" in item["error"]
 
 
-# ---------------------------------------------------------------- --throttle-writes 0.3
+# ---------------------------------------------------------------- --throttle-writes 0.2
 
 
 def test_throttled_writes_are_retried(tmp_path: Path) -> None:

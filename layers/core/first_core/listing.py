@@ -6,7 +6,6 @@ from __future__ import annotations
 from typing import Any
 
 from first_core.auth import Caller
-from first_core.errors import NotFoundError
 from first_core.registry import Registry
 from first_core.routing import may_use, state
 
@@ -48,14 +47,7 @@ def list_endpoints(registry: Registry, who: Caller) -> dict[str, Any]:
 
 def jobs(registry: Registry, who: Caller, cluster: str) -> dict[str, Any]:
     """The cluster's models by state (running, starting, queued, stopped), as last polled."""
-    known = registry.clusters.get(cluster)
-    if known is None:
-        raise NotFoundError(
-            f"Cluster '{cluster}' does not exist. Known clusters: "
-            f"{', '.join(sorted(registry.clusters))}.",
-            param="cluster",
-            code="cluster_not_found",
-        )
+    known = registry.cluster(cluster)
     by_state: dict[str, list[dict[str, Any]]] = {s: [] for s in JOB_STATES}
     others: list[dict[str, Any]] = []
     for endpoint in registry.endpoints:

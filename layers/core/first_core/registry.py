@@ -241,5 +241,19 @@ class Registry:
         endpoints.sort(key=lambda e: (e.cluster, e.framework, e.model))
         return cls(clusters, endpoints)
 
+    def cluster(self, name: str) -> Cluster:
+        """The named cluster, or the 404 that names the known ones."""
+        known = self.clusters.get(name)
+        if known is None:
+            from first_core.errors import NotFoundError
+
+            raise NotFoundError(
+                f"Cluster '{name}' does not exist. Known clusters: "
+                f"{', '.join(sorted(self.clusters))}.",
+                param="cluster",
+                code="cluster_not_found",
+            )
+        return known
+
     def models(self) -> list[str]:
         return sorted({e.model for e in self.endpoints})

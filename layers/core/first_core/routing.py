@@ -75,14 +75,7 @@ def choose(
 ) -> Route:
     """The endpoint to run on and why. `exclude`: endpoint ids that just refused a submit."""
     if cluster is not None:
-        known = registry.clusters.get(cluster)
-        if known is None:
-            raise NotFoundError(
-                f"Cluster '{cluster}' does not exist. Known clusters: "
-                f"{', '.join(sorted(registry.clusters))}.",
-                param="cluster",
-                code="cluster_not_found",
-            )
+        known = registry.cluster(cluster)
         if framework is not None and framework not in known.frameworks:
             raise NotFoundError(
                 f"Framework '{framework}' is not served on cluster '{cluster}' "

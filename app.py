@@ -21,6 +21,8 @@ from first_core.registry import Registry
 from first_core.routing import may_use, state
 
 app = Chalice(app_name="first-gateway")
+# File uploads arrive as multipart/form-data: bytes, not text (template.yaml lists it too).
+app.api.binary_types.append("multipart/form-data")
 log = logging.getLogger("first.control")
 
 
@@ -69,6 +71,10 @@ def current_request() -> Request:
     request = app.current_request
     assert request is not None, "only called inside a route"
     return request
+
+
+def query() -> dict[str, str]:
+    return dict(current_request().query_params or {})
 
 
 def raw_body() -> bytes:
@@ -220,3 +226,139 @@ def health_poller(event: Any) -> dict[str, Any]:
     from first_core.health import poll
 
     return poll().to_json()
+
+
+# ---- files and batches (first_core.files, first_core.batches) --------------------------------
+
+
+@api("/v1/files", methods=["POST"], content_types=["multipart/form-data"])
+def upload_file() -> dict[str, Any]:
+    """OpenAI's file upload: a batch input, checked line by line before it is kept."""
+    from first_core import files
+
+    who = caller()
+    upload = files.parse_upload(current_request().headers.get("content-type"), raw_body())
+    return files.create(who, upload)
+
+
+@api("/v1/files", methods=["GET"])
+def list_files() -> dict[str, Any]:
+    from first_core import files
+
+    who = caller()
+    params = query()
+    limit, order = files.page_params(params, default_limit=10_000, max_limit=10_000)
+    return files.list_page(who, params.get("purpose"), limit, params.get("after"), order)
+
+
+@api("/v1/files/{file_id}", methods=["GET"])
+def get_file(file_id: str) -> dict[str, Any]:
+    from first_core import files
+
+    return files.view(files.get_owned(file_id, caller()))
+
+
+@api("/v1/files/{file_id}", methods=["DELETE"])
+def delete_file(file_id: str) -> dict[str, Any]:
+    from first_core import files
+
+    return files.delete(files.get_owned(file_id, caller()))
+
+
+@api("/v1/files/{file_id}/content", methods=["GET"])
+def file_content(file_id: str) -> Response:
+    """The file's bytes, or a redirect to a presigned URL when too large for a response."""
+    from first_core import files
+
+    content = files.content(files.get_owned(file_id, caller()))
+    if content.redirect_url is not None:
+        return Response(b"", status_code=302, headers={"Location": content.redirect_url})
+    # As text: Chalice answers a binary type only to a request that Accepts it, and the
+    # OpenAI SDK does not; batch files are UTF-8 JSONL (checked on upload, written by us).
+    return Response(
+        (content.body or b"").decode("utf-8", errors="replace"),
+        status_code=200,
+        headers={"Content-Type": "application/jsonl; charset=utf-8"},
+    )
+
+
+@api("/v1/batches", methods=["POST"], content_types=["application/json"])
+def create_batch() -> dict[str, Any]:
+    from first_core import batches
+
+    return batches.create_openai(caller(), raw_body())
+
+
+@api("/v1/batches", methods=["GET"])
+def list_batches() -> dict[str, Any]:
+    from first_core import batches, files
+
+    who = caller()
+    params = query()
+    limit, _ = files.page_params(params, default_limit=20, max_limit=100)
+    return batches.list_page(who, limit, params.get("after"))
+
+
+@api("/v1/batches/{batch_id}", methods=["GET"])
+def get_batch(batch_id: str) -> dict[str, Any]:
+    from first_core import batches
+
+    return batches.view(batches.get_owned(batch_id, caller()))
+
+
+@api("/v1/batches/{batch_id}/cancel", methods=["POST"])
+def cancel_batch(batch_id: str) -> dict[str, Any]:
+    from first_core import batches
+
+    return batches.cancel(batches.get_owned(batch_id, caller()))
+
+
+@api(
+    "/resource_server/v1/{cluster}/{framework}/v1/batches",
+    methods=["POST"],
+    content_types=["application/json"],
+)
+def create_first_batch(cluster: str, framework: str) -> dict[str, Any]:
+    """FIRST's batch: `input_file` is a JSONL path on the cluster's file system."""
+    from first_core import batches
+
+    return batches.create_first(caller(), cluster, framework, raw_body())
+
+
+@api("/resource_server/v1/batches", methods=["GET"])
+def list_first_batches() -> list[dict[str, Any]]:
+    from first_core import batches
+
+    return batches.first_list(caller(), query().get("status"))
+
+
+@api("/resource_server/v1/batches/{batch_id}", methods=["GET"])
+def first_batch_status(batch_id: str) -> str:
+    """FIRST answers a batch's status as a bare JSON string."""
+    from first_core import batches
+
+    return batches.first_status(batches.get_owned(batch_id, caller()))
+
+
+@api("/resource_server/v1/batches/{batch_id}/result", methods=["GET"])
+def first_batch_result(batch_id: str) -> dict[str, Any]:
+    from first_core import batches
+
+    return batches.first_result(batches.get_owned(batch_id, caller()))
+
+
+@api("/callbacks/{batch_id}/batch", methods=["POST"], content_types=["application/json"])
+def batch_callback(batch_id: str) -> dict[str, Any]:
+    from first_core import batches
+
+    authorization = current_request().headers.get("authorization")
+    return batches.accept_callback(batch_id, authorization, raw_body())
+
+
+@app.schedule(Rate(1, unit=Rate.MINUTES), name="batch_driver")
+def batch_driver(event: Any) -> dict[str, Any]:
+    """Finish batches whose done callback was lost and restart those whose task died
+    (first_core.batches.drive)."""
+    from first_core.batches import drive
+
+    return drive().to_json()

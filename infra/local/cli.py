@@ -28,6 +28,10 @@ alice's access token (valid 48 h; others: first-gateway token --user bob|carol|d
     reply = client.chat.completions.create(model="meta-llama/Meta-Llama-3-8B-Instruct",
         messages=[{{"role": "user", "content": "Hello"}}])
     print(reply.choices[0].message.content)
+
+Batches: client.files.create(file=open("in.jsonl", "rb"), purpose="batch") then
+client.batches.create(...); FIRST batches read paths under the clusters' file system here:
+{cluster_fs}
 """
 
 
@@ -58,6 +62,7 @@ def _dev(args: argparse.Namespace) -> int:
         join=Path(args.join) if args.join else None,
         health_every=args.health_every,
         stop_endpoints=[e for e in (args.stop_endpoints or "").split(",") if e],
+        cluster_fs=Path(args.cluster_fs) if args.cluster_fs else None,
     )
 
     def ready(stack: LocalStack) -> None:
@@ -66,6 +71,7 @@ def _dev(args: argparse.Namespace) -> int:
                 base=stack.base_url,
                 backend=args.backend_url or "built-in mock vLLM",
                 token=mint_token("alice"),
+                cluster_fs=stack.cluster_fs,
             ),
             flush=True,
         )
@@ -181,6 +187,12 @@ def main(argv: list[str] | None = None) -> int:
         help="fraction of DynamoDB writes answered ProvisionedThroughputExceededException",
     )
     dev.add_argument("--state-file", help="write the stack's addresses here as JSON")
+    dev.add_argument(
+        "--cluster-fs",
+        metavar="DIR",
+        help="the clusters' file system for FIRST batches (input paths and outputs under it; "
+        "default: a new temporary directory)",
+    )
     dev.add_argument(
         "--join",
         metavar="STATE_FILE",

@@ -63,6 +63,9 @@ class StackOptions:
     # Compute endpoints whose local pool is stopped from the start, as when a cluster's
     # endpoint is down (tests: requests must go elsewhere).
     stop_endpoints: list[str] = field(default_factory=list)
+    # The clusters' file system as the local batch function sees it: FIRST batches read their
+    # input paths and write their outputs under it (a temporary directory if not given).
+    cluster_fs: Path | None = None
 
 
 def free_port() -> int:
@@ -208,7 +211,16 @@ class LocalStack:
         from first_local.faults import CallbackFaultProxy, CallbackFaults
 
         o = self.options
-        worker_env = {"VLLM_BASE_URL": self.backend_url}
+        self.cluster_fs = (o.cluster_fs or Path(tempfile.mkdtemp(prefix="first-cluster-fs-")))
+        self.cluster_fs = self.cluster_fs.resolve()
+        worker_env = {
+            "VLLM_BASE_URL": self.backend_url,
+            # The batch function (compute_funcs/batch.py) as a cluster's endpoint would run it:
+            # requests through the served vLLM, checkpoints in its scratch, paths under one root.
+            "FIRST_BATCH_RUNNER": "http",
+            "FIRST_BATCH_ROOTS": str(self.cluster_fs),
+            "FIRST_BATCH_WORK_DIR": str(self.cluster_fs / ".first" / "batches"),
+        }
         if o.backend_api_key:
             worker_env["VLLM_API_KEY"] = o.backend_api_key
         if o.fail_compute:
@@ -221,17 +233,21 @@ class LocalStack:
         backend = LocalComputeBackend(
             worker_env, workers_per_endpoint=o.workers, callback_base_url=callback_base_url
         )
-        for endpoint_id in sorted({e.endpoint_id for e in Registry.current().endpoints}):
+        endpoints = Registry.current().endpoints
+        batch_only = {e.batch_endpoint_id for e in endpoints if e.batch_endpoint_id}
+        for endpoint_id in sorted({e.endpoint_id for e in endpoints} | batch_only):
             if endpoint_id in self.options.stop_endpoints:
                 backend.stop_endpoint(endpoint_id)
             else:
-                backend.start_endpoint(endpoint_id)
+                # A batch queue runs few long tasks: two workers are plenty on one machine.
+                workers = 2 if endpoint_id in batch_only else None
+                backend.start_endpoint(endpoint_id, workers=workers)
         set_backend(backend)
         self.compute = backend
 
     def start_reconciler(self) -> None:
-        """The scheduled reconciler, as a thread of this process (the compute pool lives here;
-        each gateway process reconciles its own pool's tasks)."""
+        """The scheduled reconciler and batch driver, as a thread of this process (the compute
+        pool lives here; each gateway process looks after its own pool's tasks)."""
         import logging
         import threading
 
@@ -241,16 +257,19 @@ class LocalStack:
         self._reconciler_stop = threading.Event()
 
         def loop() -> None:
+            from first_core.batches import drive
             from first_core.reconciler import reconcile
 
             while not self._reconciler_stop.wait(every):
                 try:
                     report = reconcile()
+                    if report.completed or report.failed or report.timed_out or report.errors:
+                        print(f"reconciler: {json.dumps(report.to_json())}", flush=True)
+                    driven = drive()
+                    if driven.finalized or driven.resubmitted or driven.ended or driven.errors:
+                        print(f"batch driver: {json.dumps(driven.to_json())}", flush=True)
                 except Exception:
-                    logging.getLogger("first.reconciler").exception("reconciler run failed")
-                    continue
-                if report.completed or report.failed or report.timed_out or report.errors:
-                    print(f"reconciler: {json.dumps(report.to_json())}", flush=True)
+                    logging.getLogger("first.reconciler").exception("scheduled run failed")
 
         threading.Thread(target=loop, name="reconciler", daemon=True).start()
 
@@ -327,6 +346,7 @@ class LocalStack:
                     "globus_groups_url": f"http://127.0.0.1:{self.auth_port}/groups/",
                     "standin_calls_url": f"http://127.0.0.1:{self.auth_port}/_standin/calls",
                     "backend_url": self.backend_url,
+                    "cluster_fs": str(self.cluster_fs),
                     "pid": os.getpid(),
                 },
                 indent=2,

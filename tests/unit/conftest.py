@@ -13,7 +13,7 @@ import pytest
 from moto import mock_aws
 
 import first_core.auth
-import first_core.results
+import first_core.storage
 import first_core.tables
 from first_core.registry import Registry
 from first_core.settings import get_settings
@@ -38,15 +38,15 @@ def aws(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """Every table and the results bucket, in a moto backend that lives for one test."""
     with mock_aws():
         # Clients built in an earlier test belong to an earlier (discarded) moto backend.
-        first_core.results._s3.cache_clear()
+        first_core.storage.s3.cache_clear()
         monkeypatch.setattr(first_core.tables, "_connection", None)
         settings = get_settings()
         # The tables and bucket exactly as template.yaml declares them.
         dynamodb = boto3.client("dynamodb", region_name=settings.aws_region)
         create_tables_from_template(dynamodb, TEMPLATE, settings.table_prefix)
-        create_bucket(first_core.results._s3(), TEMPLATE, settings.results_bucket)
+        create_bucket(first_core.storage.s3(), TEMPLATE, settings.results_bucket)
         yield
-        first_core.results._s3.cache_clear()
+        first_core.storage.s3.cache_clear()
 
 
 @pytest.fixture

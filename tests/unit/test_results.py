@@ -14,6 +14,7 @@ import pytest
 from pydantic import SecretStr
 
 import first_core.results
+import first_core.storage
 from first_core import records
 from first_core.auth import Caller
 from first_core.errors import (
@@ -89,7 +90,7 @@ def raw_item(table: type, request_id: str) -> dict[str, Any] | None:
 
 
 def s3_keys() -> list[str]:
-    answer = first_core.results._s3().list_objects_v2(Bucket=get_settings().results_bucket)
+    answer = first_core.storage.s3().list_objects_v2(Bucket=get_settings().results_bucket)
     return [obj["Key"] for obj in answer.get("Contents", [])]
 
 

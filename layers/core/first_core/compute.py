@@ -16,6 +16,7 @@ import threading
 import urllib.parse
 import uuid
 from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
@@ -149,21 +150,24 @@ class LocalComputeBackend:
         self._tasks: dict[str, Future[Any]] = {}
         self._lock = threading.Lock()
         self._function_buffers: dict[str, str] = {}
+        self._sizes: dict[str, int] = {}
 
-    def start_endpoint(self, endpoint_id: str) -> None:
+    def start_endpoint(self, endpoint_id: str, workers: int | None = None) -> None:
         with self._lock:
             self._stopped.discard(endpoint_id)
             if endpoint_id in self._pools:
                 return
+            workers = workers or self._sizes.get(endpoint_id) or self._workers
+            self._sizes[endpoint_id] = workers
             pool = ProcessPoolExecutor(
-                max_workers=self._workers,
+                max_workers=workers,
                 # fork is unsafe in a process that already runs server threads.
                 mp_context=multiprocessing.get_context("spawn"),
                 initializer=_set_environment,
                 initargs=(self._worker_env,),
             )
             self._pools[endpoint_id] = pool
-        for future in [pool.submit(_warm_up) for _ in range(self._workers)]:
+        for future in [pool.submit(_warm_up) for _ in range(workers)]:
             future.result(timeout=120)
 
     def stop_endpoint(self, endpoint_id: str) -> None:
@@ -192,9 +196,16 @@ class LocalComputeBackend:
         if self._callback_base_url and "callback_url" in kwargs:
             path = urllib.parse.urlsplit(kwargs["callback_url"]).path
             kwargs = {**kwargs, "callback_url": self._callback_base_url.rstrip("/") + path}
-        future = self._pools[endpoint_id].submit(
-            _run_serialized, self._function_buffer(function_id), self._serializer.serialize(kwargs)
-        )
+        arguments = (self._function_buffer(function_id), self._serializer.serialize(kwargs))
+        try:
+            future = self._pools[endpoint_id].submit(_run_serialized, *arguments)
+        except BrokenProcessPool:
+            # A worker died (killed, out of memory): its tasks failed, and the pool with them.
+            # An endpoint starts new workers; so does this one.
+            with self._lock:
+                self._pools.pop(endpoint_id, None)
+            self.start_endpoint(endpoint_id)
+            future = self._pools[endpoint_id].submit(_run_serialized, *arguments)
         task_id = f"{self._prefix}{uuid.uuid4()}"
         with self._lock:
             self._tasks[task_id] = future

@@ -50,7 +50,16 @@ class EndpointConfig(_Strict):
     allowed_groups: list[str] = Field(default_factory=list)
     # Identity-provider domains whose users may use these models (empty: any the gateway allows).
     allowed_domains: list[str] = Field(default_factory=list)
+    # Whether these models take batches (first_core.batches), run by `functions.batch` on
+    # `batch_endpoint_id` (a cluster's batch queue), or on `endpoint_id` when it names none.
     batches: bool = False
+    batch_endpoint_id: str | None = None
+
+    @model_validator(mode="after")
+    def _batches_need_the_function(self) -> EndpointConfig:
+        if self.batches and not self.functions.batch:
+            raise ValueError("batches: true needs a functions.batch id")
+        return self
 
 
 class ClusterConfig(_Strict):
@@ -164,6 +173,13 @@ class Endpoint(BaseModel):
     allowed_groups: list[str]
     status: str
     allowed_domains: list[str] = Field(default_factory=list)
+    batches: bool = False
+    batch_endpoint_id: str | None = None
+
+    @property
+    def batch_runs_on(self) -> str:
+        """The compute endpoint that runs this model's batches."""
+        return self.batch_endpoint_id or self.endpoint_id
 
 
 class Cluster(BaseModel):
@@ -236,6 +252,8 @@ class Registry:
                         allowed_groups=config.get("allowed_groups", []),
                         allowed_domains=config.get("allowed_domains", []),
                         status=row.status,
+                        batches=bool(config.get("batches", False)),
+                        batch_endpoint_id=config.get("batch_endpoint_id"),
                     )
                 )
         endpoints.sort(key=lambda e: (e.cluster, e.framework, e.model))

@@ -15,13 +15,12 @@ import time
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from functools import lru_cache
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 from pynamodb.exceptions import DoesNotExist, PutError
 
-from first_core import records
+from first_core import records, storage
 from first_core.errors import (
     AuthenticationError,
     ConflictError,
@@ -70,14 +69,6 @@ class Result:
     body: Any
 
 
-@lru_cache(maxsize=1)
-def _s3() -> Any:
-    import boto3
-
-    s = get_settings()
-    return boto3.client("s3", region_name=s.aws_region, endpoint_url=s.aws_endpoint_url)
-
-
 def record(
     request_id: str, status_code: int, body: Any
 ) -> Literal["written", "duplicate", "refused"]:
@@ -104,7 +95,7 @@ def record(
     else:
         # A key of its own per attempt: a repeat must not overwrite the result that won.
         row.s3_key = f"results/{request_id}/{uuid.uuid4().hex}.json"
-        _s3().put_object(Bucket=s.results_bucket, Key=row.s3_key, Body=text.encode())
+        storage.put(row.s3_key, text.encode())
     try:
         row.save(condition=ResultRecord.request_id.does_not_exist())
     except PutError as failure:
@@ -137,7 +128,7 @@ def _end_request(request_id: str, status_code: int, body: Any) -> bool:
 
 def _delete_body(row: ResultRecord) -> None:
     if row.s3_key:
-        _s3().delete_object(Bucket=get_settings().results_bucket, Key=row.s3_key)
+        storage.delete(row.s3_key)
 
 
 def load(request_id: str) -> Result | None:
@@ -145,10 +136,7 @@ def load(request_id: str) -> Result | None:
         row = ResultRecord.get(request_id, consistent_read=True)
     except DoesNotExist:
         return None
-    if row.s3_key:
-        text = _s3().get_object(Bucket=get_settings().results_bucket, Key=row.s3_key)["Body"].read()
-    else:
-        text = row.body or "null"
+    text = storage.get(row.s3_key) if row.s3_key else (row.body or "null")
     return Result(int(row.status_code), json.loads(text))
 
 

@@ -8,7 +8,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from first_core.auth import Caller
-from first_core.errors import NotFoundError, PermissionDeniedError, ServiceUnavailableError
+from first_core.errors import (
+    InvalidRequestError,
+    NotFoundError,
+    PermissionDeniedError,
+    ServiceUnavailableError,
+)
 from first_core.registry import Endpoint, Registry
 
 # Lower is better. A model already running answers at once; a queued job soon; then a cluster
@@ -72,8 +77,10 @@ def choose(
     cluster: str | None = None,
     framework: str | None = None,
     exclude: frozenset[str] = frozenset(),
+    for_batches: bool = False,
 ) -> Route:
-    """The endpoint to run on and why. `exclude`: endpoint ids that just refused a submit."""
+    """The endpoint to run on and why. `exclude`: endpoint ids that just refused a submit;
+    `for_batches`: only endpoints that take batches."""
     if cluster is not None:
         known = registry.cluster(cluster)
         if framework is not None and framework not in known.frameworks:
@@ -98,6 +105,15 @@ def choose(
             param="model",
             code="model_not_found",
         )
+    if for_batches:
+        candidates = [e for e in candidates if e.batches and e.functions.batch]
+        if not candidates:
+            where = f"cluster '{cluster}'" if cluster else "any cluster"
+            raise InvalidRequestError(
+                f"The model '{model}' takes no batches on {where}.",
+                param="model",
+                code="batches_not_supported",
+            )
     reasons = {id(e): refusal(caller, registry, e) for e in candidates}
     permitted = [e for e in candidates if reasons[id(e)] is None]
     if not permitted:

@@ -82,6 +82,21 @@ class Settings(BaseSettings):
     reconcile_grace_seconds: float = 120.0
     request_deadline_seconds: float = 6 * 3600.0
 
+    # Batches (first_core.files, first_core.batches). An uploaded file is one request body, so
+    # API Gateway's 10 MB payload limit bounds it before `max_payload_bytes` does; larger jobs
+    # use FIRST's batches, whose input is already on the cluster.
+    max_batch_lines: int = 50_000
+    max_concurrent_batches_per_user: int = 2
+    # Lines per checkpointed chunk on the cluster: a restarted job loses at most one chunk.
+    batch_chunk_lines: int = 100
+    # Attempts of one batch (a killed worker, a lost endpoint) before it fails.
+    batch_max_attempts: int = 3
+    # File contents up to this size are answered inline; larger ones redirect (302) to a
+    # presigned S3 URL (a Lambda response holds at most 6 MB).
+    file_inline_bytes: int = 4_000_000
+    # Life of the presigned URLs the gateway hands to the clusters and to clients.
+    presigned_url_seconds: int = 3600
+
 
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:

@@ -203,6 +203,108 @@ class UsageRecord(Model):
     by_date = UsageByDate()
 
 
+class FilesByUser(GlobalSecondaryIndex["FileRecord"]):
+    class Meta:
+        index_name = "by_user"
+        projection = AllProjection()
+
+    user_id = UnicodeAttribute(hash_key=True)
+    created_at = NumberAttribute(range_key=True)
+
+
+class FileRecord(Model):
+    """An OpenAI file (first_core.files): an uploaded batch input or a batch's output or
+    errors; the bytes are in the results bucket under `s3_key`."""
+
+    Meta = _meta("files")
+
+    file_id = UnicodeAttribute(hash_key=True)
+    user_id = UnicodeAttribute()  # the owner; nobody else sees it
+    filename = UnicodeAttribute()
+    purpose = UnicodeAttribute()  # batch, batch_output
+    bytes = NumberAttribute()
+    s3_key = UnicodeAttribute()
+    created_at = NumberAttribute()
+    # Upload checks, so a batch need not read the file again: its lines, models and urls.
+    line_count = NumberAttribute(default=0)
+    models = JSONAttribute(null=True)
+    urls = JSONAttribute(null=True)
+
+    by_user = FilesByUser()
+
+
+class BatchesByUser(GlobalSecondaryIndex["BatchRecord"]):
+    class Meta:
+        index_name = "by_user"
+        projection = AllProjection()
+
+    user_id = UnicodeAttribute(hash_key=True)
+    created_at = NumberAttribute(range_key=True)
+
+
+class BatchesByStatus(GlobalSecondaryIndex["BatchRecord"]):
+    """Open batches only (the attribute is removed at the end), for the batch driver."""
+
+    class Meta:
+        index_name = "by_open_status"
+        projection = AllProjection()
+
+    open_status = UnicodeAttribute(hash_key=True)
+    created_at = NumberAttribute(range_key=True)
+
+
+class BatchRecord(Model):
+    """One batch (first_core.batches): OpenAI's (an input file id) or FIRST's (a path on the
+    cluster), its state in OpenAI's words, its progress, attempts and outputs."""
+
+    Meta = _meta("batches")
+
+    batch_id = UnicodeAttribute(hash_key=True)
+    user_id = UnicodeAttribute()
+    username = UnicodeAttribute()
+    kind = UnicodeAttribute()  # "openai" or "first"
+    status = UnicodeAttribute()  # validating, in_progress, finalizing, completed, failed, ...
+    open_status = UnicodeAttribute(null=True)
+    endpoint = UnicodeAttribute()  # /v1/chat/completions, /v1/completions, /v1/embeddings
+    model = UnicodeAttribute()
+    cluster = UnicodeAttribute()
+    framework = UnicodeAttribute()
+    endpoint_id = UnicodeAttribute()  # the compute endpoint the batch runs on
+    function_id = UnicodeAttribute()
+    completion_window = UnicodeAttribute(default="24h")
+    metadata = JSONAttribute(null=True)
+    input_file_id = UnicodeAttribute(null=True)  # openai
+    input_path = UnicodeAttribute(null=True)  # first: on the cluster's file system
+    output_folder_path = UnicodeAttribute(null=True)  # first
+    output_file_id = UnicodeAttribute(null=True)
+    error_file_id = UnicodeAttribute(null=True)
+    output_path = UnicodeAttribute(null=True)  # first: where the cluster wrote the results
+    error_path = UnicodeAttribute(null=True)
+    errors = JSONAttribute(null=True)  # OpenAI's errors.data list
+    total = NumberAttribute(default=0)
+    completed = NumberAttribute(default=0)
+    failed = NumberAttribute(default=0)
+    resumed_lines = NumberAttribute(default=0)
+    task_id = UnicodeAttribute(null=True)
+    attempt = NumberAttribute(default=1)
+    prompt_tokens = NumberAttribute(default=0)
+    completion_tokens = NumberAttribute(default=0)
+    total_tokens = NumberAttribute(default=0)
+    created_at = NumberAttribute()
+    updated_at = NumberAttribute()
+    expires_at = NumberAttribute()  # created_at + completion window (not a TTL)
+    in_progress_at = NumberAttribute(null=True)
+    finalizing_at = NumberAttribute(null=True)
+    completed_at = NumberAttribute(null=True)
+    failed_at = NumberAttribute(null=True)
+    expired_at = NumberAttribute(null=True)
+    cancelling_at = NumberAttribute(null=True)
+    cancelled_at = NumberAttribute(null=True)
+
+    by_user = BatchesByUser()
+    by_open_status = BatchesByStatus()
+
+
 # Every table; template.yaml declares each one (tests/infra checks them key for key), and the
 # local stack and the tests create them from there (first_local.provision).
 ALL_MODELS: tuple[type[Model], ...] = (
@@ -213,6 +315,8 @@ ALL_MODELS: tuple[type[Model], ...] = (
     RegistryEntry,
     RateCounter,
     UsageRecord,
+    FileRecord,
+    BatchRecord,
 )
 
 

@@ -1,0 +1,65 @@
+"""The results bucket: one S3 client, and the presigned URLs handed to clusters and clients.
+
+Keys by prefix (each expires by the bucket's lifecycle rules in template.yaml):
+`results/` result bodies too large for an item, `files/` uploaded batch inputs, `batches/`
+batch outputs written by the clusters through presigned PUTs.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Any, Literal
+
+from first_core.settings import get_settings
+
+
+@lru_cache(maxsize=1)
+def s3() -> Any:
+    import boto3
+
+    s = get_settings()
+    return boto3.client("s3", region_name=s.aws_region, endpoint_url=s.aws_endpoint_url)
+
+
+def bucket() -> str:
+    return get_settings().results_bucket
+
+
+def put(key: str, body: bytes) -> None:
+    s3().put_object(Bucket=bucket(), Key=key, Body=body)
+
+
+def get(key: str) -> bytes:
+    return bytes(s3().get_object(Bucket=bucket(), Key=key)["Body"].read())
+
+
+def delete(key: str) -> None:
+    s3().delete_object(Bucket=bucket(), Key=key)
+
+
+def size(key: str) -> int | None:
+    """The object's size, or None if there is no such object."""
+    from botocore.exceptions import ClientError
+
+    try:
+        return int(s3().head_object(Bucket=bucket(), Key=key)["ContentLength"])
+    except ClientError as error:
+        if error.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+            return None
+        raise
+
+
+def presigned_url(method: Literal["GET", "PUT"], key: str, filename: str | None = None) -> str:
+    """A URL that reads (GET) or writes (PUT) one object for `presigned_url_seconds`, with no
+    other credential: how a cluster fetches a batch's input and delivers its output, and how a
+    client downloads a file too large to answer inline."""
+    params: dict[str, Any] = {"Bucket": bucket(), "Key": key}
+    if filename and method == "GET":
+        params["ResponseContentDisposition"] = f'attachment; filename="{filename}"'
+    return str(
+        s3().generate_presigned_url(
+            "get_object" if method == "GET" else "put_object",
+            Params=params,
+            ExpiresIn=get_settings().presigned_url_seconds,
+        )
+    )

@@ -333,11 +333,14 @@ def list_first_batches() -> list[dict[str, Any]]:
 
 
 @api("/resource_server/v1/batches/{batch_id}", methods=["GET"])
-def first_batch_status(batch_id: str) -> str:
-    """FIRST answers a batch's status as a bare JSON string."""
+def first_batch_status(batch_id: str) -> Response:
+    """FIRST answers a batch's status as a bare JSON string (`"running"`)."""
+    import json
+
     from first_core import batches
 
-    return batches.first_status(batches.get_owned(batch_id, caller()))
+    status = batches.first_status(batches.get_owned(batch_id, caller()))
+    return Response(json.dumps(status), headers={"Content-Type": "application/json"})
 
 
 @api("/resource_server/v1/batches/{batch_id}/result", methods=["GET"])

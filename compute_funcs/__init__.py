@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from compute_funcs.batch import vllm_batch
 from compute_funcs.inference import vllm_inference
 from compute_funcs.qstat import qstat
 from compute_funcs.streaming import vllm_streaming
@@ -17,4 +18,5 @@ FUNCTIONS: dict[str, Callable[..., Any]] = {
     "inference": vllm_inference,
     "streaming": vllm_streaming,
     "qstat": qstat,
+    "batch": vllm_batch,
 }

@@ -50,6 +50,8 @@ TABLE_ACCESS = {
         "registry": "read",
         "rate_counters": "crud",
         "usage": "crud",
+        "files": "crud",
+        "batches": "crud",
     },
     "HealthPollerFunction": {"registry": "crud"},
     "ReconcilerFunction": {
@@ -59,13 +61,38 @@ TABLE_ACCESS = {
         "rate_counters": "crud",
         "usage": "crud",
     },
+    "BatchDriverFunction": {
+        "batches": "crud",
+        "files": "crud",
+        "rate_counters": "crud",
+        "usage": "crud",
+    },
 }
-S3_ACCESS = {
-    "ReconcilerFunction": {"s3:PutObject", "s3:GetObject", "s3:DeleteObject"},
-    "HealthPollerFunction": set(),
-    "ProxyFunction": {"s3:GetObject"},
-    "ControlPlaneFunction": {"s3:PutObject", "s3:GetObject", "s3:DeleteObject"},
+# What each function may do in each prefix of the bucket. A presigned URL carries its signer's
+# rights: the control plane presigns the clusters' PUTs of batch outputs (batches/) and the GETs
+# of batch inputs (files/); the batch driver presigns input GETs again on a resubmit. HEAD needs
+# s3:GetObject.
+READ_WRITE_DELETE = {"s3:PutObject", "s3:GetObject", "s3:DeleteObject"}
+S3_ACCESS: dict[str, dict[str, set[str]]] = {
+    "ReconcilerFunction": {"results/*": READ_WRITE_DELETE},
+    "HealthPollerFunction": {},
+    "ProxyFunction": {"results/*": {"s3:GetObject"}},
+    "ControlPlaneFunction": {
+        "results/*": READ_WRITE_DELETE,
+        "files/*": READ_WRITE_DELETE,
+        "batches/*": READ_WRITE_DELETE,
+    },
+    "BatchDriverFunction": {"files/*": {"s3:GetObject"}, "batches/*": {"s3:GetObject"}},
 }
+# Functions that submit to or look up tasks in Globus Compute (the SDK reads its client
+# credentials from GLOBUS_COMPUTE_CLIENT_ID/SECRET and writes state under GLOBUS_COMPUTE_USER_DIR).
+GLOBUS_COMPUTE_FUNCTIONS = [
+    "first-dev-proxy",
+    "first-dev-control",
+    "first-dev-reconciler",
+    "first-dev-health",
+    "first-dev-batch-driver",
+]
 # Created by CloudFormation on AWS; moto skips it with a warning.
 MOTO_SKIPS = {"AWS::S3::BucketPolicy"}
 
@@ -322,6 +349,23 @@ def test_every_chalice_route_and_nothing_else_goes_to_the_control_plane(
         assert operation.get("parameters", []) == params, path
 
 
+def test_no_two_path_variables_are_siblings(template: dict[str, Any]) -> None:
+    """API Gateway allows one variable path part per parent resource: importing both
+    /callbacks/{request_id} and /callbacks/{batch_id}/batch fails on AWS ("A sibling
+    ({request_id}) of this resource already has a variable path part -- only one is allowed"),
+    which moto, which ignores the OpenAPI body, cannot show. A Chalice route that adds one must
+    reuse its sibling's name."""
+    variables: dict[str, set[str]] = {}
+    for path, _method in _operations(template):
+        parts = path.strip("/").split("/")
+        for depth, part in enumerate(parts):
+            if part.startswith("{"):
+                parent = "/" + "/".join(parts[:depth])
+                variables.setdefault(parent, set()).add(part)
+    clashes = {parent: names for parent, names in variables.items() if len(names) > 1}
+    assert not clashes, f"sibling path variables API Gateway refuses: {clashes}"
+
+
 def test_chalice_needs_a_path_per_route_not_a_catch_all() -> None:
     """Why the template lists every route: behind /{proxy+}, Chalice knows no route at all."""
     import app
@@ -426,6 +470,7 @@ def _function_env(deployed: dict[str, Any], name: str) -> tuple[dict[str, Any], 
         ("first-dev-control", "app.app", 512, 30),
         ("first-dev-reconciler", "app.reconciler", 512, 120),
         ("first-dev-health", "app.health_poller", 512, 300),
+        ("first-dev-batch-driver", "app.batch_driver", 512, 120),
     ],
 )
 def test_functions_carry_exactly_the_settings_the_code_reads(
@@ -467,6 +512,32 @@ def test_functions_carry_exactly_the_settings_the_code_reads(
     assert settings.authentication_policies == []
     assert settings.compute_backend == "globus"
     assert settings.result_wait_seconds == 240
+    parameters = deployed["template"]["Parameters"]
+    assert settings.max_concurrent_batches_per_user == int(
+        parameters["MaxConcurrentBatchesPerUser"]["Default"]
+    )
+    assert settings.batch_chunk_lines == int(parameters["BatchChunkLines"]["Default"])
+
+
+def test_batch_parameters_default_to_the_settings_defaults(template: dict[str, Any]) -> None:
+    parameters = template["Parameters"]
+    variables = template["Globals"]["Function"]["Environment"]["Variables"]
+    for parameter, field_name in (
+        ("MaxConcurrentBatchesPerUser", "max_concurrent_batches_per_user"),
+        ("BatchChunkLines", "batch_chunk_lines"),
+    ):
+        assert parameters[parameter]["Default"] == Settings.model_fields[field_name].default
+        assert variables[f"FIRST_{field_name.upper()}"] == {"Ref": parameter}
+
+
+@pytest.mark.parametrize("name", GLOBUS_COMPUTE_FUNCTIONS)
+def test_functions_that_use_globus_compute_carry_its_client_credentials(
+    deployed: dict[str, Any], name: str
+) -> None:
+    _, env = _function_env(deployed, name)
+    assert env["GLOBUS_COMPUTE_CLIENT_ID"] == STACK_PARAMETERS["GlobusClientId"]
+    assert env["GLOBUS_COMPUTE_CLIENT_SECRET"] == env["FIRST_GLOBUS_CLIENT_SECRET"]
+    assert env["GLOBUS_COMPUTE_USER_DIR"].startswith("/tmp/")
 
 
 def test_the_proxy_function_streams_through_the_web_adapter(deployed: dict[str, Any]) -> None:
@@ -505,7 +576,7 @@ def test_each_role_reaches_only_the_tables_and_objects_its_function_uses(
         "arn:aws:iam::aws:policy/service-role/AWSLambdaBasicExecutionRole"
     ]
     access: dict[str, set[str]] = {}
-    s3_actions: set[str] = set()
+    s3_actions: dict[str, set[str]] = {}
     bucket = deployed["outputs"]["ResultsBucketName"]
     for policy_name in iam.list_role_policies(RoleName=role)["PolicyNames"]:
         document = iam.get_role_policy(RoleName=role, PolicyName=policy_name)["PolicyDocument"]
@@ -524,8 +595,10 @@ def test_each_role_reaches_only_the_tables_and_objects_its_function_uses(
             services = {a.split(":")[0] for a in actions}
             assert services in ({"dynamodb"}, {"s3"}), actions
             if services == {"s3"}:
-                assert arns == [f"arn:aws:s3:::{bucket}/results/*"]
-                s3_actions |= set(actions)
+                for arn in arns:
+                    prefix = arn.removeprefix(f"arn:aws:s3:::{bucket}/")
+                    assert prefix != arn and prefix.endswith("/*"), arn
+                    s3_actions.setdefault(prefix, set()).update(actions)
                 continue
             for arn in arns:
                 access.setdefault(_table_of(arn), set()).update(actions)
@@ -584,8 +657,7 @@ def test_every_chalice_schedule_is_a_scheduled_function(template: dict[str, Any]
         for source in app.app.event_sources
         if isinstance(source, ScheduledEventConfig)
     }
-    assert "reconciler" in schedules
-    assert "health_poller" in schedules
+    assert {"reconciler", "health_poller", "batch_driver"} <= set(schedules)
     declared = {}
     for resource in template["Resources"].values():
         if resource["Type"] != "AWS::Serverless::Function":
@@ -597,3 +669,23 @@ def test_every_chalice_schedule_is_a_scheduled_function(template: dict[str, Any]
     for name, expression in schedules.items():
         rate = expression if isinstance(expression, str) else expression.to_string()
         assert declared.get(f"app.{name}") == rate, name
+    handlers = {f"app.{name}" for name in schedules}
+    assert set(declared) == handlers, f"not Chalice schedules: {set(declared) - handlers}"
+
+
+def test_every_function_logs_to_its_own_group_with_the_stack_retention(
+    template: dict[str, Any],
+) -> None:
+    resources = template["Resources"]
+    functions = {k: r for k, r in resources.items() if r["Type"] == "AWS::Serverless::Function"}
+    groups = set()
+    for logical_id, resource in functions.items():
+        properties = resource["Properties"]
+        group = properties["LoggingConfig"]["LogGroup"]["Ref"]
+        groups.add(group)
+        group_properties = resources[group]["Properties"]
+        assert group_properties["LogGroupName"] == {
+            "Fn::Sub": "/aws/lambda/" + properties["FunctionName"]["Fn::Sub"]
+        }, logical_id
+        assert group_properties["RetentionInDays"] == {"Ref": "LogRetentionDays"}, logical_id
+    assert len(groups) == len(functions)

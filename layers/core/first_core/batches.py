@@ -97,18 +97,14 @@ def _parse(model: type[BaseModel], raw_body: bytes) -> Any:
 
 
 def _check_cluster_path(value: str | None, param: str) -> None:
-    """A path on the cluster: absolute, no `..`, no NUL. The cluster checks it again against
-    the directories its endpoint may read and write (FIRST_BATCH_ROOTS)."""
+    """A path on the cluster (relative ones are under the endpoint's first batch root), without
+    `..` or NUL. The cluster checks it again against the directories its endpoint may read and
+    write (FIRST_BATCH_ROOTS), where symbolic links are resolved."""
     if value is None:
         return
-    if (
-        not value.startswith("/")
-        or "\x00" in value
-        or ".." in value.split("/")
-        or len(value) > 4096
-    ):
+    if "\x00" in value or ".." in value.split("/") or len(value) > 4096:
         raise InvalidRequestError(
-            f"{param} must be an absolute path on the cluster without '..'.", param=param
+            f"{param} must be a path on the cluster without '..'.", param=param
         )
 
 
@@ -177,7 +173,10 @@ def create_first(caller: Caller, cluster: str, framework: str, raw_body: bytes) 
     )
     record = _new_record(caller, "first", "/v1/chat/completions", route.endpoint)
     record.input_path = request.input_file
-    record.output_folder_path = request.output_folder_path or os.path.dirname(request.input_file)
+    # FIRST writes results beside the input unless told where.
+    record.output_folder_path = (
+        request.output_folder_path or os.path.dirname(request.input_file) or "."
+    )
     return first_summary(_start(record, None))
 
 

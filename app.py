@@ -350,12 +350,14 @@ def first_batch_result(batch_id: str) -> dict[str, Any]:
     return batches.first_result(batches.get_owned(batch_id, caller()))
 
 
-@api("/callbacks/{batch_id}/batch", methods=["POST"], content_types=["application/json"])
-def batch_callback(batch_id: str) -> dict[str, Any]:
+# The variable is named as in the request callbacks' paths: API Gateway allows one variable
+# name per level under /callbacks. Here it holds a batch id.
+@api("/callbacks/{request_id}/batch", methods=["POST"], content_types=["application/json"])
+def batch_callback(request_id: str) -> dict[str, Any]:
     from first_core import batches
 
     authorization = current_request().headers.get("authorization")
-    return batches.accept_callback(batch_id, authorization, raw_body())
+    return batches.accept_callback(request_id, authorization, raw_body())
 
 
 @app.schedule(Rate(1, unit=Rate.MINUTES), name="batch_driver")

@@ -168,35 +168,50 @@ def _usage(stack: Stack, as_user: str, **params: str) -> httpx.Response:
     )
 
 
-def _totals_from_request_records(stack: Stack, uid: str) -> dict[tuple[str, str], dict[str, Any]]:
-    """Per (day, model): the ended request records of one user, added up."""
-    totals: dict[tuple[str, str], dict[str, Any]] = {}
+def _ended_records(stack: Stack, uid: str) -> tuple[list[dict[str, Any]], set[str]]:
+    """One user's ended requests and batches (each has a usage record), and the models of
+    those still open (their totals are still moving)."""
+    ended: list[dict[str, Any]] = []
     open_models: set[str] = set()
-    scan: dict[str, Any] = {"FilterExpression": Attr("user_id").eq(uid)}
-    while True:
-        page = stack.table("requests").scan(ConsistentRead=True, **scan)
-        for item in page["Items"]:
-            if item["status"] in ("submitted", "running"):
-                open_models.add(str(item["model"]))
-                continue
-            day = datetime.fromtimestamp(float(item["created_at"]), tz=UTC).strftime("%Y-%m-%d")
-            entry = totals.setdefault(
-                (day, str(item["model"])),
-                {
-                    "requests": 0,
-                    "prompt_tokens": 0,
-                    "completion_tokens": 0,
-                    "total_tokens": 0,
-                    "by_status": {},
-                },
-            )
-            entry["requests"] += 1
-            for name in ("prompt_tokens", "completion_tokens", "total_tokens"):
-                entry[name] += int(item.get(name) or 0)
-            entry["by_status"][item["status"]] = entry["by_status"].get(item["status"], 0) + 1
-        if "LastEvaluatedKey" not in page:
-            break
-        scan["ExclusiveStartKey"] = page["LastEvaluatedKey"]
+    for table, open_states in (
+        ("requests", ("submitted", "running")),
+        ("batches", ("validating", "in_progress", "finalizing", "cancelling")),
+    ):
+        scan: dict[str, Any] = {"FilterExpression": Attr("user_id").eq(uid)}
+        while True:
+            page = stack.table(table).scan(ConsistentRead=True, **scan)
+            for item in page["Items"]:
+                if item["status"] in open_states:
+                    open_models.add(str(item["model"]))
+                elif table == "requests" or item.get("cluster"):
+                    # A batch refused at validation never ran: no usage record.
+                    ended.append(item)
+            if "LastEvaluatedKey" not in page:
+                break
+            scan["ExclusiveStartKey"] = page["LastEvaluatedKey"]
+    return ended, open_models
+
+
+def _totals_from_request_records(stack: Stack, uid: str) -> dict[tuple[str, str], dict[str, Any]]:
+    """Per (day, model): the ended requests and batches of one user, added up."""
+    totals: dict[tuple[str, str], dict[str, Any]] = {}
+    ended, open_models = _ended_records(stack, uid)
+    for item in ended:
+        day = datetime.fromtimestamp(float(item["created_at"]), tz=UTC).strftime("%Y-%m-%d")
+        entry = totals.setdefault(
+            (day, str(item["model"])),
+            {
+                "requests": 0,
+                "prompt_tokens": 0,
+                "completion_tokens": 0,
+                "total_tokens": 0,
+                "by_status": {},
+            },
+        )
+        entry["requests"] += 1
+        for name in ("prompt_tokens", "completion_tokens", "total_tokens"):
+            entry[name] += int(item.get(name) or 0)
+        entry["by_status"][item["status"]] = entry["by_status"].get(item["status"], 0) + 1
     return {key: value for key, value in totals.items() if key[1] not in open_models}
 
 

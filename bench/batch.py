@@ -113,7 +113,8 @@ def main() -> None:
     print(f"lines={args.lines} delay_ms={args.delay_ms} concurrency={CONCURRENCY}")
     print("batch:   " + json.dumps({k: round(v, 3) for k, v in batch.items()}))
     print("singles: " + json.dumps({k: round(v, 3) for k, v in singles.items()}))
-    print(f"batch lines/s ÷ single requests/s = {batch['lines_per_s'] / singles['requests_per_s']:.2f}")
+    ratio = batch["lines_per_s"] / singles["requests_per_s"]
+    print(f"batch lines/s ÷ single requests/s = {ratio:.2f}")
 
 
 if __name__ == "__main__":

@@ -304,7 +304,12 @@ def _start(record: BatchRecord, input_key: str | None) -> BatchRecord:
     return record
 
 
-def _submit(record: BatchRecord, attempt: int, input_key: str | None) -> str:
+def _submit(
+    record: BatchRecord,
+    attempt: int,
+    input_key: str | None,
+    backend: ComputeBackend | None = None,
+) -> str:
     settings = get_settings()
     batch_id = record.batch_id
     if record.kind == "openai":
@@ -314,7 +319,7 @@ def _submit(record: BatchRecord, attempt: int, input_key: str | None) -> str:
     else:
         source = {"path": record.input_path}
         output = {"folder": record.output_folder_path}
-    return get_backend().submit(
+    return (backend or get_backend()).submit(
         record.endpoint_id,
         record.function_id,
         {
@@ -817,16 +822,22 @@ def _drive_one(
     state = backend.task_state(record.task_id)
     if state.status == "success":
         try:
-            event = BatchEvent.model_validate(state.result)
+            event: BatchEvent | None = BatchEvent.model_validate(state.result)
         except ValidationError:
             event = None
-        if event is not None and event.event == "done" and finalize(record, event):
-            report.finalized.append(batch_id)
+        if event is not None and event.event == "done":
+            if finalize(record, event):
+                report.finalized.append(batch_id)
+            return
+        reason = "The batch task ended without a report."
+        if _end(record, "failed", errors=[_error("no_report", reason)]):
+            report.ended.append(batch_id)
         return
     if state.status == "pending":
         # Past the window, a task still pending never started or stopped calling back.
         overdue = now > float(record.expires_at) + grace
-        if overdue and _end(record, "expired"):
+        status = "cancelled" if record.status == "cancelling" else "expired"
+        if overdue and _end(record, status):
             report.ended.append(batch_id)
         return
     # failed or unknown: the task died (a killed worker, a lost node, a vanished task)
@@ -841,17 +852,19 @@ def _drive_one(
         if _end(record, "failed", errors=[_error("task_failed", reason)]):
             report.ended.append(batch_id)
         return
-    _resubmit(record, attempt + 1, state.error)
+    _resubmit(record, attempt + 1, state.error, backend)
     report.resubmitted.append(batch_id)
 
 
-def _resubmit(record: BatchRecord, attempt: int, why: str | None) -> None:
+def _resubmit(
+    record: BatchRecord, attempt: int, why: str | None, backend: ComputeBackend
+) -> None:
     """Start the next attempt; it resumes from the cluster's checkpoints. The update is
     conditioned on the task it replaces, so only one driver's task is recorded (another's
     carries the same attempt number and would write the same checkpoints)."""
     old_task = record.task_id
     log.warning("batch %s: attempt %d after: %s", record.batch_id, attempt, why)
-    task_id = _submit(record, attempt, None)
+    task_id = _submit(record, attempt, None, backend)
     try:
         record.update(
             actions=[

@@ -76,7 +76,9 @@ def check_batch_lines(content: bytes) -> BatchInput:
     models: set[str] = set()
     urls: set[str] = set()
     count = 0
-    for number, line in enumerate(text.splitlines(), start=1):
+    # JSONL lines end at "\n" only: str.splitlines() would also break at U+2028 and the like,
+    # which JSON allows unescaped inside strings.
+    for number, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         count += 1

@@ -56,8 +56,9 @@ Runners (`FIRST_BATCH_RUNNER`):
                       --model <model> $FIRST_BATCH_RUNNER_ARGS` (python: `FIRST_BATCH_PYTHON`,
                       default this interpreter). Its stdout/stderr go to `runner-NNNNNN.out/.err`;
                       a non-zero exit fails the batch with the stderr tail. vLLM's run_batch loads
-                      the model for every chunk, so give this runner large chunks. It does not
-                      serve /v1/completions: such lines fail with "unsupported_url".
+                      the model for every chunk, so give this runner large chunks: the
+                      endpoint's `FIRST_BATCH_RUNNER_CHUNK_LINES` overrides `chunk_lines`. It does
+                      not serve /v1/completions: such lines fail with "unsupported_url".
     "http"            POST each line's body to the running `vllm serve` at `VLLM_BASE_URL`
                       (default http://127.0.0.1:8000/v1) with `VLLM_API_KEY`, timeout
                       `VLLM_TIMEOUT_SECONDS` (default 3600), `FIRST_BATCH_CONCURRENCY` (default 8)
@@ -97,7 +98,9 @@ def vllm_batch(
     import uuid
 
     endpoints = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
-    chunk_lines = max(1, int(chunk_lines))
+    # The endpoint's operator may override the gateway's chunk size: the "vllm" runner loads
+    # the model once per chunk and wants thousands of lines, the "http" runner a hundred.
+    chunk_lines = max(1, int(os.environ.get("FIRST_BATCH_RUNNER_CHUNK_LINES") or chunk_lines))
     runner = (os.environ.get("FIRST_BATCH_RUNNER") or "vllm").strip().lower()
     base_url = os.environ.get("VLLM_BASE_URL", "http://127.0.0.1:8000/v1").rstrip("/")
     api_key = os.environ.get("VLLM_API_KEY")

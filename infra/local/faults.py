@@ -5,7 +5,8 @@ compute pool hands them a callback URL on a small fault proxy in the stack proce
 forwards each callback to the gateway, or not:
 
 - `drop` (fraction): the callback is lost in transit; the function is told `{"continue": true}`
-  as if it had arrived, so it goes on (and returns its result, for the reconciler);
+  as if it had arrived, so it goes on (and returns its result, for the reconciler); of a batch's
+  callbacks only the final `done` is ever lost (see `_droppable`);
 - `duplicate` (fraction): the callback is delivered twice, the second right after the first;
 - `delay` (seconds): every callback is held this long before it is forwarded.
 
@@ -80,7 +81,7 @@ class CallbackFaultProxy:
 
     def forward(self, path: str, headers: dict[str, str], body: bytes) -> tuple[int, bytes]:
         self.counts["received"] += 1
-        if random.random() < self.faults.drop:
+        if random.random() < self.faults.drop and _droppable(path, body):
             self.counts["dropped"] += 1
             return 200, json.dumps({"continue": True, "accepted": True}).encode()
         if self.faults.delay:
@@ -107,3 +108,15 @@ class CallbackFaultProxy:
         except OSError as error:
             log.warning("callback fault proxy could not reach the gateway: %s", error)
             return 502, b'{"error": {"message": "gateway unreachable"}}'
+
+
+def _droppable(path: str, body: bytes) -> bool:
+    """A batch's progress and upload callbacks always go through: their replies carry what the
+    function needs (go on or stop, where to upload), which a made-up reply cannot. Its `done`
+    callback, the one whose loss the batch driver must make good, may be lost like any other."""
+    if not path.endswith("/batch"):
+        return True
+    try:
+        return bool(json.loads(body).get("event") == "done")
+    except (ValueError, AttributeError):
+        return True

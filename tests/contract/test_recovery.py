@@ -9,6 +9,7 @@ truly gone.
 
 from __future__ import annotations
 
+import json
 import re
 import time
 from collections.abc import Iterator
@@ -119,6 +120,39 @@ def test_a_stream_whose_batches_were_all_dropped_still_delivers_the_whole_text(
     assert text == expected
     item = assert_ended_once(drop_stack, request_id)
     assert int(item["completion_tokens"]) > 0
+
+
+def test_a_batch_whose_done_callback_was_lost_is_finished_by_the_batch_driver(
+    drop_stack: Stack,
+) -> None:
+    client = drop_stack.client()
+    lines = [
+        json.dumps(
+            {
+                "custom_id": f"lost-{i}",
+                "method": "POST",
+                "url": "/v1/chat/completions",
+                "body": {"model": MODEL, "messages": MESSAGES, "max_tokens": 5},
+            }
+        )
+        for i in range(120)
+    ]
+    file = client.files.create(file=("in.jsonl", "\n".join(lines).encode()), purpose="batch")
+    batch = client.batches.create(
+        input_file_id=file.id, endpoint="/v1/chat/completions", completion_window="24h"
+    )
+    deadline = time.monotonic() + 30
+    while (batch := client.batches.retrieve(batch.id)).status != "completed":
+        assert batch.status in ("validating", "in_progress", "finalizing"), batch
+        assert time.monotonic() < deadline, batch
+        time.sleep(0.2)
+    # Nothing but the task's return value said it was done: the driver ended it, once.
+    assert batch.request_counts is not None and batch.request_counts.completed == 120
+    answered = client.files.content(batch.output_file_id).text.splitlines()
+    assert sorted(json.loads(x)["custom_id"] for x in answered) == sorted(
+        f"lost-{i}" for i in range(120)
+    )
+    assert len(usage_rows(drop_stack, batch.id)) == 1
 
 
 def test_streams_with_some_batches_lost_deliver_every_text_in_order(tmp_path: Path) -> None:

@@ -47,7 +47,7 @@ from first_core.errors import (
     RateLimitError,
 )
 from first_core.registry import Endpoint, Registry
-from first_core.results import callback_token, verify_callback_token
+from first_core.results import callback_token, read_callback
 from first_core.settings import get_settings
 from first_core.tables import BatchRecord, UsageRecord
 from first_core.usage import usage_sort_key
@@ -553,17 +553,9 @@ class BatchEvent(BaseModel):
 
 
 def accept_callback(batch_id: str, authorization: str | None, raw_body: bytes) -> dict[str, Any]:
-    verify_callback_token(batch_id, authorization)
-    if len(raw_body) > get_settings().max_payload_bytes:
-        raise PayloadTooLargeError("Callback body too large.")
-    try:
-        event = BatchEvent.model_validate_json(raw_body)
-    except ValidationError:
-        raise InvalidRequestError(
-            "Malformed callback body.", code="invalid_callback_body"
-        ) from None
-    if event.batch_id != batch_id:
-        raise InvalidRequestError("Callback body names another batch.", param="batch_id")
+    event = read_callback(
+        batch_id, authorization, raw_body, BatchEvent, get_settings().max_payload_bytes
+    )
     try:
         record = BatchRecord.get(batch_id, consistent_read=True)
     except DoesNotExist:

@@ -15,7 +15,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 from pynamodb.exceptions import DoesNotExist, PutError
@@ -51,6 +51,34 @@ def verify_callback_token(request_id: str, authorization: str | None) -> None:
         raise AuthenticationError(
             "Invalid callback token for this request.", code="invalid_callback"
         )
+
+
+CallbackT = TypeVar("CallbackT", bound=BaseModel)
+
+
+def read_callback(
+    object_id: str,
+    authorization: str | None,
+    raw_body: bytes,
+    body_type: type[CallbackT],
+    max_bytes: int,
+) -> CallbackT:
+    """Every callback route's first steps, in this order: the token for this object (constant
+    time, before anything else is looked at), the size, the body's shape, and that the body
+    names the object of the URL (its `request_id` or `batch_id`)."""
+    verify_callback_token(object_id, authorization)
+    if len(raw_body) > max_bytes:
+        raise PayloadTooLargeError("Callback body too large.")
+    try:
+        body = body_type.model_validate_json(raw_body)
+    except ValidationError:
+        raise InvalidRequestError(
+            "Malformed callback body.", code="invalid_callback_body"
+        ) from None
+    named = getattr(body, "batch_id", None) or getattr(body, "request_id", None)
+    if named != object_id:
+        raise InvalidRequestError("Callback body names another object.", param="request_id")
+    return body
 
 
 class CallbackBody(BaseModel):
@@ -142,17 +170,9 @@ def load(request_id: str) -> Result | None:
 
 def accept_callback(request_id: str, authorization: str | None, raw_body: bytes) -> dict[str, Any]:
     """The callback route: verify the token, then record the result once."""
-    verify_callback_token(request_id, authorization)
-    if len(raw_body) > get_settings().max_payload_bytes:
-        raise PayloadTooLargeError("Callback body too large.")
-    try:
-        callback = CallbackBody.model_validate_json(raw_body)
-    except ValidationError:
-        raise InvalidRequestError(
-            "Malformed callback body.", code="invalid_callback_body"
-        ) from None
-    if callback.request_id != request_id:
-        raise InvalidRequestError("Callback body names another request.", param="request_id")
+    callback = read_callback(
+        request_id, authorization, raw_body, CallbackBody, get_settings().max_payload_bytes
+    )
     outcome = record(request_id, callback.status_code, callback.body)
     if outcome == "refused":
         raise ConflictError(f"Request {request_id} does not exist or has already ended.")

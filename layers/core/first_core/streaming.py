@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 from pynamodb.exceptions import DoesNotExist, PutError, UpdateError
 
 from first_core import records, results
@@ -27,8 +27,6 @@ from first_core.errors import (
     ComputeTimeoutError,
     ConflictError,
     GatewayError,
-    InvalidRequestError,
-    PayloadTooLargeError,
 )
 from first_core.settings import get_settings
 from first_core.tables import TERMINAL_STATUSES, RequestRecord, StreamChunkBatch
@@ -83,16 +81,14 @@ def accept_stream_callback(
     request_id: str, authorization: str | None, raw_body: bytes
 ) -> dict[str, Any]:
     """The stream callback route: verify, store the batch once, and say whether to go on."""
-    results.verify_callback_token(request_id, authorization)
     # The batch becomes one DynamoDB item, which holds at most 400 KB.
-    if len(raw_body) > get_settings().inline_result_bytes:
-        raise PayloadTooLargeError("Stream batch too large.")
-    try:
-        batch = StreamBatchBody.model_validate_json(raw_body)
-    except ValidationError:
-        raise InvalidRequestError("Malformed stream batch.", code="invalid_callback_body") from None
-    if batch.request_id != request_id:
-        raise InvalidRequestError("Stream batch names another request.", param="request_id")
+    batch = results.read_callback(
+        request_id,
+        authorization,
+        raw_body,
+        StreamBatchBody,
+        get_settings().inline_result_bytes,
+    )
     try:
         record = RequestRecord.get(request_id, consistent_read=True)
     except DoesNotExist:

@@ -163,9 +163,7 @@ def usage_report() -> dict[str, Any]:
     days); an admin may add `?user=<user_id>` or `?user=all`."""
     who = caller()
     params: Mapping[str, str] = current_request().query_params or {}
-    return usage.report(
-        who, params.get("user"), params.get("start_date"), params.get("end_date")
-    )
+    return usage.report(who, params.get("user"), params.get("start_date"), params.get("end_date"))
 
 
 @api("/callbacks/{request_id}", methods=["POST"], content_types=["application/json"])
@@ -284,33 +282,33 @@ def file_content(file_id: str) -> Response:
 
 @api("/v1/batches", methods=["POST"], content_types=["application/json"])
 def create_batch() -> dict[str, Any]:
-    from first_core import batches
+    from first_core import batch_views, batches
 
-    return batches.create_openai(caller(), raw_body())
+    return batch_views.view(batches.create_openai(caller(), raw_body()))
 
 
 @api("/v1/batches", methods=["GET"])
 def list_batches() -> dict[str, Any]:
-    from first_core import batches, files
+    from first_core import batch_views, files
 
     who = caller()
     params = query()
     limit, _ = files.page_params(params, default_limit=20, max_limit=100)
-    return batches.list_page(who, limit, params.get("after"))
+    return batch_views.list_page(who, limit, params.get("after"))
 
 
 @api("/v1/batches/{batch_id}", methods=["GET"])
 def get_batch(batch_id: str) -> dict[str, Any]:
-    from first_core import batches
+    from first_core import batch_views, batches
 
-    return batches.view(batches.get_owned(batch_id, caller()))
+    return batch_views.view(batches.get_owned(batch_id, caller()))
 
 
 @api("/v1/batches/{batch_id}/cancel", methods=["POST"])
 def cancel_batch(batch_id: str) -> dict[str, Any]:
-    from first_core import batches
+    from first_core import batch_views, batches
 
-    return batches.cancel(batches.get_owned(batch_id, caller()))
+    return batch_views.view(batches.cancel(batches.get_owned(batch_id, caller())))
 
 
 @api(
@@ -320,16 +318,16 @@ def cancel_batch(batch_id: str) -> dict[str, Any]:
 )
 def create_first_batch(cluster: str, framework: str) -> dict[str, Any]:
     """FIRST's batch: `input_file` is a JSONL path on the cluster's file system."""
-    from first_core import batches
+    from first_core import batch_views, batches
 
-    return batches.create_first(caller(), cluster, framework, raw_body())
+    return batch_views.first_summary(batches.create_first(caller(), cluster, framework, raw_body()))
 
 
 @api("/resource_server/v1/batches", methods=["GET"])
 def list_first_batches() -> list[dict[str, Any]]:
-    from first_core import batches
+    from first_core import batch_views
 
-    return batches.first_list(caller(), query().get("status"))
+    return batch_views.first_list(caller(), query().get("status"))
 
 
 @api("/resource_server/v1/batches/{batch_id}", methods=["GET"])
@@ -337,33 +335,33 @@ def first_batch_status(batch_id: str) -> Response:
     """FIRST answers a batch's status as a bare JSON string (`"running"`)."""
     import json
 
-    from first_core import batches
+    from first_core import batch_views, batches
 
-    status = batches.first_status(batches.get_owned(batch_id, caller()))
+    status = batch_views.first_status(batches.get_owned(batch_id, caller()))
     return Response(json.dumps(status), headers={"Content-Type": "application/json"})
 
 
 @api("/resource_server/v1/batches/{batch_id}/result", methods=["GET"])
 def first_batch_result(batch_id: str) -> dict[str, Any]:
-    from first_core import batches
+    from first_core import batch_views, batches
 
-    return batches.first_result(batches.get_owned(batch_id, caller()))
+    return batch_views.first_result(batches.get_owned(batch_id, caller()))
 
 
 # The variable is named as in the request callbacks' paths: API Gateway allows one variable
 # name per level under /callbacks. Here it holds a batch id.
 @api("/callbacks/{request_id}/batch", methods=["POST"], content_types=["application/json"])
 def batch_callback(request_id: str) -> dict[str, Any]:
-    from first_core import batches
+    from first_core import batch_callbacks
 
     authorization = current_request().headers.get("authorization")
-    return batches.accept_callback(request_id, authorization, raw_body())
+    return batch_callbacks.accept_callback(request_id, authorization, raw_body())
 
 
 @app.schedule(Rate(1, unit=Rate.MINUTES), name="batch_driver")
 def batch_driver(event: Any) -> dict[str, Any]:
     """Finish batches whose done callback was lost and restart those whose task died
-    (first_core.batches.drive)."""
-    from first_core.batches import drive
+    (first_core.batch_driver)."""
+    from first_core.batch_driver import drive
 
     return drive().to_json()

@@ -257,7 +257,7 @@ class LocalStack:
         self._reconciler_stop = threading.Event()
 
         def loop() -> None:
-            from first_core.batches import drive
+            from first_core.batch_driver import drive
             from first_core.reconciler import reconcile
 
             while not self._reconciler_stop.wait(every):

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 import first_core.batches
-from first_core import batches, files, storage
+from first_core import batch_callbacks, batch_driver, batch_views, batches, files, storage
 from first_core.compute import TaskState
 from first_core.errors import (
     AuthenticationError,
@@ -98,7 +98,7 @@ def upload(content: bytes | None = None, caller: Any = CALLER) -> FileRecord:
 
 def create(file_id: str, endpoint: str = "/v1/chat/completions", caller: Any = CALLER) -> str:
     body = {"input_file_id": file_id, "endpoint": endpoint, "completion_window": "24h"}
-    return str(batches.create_openai(caller, json.dumps(body).encode())["id"])
+    return batches.create_openai(caller, json.dumps(body).encode()).batch_id
 
 
 def load(batch_id: str) -> BatchRecord:
@@ -119,12 +119,12 @@ def event(batch_id: str, kind: str, attempt: int = 1, **fields: Any) -> dict[str
 
 def call_back(batch_id: str, kind: str, attempt: int = 1, **fields: Any) -> dict[str, Any]:
     body = json.dumps(event(batch_id, kind, attempt, **fields)).encode()
-    return batches.accept_callback(batch_id, f"Bearer {callback_token(batch_id)}", body)
+    return batch_callbacks.accept_callback(batch_id, f"Bearer {callback_token(batch_id)}", body)
 
 
 def send(batch_id: str, body: dict[str, Any]) -> dict[str, Any]:
     raw = json.dumps(body).encode()
-    return batches.accept_callback(batch_id, f"Bearer {callback_token(batch_id)}", raw)
+    return batch_callbacks.accept_callback(batch_id, f"Bearer {callback_token(batch_id)}", raw)
 
 
 def done_report(
@@ -187,7 +187,7 @@ def test_create_openai_submits_once_and_records_the_task(backend: FakeBackend) -
     assert (int(record.total), int(record.attempt)) == (3, 1)
     assert record.input_file_id == input_file.file_id and record.in_progress_at is not None
     assert slots() == 1
-    view = batches.view(record)
+    view = batch_views.view(record)
     assert view["status"] == "in_progress" and view["request_counts"]["total"] == 3
     assert view["usage"] is None
 
@@ -211,7 +211,7 @@ def test_a_file_that_does_not_fit_makes_a_failed_batch_without_a_submit(
 ) -> None:
     input_file = upload(content)
     body = {"input_file_id": input_file.file_id, "endpoint": endpoint, "completion_window": "24h"}
-    view = batches.create_openai(CALLER, json.dumps(body).encode())
+    view = batch_views.view(batches.create_openai(CALLER, json.dumps(body).encode()))
     assert view["status"] == "failed"
     assert [e["code"] for e in view["errors"]["data"]] == codes
     record = load(view["id"])
@@ -238,7 +238,7 @@ def test_a_bad_create_body_is_refused(backend: FakeBackend) -> None:
         ),
     ):
         with pytest.raises(InvalidRequestError) as raised:
-            batches.create_openai(CALLER, json.dumps(body).encode())
+            batch_views.view(batches.create_openai(CALLER, json.dumps(body).encode()))
         if param:
             assert raised.value.param == param
     assert backend.submits == [] and list(BatchRecord.scan()) == []
@@ -284,7 +284,7 @@ def test_a_wrong_token_is_refused(backend: FakeBackend) -> None:
     body = json.dumps(event(batch_id, "progress", completed=1)).encode()
     for authorization in (None, "Bearer nope", f"Bearer {callback_token('batch_other')}"):
         with pytest.raises(AuthenticationError):
-            batches.accept_callback(batch_id, authorization, body)
+            batch_callbacks.accept_callback(batch_id, authorization, body)
     assert int(load(batch_id).completed) == 0
 
 
@@ -292,7 +292,7 @@ def test_a_callback_for_another_batch_is_refused(backend: FakeBackend) -> None:
     batch_id = create(upload().file_id)
     body = json.dumps(event("batch_other", "progress")).encode()
     with pytest.raises(InvalidRequestError):
-        batches.accept_callback(batch_id, f"Bearer {callback_token(batch_id)}", body)
+        batch_callbacks.accept_callback(batch_id, f"Bearer {callback_token(batch_id)}", body)
 
 
 def test_progress_updates_the_counts(backend: FakeBackend) -> None:
@@ -306,7 +306,7 @@ def test_progress_updates_the_counts(backend: FakeBackend) -> None:
 
 def test_progress_after_cancel_says_stop(backend: FakeBackend) -> None:
     batch_id = create(upload().file_id)
-    view = batches.cancel(load(batch_id))
+    view = batch_views.view(batches.cancel(load(batch_id)))
     assert view["status"] == "cancelling" and view["cancelling_at"]
     assert load(batch_id).status == "cancelling"
     assert call_back(batch_id, "progress", completed=1, total=3) == {"continue": False}
@@ -375,7 +375,7 @@ def test_done_completes_once(backend: FakeBackend) -> None:
     )
     assert row.openai_path == "batches/v1/chat/completions"
     assert slots() == 0
-    view = batches.view(record)
+    view = batch_views.view(record)
     assert view["usage"]["total_tokens"] == 42 and view["output_file_id"] == record.output_file_id
 
     # The same report again (a retried callback, or the driver's lost-callback path).
@@ -406,7 +406,9 @@ def test_done_after_cancel_is_cancelled(backend: FakeBackend) -> None:
     assert record.status == "cancelled" and record.cancelled_at and record.open_status is None
     assert record.output_file_id and int(record.completed) == 1
     assert slots() == 0 and len(usage_rows(batch_id)) == 1
-    assert batches.cancel(record)["status"] == "cancelled"  # cancelling again changes nothing
+    assert (
+        batch_views.view(batches.cancel(record))["status"] == "cancelled"
+    )  # cancelling again changes nothing
 
 
 def test_done_with_a_missing_output_fails(backend: FakeBackend) -> None:
@@ -436,21 +438,21 @@ def test_drive_finalizes_a_task_whose_callback_was_lost(backend: FakeBackend) ->
     backend.states["task-1"] = TaskState(
         "success", result=done_report(batch_id, completed=3, total=3, usage=usage)
     )
-    report = batches.drive(backend=backend)
+    report = batch_driver.drive(backend=backend)
     assert report.checked == 1 and report.finalized == [batch_id] and report.errors == []
     record = load(batch_id)
     assert (record.status, int(record.completed), int(record.total_tokens)) == ("completed", 3, 9)
     assert len(usage_rows(batch_id)) == 1 and slots() == 0
     # An ended batch leaves the open index: the driver does not look at it again.
     backend.asked.clear()
-    assert batches.drive(backend=backend).checked == 0
+    assert batch_driver.drive(backend=backend).checked == 0
     assert backend.asked == []
 
 
 def test_drive_fails_a_task_that_ended_without_a_done_report(backend: FakeBackend) -> None:
     batch_id = create(upload().file_id)
     backend.states["task-1"] = TaskState("success", result={"something": "else"})
-    report = batches.drive(backend=backend)
+    report = batch_driver.drive(backend=backend)
     assert report.finalized == [] and report.ended == [batch_id] and report.errors == []
     record = load(batch_id)
     assert record.status == "failed" and record.errors[0]["code"] == "no_report"
@@ -461,7 +463,7 @@ def test_drive_resubmits_a_failed_task_with_the_next_attempt(backend: FakeBacken
     input_file = upload()
     batch_id = create(input_file.file_id)
     backend.states["task-1"] = TaskState("failed", error="WorkerLost")
-    report = batches.drive(backend=backend)
+    report = batch_driver.drive(backend=backend)
     assert report.resubmitted == [batch_id]
     assert len(backend.submits) == 2
     endpoint_id, function_id, kwargs = backend.submits[1]
@@ -472,7 +474,7 @@ def test_drive_resubmits_a_failed_task_with_the_next_attempt(backend: FakeBacken
     assert kwargs["callback_token"] == callback_token(batch_id)
     record = load(batch_id)
     assert (int(record.attempt), record.task_id, record.status) == (2, "task-2", "in_progress")
-    assert batches.view(record)["attempts"] == 2
+    assert batch_views.view(record)["attempts"] == 2
     assert slots() == 1
     # The replaced attempt's callbacks are now ignored.
     assert call_back(batch_id, "progress", attempt=1, completed=1) == {"continue": False}
@@ -484,9 +486,9 @@ def test_drive_fails_a_batch_at_its_last_attempt(
     monkeypatch.setattr(get_settings(), "batch_max_attempts", 2)
     batch_id = create(upload().file_id)
     backend.states["task-1"] = TaskState("failed", error="WorkerLost")
-    batches.drive(backend=backend)
+    batch_driver.drive(backend=backend)
     backend.states["task-2"] = TaskState("failed", error="OOM on node x")
-    report = batches.drive(backend=backend)
+    report = batch_driver.drive(backend=backend)
     assert report.ended == [batch_id] and report.resubmitted == []
     assert len(backend.submits) == 2
     record = load(batch_id)
@@ -501,7 +503,7 @@ def test_drive_ends_a_cancelling_batch_whose_task_died(backend: FakeBackend) -> 
     batch_id = create(upload().file_id)
     batches.cancel(load(batch_id))
     backend.states["task-1"] = TaskState("failed", error="killed")
-    report = batches.drive(backend=backend)
+    report = batch_driver.drive(backend=backend)
     assert report.ended == [batch_id] and len(backend.submits) == 1
     record = load(batch_id)
     assert record.status == "cancelled" and record.cancelled_at
@@ -513,9 +515,9 @@ def test_drive_expires_a_task_pending_past_the_window(backend: FakeBackend) -> N
     backend.states["task-1"] = TaskState("pending")
     expires = float(load(batch_id).expires_at)
     grace = get_settings().reconcile_grace_seconds
-    assert batches.drive(now=expires + grace - 1, backend=backend).ended == []
+    assert batch_driver.drive(now=expires + grace - 1, backend=backend).ended == []
     assert load(batch_id).status == "in_progress"
-    report = batches.drive(now=expires + grace + 1, backend=backend)
+    report = batch_driver.drive(now=expires + grace + 1, backend=backend)
     assert report.ended == [batch_id]
     record = load(batch_id)
     assert record.status == "expired" and record.expired_at and record.open_status is None
@@ -526,7 +528,7 @@ def test_drive_expires_a_task_that_died_past_the_window(backend: FakeBackend) ->
     batch_id = create(upload().file_id)
     backend.states["task-1"] = TaskState("failed", error="gone")
     expires = float(load(batch_id).expires_at)
-    assert batches.drive(now=expires + 1, backend=backend).ended == [batch_id]
+    assert batch_driver.drive(now=expires + 1, backend=backend).ended == [batch_id]
     assert load(batch_id).status == "expired" and len(backend.submits) == 1
 
 
@@ -535,9 +537,9 @@ def test_drive_fails_a_batch_with_no_task_after_the_grace(backend: FakeBackend) 
     load(batch_id).update(actions=[BatchRecord.task_id.remove()])
     created = float(load(batch_id).created_at)
     grace = get_settings().reconcile_grace_seconds
-    assert batches.drive(now=created + grace - 1, backend=backend).ended == []
+    assert batch_driver.drive(now=created + grace - 1, backend=backend).ended == []
     assert load(batch_id).status == "in_progress"
-    report = batches.drive(now=created + grace + 1, backend=backend)
+    report = batch_driver.drive(now=created + grace + 1, backend=backend)
     assert report.ended == [batch_id] and backend.asked == []
     record = load(batch_id)
     assert record.status == "failed" and record.errors[0]["code"] == "not_submitted"
@@ -549,7 +551,7 @@ def test_drive_looks_only_at_open_batches(backend: FakeBackend) -> None:
     send(ended, done_report(ended))
     running = create(upload().file_id)
     backend.states["task-2"] = TaskState("pending")
-    report = batches.drive(backend=backend)
+    report = batch_driver.drive(backend=backend)
     assert report.checked == 1 and backend.asked == ["task-2"]
     assert load(ended).status == "completed" and load(running).status == "in_progress"
 
@@ -564,7 +566,7 @@ def test_drive_keeps_going_after_one_bad_batch(backend: FakeBackend) -> None:
         return TaskState("success", result=done_report(second))
 
     backend.task_state = task_state  # type: ignore[method-assign]
-    report = batches.drive(backend=backend)
+    report = batch_driver.drive(backend=backend)
     assert report.checked == 2 and report.finalized == [second]
     assert len(report.errors) == 1 and report.errors[0].startswith(first)
     assert load(first).status == "in_progress"
@@ -576,7 +578,7 @@ def test_drive_resubmits_through_the_backend_it_was_given(
     batch_id = create(upload().file_id)
     given = FakeBackend()
     given.states["task-1"] = TaskState("failed", error="WorkerLost")
-    report = batches.drive(backend=given)
+    report = batch_driver.drive(backend=given)
     assert report.resubmitted == [batch_id]
     assert [kwargs["attempt"] for _, _, kwargs in given.submits] == [2]
 
@@ -585,9 +587,10 @@ def test_drive_resubmits_through_the_backend_it_was_given(
 
 
 def create_first(**body: Any) -> dict[str, Any]:
-    return batches.create_first(
+    record = batches.create_first(
         CALLER, "sophia", "vllm", json.dumps({"model": MODEL, **body}).encode()
     )
+    return batch_views.first_summary(record)
 
 
 @pytest.mark.parametrize(
@@ -642,9 +645,9 @@ def test_create_first_refuses_escaping_paths(
 def test_first_status_summary_and_result(backend: FakeBackend) -> None:
     batch_id = create_first(input_file="/eagle/in.jsonl")["batch_id"]
     record = load(batch_id)
-    assert batches.first_status(record) == "running"
+    assert batch_views.first_status(record) == "running"
     with pytest.raises(ConflictError):
-        batches.first_result(record)
+        batch_views.first_result(record)
     report = done_report(
         batch_id,
         completed=4,
@@ -656,10 +659,10 @@ def test_first_status_summary_and_result(backend: FakeBackend) -> None:
     )
     assert send(batch_id, report) == {"accepted": True}
     record = load(batch_id)
-    assert batches.first_status(record) == "completed"
-    summary = batches.first_summary(record)
+    assert batch_views.first_status(record) == "completed"
+    summary = batch_views.first_summary(record)
     assert summary["status"] == "completed" and summary["completed_at"]
-    result = batches.first_result(record)
+    result = batch_views.first_result(record)
     assert (result["output_file"], result["error_file"]) == (
         "/eagle/in_results.jsonl",
         "/eagle/in_errors.jsonl",
@@ -667,8 +670,8 @@ def test_first_status_summary_and_result(backend: FakeBackend) -> None:
     assert result["request_counts"] == {"total": 5, "completed": 4, "failed": 1}
     assert result["usage"]["total_tokens"] == 10
     assert list(FileRecord.scan(FileRecord.purpose == "batch_output")) == []
-    assert [s["batch_id"] for s in batches.first_list(CALLER, "completed")] == [batch_id]
-    assert batches.first_list(CALLER, "running") == []
+    assert [s["batch_id"] for s in batch_views.first_list(CALLER, "completed")] == [batch_id]
+    assert batch_views.first_list(CALLER, "running") == []
     assert slots() == 0
 
 
@@ -679,10 +682,10 @@ def test_first_result_of_a_failed_batch(backend: FakeBackend) -> None:
     )
     send(batch_id, report)
     record = load(batch_id)
-    assert batches.first_status(record) == "failed"
-    assert batches.first_summary(record)["failed_at"]
+    assert batch_views.first_status(record) == "failed"
+    assert batch_views.first_summary(record)["failed_at"]
     with pytest.raises(InvalidRequestError) as raised:
-        batches.first_result(record)
+        batch_views.first_result(record)
     assert raised.value.code == "batch_failed" and "no such file" in raised.value.message
 
 
@@ -694,7 +697,7 @@ def test_drive_ends_a_cancelled_batch_whose_task_never_started_as_cancelled(
     backend.states["task-1"] = TaskState("pending")
     expires = float(load(batch_id).expires_at)
     grace = get_settings().reconcile_grace_seconds
-    assert batches.drive(now=expires + grace + 1, backend=backend).ended == [batch_id]
+    assert batch_driver.drive(now=expires + grace + 1, backend=backend).ended == [batch_id]
     assert load(batch_id).status == "cancelled"
 
 
@@ -705,6 +708,6 @@ def test_drive_ends_a_finished_task_without_a_done_report_past_the_window(
     backend.states["task-1"] = TaskState("success", result={"something": "else"})
     expires = float(load(batch_id).expires_at)
     grace = get_settings().reconcile_grace_seconds
-    batches.drive(now=expires + grace + 1, backend=backend)
+    batch_driver.drive(now=expires + grace + 1, backend=backend)
     assert load(batch_id).status in ("expired", "failed")
     assert slots() == 0

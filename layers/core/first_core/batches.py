@@ -5,32 +5,25 @@
        │          └─ past the completion window ─► expired;  attempts used up ─► failed
        └─ the file does not fit the batch (endpoint, one model) ─► failed
 
-- **create** checks the request, routes the model to an endpoint that takes batches, takes one
-  of the user's concurrent-batch slots (a conditional counter, first_core.ratelimit), writes the
-  record and submits the cluster's batch function (compute_funcs/batch.py) with presigned S3
-  URLs or cluster paths and a callback token.
-- **callbacks** (`POST /callbacks/{batch_id}/batch`, HMAC token as for requests): `progress`
-  sets the counts and answers whether to go on (no after a cancel or past the window);
-  `upload` answers fresh presigned PUT URLs for the output and error files; `done` finalizes.
-- **finalize** moves the batch to `finalizing`, records its output files, then ends it once
-  (a conditional update); the one call that ends it writes the batch's usage record and gives
-  the slot back. Every step may be repeated: a lost or repeated `done` changes nothing.
-- **drive** (the scheduled batch driver) looks at every open batch's task: a finished task's
-  return value is its `done` report (a lost callback), a failed or vanished task (a killed
-  worker, a lost node) is submitted again with the next attempt, which resumes from the
-  checkpoints the function left on the cluster, until `batch_max_attempts`.
+Four modules, in the order a batch meets them:
+- here, **create** checks the request, routes the model to an endpoint that takes batches, takes
+  one of the user's concurrent-batch slots (a conditional counter, first_core.ratelimit), writes
+  the record and submits the cluster's batch function (compute_funcs/batch.py) with presigned S3
+  URLs or cluster paths and a callback token; **cancel** asks it to stop; **end** moves it to a
+  terminal state once, and the one call that does writes its usage record and gives the slot back;
+- `batch_callbacks`: what the cluster reports (progress, upload, done) and the finalization;
+- `batch_driver`: the scheduled recovery of lost reports and dead tasks;
+- `batch_views`: OpenAI's and FIRST's shapes of a batch.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import time
 import uuid
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pynamodb.exceptions import DoesNotExist, UpdateError
@@ -47,10 +40,13 @@ from first_core.errors import (
     RateLimitError,
 )
 from first_core.registry import Endpoint, Registry
-from first_core.results import callback_token, read_callback
+from first_core.results import callback_token
 from first_core.settings import get_settings
 from first_core.tables import BatchRecord, UsageRecord
 from first_core.usage import usage_sort_key
+
+if TYPE_CHECKING:
+    from first_core.batch_callbacks import BatchEvent
 
 log = logging.getLogger("first.batches")
 
@@ -111,7 +107,7 @@ def _check_cluster_path(value: str | None, param: str) -> None:
 # ---- creating -----------------------------------------------------------------------------------
 
 
-def create_openai(caller: Caller, raw_body: bytes) -> dict[str, Any]:
+def create_openai(caller: Caller, raw_body: bytes) -> BatchRecord:
     request: BatchCreate = _parse(BatchCreate, raw_body)
     for key, value in (request.metadata or {}).items():
         if len(key) > 64 or len(value) > 512:
@@ -150,17 +146,17 @@ def create_openai(caller: Caller, raw_body: bytes) -> dict[str, Any]:
     model = models[0] if models else ""
     if problems:
         # As OpenAI does: the batch exists, and failed validation, with the reasons.
-        return view(_failed_at_validation(caller, request, model, problems))
+        return _failed_at_validation(caller, request, model, problems)
     route = routing.choose(Registry.current(), caller, model, for_batches=True)
     record = _new_record(caller, "openai", request.endpoint, route.endpoint)
     record.input_file_id = input_file.file_id
     record.total = int(input_file.line_count or 0)
     record.completion_window = request.completion_window
     record.metadata = request.metadata
-    return view(_start(record, input_file.s3_key))
+    return _start(record, input_file.s3_key)
 
 
-def create_first(caller: Caller, cluster: str, framework: str, raw_body: bytes) -> dict[str, Any]:
+def create_first(caller: Caller, cluster: str, framework: str, raw_body: bytes) -> BatchRecord:
     """FIRST's batch: a JSONL file already on the cluster's file system."""
     if len(raw_body) > get_settings().max_payload_bytes:
         raise PayloadTooLargeError("Request body too large.")
@@ -177,7 +173,7 @@ def create_first(caller: Caller, cluster: str, framework: str, raw_body: bytes) 
     record.output_folder_path = (
         request.output_folder_path or os.path.dirname(request.input_file) or "."
     )
-    return first_summary(_start(record, None))
+    return _start(record, None)
 
 
 def _new_record(caller: Caller, kind: str, endpoint: str, served_by: Endpoint) -> BatchRecord:
@@ -276,10 +272,10 @@ def _start(record: BatchRecord, input_key: str | None) -> BatchRecord:
     _take_slot(record.user_id)
     try:
         record.save()
-        task_id = _submit(record, attempt=1, input_key=input_key)
+        task_id = submit(record, attempt=1, input_key=input_key)
     except GatewayError as error:
         # Ending the batch gives the slot back; a record that was never written cannot end.
-        if not _end(record, "failed", errors=[_error("submit_failed", error.message)]):
+        if not end(record, "failed", errors=[error_entry("submit_failed", error.message)]):
             _give_back_slot(record.user_id)
         raise
     except Exception:
@@ -304,7 +300,7 @@ def _start(record: BatchRecord, input_key: str | None) -> BatchRecord:
     return record
 
 
-def _submit(
+def submit(
     record: BatchRecord,
     attempt: int,
     input_key: str | None,
@@ -335,7 +331,7 @@ def _submit(
     )
 
 
-def _error(code: str, message: str, line: int | None = None) -> dict[str, Any]:
+def error_entry(code: str, message: str, line: int | None = None) -> dict[str, Any]:
     return {"code": code, "message": message[:2000], "param": None, "line": line}
 
 
@@ -353,153 +349,13 @@ def get_owned(batch_id: str, caller: Caller) -> BatchRecord:
     return record
 
 
-def _int(value: Any) -> int | None:
-    return int(value) if value is not None else None
-
-
-def view(record: BatchRecord) -> dict[str, Any]:
-    """OpenAI's Batch object (with `model`, `usage` and FIRST's own fields beside it)."""
-    done = record.status in TERMINAL_STATES
-    return {
-        "id": record.batch_id,
-        "object": "batch",
-        "endpoint": record.endpoint,
-        "model": record.model,
-        "errors": {"object": "list", "data": record.errors} if record.errors else None,
-        "input_file_id": record.input_file_id or record.input_path,
-        "completion_window": record.completion_window,
-        "status": record.status,
-        "output_file_id": record.output_file_id,
-        "error_file_id": record.error_file_id,
-        "created_at": int(record.created_at),
-        "in_progress_at": _int(record.in_progress_at),
-        "expires_at": int(record.expires_at),
-        "finalizing_at": _int(record.finalizing_at),
-        "completed_at": _int(record.completed_at),
-        "failed_at": _int(record.failed_at),
-        "expired_at": _int(record.expired_at),
-        "cancelling_at": _int(record.cancelling_at),
-        "cancelled_at": _int(record.cancelled_at),
-        "request_counts": {
-            "total": int(record.total),
-            "completed": int(record.completed),
-            "failed": int(record.failed),
-        },
-        "metadata": record.metadata,
-        "usage": {
-            "input_tokens": int(record.prompt_tokens),
-            "input_tokens_details": {"cached_tokens": 0},
-            "output_tokens": int(record.completion_tokens),
-            "output_tokens_details": {"reasoning_tokens": 0},
-            "total_tokens": int(record.total_tokens),
-        }
-        if done
-        else None,
-        # FIRST's: where it ran, how often it was (re)started, what the last start resumed.
-        "cluster": record.cluster or None,
-        "attempts": int(record.attempt),
-        "resumed_lines": int(record.resumed_lines),
-    }
-
-
-def list_page(caller: Caller, limit: int, after: str | None) -> dict[str, Any]:
-    """The caller's batches, newest first, as OpenAI's cursor page."""
-    condition = None
-    if after:
-        condition = BatchRecord.created_at < get_owned(after, caller).created_at
-    page: list[BatchRecord] = []
-    has_more = False
-    for record in BatchRecord.by_user.query(caller.user_id, condition, scan_index_forward=False):
-        if len(page) == limit:
-            has_more = True
-            break
-        page.append(record)
-    return files.cursor_page([view(r) for r in page], has_more)
-
-
-# FIRST's names for the states (its clients read these).
-_FIRST_STATUS = {
-    "validating": "pending",
-    "in_progress": "running",
-    "finalizing": "running",
-    "cancelling": "running",
-    "completed": "completed",
-    "failed": "failed",
-    "expired": "failed",
-    "cancelled": "cancelled",
-}
-
-
-def first_status(record: BatchRecord) -> str:
-    return _FIRST_STATUS[record.status]
-
-
-def first_summary(record: BatchRecord) -> dict[str, Any]:
-    """FIRST's batch summary (its list and submit answers)."""
-
-    def iso(value: Any) -> str | None:
-        if value is None:
-            return None
-        return datetime.fromtimestamp(float(value), tz=UTC).isoformat()
-
-    return {
-        "batch_id": record.batch_id,
-        "id": record.batch_id,
-        "cluster": record.cluster,
-        "framework": record.framework,
-        "model": record.model,
-        "input_file": record.input_path or record.input_file_id,
-        "output_folder_path": record.output_folder_path,
-        "status": first_status(record),
-        "created_at": iso(record.created_at),
-        "in_progress_at": iso(record.in_progress_at),
-        "completed_at": iso(record.completed_at),
-        "failed_at": iso(record.failed_at or record.expired_at),
-    }
-
-
-def first_list(caller: Caller, status: str | None) -> list[dict[str, Any]]:
-    if status is not None and status not in set(_FIRST_STATUS.values()):
-        raise InvalidRequestError(
-            f"status must be one of {', '.join(sorted(set(_FIRST_STATUS.values())))}.",
-            param="status",
-        )
-    summaries = [
-        first_summary(r)
-        for r in BatchRecord.by_user.query(caller.user_id, scan_index_forward=False)
-    ]
-    return [s for s in summaries if status is None or s["status"] == status]
-
-
-def first_result(record: BatchRecord) -> dict[str, Any]:
-    """FIRST's result: where the cluster wrote the answers, once the batch has ended well."""
-    if record.status in ("failed", "expired"):
-        reasons = "; ".join(e.get("message", "") for e in record.errors or []) or record.status
-        raise InvalidRequestError(f"Batch {record.status}: {reasons}", code="batch_failed")
-    if record.status not in ("completed", "cancelled"):
-        raise ConflictError(
-            f"Batch {record.batch_id} is {record.status}; its results are not ready.",
-            code="batch_not_completed",
-        )
-    return {
-        "batch_id": record.batch_id,
-        "status": first_status(record),
-        "output_file": record.output_path,
-        "error_file": record.error_path,
-        "output_file_id": record.output_file_id,
-        "error_file_id": record.error_file_id,
-        "request_counts": view(record)["request_counts"],
-        "usage": view(record)["usage"],
-    }
-
-
 # ---- cancel -------------------------------------------------------------------------------------
 
 
-def cancel(record: BatchRecord) -> dict[str, Any]:
+def cancel(record: BatchRecord) -> BatchRecord:
     """Ask a batch to stop: `cancelling` until the cluster stops and hands back what it did."""
     if record.status in ("cancelling", "cancelled"):
-        return view(record)
+        return record
     if record.status not in ("validating", "in_progress"):
         raise ConflictError(
             f"Batch {record.batch_id} is {record.status} and cannot be cancelled.",
@@ -519,166 +375,7 @@ def cancel(record: BatchRecord) -> dict[str, Any]:
         if failure.cause_response_code != "ConditionalCheckFailedException":
             raise
         record.refresh(consistent_read=True)
-    return view(record)
-
-
-# ---- callbacks ----------------------------------------------------------------------------------
-
-
-class Counts(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
-    lines: int = Field(default=0, ge=0)
-    bytes: int = Field(default=0, ge=0)
-    path: str | None = None
-
-
-class BatchEvent(BaseModel):
-    """What the batch function posts (and, for `done`, returns to Globus Compute)."""
-
-    model_config = ConfigDict(extra="ignore")
-
-    batch_id: str
-    event: Literal["progress", "upload", "done"]
-    attempt: int = Field(ge=1)
-    completed: int = Field(default=0, ge=0)
-    failed: int = Field(default=0, ge=0)
-    total: int = Field(default=0, ge=0)
-    resumed_lines: int = Field(default=0, ge=0)
-    outcome: Literal["completed", "cancelled", "failed"] | None = None
-    usage: dict[str, int] = Field(default_factory=dict)
-    output: Counts = Counts()
-    errors: Counts = Counts()
-    error: dict[str, Any] | None = None
-
-
-def accept_callback(batch_id: str, authorization: str | None, raw_body: bytes) -> dict[str, Any]:
-    event = read_callback(
-        batch_id, authorization, raw_body, BatchEvent, get_settings().max_payload_bytes
-    )
-    try:
-        record = BatchRecord.get(batch_id, consistent_read=True)
-    except DoesNotExist:
-        raise ConflictError(f"Batch {batch_id} does not exist.") from None
-    if event.event == "progress":
-        return {"continue": progress(record, event)}
-    if event.event == "upload":
-        return upload_urls(record, event)
-    return {"accepted": finalize(record, event)}
-
-
-def _current(record: BatchRecord, event: BatchEvent) -> bool:
-    """The batch is not over and the event is not from an attempt the driver replaced (a new
-    attempt may call back before the driver has recorded its task)."""
-    return record.status in OPEN_STATES and event.attempt >= int(record.attempt)
-
-
-def progress(record: BatchRecord, event: BatchEvent) -> bool:
-    """Record the counts; whether the cluster should go on."""
-    if not _current(record, event):
-        return False  # an attempt the driver gave up on, or an ended batch: stop
-    now = time.time()
-    try:
-        record.update(
-            actions=[
-                BatchRecord.completed.set(event.completed),
-                BatchRecord.failed.set(event.failed),
-                BatchRecord.total.set(event.total),
-                BatchRecord.resumed_lines.set(event.resumed_lines),
-                BatchRecord.updated_at.set(now),
-            ],
-            condition=BatchRecord.status.is_in(*OPEN_STATES)
-            & (BatchRecord.attempt <= event.attempt),
-        )
-    except UpdateError as failure:
-        if failure.cause_response_code != "ConditionalCheckFailedException":
-            raise
-        return False
-    # `validating`: the submit has not been recorded yet, the task is already running.
-    return record.status in ("validating", "in_progress") and now < float(record.expires_at)
-
-
-def _output_key(batch_id: str, which: str) -> str:
-    return f"batches/{batch_id}/{OUTPUT_NAMES[which]}"
-
-
-def upload_urls(record: BatchRecord, event: BatchEvent) -> dict[str, Any]:
-    """Fresh presigned PUTs for the results: minted when the cluster is ready to write, so a
-    batch that ran longer than any URL lives still delivers."""
-    if record.kind != "openai" or not _current(record, event):
-        return {"continue": False}
-    return {
-        "continue": True,
-        "output_url": storage.presigned_url("PUT", _output_key(record.batch_id, "output")),
-        "error_url": storage.presigned_url("PUT", _output_key(record.batch_id, "errors")),
-    }
-
-
-def _file_id(batch_id: str, which: str) -> str:
-    return "file-" + hashlib.sha256(f"{batch_id}:{which}".encode()).hexdigest()[:32]
-
-
-def finalize(record: BatchRecord, event: BatchEvent) -> bool:
-    """Record the outputs and end the batch once (True for the call that ended it)."""
-    if not _current(record, event):
-        return False
-    now = time.time()
-    if record.status != "finalizing":
-        try:
-            record.update(
-                actions=[
-                    BatchRecord.status.set("finalizing"),
-                    BatchRecord.finalizing_at.set(now),
-                    BatchRecord.updated_at.set(now),
-                ],
-                condition=BatchRecord.status.is_in("validating", "in_progress", "cancelling"),
-            )
-        except UpdateError as failure:
-            if failure.cause_response_code != "ConditionalCheckFailedException":
-                raise
-            record.refresh(consistent_read=True)
-            if record.status != "finalizing":
-                return False
-    outputs: dict[str, Any] = {}
-    problems: list[dict[str, Any]] = []
-    if event.error:
-        problems.append(
-            _error(str(event.error.get("code", "batch_error")), str(event.error.get("message")))
-        )
-    for which, counts, attribute in (
-        ("output", event.output, "output_file_id"),
-        ("errors", event.errors, "error_file_id"),
-    ):
-        if record.kind == "first":
-            outputs["output_path" if which == "output" else "error_path"] = counts.path
-            continue
-        if counts.lines == 0:
-            continue
-        key = _output_key(record.batch_id, which)
-        size = storage.size(key)
-        if size is None:
-            problems.append(_error("output_missing", f"The cluster did not deliver {key}."))
-            continue
-        file_id = _file_id(record.batch_id, which)
-        name = f"{record.batch_id}_{OUTPUT_NAMES[which]}"
-        files.register_output(file_id, record.user_id, name, key, size, counts.lines)
-        outputs[attribute] = file_id
-
-    if event.outcome == "failed" or (problems and event.outcome == "completed"):
-        status = "failed"
-    elif event.outcome == "cancelled":  # told to stop: by a cancel, or by the window
-        expired = not record.cancelling_at and now >= float(record.expires_at)
-        status = "expired" if expired else "cancelled"
-    else:
-        status = "completed"
-    return _end(
-        record,
-        status,
-        errors=problems or None,
-        counts=event,
-        outputs=outputs,
-        from_states=("finalizing",),
-    )
+    return record
 
 
 _STATUS_TIME = {
@@ -689,7 +386,7 @@ _STATUS_TIME = {
 }
 
 
-def _end(
+def end(
     record: BatchRecord,
     status: str,
     errors: list[dict[str, Any]] | None = None,
@@ -763,109 +460,3 @@ def _write_usage(record: BatchRecord) -> None:
         row.save(condition=UsageRecord.sk.does_not_exist())
     except Exception:
         log.exception("could not write the usage record of batch %s", record.batch_id)
-
-
-# ---- the batch driver (scheduled) ---------------------------------------------------------------
-
-
-@dataclass
-class DriveReport:
-    checked: int = 0
-    finalized: list[str] = field(default_factory=list)
-    resubmitted: list[str] = field(default_factory=list)
-    ended: list[str] = field(default_factory=list)
-    errors: list[str] = field(default_factory=list)
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "checked": self.checked,
-            "finalized": self.finalized,
-            "resubmitted": self.resubmitted,
-            "ended": self.ended,
-            "errors": self.errors,
-        }
-
-
-def drive(now: float | None = None, backend: ComputeBackend | None = None) -> DriveReport:
-    """Look at every open batch's task once; see the module docstring."""
-    now = time.time() if now is None else now
-    report = DriveReport()
-    for record in BatchRecord.by_open_status.query("open"):
-        report.checked += 1
-        try:
-            _drive_one(record, now, backend or get_backend(), report)
-        except Exception as error:  # one bad batch must not stop the others
-            log.exception("could not drive batch %s", record.batch_id)
-            report.errors.append(f"{record.batch_id}: {type(error).__name__}: {error}")
-    return report
-
-
-def _drive_one(
-    record: BatchRecord, now: float, backend: ComputeBackend, report: DriveReport
-) -> None:
-    batch_id = record.batch_id
-    grace = get_settings().reconcile_grace_seconds
-    if not record.task_id:
-        # `_start` writes the task id right after the submit; one missing for long never ran.
-        never_ran = now - float(record.created_at) > grace
-        if never_ran and _end(record, "failed", errors=[_error("not_submitted", "No task.")]):
-            report.ended.append(batch_id)
-        return
-    state = backend.task_state(record.task_id)
-    if state.status == "success":
-        try:
-            event: BatchEvent | None = BatchEvent.model_validate(state.result)
-        except ValidationError:
-            event = None
-        if event is not None and event.event == "done":
-            if finalize(record, event):
-                report.finalized.append(batch_id)
-            return
-        reason = "The batch task ended without a report."
-        if _end(record, "failed", errors=[_error("no_report", reason)]):
-            report.ended.append(batch_id)
-        return
-    if state.status == "pending":
-        # Past the window, a task still pending never started or stopped calling back.
-        overdue = now > float(record.expires_at) + grace
-        status = "cancelled" if record.status == "cancelling" else "expired"
-        if overdue and _end(record, status):
-            report.ended.append(batch_id)
-        return
-    # failed or unknown: the task died (a killed worker, a lost node, a vanished task)
-    if record.status == "cancelling" or now > float(record.expires_at):
-        status = "cancelled" if record.status == "cancelling" else "expired"
-        if _end(record, status, errors=[_error("task_failed", state.error or "task failed")]):
-            report.ended.append(batch_id)
-        return
-    attempt = int(record.attempt)
-    if attempt >= get_settings().batch_max_attempts:
-        reason = f"The batch task failed {attempt} times; last: {state.error or 'unknown'}"
-        if _end(record, "failed", errors=[_error("task_failed", reason)]):
-            report.ended.append(batch_id)
-        return
-    _resubmit(record, attempt + 1, state.error, backend)
-    report.resubmitted.append(batch_id)
-
-
-def _resubmit(
-    record: BatchRecord, attempt: int, why: str | None, backend: ComputeBackend
-) -> None:
-    """Start the next attempt; it resumes from the cluster's checkpoints. The update is
-    conditioned on the task it replaces, so only one driver's task is recorded (another's
-    carries the same attempt number and would write the same checkpoints)."""
-    old_task = record.task_id
-    log.warning("batch %s: attempt %d after: %s", record.batch_id, attempt, why)
-    task_id = _submit(record, attempt, None, backend)
-    try:
-        record.update(
-            actions=[
-                BatchRecord.task_id.set(task_id),
-                BatchRecord.attempt.set(attempt),
-                BatchRecord.updated_at.set(time.time()),
-            ],
-            condition=(BatchRecord.task_id == old_task) & BatchRecord.status.is_in(*OPEN_STATES),
-        )
-    except UpdateError as failure:
-        if failure.cause_response_code != "ConditionalCheckFailedException":
-            raise

@@ -1,0 +1,182 @@
+"""What the cluster's batch function reports (`POST /callbacks/{batch_id}/batch`, the HMAC
+token of the batch as for requests), and the finalization of a batch.
+
+- `progress` sets the counts and answers whether to go on (no after a cancel, past the window,
+  or to an attempt the driver has replaced);
+- `upload` answers fresh presigned PUT URLs for the output and error files (minted when the
+  cluster is ready to write, so a batch that ran longer than any URL lives still delivers);
+- `done` finalizes: the batch moves to `finalizing`, its output files are recorded (ids fixed by
+  the batch), then it ends once (first_core.batches.end). Every step may be repeated: a lost or
+  repeated `done` changes nothing; the batch driver replays a lost one from the task's return.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+from pynamodb.exceptions import DoesNotExist, UpdateError
+
+from first_core import files, storage
+from first_core.batches import OPEN_STATES, OUTPUT_NAMES, end, error_entry
+from first_core.errors import ConflictError
+from first_core.results import read_callback
+from first_core.settings import get_settings
+from first_core.tables import BatchRecord
+
+
+class Counts(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    lines: int = Field(default=0, ge=0)
+    bytes: int = Field(default=0, ge=0)
+    path: str | None = None
+
+
+class BatchEvent(BaseModel):
+    """What the batch function posts (and, for `done`, returns to Globus Compute)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    batch_id: str
+    event: Literal["progress", "upload", "done"]
+    attempt: int = Field(ge=1)
+    completed: int = Field(default=0, ge=0)
+    failed: int = Field(default=0, ge=0)
+    total: int = Field(default=0, ge=0)
+    resumed_lines: int = Field(default=0, ge=0)
+    outcome: Literal["completed", "cancelled", "failed"] | None = None
+    usage: dict[str, int] = Field(default_factory=dict)
+    output: Counts = Counts()
+    errors: Counts = Counts()
+    error: dict[str, Any] | None = None
+
+
+def accept_callback(batch_id: str, authorization: str | None, raw_body: bytes) -> dict[str, Any]:
+    event = read_callback(
+        batch_id, authorization, raw_body, BatchEvent, get_settings().max_payload_bytes
+    )
+    try:
+        record = BatchRecord.get(batch_id, consistent_read=True)
+    except DoesNotExist:
+        raise ConflictError(f"Batch {batch_id} does not exist.") from None
+    if event.event == "progress":
+        return {"continue": progress(record, event)}
+    if event.event == "upload":
+        return upload_urls(record, event)
+    return {"accepted": finalize(record, event)}
+
+
+def _current(record: BatchRecord, event: BatchEvent) -> bool:
+    """The batch is not over and the event is not from an attempt the driver replaced (a new
+    attempt may call back before the driver has recorded its task)."""
+    return record.status in OPEN_STATES and event.attempt >= int(record.attempt)
+
+
+def progress(record: BatchRecord, event: BatchEvent) -> bool:
+    """Record the counts; whether the cluster should go on."""
+    if not _current(record, event):
+        return False  # an attempt the driver gave up on, or an ended batch: stop
+    now = time.time()
+    try:
+        record.update(
+            actions=[
+                BatchRecord.completed.set(event.completed),
+                BatchRecord.failed.set(event.failed),
+                BatchRecord.total.set(event.total),
+                BatchRecord.resumed_lines.set(event.resumed_lines),
+                BatchRecord.updated_at.set(now),
+            ],
+            condition=BatchRecord.status.is_in(*OPEN_STATES)
+            & (BatchRecord.attempt <= event.attempt),
+        )
+    except UpdateError as failure:
+        if failure.cause_response_code != "ConditionalCheckFailedException":
+            raise
+        return False
+    # `validating`: the submit has not been recorded yet, the task is already running.
+    return record.status in ("validating", "in_progress") and now < float(record.expires_at)
+
+
+def _output_key(batch_id: str, which: str) -> str:
+    return f"batches/{batch_id}/{OUTPUT_NAMES[which]}"
+
+
+def upload_urls(record: BatchRecord, event: BatchEvent) -> dict[str, Any]:
+    """Fresh presigned PUTs for the results: minted when the cluster is ready to write, so a
+    batch that ran longer than any URL lives still delivers."""
+    if record.kind != "openai" or not _current(record, event):
+        return {"continue": False}
+    return {
+        "continue": True,
+        "output_url": storage.presigned_url("PUT", _output_key(record.batch_id, "output")),
+        "error_url": storage.presigned_url("PUT", _output_key(record.batch_id, "errors")),
+    }
+
+
+def _file_id(batch_id: str, which: str) -> str:
+    return "file-" + hashlib.sha256(f"{batch_id}:{which}".encode()).hexdigest()[:32]
+
+
+def finalize(record: BatchRecord, event: BatchEvent) -> bool:
+    """Record the outputs and end the batch once (True for the call that ended it)."""
+    if not _current(record, event):
+        return False
+    now = time.time()
+    if record.status != "finalizing":
+        try:
+            record.update(
+                actions=[
+                    BatchRecord.status.set("finalizing"),
+                    BatchRecord.finalizing_at.set(now),
+                    BatchRecord.updated_at.set(now),
+                ],
+                condition=BatchRecord.status.is_in("validating", "in_progress", "cancelling"),
+            )
+        except UpdateError as failure:
+            if failure.cause_response_code != "ConditionalCheckFailedException":
+                raise
+            record.refresh(consistent_read=True)
+            if record.status != "finalizing":
+                return False
+    outputs: dict[str, Any] = {}
+    problems: list[dict[str, Any]] = []
+    if event.error:
+        code = str(event.error.get("code", "batch_error"))
+        problems.append(error_entry(code, str(event.error.get("message"))))
+    for which, counts, attribute in (
+        ("output", event.output, "output_file_id"),
+        ("errors", event.errors, "error_file_id"),
+    ):
+        if record.kind == "first":
+            outputs["output_path" if which == "output" else "error_path"] = counts.path
+            continue
+        if counts.lines == 0:
+            continue
+        key = _output_key(record.batch_id, which)
+        size = storage.size(key)
+        if size is None:
+            problems.append(error_entry("output_missing", f"The cluster did not deliver {key}."))
+            continue
+        file_id = _file_id(record.batch_id, which)
+        name = f"{record.batch_id}_{OUTPUT_NAMES[which]}"
+        files.register_output(file_id, record.user_id, name, key, size, counts.lines)
+        outputs[attribute] = file_id
+
+    if event.outcome == "failed" or (problems and event.outcome == "completed"):
+        status = "failed"
+    elif event.outcome == "cancelled":  # told to stop: by a cancel, or by the window
+        expired = not record.cancelling_at and now >= float(record.expires_at)
+        status = "expired" if expired else "cancelled"
+    else:
+        status = "completed"
+    return end(
+        record,
+        status,
+        errors=problems or None,
+        counts=event,
+        outputs=outputs,
+        from_states=("finalizing",),
+    )

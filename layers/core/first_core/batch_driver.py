@@ -1,0 +1,129 @@
+"""The batch driver (scheduled, `app.batch_driver`; locally beside the reconciler): it looks at
+every open batch's task once.
+
+- a finished task's return value is its `done` report: the batch is finalized from it (the
+  `done` callback was lost);
+- a failed or vanished task (a killed worker, a lost node) is submitted again with the next
+  attempt, which resumes from the checkpoints the function left on the cluster, until
+  `batch_max_attempts`; a cancelled or expired batch ends instead;
+- a task still pending past the completion window ends the batch `expired`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import ValidationError
+from pynamodb.exceptions import UpdateError
+
+from first_core.batch_callbacks import BatchEvent, finalize
+from first_core.batches import OPEN_STATES, end, error_entry, submit
+from first_core.compute import ComputeBackend, get_backend
+from first_core.settings import get_settings
+from first_core.tables import BatchRecord
+
+log = logging.getLogger("first.batches")
+
+
+@dataclass
+class DriveReport:
+    checked: int = 0
+    finalized: list[str] = field(default_factory=list)
+    resubmitted: list[str] = field(default_factory=list)
+    ended: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "checked": self.checked,
+            "finalized": self.finalized,
+            "resubmitted": self.resubmitted,
+            "ended": self.ended,
+            "errors": self.errors,
+        }
+
+
+def drive(now: float | None = None, backend: ComputeBackend | None = None) -> DriveReport:
+    """Look at every open batch's task once; see the module docstring."""
+    now = time.time() if now is None else now
+    report = DriveReport()
+    for record in BatchRecord.by_open_status.query("open"):
+        report.checked += 1
+        try:
+            _drive_one(record, now, backend or get_backend(), report)
+        except Exception as error:  # one bad batch must not stop the others
+            log.exception("could not drive batch %s", record.batch_id)
+            report.errors.append(f"{record.batch_id}: {type(error).__name__}: {error}")
+    return report
+
+
+def _drive_one(
+    record: BatchRecord, now: float, backend: ComputeBackend, report: DriveReport
+) -> None:
+    batch_id = record.batch_id
+    grace = get_settings().reconcile_grace_seconds
+    if not record.task_id:
+        # `_start` writes the task id right after the submit; one missing for long never ran.
+        never_ran = now - float(record.created_at) > grace
+        if never_ran and end(record, "failed", errors=[error_entry("not_submitted", "No task.")]):
+            report.ended.append(batch_id)
+        return
+    state = backend.task_state(record.task_id)
+    if state.status == "success":
+        try:
+            event: BatchEvent | None = BatchEvent.model_validate(state.result)
+        except ValidationError:
+            event = None
+        if event is not None and event.event == "done":
+            if finalize(record, event):
+                report.finalized.append(batch_id)
+            return
+        reason = "The batch task ended without a report."
+        if end(record, "failed", errors=[error_entry("no_report", reason)]):
+            report.ended.append(batch_id)
+        return
+    if state.status == "pending":
+        # Past the window, a task still pending never started or stopped calling back.
+        overdue = now > float(record.expires_at) + grace
+        status = "cancelled" if record.status == "cancelling" else "expired"
+        if overdue and end(record, status):
+            report.ended.append(batch_id)
+        return
+    # failed or unknown: the task died (a killed worker, a lost node, a vanished task)
+    if record.status == "cancelling" or now > float(record.expires_at):
+        status = "cancelled" if record.status == "cancelling" else "expired"
+        if end(record, status, errors=[error_entry("task_failed", state.error or "task failed")]):
+            report.ended.append(batch_id)
+        return
+    attempt = int(record.attempt)
+    if attempt >= get_settings().batch_max_attempts:
+        reason = f"The batch task failed {attempt} times; last: {state.error or 'unknown'}"
+        if end(record, "failed", errors=[error_entry("task_failed", reason)]):
+            report.ended.append(batch_id)
+        return
+    _resubmit(record, attempt + 1, state.error, backend)
+    report.resubmitted.append(batch_id)
+
+
+def _resubmit(record: BatchRecord, attempt: int, why: str | None, backend: ComputeBackend) -> None:
+    """Start the next attempt; it resumes from the cluster's checkpoints. The update is
+    conditioned on the task it replaces, so only one driver's task is recorded (another's
+    carries the same attempt number and would write the same checkpoints)."""
+    old_task = record.task_id
+    log.warning("batch %s: attempt %d after: %s", record.batch_id, attempt, why)
+    task_id = submit(record, attempt, None, backend)
+    try:
+        record.update(
+            actions=[
+                BatchRecord.task_id.set(task_id),
+                BatchRecord.attempt.set(attempt),
+                BatchRecord.updated_at.set(time.time()),
+            ],
+            condition=(BatchRecord.task_id == old_task) & BatchRecord.status.is_in(*OPEN_STATES),
+        )
+    except UpdateError as failure:
+        if failure.cause_response_code != "ConditionalCheckFailedException":
+            raise

@@ -387,3 +387,72 @@ def test_batch_callbacks_need_the_batch_token(stack: Stack) -> None:
     after = client.batches.retrieve(batch.id)
     assert after.status == "completed" and after.request_counts is not None
     assert after.request_counts.completed == 1
+
+
+@pytest.mark.parametrize(
+    ("url", "model", "body", "check"),
+    [
+        (
+            "/v1/embeddings",
+            "Salesforce/SFR-Embedding-Mistral",
+            {"input": "a protein"},
+            lambda body: len(body["data"][0]["embedding"]) > 0,
+        ),
+        (
+            "/v1/completions",
+            MODEL,
+            {"prompt": "Once upon", "max_tokens": 6},
+            lambda body: bool(body["choices"][0]["text"]),
+        ),
+    ],
+)
+def test_embeddings_and_completions_batches(
+    stack: Stack, url: str, model: str, body: dict[str, Any], check: Any
+) -> None:
+    client = stack.client()
+    lines = [
+        json.dumps(
+            {"custom_id": f"e-{i}", "method": "POST", "url": url, "body": {"model": model, **body}}
+        )
+        for i in range(20)
+    ]
+    file = upload(client, lines)
+    batch = client.batches.create(
+        input_file_id=file.id,
+        endpoint=url,  # type: ignore[arg-type]
+        completion_window="24h",
+    )
+    batch = wait_for(client, batch.id)
+    assert batch.status == "completed" and getattr(batch, "model", None) == model
+    answered = rows(client, batch.output_file_id)
+    assert sorted(r["custom_id"] for r in answered) == sorted(f"e-{i}" for i in range(20))
+    assert all(check(r["response"]["body"]) for r in answered)
+
+
+def test_a_model_without_batches_and_a_user_without_access_are_refused(stack: Stack) -> None:
+    client = stack.client()
+    small = "meta-llama/Llama-3.2-1B-Instruct"  # served on polaris, which takes no batches
+    file = upload(
+        client,
+        [
+            json.dumps(
+                {
+                    "custom_id": "x",
+                    "method": "POST",
+                    "url": "/v1/chat/completions",
+                    "body": {"model": small, "messages": [{"role": "user", "content": "hi"}]},
+                }
+            )
+        ],
+    )
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.batches.create(
+            input_file_id=file.id, endpoint="/v1/chat/completions", completion_window="24h"
+        )
+    assert isinstance(refused.value.body, dict)
+    assert refused.value.body["code"] == "batches_not_supported"
+    bob = stack.client("bob")  # signed in, but in none of the gateway's groups
+    with pytest.raises(openai.PermissionDeniedError):
+        bob.files.list()
+    with pytest.raises(openai.PermissionDeniedError):
+        bob.batches.list()

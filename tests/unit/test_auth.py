@@ -297,18 +297,25 @@ def test_token_without_the_gateway_scope_is_refused(
     assert "scope" in refused.value.message
 
 
+MALLORY = "3a110000-0000-4000-8000-000000000009"
+
+
+def mallory_introspection() -> dict[str, Any]:
+    """A person signed in through a provider (example.org) the gateway does not allow."""
+    return introspection(
+        sub=MALLORY,
+        username="mallory@example.org",
+        session=(MALLORY,),
+        identities=[identity(MALLORY, "mallory@example.org")],
+    )
+
+
 def test_identity_provider_outside_allowed_domains_is_refused_listing_them(
     globus: responses.RequestsMock, authenticator: Authenticator
 ) -> None:
-    mallory = "3a110000-0000-4000-8000-000000000009"
     fake_globus(
         globus,
-        introspection(
-            sub=mallory,
-            username="mallory@example.org",
-            session=(mallory,),
-            identities=[identity(mallory, "mallory@example.org")],
-        ),
+        mallory_introspection(),
     )
 
     with pytest.raises(AuthenticationError) as refused:
@@ -950,16 +957,10 @@ def test_a_person_whose_id_is_listed_is_still_checked_for_the_provider(
     globus: responses.RequestsMock, authenticator: Authenticator, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Only a client identity can be a service account: listing a person's id skips nothing."""
-    mallory = "3a110000-0000-4000-8000-000000000009"
-    monkeypatch.setattr(get_settings(), "service_accounts", [mallory])
+    monkeypatch.setattr(get_settings(), "service_accounts", [MALLORY])
     fake_globus(
         globus,
-        introspection(
-            sub=mallory,
-            username="mallory@example.org",
-            session=(mallory,),
-            identities=[identity(mallory, "mallory@example.org")],
-        ),
+        mallory_introspection(),
     )
 
     with pytest.raises(AuthenticationError) as refused:

@@ -699,15 +699,3 @@ def test_drive_ends_a_cancelled_batch_whose_task_never_started_as_cancelled(
     grace = get_settings().reconcile_grace_seconds
     assert batch_driver.drive(now=expires + grace + 1, backend=backend).ended == [batch_id]
     assert load(batch_id).status == "cancelled"
-
-
-def test_drive_ends_a_finished_task_without_a_done_report_past_the_window(
-    backend: FakeBackend,
-) -> None:
-    batch_id = create(upload().file_id)
-    backend.states["task-1"] = TaskState("success", result={"something": "else"})
-    expires = float(load(batch_id).expires_at)
-    grace = get_settings().reconcile_grace_seconds
-    batch_driver.drive(now=expires + grace + 1, backend=backend)
-    assert load(batch_id).status in ("expired", "failed")
-    assert slots() == 0

@@ -208,3 +208,36 @@ def test_out_of_order_and_duplicate_batches_come_out_in_order_once(stack: Stack)
     record = wait_for(lambda: _ended(stack, request_id))
     assert record["status"] == "completed"
     assert record["total_tokens"] == Decimal(7)
+
+
+def test_a_finished_stream_can_be_read_back_whole(stack: Stack) -> None:
+    """A client whose connection dropped after the stream reads the whole answer later."""
+    client = stack.client()
+    with client.chat.completions.with_streaming_response.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "Read me back later [mock:tokens=40]"}],
+        max_tokens=40,
+        stream=True,
+        stream_options={"include_usage": True},
+    ) as response:
+        request_id = response.headers["x-first-request-id"]
+        chunks = list(response.parse())
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    usage = chunks[-1].usage
+    assert usage is not None
+
+    def ended() -> Any:
+        answer = httpx.get(
+            f"{stack.base_url}/v1/requests/{request_id}",
+            headers={"Authorization": f"Bearer {client.api_key}"},
+        ).json()
+        return answer if answer["status"] == "completed" else None
+
+    view = wait_for(ended)
+    assert view["stream"] is True
+    body = view["response"]
+    assert body["object"] == "chat.completion"
+    assert body["choices"][0]["message"]["content"] == streamed
+    finish = [c.choices[0].finish_reason for c in chunks if c.choices]
+    assert body["choices"][0]["finish_reason"] == next(f for f in reversed(finish) if f)
+    assert body["usage"]["completion_tokens"] == usage.completion_tokens == 40

@@ -198,7 +198,11 @@ def request_view(request: RequestRecord) -> dict[str, Any]:
             "total_tokens": int(request.total_tokens or 0),
         }
     response = None
-    if request.status == "completed":
+    if request.status == "completed" and request.stream:
+        from first_core import streaming
+
+        response = streaming.answer(request.request_id, request.openai_path)
+    elif request.status == "completed":
         stored = load(request.request_id)
         response = stored.body if stored is not None else None
     return {

@@ -14,7 +14,7 @@ from typing import Any
 from chalice import Chalice, Rate, Response
 from chalice.app import Request
 
-from first_core import results, streaming, usage
+from first_core import observability, results, streaming, usage
 from first_core.auth import Caller, get_authenticator
 from first_core.errors import GatewayError, InvalidRequestError, internal_error_body
 from first_core.registry import Registry
@@ -24,27 +24,44 @@ app = Chalice(app_name="first-gateway")
 # File uploads arrive as multipart/form-data: bytes, not text (template.yaml lists it too).
 app.api.binary_types.append("multipart/form-data")
 log = logging.getLogger("first.control")
+observability.configure_logging()
 
 
 def api(path: str, **options: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """`app.route` whose view answers every `GatewayError` in OpenAI's error shape."""
+    """`app.route` whose view answers every `GatewayError` in OpenAI's error shape, and counts
+    callbacks and refusals (first_core.observability)."""
+    callback_kind = _callback_kind(path)
 
     def register(view: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(view)
         def guarded(*args: Any, **kwargs: Any) -> Any:
             try:
-                return view(*args, **kwargs)
+                answer = view(*args, **kwargs)
             except GatewayError as error:
+                if callback_kind:
+                    observability.count("Callbacks", Kind=callback_kind, Outcome=error.status)
+                else:
+                    observability.count("Refused", Status=error.status, Code=error.code)
                 return Response(
                     error.to_body(), status_code=error.status, headers=dict(error.headers)
                 )
             except Exception:
-                log.exception("control-plane route failed")
+                log.exception("control-plane route failed", extra={"route": path})
                 return Response(internal_error_body(), status_code=500)
+            if callback_kind:
+                observability.count("Callbacks", Kind=callback_kind, Outcome="accepted")
+            return answer
 
         return app.route(path, **options)(guarded)
 
     return register
+
+
+def _callback_kind(path: str) -> str | None:
+    """`result`, `stream` or `batch` for the callback routes the clusters call; else None."""
+    if not path.startswith("/callbacks/"):
+        return None
+    return {"stream": "stream", "batch": "batch"}.get(path.rsplit("/", 1)[-1], "result")
 
 
 # Chalice answers a few refusals itself, before any view runs (405 for a method a route does not
@@ -191,7 +208,11 @@ def reconciler(event: Any) -> dict[str, Any]:
     """Recover requests whose callback was lost (first_core.reconciler)."""
     from first_core.reconciler import reconcile
 
-    return reconcile().to_json()
+    report = reconcile().to_json()
+    for what in ("completed", "failed", "timed_out"):
+        if report[what]:
+            observability.count("Recovered", len(report[what]), What=f"request_{what}")
+    return report
 
 
 @api("/resource_server/v1/list-endpoints", methods=["GET"])
@@ -364,4 +385,8 @@ def batch_driver(event: Any) -> dict[str, Any]:
     (first_core.batch_driver)."""
     from first_core.batch_driver import drive
 
-    return drive().to_json()
+    report = drive().to_json()
+    for what in ("finalized", "resubmitted", "ended"):
+        if report[what]:
+            observability.count("Recovered", len(report[what]), What=f"batch_{what}")
+    return report

@@ -17,11 +17,12 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from first_core import inference
+from first_core import inference, observability
 from first_core.auth import get_authenticator
 from first_core.errors import GatewayError, NotFoundError, internal_error_body
 
 log = logging.getLogger("first.proxy")
+observability.configure_logging()
 
 # The inference routes, shared with the local server and the template's API routing.
 FEDERATED_PREFIX = "/v1/"
@@ -37,6 +38,19 @@ def is_inference(method: str, path: str) -> bool:
 
 
 async def infer(request: Request) -> Response:
+    started = time.perf_counter()
+    response = await _infer(request)
+    # One line of metrics per request: how it ended and how long the gateway took to answer
+    # (for a stream, to send its headers).
+    route = request.path_params.get("openai_path", "?")
+    status = response.status_code
+    outcome = "ok" if status < 400 else "refused" if status < 500 else "error"
+    observability.count("Requests", Route=route, Outcome=outcome)
+    observability.timing("RequestMs", (time.perf_counter() - started) * 1000, Route=route)
+    return response
+
+
+async def _infer(request: Request) -> Response:
     try:
         openai_path = request.path_params["openai_path"]
         if openai_path not in inference.INFERENCE_PATHS:
@@ -90,6 +104,7 @@ async def infer(request: Request) -> Response:
 
 
 def error_response(error: GatewayError) -> JSONResponse:
+    observability.count("Refused", Status=error.status, Code=error.code or error.type)
     return JSONResponse(error.to_body(), status_code=error.status, headers=error.headers)
 
 

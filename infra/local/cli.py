@@ -63,6 +63,7 @@ def _dev(args: argparse.Namespace) -> int:
         health_every=args.health_every,
         stop_endpoints=[e for e in (args.stop_endpoints or "").split(",") if e],
         cluster_fs=Path(args.cluster_fs) if args.cluster_fs else None,
+        metrics=args.metrics,
     )
 
     def ready(stack: LocalStack) -> None:
@@ -187,6 +188,11 @@ def main(argv: list[str] | None = None) -> int:
         help="fraction of DynamoDB writes answered ProvisionedThroughputExceededException",
     )
     dev.add_argument("--state-file", help="write the stack's addresses here as JSON")
+    dev.add_argument(
+        "--metrics",
+        action="store_true",
+        help="print CloudWatch EMF metric lines (Requests, Refused, ...) as Lambda would",
+    )
     dev.add_argument(
         "--cluster-fs",
         metavar="DIR",

@@ -66,6 +66,9 @@ class StackOptions:
     # The clusters' file system as the local batch function sees it: FIRST batches read their
     # input paths and write their outputs under it (a temporary directory if not given).
     cluster_fs: Path | None = None
+    # CloudWatch EMF metric lines on stdout, as on Lambda (first_core.observability); off by
+    # default so the console stays readable.
+    metrics: bool = False
 
 
 def free_port() -> int:
@@ -149,6 +152,7 @@ class LocalStack:
             "FIRST_COMPUTE_BACKEND": "local",
             "FIRST_RESULT_WAIT_SECONDS": str(self.options.result_wait_seconds),
             "FIRST_RECONCILE_GRACE_SECONDS": str(self.options.reconcile_grace),
+            "POWERTOOLS_METRICS_DISABLED": "false" if self.options.metrics else "true",
             "GLOBUS_SDK_SERVICE_URL_AUTH": f"{auth}/auth/",
             "GLOBUS_SDK_SERVICE_URL_GROUPS": f"{auth}/groups/",
             **self.options.extra_env,
@@ -304,6 +308,8 @@ class LocalStack:
         import uvicorn
 
         os.environ.update(self.gateway_env())
+        # Log and metric lines reach a file (tests, --state-file users) as they are written.
+        sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
         # A plain SIGTERM would skip `finally` and leave the children running.
         signal.signal(signal.SIGTERM, _exit_on_signal)
         try:

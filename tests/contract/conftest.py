@@ -68,7 +68,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         str(RESULT_WAIT_SECONDS),
         "--workers",
         "3",
+        "--metrics",
         env=STACK_ENV,
         log=log,
     ) as state:
-        yield Stack(state["base_url"], state)
+        yield Stack(state["base_url"], {**state, "log": str(log)})

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pynamodb.exceptions import DoesNotExist, UpdateError
 
-from first_core import files, ratelimit, routing, schemas, storage
+from first_core import files, observability, ratelimit, routing, schemas, storage
 from first_core.auth import Caller
 from first_core.compute import ComputeBackend, get_backend
 from first_core.errors import (
@@ -429,6 +429,10 @@ def end(
         raise
     _write_usage(record)
     _give_back_slot(record.user_id)
+    observability.count("Batches", Status=status, Kind=record.kind)
+    for outcome in ("completed", "failed"):
+        if int(getattr(record, outcome) or 0):
+            observability.count("BatchLines", int(getattr(record, outcome)), Outcome=outcome)
     return True
 
 

@@ -82,6 +82,10 @@ class Settings(BaseSettings):
     reconcile_grace_seconds: float = 120.0
     request_deadline_seconds: float = 6 * 3600.0
 
+    # Structured logs and metrics (first_core.observability).
+    log_level: str = "INFO"
+    metrics_namespace: str = "FIRST"
+
     # Batches (first_core.files, first_core.batches). An uploaded file is one request body, so
     # API Gateway's 10 MB payload limit bounds it before `max_payload_bytes` does; larger jobs
     # use FIRST's batches, whose input is already on the cluster.

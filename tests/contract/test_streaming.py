@@ -113,7 +113,12 @@ def test_backend_failure_mid_stream_is_an_error_event(stack: Stack) -> None:
             received.append(chunk)
     assert len([c for c in received if c.choices and c.choices[0].delta.content]) == 3
     assert raised.value.message
-    record = wait_for(lambda: stack.item("requests", raw.headers["x-first-request-id"]))
+    request_id = raw.headers["x-first-request-id"]
+    # The error event is relayed as soon as its batch is stored; the record ends right after.
+    record = wait_for(
+        lambda: (item := stack.item("requests", request_id)) and item["status"] != "submitted"
+        and item
+    )
     assert record["status"] == "failed"
     assert record["error"]
 

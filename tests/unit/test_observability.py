@@ -71,3 +71,15 @@ def test_first_loggers_write_json_lines(
     finally:
         logger.handlers = handlers
         logger.propagate = True
+
+
+def test_metrics_from_many_threads_stay_whole_lines(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    monkeypatch.setenv("POWERTOOLS_METRICS_DISABLED", "false")
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda i: observability.count("Requests", Route=f"r{i}"), range(200)))
+    lines = emitted(capsys)  # every line parses alone
+    assert sorted(str(line["Route"]) for line in lines) == sorted(f"r{i}" for i in range(200))

@@ -17,10 +17,10 @@ import time
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
-from pynamodb.exceptions import DoesNotExist, UpdateError
+from pynamodb.exceptions import DoesNotExist
 
 from first_core import files, storage
-from first_core.batches import OPEN_STATES, OUTPUT_NAMES, end, error_entry
+from first_core.batches import OPEN_STATES, OUTPUT_NAMES, end, error_entry, update_if
 from first_core.errors import ConflictError
 from first_core.results import read_callback
 from first_core.settings import get_settings
@@ -80,21 +80,15 @@ def progress(record: BatchRecord, event: BatchEvent) -> bool:
     if not _current(record, event):
         return False  # an attempt the driver gave up on, or an ended batch: stop
     now = time.time()
-    try:
-        record.update(
-            actions=[
-                BatchRecord.completed.set(event.completed),
-                BatchRecord.failed.set(event.failed),
-                BatchRecord.total.set(event.total),
-                BatchRecord.resumed_lines.set(event.resumed_lines),
-                BatchRecord.updated_at.set(now),
-            ],
-            condition=BatchRecord.status.is_in(*OPEN_STATES)
-            & (BatchRecord.attempt <= event.attempt),
-        )
-    except UpdateError as failure:
-        if failure.cause_response_code != "ConditionalCheckFailedException":
-            raise
+    counts = [
+        BatchRecord.completed.set(event.completed),
+        BatchRecord.failed.set(event.failed),
+        BatchRecord.total.set(event.total),
+        BatchRecord.resumed_lines.set(event.resumed_lines),
+        BatchRecord.updated_at.set(now),
+    ]
+    still_current = BatchRecord.status.is_in(*OPEN_STATES) & (BatchRecord.attempt <= event.attempt)
+    if not update_if(record, counts, still_current):
         return False
     # `validating`: the submit has not been recorded yet, the task is already running.
     return record.status in ("validating", "in_progress") and now < float(record.expires_at)
@@ -125,22 +119,16 @@ def finalize(record: BatchRecord, event: BatchEvent) -> bool:
     if not _current(record, event):
         return False
     now = time.time()
-    if record.status != "finalizing":
-        try:
-            record.update(
-                actions=[
-                    BatchRecord.status.set("finalizing"),
-                    BatchRecord.finalizing_at.set(now),
-                    BatchRecord.updated_at.set(now),
-                ],
-                condition=BatchRecord.status.is_in("validating", "in_progress", "cancelling"),
-            )
-        except UpdateError as failure:
-            if failure.cause_response_code != "ConditionalCheckFailedException":
-                raise
-            record.refresh(consistent_read=True)
-            if record.status != "finalizing":
-                return False
+    finalizing = [
+        BatchRecord.status.set("finalizing"),
+        BatchRecord.finalizing_at.set(now),
+        BatchRecord.updated_at.set(now),
+    ]
+    running = BatchRecord.status.is_in("validating", "in_progress", "cancelling")
+    if record.status != "finalizing" and not update_if(record, finalizing, running):
+        record.refresh(consistent_read=True)
+        if record.status != "finalizing":  # a concurrent `done` is finalizing it: go on too
+            return False
     outputs: dict[str, Any] = {}
     problems: list[dict[str, Any]] = []
     if event.error:

@@ -17,10 +17,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pydantic import ValidationError
-from pynamodb.exceptions import UpdateError
 
 from first_core.batch_callbacks import BatchEvent, finalize
-from first_core.batches import OPEN_STATES, end, error_entry, submit
+from first_core.batches import OPEN_STATES, end, error_entry, submit, update_if
 from first_core.compute import ComputeBackend, get_backend
 from first_core.settings import get_settings
 from first_core.tables import BatchRecord
@@ -115,15 +114,13 @@ def _resubmit(record: BatchRecord, attempt: int, why: str | None, backend: Compu
     old_task = record.task_id
     log.warning("batch %s: attempt %d after: %s", record.batch_id, attempt, why)
     task_id = submit(record, attempt, None, backend)
-    try:
-        record.update(
-            actions=[
-                BatchRecord.task_id.set(task_id),
-                BatchRecord.attempt.set(attempt),
-                BatchRecord.updated_at.set(time.time()),
-            ],
-            condition=(BatchRecord.task_id == old_task) & BatchRecord.status.is_in(*OPEN_STATES),
-        )
-    except UpdateError as failure:
-        if failure.cause_response_code != "ConditionalCheckFailedException":
-            raise
+    next_attempt = [
+        BatchRecord.task_id.set(task_id),
+        BatchRecord.attempt.set(attempt),
+        BatchRecord.updated_at.set(time.time()),
+    ]
+    update_if(
+        record,
+        next_attempt,
+        (BatchRecord.task_id == old_task) & BatchRecord.status.is_in(*OPEN_STATES),
+    )

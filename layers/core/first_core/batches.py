@@ -282,20 +282,14 @@ def _start(record: BatchRecord, input_key: str | None) -> BatchRecord:
         _give_back_slot(record.user_id)
         raise
     now = time.time()
-    try:
-        record.update(
-            actions=[
-                BatchRecord.status.set("in_progress"),
-                BatchRecord.task_id.set(task_id),
-                BatchRecord.in_progress_at.set(now),
-                BatchRecord.updated_at.set(now),
-            ],
-            condition=BatchRecord.status == "validating",
-        )
-    except UpdateError as failure:
+    started = [
+        BatchRecord.status.set("in_progress"),
+        BatchRecord.task_id.set(task_id),
+        BatchRecord.in_progress_at.set(now),
+        BatchRecord.updated_at.set(now),
+    ]
+    if not update_if(record, started, BatchRecord.status == "validating"):
         # A cancel came in between: the function will hear it at its first progress callback.
-        if failure.cause_response_code != "ConditionalCheckFailedException":
-            raise
         record.refresh(consistent_read=True)
     return record
 
@@ -331,6 +325,18 @@ def submit(
     )
 
 
+def update_if(record: BatchRecord, actions: list[Any], condition: Any) -> bool:
+    """Apply a conditional update: False, with nothing changed, when the condition did not hold
+    (another callback, driver or cancel got there first)."""
+    try:
+        record.update(actions=actions, condition=condition)
+    except UpdateError as failure:
+        if failure.cause_response_code == "ConditionalCheckFailedException":
+            return False
+        raise
+    return True
+
+
 def error_entry(code: str, message: str, line: int | None = None) -> dict[str, Any]:
     return {"code": code, "message": message[:2000], "param": None, "line": line}
 
@@ -362,18 +368,12 @@ def cancel(record: BatchRecord) -> BatchRecord:
             code="batch_not_cancellable",
         )
     now = time.time()
-    try:
-        record.update(
-            actions=[
-                BatchRecord.status.set("cancelling"),
-                BatchRecord.cancelling_at.set(now),
-                BatchRecord.updated_at.set(now),
-            ],
-            condition=BatchRecord.status.is_in("validating", "in_progress"),
-        )
-    except UpdateError as failure:
-        if failure.cause_response_code != "ConditionalCheckFailedException":
-            raise
+    cancelling = [
+        BatchRecord.status.set("cancelling"),
+        BatchRecord.cancelling_at.set(now),
+        BatchRecord.updated_at.set(now),
+    ]
+    if not update_if(record, cancelling, BatchRecord.status.is_in("validating", "in_progress")):
         record.refresh(consistent_read=True)
     return record
 
@@ -421,12 +421,8 @@ def end(
     for name, value in (outputs or {}).items():
         if value is not None:
             actions.append(getattr(BatchRecord, name).set(value))
-    try:
-        record.update(actions=actions, condition=BatchRecord.status.is_in(*from_states))
-    except UpdateError as failure:
-        if failure.cause_response_code == "ConditionalCheckFailedException":
-            return False
-        raise
+    if not update_if(record, actions, BatchRecord.status.is_in(*from_states)):
+        return False
     _write_usage(record)
     _give_back_slot(record.user_id)
     observability.count("Batches", Status=status, Kind=record.kind)

@@ -21,13 +21,18 @@ The metrics (see infra/OPERATOR.md for alarms):
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
+import threading
 from typing import Any
 
 from aws_lambda_powertools.logging.formatter import LambdaPowertoolsFormatter
-from aws_lambda_powertools.metrics import MetricUnit, single_metric
+from aws_lambda_powertools.metrics import MetricUnit
 from aws_lambda_powertools.metrics.functions import is_metrics_disabled
+from aws_lambda_powertools.metrics.provider.cloudwatch_emf.cloudwatch import (
+    AmazonCloudWatchEMFProvider,
+)
 
 from first_core.settings import get_settings
 
@@ -49,23 +54,30 @@ def configure_logging() -> None:
     _configured = True
 
 
+_write_lock = threading.Lock()
+
+
 def _emit(name: str, unit: MetricUnit, value: float, dimensions: dict[str, Any]) -> None:
-    # `single_metric` writes whatever the switch says; `Metrics.flush_metrics` would check it.
     if is_metrics_disabled():
         return
     settings = get_settings()
     try:
-        with single_metric(
-            name=name,
-            unit=unit,
-            value=value,
+        # A provider of its own per metric (powertools' `Metrics` shares one buffer per process),
+        # written in one call under a lock: concurrent requests never mix or split a line.
+        metric = AmazonCloudWatchEMFProvider(
             namespace=settings.metrics_namespace,
             default_dimensions={"service": SERVICE, "stage": settings.stage},
-        ) as metric:
-            for key, dimension in dimensions.items():
-                metric.add_dimension(name=key, value=str(dimension))
+        )
+        metric.add_metric(name=name, unit=unit, value=value)
+        for key, dimension in dimensions.items():
+            metric.add_dimension(name=key, value=str(dimension))
+        line = json.dumps(metric.serialize_metric_set(), separators=(",", ":")) + "\n"
     except Exception:  # a metric must never fail what it measures
         logging.getLogger("first.metrics").warning("could not emit metric %s", name)
+        return
+    with _write_lock:
+        sys.stdout.write(line)
+        sys.stdout.flush()
 
 
 def count(name: str, value: float = 1, **dimensions: Any) -> None:

@@ -525,6 +525,7 @@ def test_batch_parameters_default_to_the_settings_defaults(template: dict[str, A
     for parameter, field_name in (
         ("MaxConcurrentBatchesPerUser", "max_concurrent_batches_per_user"),
         ("BatchChunkLines", "batch_chunk_lines"),
+        ("BatchRetentionDays", "file_retention_days"),
     ):
         assert parameters[parameter]["Default"] == Settings.model_fields[field_name].default
         assert variables[f"FIRST_{field_name.upper()}"] == {"Ref": parameter}

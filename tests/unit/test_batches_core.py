@@ -20,7 +20,14 @@ from first_core.errors import (
     RateLimitError,
     ServiceUnavailableError,
 )
-from first_core.registry import ClusterConfig, EndpointConfig, FunctionIds, RegistryFile, publish
+from first_core.registry import (
+    ClusterConfig,
+    EndpointConfig,
+    FunctionIds,
+    Limits,
+    RegistryFile,
+    publish,
+)
 from first_core.results import callback_token
 from first_core.settings import get_settings
 from first_core.tables import BatchRecord, FileRecord, UsageRecord
@@ -56,6 +63,9 @@ class FakeBackend:
         return "online"
 
 
+MAX_TOKENS = 4096
+
+
 @pytest.fixture
 def backend(monkeypatch: pytest.MonkeyPatch) -> FakeBackend:
     fake = FakeBackend()
@@ -71,6 +81,7 @@ def backend(monkeypatch: pytest.MonkeyPatch) -> FakeBackend:
                             models=[MODEL],
                             endpoint_id="sophia-vllm",
                             functions=FunctionIds(inference="local:inf", batch=BATCH_FUNCTION),
+                            limits=Limits(max_tokens=MAX_TOKENS),
                             batches=True,
                             batch_endpoint_id=BATCH_ENDPOINT,
                         ),
@@ -699,3 +710,25 @@ def test_drive_ends_a_cancelled_batch_whose_task_never_started_as_cancelled(
     grace = get_settings().reconcile_grace_seconds
     assert batch_driver.drive(now=expires + grace + 1, backend=backend).ended == [batch_id]
     assert load(batch_id).status == "cancelled"
+
+
+def test_a_line_over_the_endpoints_max_tokens_fails_the_batch_naming_it(
+    backend: FakeBackend,
+) -> None:
+    lines = [
+        chat_line("a", max_tokens=16),
+        chat_line("b", max_tokens=MAX_TOKENS + 1),
+        chat_line("c", max_tokens=MAX_TOKENS),
+    ]
+    input_file = upload(jsonl(*lines))
+    assert (int(input_file.max_tokens), int(input_file.max_tokens_line)) == (MAX_TOKENS + 1, 2)
+    batch_id = create(input_file.file_id)
+    record = load(batch_id)
+    assert record.status == "failed" and backend.submits == []
+    (problem,) = record.errors
+    assert problem["code"] == "max_tokens_exceeded" and problem["line"] == 2
+    assert problem["param"] == "body.max_tokens" and str(MAX_TOKENS) in problem["message"]
+    assert slots() == 0
+    # Within the limit, the same file runs.
+    fits = upload(jsonl(lines[0], lines[2]))
+    assert load(create(fits.file_id)).status == "in_progress"

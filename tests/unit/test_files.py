@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import time
 import urllib.parse
+from datetime import UTC, datetime
 from typing import Any
 
 import httpx
@@ -354,3 +355,28 @@ def test_page_params() -> None:
         with pytest.raises(InvalidRequestError) as raised:
             files.page_params(params, 20, 100)
         assert raised.value.param == param
+
+
+@pytest.mark.usefixtures("aws")
+def test_files_expire_with_their_bytes(monkeypatch: pytest.MonkeyPatch) -> None:
+    before = time.time()
+    file_id = upload()
+    view = files.view(files.get_owned(file_id, CALLER))
+    days = get_settings().file_retention_days
+    assert int(before) + days * 86400 <= view["expires_at"] <= time.time() + days * 86400 + 1
+    # Past its expiry (DynamoDB deletes the row lazily): gone for its owner too.
+    record = FileRecord.get(file_id, consistent_read=True)
+    record.update(actions=[FileRecord.expires_at.set(datetime.fromtimestamp(1, tz=UTC))])
+    with pytest.raises(NotFoundError):
+        files.get_owned(file_id, CALLER)
+    listed = files.list_page(CALLER, None, 100, None, "desc")["data"]
+    assert file_id not in {f["id"] for f in listed}
+
+
+@pytest.mark.usefixtures("aws")
+def test_content_whose_bytes_the_bucket_expired_is_not_found() -> None:
+    file_id = upload()
+    record = files.get_owned(file_id, CALLER)
+    storage.delete(record.s3_key)
+    with pytest.raises(NotFoundError, match="expired"):
+        files.content(record)

@@ -148,6 +148,17 @@ def create_openai(caller: Caller, raw_body: bytes) -> BatchRecord:
         # As OpenAI does: the batch exists, and failed validation, with the reasons.
         return _failed_at_validation(caller, request, model, problems)
     route = routing.choose(Registry.current(), caller, model, for_batches=True)
+    limit = route.endpoint.limits.max_tokens
+    asked = int(input_file.max_tokens) if input_file.max_tokens is not None else None
+    if limit is not None and asked is not None and asked > limit:
+        line = int(input_file.max_tokens_line or 0)
+        problem = error_entry(
+            "max_tokens_exceeded",
+            f"Line {line} asks for {asked} tokens; '{model}' allows at most {limit}.",
+            line=line,
+        )
+        problem["param"] = "body.max_tokens"
+        return _failed_at_validation(caller, request, model, [problem])
     record = _new_record(caller, "openai", request.endpoint, route.endpoint)
     record.input_file_id = input_file.file_id
     record.total = int(input_file.line_count or 0)

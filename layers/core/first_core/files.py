@@ -17,6 +17,7 @@ import json
 import time
 import uuid
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -26,7 +27,7 @@ from first_core import schemas, storage
 from first_core.auth import Caller
 from first_core.errors import InvalidRequestError, NotFoundError, PayloadTooLargeError
 from first_core.settings import get_settings
-from first_core.tables import FileRecord
+from first_core.tables import FileRecord, not_expired
 
 # The routes a batch line may name, and the request schema its body must pass.
 BATCH_URLS: dict[str, schemas.Kind] = {
@@ -55,6 +56,8 @@ class BatchInput:
     lines: int
     models: list[str]
     urls: list[str]
+    max_tokens: int | None = None  # the most output tokens one line asks for
+    max_tokens_line: int | None = None  # and where
 
 
 def _bad_line(number: int, problem: str) -> InvalidRequestError:
@@ -76,6 +79,7 @@ def check_batch_lines(content: bytes) -> BatchInput:
     models: set[str] = set()
     urls: set[str] = set()
     count = 0
+    most_tokens: tuple[int, int] | None = None  # (max_tokens, line number)
     # JSONL lines end at "\n" only: str.splitlines() would also break at U+2028 and the like,
     # which JSON allows unescaped inside strings.
     for number, line in enumerate(text.split("\n"), start=1):
@@ -106,9 +110,14 @@ def check_batch_lines(content: bytes) -> BatchInput:
             raise _bad_line(number, "body.stream: batch requests cannot stream.")
         models.add(body.model)
         urls.add(request.url)
+        asked = body.max_output_tokens()
+        if asked is not None and (most_tokens is None or asked > most_tokens[0]):
+            most_tokens = (asked, number)
     if count == 0:
         raise InvalidRequestError("The file holds no requests.", param="file", code="empty_file")
-    return BatchInput(count, sorted(models), sorted(urls))
+    if most_tokens is None:
+        return BatchInput(count, sorted(models), sorted(urls))
+    return BatchInput(count, sorted(models), sorted(urls), *most_tokens)
 
 
 # ---- upload -----------------------------------------------------------------------------------
@@ -169,6 +178,7 @@ def create(caller: Caller, upload: Upload) -> dict[str, Any]:
     file_id = f"file-{uuid.uuid4().hex}"
     key = f"files/{file_id}.jsonl"
     storage.put(key, upload.content)
+    now = time.time()
     record = FileRecord(
         file_id,
         user_id=caller.user_id,
@@ -176,10 +186,13 @@ def create(caller: Caller, upload: Upload) -> dict[str, Any]:
         purpose=upload.purpose,
         bytes=len(upload.content),
         s3_key=key,
-        created_at=time.time(),
+        created_at=now,
         line_count=checked.lines,
         models=checked.models,
         urls=checked.urls,
+        max_tokens=checked.max_tokens,
+        max_tokens_line=checked.max_tokens_line,
+        expires_at=_expiry(now),
     )
     record.save()
     return view(record)
@@ -190,6 +203,7 @@ def register_output(
 ) -> None:
     """Record a batch's output (or errors) file, written by the cluster under `key`. The id is
     fixed by the batch, so a repeated finalization finds the record and changes nothing."""
+    now = time.time()
     record = FileRecord(
         file_id,
         user_id=user_id,
@@ -197,14 +211,19 @@ def register_output(
         purpose="batch_output",
         bytes=size,
         s3_key=key,
-        created_at=time.time(),
+        created_at=now,
         line_count=lines,
+        expires_at=_expiry(now),
     )
     try:
         record.save(condition=FileRecord.file_id.does_not_exist())
     except PutError as failure:
         if failure.cause_response_code != "ConditionalCheckFailedException":
             raise
+
+
+def _expiry(now: float) -> datetime:
+    return datetime.fromtimestamp(now + get_settings().file_retention_days * 86400, tz=UTC)
 
 
 # ---- reading, listing, deleting ---------------------------------------------------------------
@@ -216,7 +235,8 @@ def get_owned(file_id: str, caller: Caller) -> FileRecord:
         record = FileRecord.get(file_id, consistent_read=True)
     except DoesNotExist:
         record = None
-    if record is None or record.user_id != caller.user_id:
+    # An expired file is gone, whether or not DynamoDB has deleted its row yet.
+    if record is None or record.user_id != caller.user_id or not not_expired(record.expires_at):
         raise NotFoundError(f"No such File object: {file_id}", param="file_id")
     return record
 
@@ -227,7 +247,7 @@ def view(record: FileRecord) -> dict[str, Any]:
         "object": "file",
         "bytes": int(record.bytes),
         "created_at": int(record.created_at),
-        "expires_at": None,
+        "expires_at": int(record.expires_at.timestamp()) if record.expires_at else None,
         "filename": record.filename,
         "purpose": record.purpose,
         "status": "processed",
@@ -246,7 +266,10 @@ class Content:
 def content(record: FileRecord) -> Content:
     if int(record.bytes) > get_settings().file_inline_bytes:
         return Content(redirect_url=storage.presigned_url("GET", record.s3_key, record.filename))
-    return Content(body=storage.get(record.s3_key))
+    body = storage.get_if_present(record.s3_key)
+    if body is None:  # the bucket's lifecycle rule removed it first
+        raise NotFoundError(f"The content of {record.file_id} has expired.", param="file_id")
+    return Content(body=body)
 
 
 def delete(record: FileRecord) -> dict[str, Any]:
@@ -276,6 +299,8 @@ def list_page(
     page: list[FileRecord] = []
     has_more = False
     for record in found:
+        if not not_expired(record.expires_at):
+            continue
         if len(page) == limit:
             has_more = True
             break

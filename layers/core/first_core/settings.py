@@ -100,6 +100,9 @@ class Settings(BaseSettings):
     file_inline_bytes: int = 4_000_000
     # Life of the presigned URLs the gateway hands to the clusters and to clients.
     presigned_url_seconds: int = 3600
+    # Files (uploads and batch outputs) expire after this many days, record and bytes alike
+    # (the bucket's lifecycle rule for files/ and batches/ is the template's BatchRetentionDays).
+    file_retention_days: int = 30
 
 
 @lru_cache(maxsize=1)

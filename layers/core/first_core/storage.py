@@ -33,6 +33,18 @@ def get(key: str) -> bytes:
     return bytes(s3().get_object(Bucket=bucket(), Key=key)["Body"].read())
 
 
+def get_if_present(key: str) -> bytes | None:
+    """The object's bytes, or None if there is no such object (expired, deleted)."""
+    from botocore.exceptions import ClientError
+
+    try:
+        return get(key)
+    except ClientError as error:
+        if error.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+            return None
+        raise
+
+
 def delete(key: str) -> None:
     s3().delete_object(Bucket=bucket(), Key=key)
 

@@ -229,6 +229,11 @@ class FileRecord(Model):
     line_count = NumberAttribute(default=0)
     models = JSONAttribute(null=True)
     urls = JSONAttribute(null=True)
+    # The largest max_tokens (or max_completion_tokens) a line asks for, and that line's number,
+    # so a batch can be refused for an endpoint's limit without reading the file again.
+    max_tokens = NumberAttribute(null=True)
+    max_tokens_line = NumberAttribute(null=True)
+    expires_at = TTLAttribute(null=True)
 
     by_user = FilesByUser()
 

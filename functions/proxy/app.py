@@ -78,8 +78,13 @@ async def _infer(request: Request) -> Response:
             "x-first-route-reason": submission.route_reason,
         }
         if submission.request.wants_stream():
+            try:
+                events = await inference.open_stream(submission)
+            except GatewayError as error:
+                error.headers.update(headers)
+                raise
             return StreamingResponse(
-                inference.stream_events(submission),
+                events,
                 media_type="text/event-stream",
                 # Proxies must pass each event on at once, not buffer the stream.
                 headers={**headers, "cache-control": "no-cache", "x-accel-buffering": "no"},

@@ -246,3 +246,23 @@ def test_a_finished_stream_can_be_read_back_whole(stack: Stack) -> None:
     finish = [c.choices[0].finish_reason for c in chunks if c.choices]
     assert body["choices"][0]["finish_reason"] == next(f for f in reversed(finish) if f)
     assert body["usage"]["completion_tokens"] == usage.completion_tokens == 40
+
+
+def test_a_stream_vllm_refuses_at_once_is_an_http_error(stack: Stack) -> None:
+    """Over the model's context: vLLM answers 400 before any token, and so does the gateway
+    (the SDK raises BadRequestError on `create`, as with OpenAI), with the request id."""
+    client = stack.client()
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.chat.completions.create(
+            model=MODEL,
+            messages=[{"role": "user", "content": "a prompt that does not fit"}],
+            max_tokens=8192,  # the endpoint allows it; the model's context (8192) does not
+            stream=True,
+        )
+    assert "maximum context length" in refused.value.message
+    request_id = refused.value.response.headers["x-first-request-id"]
+    record = wait_for(
+        lambda: (item := stack.item("requests", request_id)) and item["status"] != "submitted"
+        and item
+    )
+    assert record["status"] == "failed"

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from typing import Any
 
@@ -156,7 +156,7 @@ async def wait_for_result(submission: Submission) -> results.Result:
         await remembering
 
 
-async def stream_events(submission: Submission) -> AsyncIterator[bytes]:
+async def stream_events(submission: Submission) -> AsyncGenerator[bytes, None]:
     """The client's SSE events, relayed from the chunk batches as they land."""
     remembering = remember_task(submission)
     options = getattr(submission.request, "stream_options", None)
@@ -169,6 +169,62 @@ async def stream_events(submission: Submission) -> AsyncIterator[bytes]:
             yield event
     finally:
         await remembering
+
+
+async def open_stream(submission: Submission) -> AsyncGenerator[bytes, None]:
+    """The client's SSE body, once the stream has begun or `stream_error_wait_seconds` passed.
+
+    A stream that fails before its first token (vLLM refused the request: context length, a
+    parameter it does not take) raises that error here, so the client gets the HTTP status
+    OpenAI would send (`openai.BadRequestError`) instead of a 200 with an error event. A job
+    still queued on its cluster after the wait gets its headers and keep-alives as before.
+    """
+    events = stream_events(submission)
+    first: asyncio.Future[bytes] = asyncio.ensure_future(anext(events))
+    await asyncio.wait({first}, timeout=get_settings().stream_error_wait_seconds)
+    if first.done() and first.exception() is None:
+        error = _error_before_any_token(first.result())
+        if error is not None:
+            await events.aclose()
+            raise error
+
+    async def body() -> AsyncGenerator[bytes, None]:
+        try:
+            try:
+                yield await first
+            except StopAsyncIteration:
+                return
+            async for event in events:
+                yield event
+        finally:
+            if not first.done():  # the client left before the stream began
+                first.cancel()
+            await events.aclose()
+
+    return body()
+
+
+def _error_before_any_token(event: bytes) -> GatewayError | None:
+    """The stream's first event as an HTTP error, if it is an error event."""
+    if not event.startswith(b"data: {"):
+        return None
+    try:
+        data = json.loads(event[len(b"data: ") :])
+    except ValueError:
+        return None
+    error = data.get("error") if isinstance(data, dict) and "choices" not in data else None
+    if not isinstance(error, dict):
+        return None
+    message = str(error.get("message") or "The model backend refused the request.")
+    code = error.get("code")
+    client_status = code if isinstance(code, int) and 400 <= code < 500 else None
+    if client_status or error.get("type") == "invalid_request_error":
+        refused = InvalidRequestError(message, param=error.get("param"), code="backend_rejected")
+        refused.status = client_status or 400
+        return refused
+    if code == "compute_timeout":
+        return ComputeTimeoutError(message)
+    return UpstreamError(f"The model backend failed: {message}")
 
 
 async def _poll(submission: Submission) -> results.Result:

@@ -60,6 +60,9 @@ class Settings(BaseSettings):
     compute_backend: Literal["local", "globus"] = "local"
     # How long the proxy waits for a result before answering 504 with the request id.
     result_wait_seconds: float = 300.0
+    # A stream's headers wait this long for its first event, so that a stream vLLM refuses at
+    # once gets an HTTP error status rather than a 200 with an error event.
+    stream_error_wait_seconds: float = 2.0
     # Largest result body kept inline in DynamoDB (items max out at 400 KB); larger goes to S3.
     inline_result_bytes: int = 300_000
     max_payload_bytes: int = 10 * 1024 * 1024

@@ -10,6 +10,8 @@ Call (keyword arguments):
 * `input` is `{"url": <presigned GET url>}` or `{"path": <path on the cluster>}`; the
   file holds OpenAI batch lines, `{"custom_id", "method": "POST", "url", "body"}`, with `url` one
   of `/v1/chat/completions`, `/v1/completions`, `/v1/embeddings`.
+* `owner` is the batch owner's Globus username; `{user}` in a `FIRST_BATCH_ROOTS` entry stands
+  for it (characters other than letters, digits and `@._-` become `_`).
 * `output` is `{"upload": True}` (ask the gateway for presigned PUT urls at the end) or
   `{"folder": <dir on the cluster>}` (write `<batch_id>_output.jsonl` and
   `<batch_id>_errors.jsonl` there). Paths, in and out, must lie under `FIRST_BATCH_ROOTS`
@@ -80,6 +82,7 @@ def vllm_batch(
     callback_token: str,
     chunk_lines: int = 100,
     attempt: int = 1,
+    owner: str = "",
 ) -> dict[str, Any]:
     import concurrent.futures
     import contextlib
@@ -143,16 +146,20 @@ def vllm_batch(
             return [json.loads(line) for line in file if line.strip()]
 
     def allowed(path: Any, what: str) -> str:
-        """The real path of `path` if it lies under one of `FIRST_BATCH_ROOTS`."""
+        """The real path of `path` if it lies under one of `FIRST_BATCH_ROOTS`, where `{user}`
+        stands for the batch's owner: a root like /eagle/first/{user} gives each user a
+        directory no other user's batch can read or write."""
+        user = re.sub(r"[^A-Za-z0-9@._-]", "_", owner)
         roots = [
-            os.path.realpath(root)
+            os.path.realpath(root.replace("{user}", user))
             for root in os.environ.get("FIRST_BATCH_ROOTS", "").split(os.pathsep)
-            if root.strip()
+            if root.strip() and ("{user}" not in root or user.strip(".") != "")
         ]
         if not roots:
             raise BatchError(
                 "path_not_allowed",
-                f"This endpoint accepts no {what} paths (FIRST_BATCH_ROOTS is not set).",
+                f"This endpoint accepts no {what} paths (FIRST_BATCH_ROOTS is not set, or "
+                "names only per-user directories and the batch has no owner).",
             )
         if not isinstance(path, str) or not path:
             raise BatchError("path_not_allowed", f"The {what} path must be a string: {path!r}.")

@@ -30,8 +30,9 @@ alice's access token (valid 48 h; others: first-gateway token --user bob|carol|d
     print(reply.choices[0].message.content)
 
 Batches: client.files.create(file=open("in.jsonl", "rb"), purpose="batch") then
-client.batches.create(...); FIRST batches read paths under the clusters' file system here:
-{cluster_fs}
+client.batches.create(...); FIRST batches read and write paths on the clusters' file system,
+each user under their own directory (relative paths start there), alice's:
+{cluster_fs}/alice@anl.gov
 """
 
 

@@ -217,12 +217,17 @@ class LocalStack:
         o = self.options
         self.cluster_fs = (o.cluster_fs or Path(tempfile.mkdtemp(prefix="first-cluster-fs-")))
         self.cluster_fs = self.cluster_fs.resolve()
+        from first_local.globus_standin import DEV_IDENTITIES
+
+        for identity in DEV_IDENTITIES.values():  # each dev user's own directory, ready to use
+            (self.cluster_fs / identity.username).mkdir(parents=True, exist_ok=True)
         worker_env = {
             "VLLM_BASE_URL": self.backend_url,
             # The batch function (compute_funcs/batch.py) as a cluster's endpoint would run it:
             # requests through the served vLLM, checkpoints in its scratch, paths under one root.
             "FIRST_BATCH_RUNNER": "http",
-            "FIRST_BATCH_ROOTS": str(self.cluster_fs),
+            # Each user's FIRST batches read and write only their own directory.
+            "FIRST_BATCH_ROOTS": str(self.cluster_fs / "{user}"),
             "FIRST_BATCH_WORK_DIR": str(self.cluster_fs / ".first" / "batches"),
         }
         if o.backend_api_key:

@@ -305,7 +305,7 @@ def test_first_batch_fixtures_validate(stack: Stack) -> None:
 
 
 def test_first_batch_on_a_cluster_path(stack: Stack) -> None:
-    root = Path(stack.state["cluster_fs"]) / "alice-project"
+    root = Path(stack.state["cluster_fs"]) / "alice@anl.gov" / "project"  # alice's own
     root.mkdir(exist_ok=True)
     source = root / "prompts.jsonl"
     source.write_bytes(jsonl([line(f"p-{i}", f"path {i}") for i in range(150)]))
@@ -333,6 +333,26 @@ def test_first_batch_on_a_cluster_path(stack: Stack) -> None:
     )
     listed = httpx.get(first_url(stack, "/batches?status=completed"), headers=auth()).json()
     assert batch_id in {b["batch_id"] for b in listed}
+    # Another user cannot have the cluster read alice's file or write into her directory.
+    daves = Path(stack.state["cluster_fs"]) / "dave@anl.gov"
+    (daves / "x.jsonl").write_bytes(jsonl([line("d", "dave's own")]))
+    for body in (
+        {"input_file": str(source), "model": MODEL},
+        {"input_file": "x.jsonl", "model": MODEL, "output_folder_path": str(root)},
+    ):
+        stolen = httpx.post(
+            first_url(stack, "/sophia/vllm/v1/batches"), json=body, headers=auth("dave")
+        ).json()["batch_id"]
+        deadline = time.monotonic() + 30
+        while (
+            httpx.get(first_url(stack, f"/batches/{stolen}"), headers=auth("dave")).json()
+            != "failed"
+        ):
+            assert time.monotonic() < deadline
+            time.sleep(0.25)
+        refused = httpx.get(first_url(stack, f"/batches/{stolen}/result"), headers=auth("dave"))
+        assert refused.status_code == 400, refused.text
+        assert "outside the directories" in refused.json()["error"]["message"]
     # Another user: the same 404 as for an id that does not exist.
     for path in (f"/batches/{batch_id}", f"/batches/{batch_id}/result"):
         answer = httpx.get(first_url(stack, path), headers=auth("dave"))

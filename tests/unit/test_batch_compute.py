@@ -591,3 +591,41 @@ def test_it_ships_as_source(gateway: Gateway, recorder: Recorder) -> None:
     )
     assert report["outcome"] == "completed" and report["completed"] == 5
     assert recorder.numbers() == [0, 1, 2, 3, 4]
+
+
+def test_user_roots_keep_each_owner_to_their_own_directory(
+    gateway: Any, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """`{user}` in FIRST_BATCH_ROOTS is the batch's owner: no one reads another's files."""
+    shared = tmp_path / "fs"
+    for user in ("alice@anl.gov", "dave@anl.gov"):
+        (shared / user).mkdir(parents=True)
+        (shared / user / "in.jsonl").write_bytes(jsonl([chat_line(0)]))
+    monkeypatch.setenv("FIRST_BATCH_ROOTS", str(shared / "{user}"))
+
+    def attempt(owner: str, path: str, batch_id: str) -> dict[str, Any]:
+        return run(
+            gateway,
+            batch_id=batch_id,
+            input={"path": path},
+            output={"folder": "out"},
+            owner=owner,
+        )
+
+    mine = attempt("alice@anl.gov", "in.jsonl", "u1")  # relative: her own directory
+    assert mine["outcome"] == "completed", mine["error"]
+    assert mine["output"]["path"] == str(shared / "alice@anl.gov" / "out" / "u1_output.jsonl")
+    for number, (owner, path) in enumerate(
+        (
+            ("dave@anl.gov", str(shared / "alice@anl.gov" / "in.jsonl")),  # someone else's file
+            ("dave@anl.gov", "../alice@anl.gov/in.jsonl"),
+            ("", "in.jsonl"),  # per-user roots and no owner: nothing is allowed
+        )
+    ):
+        report = attempt(owner, path, f"u-refused-{number}")
+        assert report["outcome"] == "failed", (owner, path)
+        assert report["error"]["code"] == "path_not_allowed", (owner, path, report["error"])
+    # An owner name cannot climb out either: its slashes are not path separators.
+    report = attempt("../alice@anl.gov", "in.jsonl", "u-climb")
+    assert report["outcome"] == "failed" and report["completed"] == 0
+    assert not (shared / "alice@anl.gov" / "out" / "u-climb_output.jsonl").exists()

@@ -175,8 +175,10 @@ def test_create_openai_submits_once_and_records_the_task(backend: FakeBackend) -
         "callback_token",
         "chunk_lines",
         "attempt",
+        "owner",
     }
     assert kwargs["batch_id"] == batch_id and kwargs["model"] == MODEL
+    assert kwargs["owner"] == CALLER.username  # the cluster's `{user}` directories
     assert set(kwargs["input"]) == {"url"}
     assert url_key(kwargs["input"]["url"]) == f"files/{input_file.file_id}.jsonl"
     assert is_signed(kwargs["input"]["url"])

@@ -332,6 +332,8 @@ def submit(
             "callback_token": callback_token(batch_id),
             "chunk_lines": settings.batch_chunk_lines,
             "attempt": attempt,
+            # The cluster keeps each user to their own directories (`{user}` in its roots).
+            "owner": record.username,
         },
     )
 

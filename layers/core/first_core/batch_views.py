@@ -141,6 +141,7 @@ def first_result(record: BatchRecord) -> dict[str, Any]:
             f"Batch {record.batch_id} is {record.status}; its results are not ready.",
             code="batch_not_completed",
         )
+    openai = view(record)
     return {
         "batch_id": record.batch_id,
         "status": first_status(record),
@@ -148,6 +149,6 @@ def first_result(record: BatchRecord) -> dict[str, Any]:
         "error_file": record.error_path,
         "output_file_id": record.output_file_id,
         "error_file_id": record.error_file_id,
-        "request_counts": view(record)["request_counts"],
-        "usage": view(record)["usage"],
+        "request_counts": openai["request_counts"],
+        "usage": openai["usage"],
     }

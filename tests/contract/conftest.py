@@ -18,7 +18,13 @@ from first_local.stack import stack_process
 from tests.conftest import CALLBACK_SECRET
 
 # The test process knows the callback secret, so tests can sign (and forge) callbacks.
-STACK_ENV = {"FIRST_CALLBACK_SECRET": CALLBACK_SECRET, "FIRST_TABLE_PREFIX": "first-local-"}
+STACK_ENV = {
+    "FIRST_CALLBACK_SECRET": CALLBACK_SECRET,
+    "FIRST_TABLE_PREFIX": "first-local-",
+    # Batch outputs above 200 KB are answered with a redirect to S3, as 4 MB+ ones are on AWS,
+    # so the 1,000-line batch's output takes that path and small files the inline one.
+    "FIRST_FILE_INLINE_BYTES": "200000",
+}
 # Short, so the 504 path is testable; a normal request answers in milliseconds.
 RESULT_WAIT_SECONDS = 4.0
 

@@ -130,6 +130,14 @@ def test_thousand_line_batch_from_upload_to_output(stack: Stack) -> None:
     assert len(records) == 1
     assert int(records[0]["total_tokens"]) == prompt + completion
 
+    # Too large to answer inline: a redirect to a presigned S3 URL, which the SDK followed above.
+    content_url = f"{stack.base_url}/v1/files/{batch.output_file_id}/content"
+    redirect = httpx.get(content_url, headers={"Authorization": f"Bearer {client.api_key}"})
+    assert redirect.status_code == 302
+    assert "X-Amz-Signature=" in redirect.headers["location"]
+    assert httpx.get(redirect.headers["location"]).content.decode().splitlines() == [
+        json.dumps(r, separators=(",", ":")) for r in answered
+    ]
     # The output files are the owner's files, listed and fetched like any other.
     listed = {f.id for f in client.files.list()}
     assert {batch.input_file_id, batch.output_file_id, batch.error_file_id} <= listed

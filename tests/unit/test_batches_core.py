@@ -153,8 +153,9 @@ def url_key(url: str) -> str:
 
 
 def is_signed(url: str) -> bool:
+    """Signed with SigV4 (S3 refuses SigV2 for buckets made since 2020)."""
     query = urllib.parse.parse_qs(urllib.parse.urlsplit(url).query)
-    return "X-Amz-Signature" in query or "Signature" in query
+    return query.get("X-Amz-Algorithm") == ["AWS4-HMAC-SHA256"] and "X-Amz-Signature" in query
 
 
 # ---- creating an OpenAI batch -------------------------------------------------------------------

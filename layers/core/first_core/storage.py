@@ -16,9 +16,17 @@ from first_core.settings import get_settings
 @lru_cache(maxsize=1)
 def s3() -> Any:
     import boto3
+    from botocore.config import Config
 
     s = get_settings()
-    return boto3.client("s3", region_name=s.aws_region, endpoint_url=s.aws_endpoint_url)
+    # SigV4 for presigned URLs: botocore may otherwise sign them the legacy (SigV2) way, which
+    # S3 refuses for buckets created since 2020.
+    return boto3.client(
+        "s3",
+        region_name=s.aws_region,
+        endpoint_url=s.aws_endpoint_url,
+        config=Config(signature_version="s3v4"),
+    )
 
 
 def bucket() -> str:

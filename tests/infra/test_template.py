@@ -81,8 +81,13 @@ S3_ACCESS: dict[str, dict[str, set[str]]] = {
         "results/*": READ_WRITE_DELETE,
         "files/*": READ_WRITE_DELETE,
         "batches/*": READ_WRITE_DELETE,
+        "list": {"files/*", "batches/*"},
     },
-    "BatchDriverFunction": {"files/*": {"s3:GetObject"}, "batches/*": {"s3:GetObject"}},
+    "BatchDriverFunction": {
+        "files/*": {"s3:GetObject"},
+        "batches/*": {"s3:GetObject"},
+        "list": {"files/*", "batches/*"},
+    },
 }
 # Functions that submit to or look up tasks in Globus Compute (the SDK reads its client
 # credentials from GLOBUS_COMPUTE_CLIENT_ID/SECRET and writes state under GLOBUS_COMPUTE_USER_DIR).
@@ -596,6 +601,15 @@ def test_each_role_reaches_only_the_tables_and_objects_its_function_uses(
             services = {a.split(":")[0] for a in actions}
             assert services in ({"dynamodb"}, {"s3"}), actions
             if services == {"s3"}:
+                if actions == ["s3:ListBucket"]:
+                    # Listing, only so that S3 says 404 for a missing object: on the bucket,
+                    # and only under the prefixes the function reads.
+                    assert arns == [f"arn:aws:s3:::{bucket}"], arns
+                    listed = statement["Condition"]["StringLike"]["s3:prefix"]
+                    s3_actions.setdefault("list", set()).update(
+                        [listed] if isinstance(listed, str) else listed
+                    )
+                    continue
                 for arn in arns:
                     prefix = arn.removeprefix(f"arn:aws:s3:::{bucket}/")
                     assert prefix != arn and prefix.endswith("/*"), arn

@@ -26,7 +26,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from pynamodb.exceptions import DoesNotExist, UpdateError
+from pynamodb.exceptions import UpdateError
 
 from first_core import files, observability, ratelimit, routing, schemas, storage
 from first_core.auth import Caller
@@ -42,7 +42,7 @@ from first_core.errors import (
 from first_core.registry import Endpoint, Registry
 from first_core.results import callback_token
 from first_core.settings import get_settings
-from first_core.tables import BatchRecord, UsageRecord
+from first_core.tables import BatchRecord, UsageRecord, owned_item
 from first_core.usage import usage_sort_key
 
 if TYPE_CHECKING:
@@ -359,11 +359,8 @@ def error_entry(code: str, message: str, line: int | None = None) -> dict[str, A
 
 def get_owned(batch_id: str, caller: Caller) -> BatchRecord:
     """The batch if the caller owns it; anyone else gets the same 404 as for a missing one."""
-    try:
-        record = BatchRecord.get(batch_id, consistent_read=True)
-    except DoesNotExist:
-        record = None
-    if record is None or record.user_id != caller.user_id:
+    record = owned_item(BatchRecord, batch_id, caller.user_id)
+    if record is None:
         raise NotFoundError(f"No such batch: {batch_id}", param="batch_id")
     return record
 

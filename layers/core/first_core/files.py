@@ -21,13 +21,13 @@ from datetime import UTC, datetime
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from pynamodb.exceptions import DoesNotExist, PutError
+from pynamodb.exceptions import PutError
 
 from first_core import schemas, storage
 from first_core.auth import Caller
 from first_core.errors import InvalidRequestError, NotFoundError, PayloadTooLargeError
 from first_core.settings import get_settings
-from first_core.tables import FileRecord, not_expired
+from first_core.tables import FileRecord, not_expired, owned_item
 
 # The routes a batch line may name, and the request schema its body must pass.
 BATCH_URLS: dict[str, schemas.Kind] = {
@@ -231,12 +231,9 @@ def _expiry(now: float) -> datetime:
 
 def get_owned(file_id: str, caller: Caller) -> FileRecord:
     """The file if the caller owns it; anyone else gets the same 404 as for a missing one."""
-    try:
-        record = FileRecord.get(file_id, consistent_read=True)
-    except DoesNotExist:
-        record = None
+    record = owned_item(FileRecord, file_id, caller.user_id)
     # An expired file is gone, whether or not DynamoDB has deleted its row yet.
-    if record is None or record.user_id != caller.user_id or not not_expired(record.expires_at):
+    if record is None or not not_expired(record.expires_at):
         raise NotFoundError(f"No such File object: {file_id}", param="file_id")
     return record
 

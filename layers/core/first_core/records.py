@@ -6,13 +6,13 @@ import time
 import uuid
 from typing import Any
 
-from pynamodb.exceptions import DoesNotExist, UpdateError
+from pynamodb.exceptions import UpdateError
 
 from first_core import usage as usage_module
 from first_core.auth import Caller
 from first_core.errors import NotFoundError
 from first_core.registry import Endpoint
-from first_core.tables import TERMINAL_STATUSES, RequestRecord
+from first_core.tables import TERMINAL_STATUSES, RequestRecord, owned_item
 from first_core.usage import Usage
 
 
@@ -104,10 +104,7 @@ def finish(
 
 def get_owned(request_id: str, caller: Caller) -> RequestRecord:
     """The record if the caller owns it; anyone else gets the same 404 as for a missing one."""
-    try:
-        record = RequestRecord.get(request_id, consistent_read=True)
-    except DoesNotExist:
-        record = None
-    if record is None or record.user_id != caller.user_id:
+    record = owned_item(RequestRecord, request_id, caller.user_id)
+    if record is None:
         raise NotFoundError(f"No request with id '{request_id}'.", param="request_id")
     return record

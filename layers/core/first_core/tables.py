@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, TypeVar
 
 from pynamodb.attributes import (
     BooleanAttribute,
@@ -330,6 +330,19 @@ def not_expired(expires_at: Any) -> bool:
         return True
     ts = expires_at.timestamp() if hasattr(expires_at, "timestamp") else float(expires_at)
     return ts > time.time()
+
+
+OwnedT = TypeVar("OwnedT", bound=Model)
+
+
+def owned_item(model: type[OwnedT], key: str, user_id: str) -> OwnedT | None:
+    """The item under `key` if `user_id` owns it, else None: callers answer a stranger's id
+    exactly as they answer one that does not exist (no 403 that would confirm it exists)."""
+    try:
+        item = model.get(key, consistent_read=True)
+    except model.DoesNotExist:
+        return None
+    return item if getattr(item, "user_id", None) == user_id else None
 
 
 _connection: Connection | None = None

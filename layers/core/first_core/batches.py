@@ -22,13 +22,12 @@ import logging
 import os
 import time
 import uuid
-from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pynamodb.exceptions import UpdateError
 
-from first_core import files, observability, ratelimit, routing, schemas, storage
+from first_core import files, observability, ratelimit, routing, schemas, storage, usage
 from first_core.auth import Caller
 from first_core.compute import ComputeBackend, get_backend
 from first_core.errors import (
@@ -42,8 +41,8 @@ from first_core.errors import (
 from first_core.registry import Endpoint, Registry
 from first_core.results import callback_token
 from first_core.settings import get_settings
-from first_core.tables import BatchRecord, UsageRecord, owned_item
-from first_core.usage import usage_sort_key
+from first_core.tables import BatchRecord, owned_item
+from first_core.usage import Usage
 
 if TYPE_CHECKING:
     from first_core.batch_callbacks import BatchEvent
@@ -416,9 +415,9 @@ def end(
     if errors:
         actions.append(BatchRecord.errors.set(errors))
     if counts is not None:
-        usage = counts.usage
-        prompt = int(usage.get("prompt_tokens", 0))
-        completion = int(usage.get("completion_tokens", 0))
+        tokens = counts.usage
+        prompt = int(tokens.get("prompt_tokens", 0))
+        completion = int(tokens.get("completion_tokens", 0))
         actions += [
             BatchRecord.completed.set(counts.completed),
             BatchRecord.failed.set(counts.failed),
@@ -426,7 +425,7 @@ def end(
             BatchRecord.resumed_lines.set(counts.resumed_lines),
             BatchRecord.prompt_tokens.set(prompt),
             BatchRecord.completion_tokens.set(completion),
-            BatchRecord.total_tokens.set(int(usage.get("total_tokens", prompt + completion))),
+            BatchRecord.total_tokens.set(int(tokens.get("total_tokens", prompt + completion))),
         ]
     for name, value in (outputs or {}).items():
         if value is not None:
@@ -443,30 +442,23 @@ def end(
 
 
 def _write_usage(record: BatchRecord) -> None:
-    """One usage record per batch (key: the batch's creation time and id, so a repeat finds it)."""
-    s = get_settings()
-    created = float(record.created_at)
-    completed = float(record.updated_at)
-    row = UsageRecord(
-        record.user_id,
-        usage_sort_key(created, record.batch_id),
-        date=datetime.fromtimestamp(created, tz=UTC).strftime("%Y-%m-%d"),
-        request_id=record.batch_id,
+    """One usage record per batch, as for a request (first_core.usage)."""
+    row = usage.usage_row(
+        user_id=record.user_id,
         username=record.username,
+        request_id=record.batch_id,
         model=record.model or "-",
         cluster=record.cluster or "-",
         openai_path=f"batches{record.endpoint}",
         stream=False,
         status=record.status,
-        prompt_tokens=int(record.prompt_tokens),
-        completion_tokens=int(record.completion_tokens),
-        total_tokens=int(record.total_tokens),
-        created_at=created,
-        completed_at=completed,
-        total_ms=max(0, round((completed - created) * 1000)),
-        expires_at=datetime.fromtimestamp(completed + s.usage_retention_days * 86400, tz=UTC),
+        usage=Usage(
+            int(record.prompt_tokens), int(record.completion_tokens), int(record.total_tokens)
+        ),
+        created=float(record.created_at),
+        completed=float(record.updated_at),
     )
     try:
-        row.save(condition=UsageRecord.sk.does_not_exist())
+        usage.save_once(row)
     except Exception:
         log.exception("could not write the usage record of batch %s", record.batch_id)

@@ -72,43 +72,74 @@ def _first_contact(record: RequestRecord) -> float | None:
         return None
 
 
+def usage_row(
+    *,
+    user_id: str,
+    username: str,
+    request_id: str,
+    model: str,
+    cluster: str,
+    openai_path: str,
+    stream: bool,
+    status: str,
+    usage: Usage,
+    created: float,
+    completed: float,
+    first_contact: float | None = None,
+) -> UsageRecord:
+    """The usage record of one ended request or batch. Its key is made only of what was fixed
+    when the request or batch was created, so every attempt to write it names the same item."""
+    return UsageRecord(
+        user_id,
+        usage_sort_key(created, request_id),
+        date=datetime.fromtimestamp(created, tz=UTC).strftime("%Y-%m-%d"),
+        request_id=request_id,
+        username=username,
+        model=model,
+        cluster=cluster,
+        openai_path=openai_path,
+        stream=stream,
+        status=status,
+        prompt_tokens=usage.prompt_tokens,
+        completion_tokens=usage.completion_tokens,
+        total_tokens=usage.total_tokens,
+        created_at=created,
+        completed_at=completed,
+        queued_ms=_ms(created, first_contact),
+        first_token_ms=_ms(created, first_contact) if stream else None,
+        total_ms=_ms(created, completed) or 0,
+        expires_at=datetime.fromtimestamp(
+            completed + get_settings().usage_retention_days * 86400, tz=UTC
+        ),
+    )
+
+
 def build_record(record: RequestRecord) -> UsageRecord:
     """The usage record of an ended request, from its request record alone (plus one read for
     the time of the first answer)."""
-    created = float(record.created_at)
-    completed = float(record.completed_at or record.updated_at or time.time())
-    first = _first_contact(record)
-    s = get_settings()
-    return UsageRecord(
-        record.user_id,
-        usage_sort_key(created, record.request_id),
-        date=datetime.fromtimestamp(created, tz=UTC).strftime("%Y-%m-%d"),
-        request_id=record.request_id,
+    return usage_row(
+        user_id=record.user_id,
         username=record.username,
+        request_id=record.request_id,
         model=record.model,
         cluster=record.cluster,
         openai_path=record.openai_path,
         stream=bool(record.stream),
         status=record.status,
-        prompt_tokens=int(record.prompt_tokens or 0),
-        completion_tokens=int(record.completion_tokens or 0),
-        total_tokens=int(record.total_tokens or 0),
-        created_at=created,
-        completed_at=completed,
-        queued_ms=_ms(created, first),
-        first_token_ms=_ms(created, first) if record.stream else None,
-        total_ms=_ms(created, completed) or 0,
-        expires_at=datetime.fromtimestamp(
-            completed + s.usage_retention_days * 86400, tz=UTC
+        usage=Usage(
+            int(record.prompt_tokens or 0),
+            int(record.completion_tokens or 0),
+            int(record.total_tokens or 0),
         ),
+        created=float(record.created_at),
+        completed=float(record.completed_at or record.updated_at or time.time()),
+        first_contact=_first_contact(record),
     )
 
 
-def write_record(record: RequestRecord) -> bool:
-    """Write the usage record of an ended request, once: the key comes only from what the
-    request record fixed at creation, and the put is conditional, so a repeat (a finish path
-    run twice, a retry after a crash) finds the item and changes nothing (False)."""
-    row = build_record(record)
+def save_once(row: UsageRecord) -> bool:
+    """Put the usage record unless it is there: a repeat (a finish path run twice, a retry
+    after a crash) finds the item and changes nothing (False)."""
     try:
         row.save(condition=UsageRecord.sk.does_not_exist())
     except PutError as failure:
@@ -116,6 +147,11 @@ def write_record(record: RequestRecord) -> bool:
             return False
         raise
     return True
+
+
+def write_record(record: RequestRecord) -> bool:
+    """Write the usage record of an ended request, once."""
+    return save_once(build_record(record))
 
 
 def request_ended(record: RequestRecord) -> None:

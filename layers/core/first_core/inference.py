@@ -217,14 +217,13 @@ def _error_before_any_token(event: bytes) -> GatewayError | None:
         return None
     message = str(error.get("message") or "The model backend refused the request.")
     code = error.get("code")
-    client_status = code if isinstance(code, int) and 400 <= code < 500 else None
-    if client_status or error.get("type") == "invalid_request_error":
-        refused = InvalidRequestError(message, param=error.get("param"), code="backend_rejected")
-        refused.status = client_status or 400
-        return refused
     if code == "compute_timeout":
         return ComputeTimeoutError(message)
-    return UpstreamError(f"The model backend failed: {message}")
+    # Stream errors carry no HTTP status, only vLLM's code and OpenAI's type.
+    status = code if isinstance(code, int) and 400 <= code < 600 else 502
+    if status >= 500 and error.get("type") == "invalid_request_error":
+        status = 400
+    return backend_error(status, message, error.get("param"))
 
 
 async def _poll(submission: Submission) -> results.Result:
@@ -248,9 +247,13 @@ def raise_for_result(result: results.Result) -> Any:
     """The body to send back, or the OpenAI-shaped error a failed result stands for."""
     if result.status_code < 400:
         return result.body
-    message = results.error_message(result.body)
-    if result.status_code < 500:
-        error = InvalidRequestError(message, code="backend_rejected")
-        error.status = result.status_code
-        raise error
-    raise UpstreamError(f"The model backend failed: {message}")
+    raise backend_error(result.status_code, results.error_message(result.body))
+
+
+def backend_error(status: int, message: str, param: str | None = None) -> GatewayError:
+    """What the client gets when vLLM refused (4xx, passed on) or failed (502) a request."""
+    if status < 500:
+        refused = InvalidRequestError(message, param=param, code="backend_rejected")
+        refused.status = status
+        return refused
+    return UpstreamError(f"The model backend failed: {message}")

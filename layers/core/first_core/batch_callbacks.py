@@ -56,7 +56,12 @@ class BatchEvent(BaseModel):
 
 def accept_callback(batch_id: str, authorization: str | None, raw_body: bytes) -> dict[str, Any]:
     event = read_callback(
-        batch_id, authorization, raw_body, BatchEvent, get_settings().max_payload_bytes
+        batch_id,
+        authorization,
+        raw_body,
+        BatchEvent,
+        get_settings().max_payload_bytes,
+        id_field="batch_id",
     )
     try:
         record = BatchRecord.get(batch_id, consistent_read=True)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from pydantic import ValidationError
@@ -36,13 +36,7 @@ class DriveReport:
     errors: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "checked": self.checked,
-            "finalized": self.finalized,
-            "resubmitted": self.resubmitted,
-            "ended": self.ended,
-            "errors": self.errors,
-        }
+        return asdict(self)
 
 
 def drive(now: float | None = None, backend: ComputeBackend | None = None) -> DriveReport:

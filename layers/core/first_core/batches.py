@@ -124,23 +124,20 @@ def create_openai(caller: Caller, raw_body: bytes) -> BatchRecord:
     problems = []
     if urls != [request.endpoint]:
         problems.append(
-            {
-                "code": "mismatched_endpoint",
-                "message": f"The file's requests go to {', '.join(urls)}; this batch's "
-                f"endpoint is {request.endpoint}.",
-                "param": "endpoint",
-                "line": None,
-            }
+            error_entry(
+                "mismatched_endpoint",
+                f"The file's requests go to {', '.join(urls)}; this batch's endpoint is "
+                f"{request.endpoint}.",
+                param="endpoint",
+            )
         )
     if len(models) != 1:
         problems.append(
-            {
-                "code": "mismatched_model",
-                "message": f"A batch runs one model; the file names {len(models)}: "
-                f"{', '.join(models)}.",
-                "param": "body.model",
-                "line": None,
-            }
+            error_entry(
+                "mismatched_model",
+                f"A batch runs one model; the file names {len(models)}: {', '.join(models)}.",
+                param="body.model",
+            )
         )
     model = models[0] if models else ""
     if problems:
@@ -154,9 +151,9 @@ def create_openai(caller: Caller, raw_body: bytes) -> BatchRecord:
         problem = error_entry(
             "max_tokens_exceeded",
             f"Line {line} asks for {asked} tokens; '{model}' allows at most {limit}.",
+            param="body.max_tokens",
             line=line,
         )
-        problem["param"] = "body.max_tokens"
         return _failed_at_validation(caller, request, model, [problem])
     record = _new_record(caller, "openai", request.endpoint, route.endpoint)
     record.input_file_id = input_file.file_id
@@ -349,8 +346,11 @@ def update_if(record: BatchRecord, actions: list[Any], condition: Any) -> bool:
     return True
 
 
-def error_entry(code: str, message: str, line: int | None = None) -> dict[str, Any]:
-    return {"code": code, "message": message[:2000], "param": None, "line": line}
+def error_entry(
+    code: str, message: str, param: str | None = None, line: int | None = None
+) -> dict[str, Any]:
+    """One entry of a batch's `errors.data`, in OpenAI's shape."""
+    return {"code": code, "message": message[:2000], "param": param, "line": line}
 
 
 # ---- reading ------------------------------------------------------------------------------------

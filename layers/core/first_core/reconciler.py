@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from first_core import records, results, streaming
@@ -40,14 +40,7 @@ class ReconcileReport:
     errors: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "checked": self.checked,
-            "completed": self.completed,
-            "failed": self.failed,
-            "timed_out": self.timed_out,
-            "pending": self.pending,
-            "errors": self.errors,
-        }
+        return asdict(self)
 
 
 def reconcile(

@@ -62,10 +62,11 @@ def read_callback(
     raw_body: bytes,
     body_type: type[CallbackT],
     max_bytes: int,
+    id_field: str = "request_id",
 ) -> CallbackT:
     """Every callback route's first steps, in this order: the token for this object (constant
     time, before anything else is looked at), the size, the body's shape, and that the body
-    names the object of the URL (its `request_id` or `batch_id`)."""
+    names the object of the URL in its `id_field`."""
     verify_callback_token(object_id, authorization)
     if len(raw_body) > max_bytes:
         raise PayloadTooLargeError("Callback body too large.")
@@ -75,9 +76,8 @@ def read_callback(
         raise InvalidRequestError(
             "Malformed callback body.", code="invalid_callback_body"
         ) from None
-    named = getattr(body, "batch_id", None) or getattr(body, "request_id", None)
-    if named != object_id:
-        raise InvalidRequestError("Callback body names another object.", param="request_id")
+    if getattr(body, id_field) != object_id:
+        raise InvalidRequestError("Callback body names another object.", param=id_field)
     return body
 
 

@@ -43,12 +43,10 @@ def get(key: str) -> bytes:
 
 def get_if_present(key: str) -> bytes | None:
     """The object's bytes, or None if there is no such object (expired, deleted)."""
-    from botocore.exceptions import ClientError
-
     try:
         return get(key)
-    except ClientError as error:
-        if error.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+    except Exception as error:
+        if _missing(error):
             return None
         raise
 
@@ -57,14 +55,20 @@ def delete(key: str) -> None:
     s3().delete_object(Bucket=bucket(), Key=key)
 
 
-def size(key: str) -> int | None:
-    """The object's size, or None if there is no such object."""
+def _missing(error: Exception) -> bool:
+    """Whether S3 said "no such object" (GET says NoSuchKey, HEAD a bare 404)."""
     from botocore.exceptions import ClientError
 
+    code = error.response.get("Error", {}).get("Code") if isinstance(error, ClientError) else None
+    return code in ("404", "NoSuchKey", "NotFound")
+
+
+def size(key: str) -> int | None:
+    """The object's size, or None if there is no such object."""
     try:
         return int(s3().head_object(Bucket=bucket(), Key=key)["ContentLength"])
-    except ClientError as error:
-        if error.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+    except Exception as error:
+        if _missing(error):
             return None
         raise
 

@@ -67,14 +67,8 @@ def list_page(caller: Caller, limit: int, after: str | None) -> dict[str, Any]:
     condition = None
     if after:
         condition = BatchRecord.created_at < get_owned(after, caller).created_at
-    page: list[BatchRecord] = []
-    has_more = False
-    for record in BatchRecord.by_user.query(caller.user_id, condition, scan_index_forward=False):
-        if len(page) == limit:
-            has_more = True
-            break
-        page.append(record)
-    return files.cursor_page([view(r) for r in page], has_more)
+    newest_first = BatchRecord.by_user.query(caller.user_id, condition, scan_index_forward=False)
+    return files.cursor_page(newest_first, limit, view)
 
 
 # FIRST's names for the states (its clients read these).

@@ -13,12 +13,14 @@ validation as a request sent to that route; the error names the first bad line.
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import time
 import uuid
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pynamodb.exceptions import PutError
@@ -36,6 +38,7 @@ BATCH_URLS: dict[str, schemas.Kind] = {
     "/v1/embeddings": "embeddings",
 }
 UPLOAD_PURPOSES = ("batch",)
+ItemT = TypeVar("ItemT")
 
 
 class BatchLine(BaseModel):
@@ -293,26 +296,23 @@ def list_page(
         filter_condition=(FileRecord.purpose == purpose) if purpose else None,
         scan_index_forward=order == "asc",
     )
-    page: list[FileRecord] = []
-    has_more = False
-    for record in found:
-        if not not_expired(record.expires_at):
-            continue
-        if len(page) == limit:
-            has_more = True
-            break
-        page.append(record)
-    return cursor_page([view(r) for r in page], has_more)
+    live = (record for record in found if not_expired(record.expires_at))
+    return cursor_page(live, limit, view)
 
 
-def cursor_page(data: list[dict[str, Any]], has_more: bool) -> dict[str, Any]:
-    """OpenAI's list shape, which the SDK pages through with `after=last_id`."""
+def cursor_page(
+    items: Iterable[ItemT], limit: int, view: Callable[[ItemT], dict[str, Any]]
+) -> dict[str, Any]:
+    """The first `limit` items in OpenAI's list shape, which the SDK pages through with
+    `after=last_id`; one more is read only to know whether there is more."""
+    page = list(itertools.islice(items, limit + 1))
+    data = [view(item) for item in page[:limit]]
     return {
         "object": "list",
         "data": data,
         "first_id": data[0]["id"] if data else None,
         "last_id": data[-1]["id"] if data else None,
-        "has_more": has_more,
+        "has_more": len(page) > limit,
     }
 
 

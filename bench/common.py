@@ -44,8 +44,12 @@ def summary(values: list[float]) -> dict[str, float]:
 
 @contextmanager
 def local_stack(*options: str) -> Iterator[dict[str, Any]]:
-    """`first-gateway dev OPTIONS` on a free port; yields its state (addresses)."""
+    """`first-gateway dev OPTIONS` on a free port; yields its state (addresses). Globus
+    Compute's API limit is off (the gateway's own time is measured, not the service's quota;
+    `bench.load --compute-api-limit` measures that), unless OPTIONS set it."""
     from first_local.stack import stack_process
 
+    if "--compute-api-limit" not in options:
+        options = (*options, "--compute-api-limit", "0")
     with stack_process(*options) as state:
         yield state

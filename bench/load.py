@@ -370,11 +370,17 @@ def main() -> None:
     parser.add_argument("--per-pair-rps", type=float, default=15.0)
     parser.add_argument("--request-timeout", type=float, default=60.0)
     parser.add_argument("--run-timeout", type=float, default=300.0)
+    parser.add_argument(
+        "--compute-api-limit",
+        default="0",
+        help="Globus Compute's API limit on the stand-in (N/S; default 0: none)",
+    )
     args = parser.parse_args()
 
     from first_local.stack import stack_process
 
-    with stack_process("--workers", "4", env={"FIRST_TABLE_PREFIX": TABLE_PREFIX}) as state:
+    options = ("--workers", "4", "--compute-api-limit", args.compute_api_limit)
+    with stack_process(*options, env={"FIRST_TABLE_PREFIX": TABLE_PREFIX}) as state:
         result = run_load(
             state["base_url"],
             requests=args.requests,

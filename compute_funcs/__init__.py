@@ -1,7 +1,7 @@
 """Functions that run on the clusters under Globus Compute (no import of the gateway's core).
 
-`FUNCTIONS` names them for registration and for the local worker pool, which resolves the
-registry's `local:NAME` function ids through it.
+`FUNCTIONS` names them for registration (`compute_funcs.register`): the names are the keys of
+an endpoint's `functions:` in the registry.
 """
 
 from __future__ import annotations

@@ -6,10 +6,14 @@ Run by an operator with Globus Compute credentials (a `globus-compute-endpoint` 
     python -m compute_funcs.register                          # register, print the ids
     python -m compute_funcs.register --registry FILE --write  # and write them into FILE
 
-Functions are registered as source code (`DillCodeSource`), the same way the local compute
-pool ships them, because the endpoints do not have this project installed. `--write` rewrites
-FILE through a YAML round trip, which drops its comments; without it the ids are printed as a
-`functions:` block to paste.
+Functions are registered as source code (`code_serializer`), because the endpoints do not have
+this project installed. `--write` rewrites FILE through a YAML round trip, which drops its
+comments; without it the ids are printed as a `functions:` block to paste. The local stack
+registers them the same way at every start, with the stand-in of the Globus Compute service,
+and puts the ids it gets into its registry.
+
+`GLOBUS_SDK_SERVICE_URL_COMPUTE` points the client at another Globus Compute service (the local
+stack's stand-in), as it does the gateway's (`first_core.compute.globus_client`).
 """
 
 from __future__ import annotations
@@ -22,11 +26,22 @@ from typing import Any
 from compute_funcs import FUNCTIONS
 
 
+def code_serializer() -> Any:
+    """How functions travel: as source code, as they must to a cluster where this project is
+    not installed (Globus Compute's default pickles a module function by reference)."""
+    from globus_compute_sdk.serialize import ComputeSerializer, DillCodeSource
+
+    return ComputeSerializer(strategy_code=DillCodeSource())
+
+
 def make_client() -> Any:
-    from globus_compute_sdk import Client
+    # Registration runs where the gateway is installed (an operator's machine, the local
+    # stack), never on a cluster, so it may use the gateway's own way of making a client.
     from globus_compute_sdk.serialize import DillCodeSource
 
-    return Client(code_serialization_strategy=DillCodeSource())
+    from first_core.compute import globus_client
+
+    return globus_client(code_serialization_strategy=DillCodeSource())
 
 
 def register_all(client: Any) -> dict[str, str]:

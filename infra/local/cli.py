@@ -3,6 +3,7 @@
 first-gateway dev [--port 8000] [--backend-url URL]   the whole stack, in the foreground
 first-gateway dev --port 8001 --join STATE_FILE       a second gateway process on that stack
 first-gateway token --user alice [--expired]          a dev access token for a dev identity
+first-gateway token --service-account                 the dev pipeline's (a service account)
 first-gateway registry load FILE | show               validate and publish / print the registry
 first-gateway registry maintenance CLUSTER on|off     an operator's maintenance switch
 """
@@ -58,7 +59,10 @@ def _dev(args: argparse.Namespace) -> int:
         duplicate_callbacks=args.duplicate_callbacks,
         delay_callbacks=args.delay_callbacks,
         fail_compute=args.fail_compute,
+        kill_workers=args.kill_workers,
         throttle_writes=args.throttle_writes,
+        compute_api_limit=args.compute_api_limit,
+        endpoint_start_delay=args.endpoint_start_delay,
         state_file=Path(args.state_file) if args.state_file else None,
         join=Path(args.join) if args.join else None,
         health_every=args.health_every,
@@ -84,8 +88,11 @@ def _dev(args: argparse.Namespace) -> int:
 
 
 def _token(args: argparse.Namespace) -> int:
-    from first_local.globus_standin import DEV_IDENTITIES, mint_token
+    from first_local.globus_standin import DEV_IDENTITIES, mint_client_token, mint_token
 
+    if args.service_account:
+        print(mint_client_token())
+        return 0
     if args.user not in DEV_IDENTITIES:
         print(
             f"unknown dev user {args.user!r}; choose from {', '.join(DEV_IDENTITIES)}",
@@ -128,6 +135,15 @@ def _registry(args: argparse.Namespace) -> int:
         )
     )
     return 0
+
+
+def _api_limit(text: str) -> str:
+    from first_local.compute_standin.limits import ApiLimit
+
+    try:
+        return str(ApiLimit.parse(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give N/S (calls per seconds) or 0") from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -180,7 +196,16 @@ def main(argv: list[str] | None = None) -> int:
         "--delay-callbacks", type=float, default=0.0, help="seconds every callback is held"
     )
     faults.add_argument(
-        "--fail-compute", type=float, default=0.0, help="fraction of compute tasks that raise"
+        "--fail-compute",
+        type=float,
+        default=0.0,
+        help="fraction of compute tasks whose function raises on the endpoint",
+    )
+    faults.add_argument(
+        "--kill-workers",
+        type=float,
+        default=0.0,
+        help="fraction of compute tasks whose worker process is killed mid-task",
     )
     faults.add_argument(
         "--throttle-writes",
@@ -203,8 +228,23 @@ def main(argv: list[str] | None = None) -> int:
     dev.add_argument(
         "--join",
         metavar="STATE_FILE",
-        help="start only another gateway (and compute pool) on the running stack whose "
-        "--state-file this is: its moto server, Globus stand-in and backend",
+        help="start only another gateway on the running stack whose --state-file this is: "
+        "its moto server, Globus stand-ins (Auth, Compute and its endpoints) and backend",
+    )
+    dev.add_argument(
+        "--compute-api-limit",
+        metavar="N/S",
+        default="20/10",
+        type=_api_limit,
+        help="Globus Compute's API limit per client identity: N calls per S seconds, 429 "
+        "beyond (default 20/10, the service's own; 0: none)",
+    )
+    dev.add_argument(
+        "--endpoint-start-delay",
+        metavar="S",
+        type=float,
+        help="every compute endpoint is online with no workers (its models 'starting') until "
+        "S seconds after the gateway first answers /health",
     )
     dev.add_argument(
         "--health-every",
@@ -215,14 +255,19 @@ def main(argv: list[str] | None = None) -> int:
     dev.add_argument(
         "--stop-endpoints",
         metavar="ID[,ID]",
-        help="compute endpoint ids whose local pool is stopped (offline) from the start, "
-        "e.g. local-polaris-vllm",
+        help="compute endpoints offline from the start (their tasks wait for them): endpoint "
+        "ids, or cluster names for all of a cluster's, e.g. polaris",
     )
     dev.set_defaults(run=_dev)
 
     token = commands.add_parser("token", help="print a dev access token")
     token.add_argument("--user", default="alice")
     token.add_argument("--expired", action="store_true")
+    token.add_argument(
+        "--service-account",
+        action="store_true",
+        help="the dev pipeline's own token (a client identity in FIRST_SERVICE_ACCOUNTS)",
+    )
     token.set_defaults(run=_token)
 
     registry = commands.add_parser("registry", help="load or show the registry")

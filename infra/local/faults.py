@@ -1,8 +1,8 @@
 """Fault injection for the local stack's compute path (`first-gateway dev --drop-callbacks ...`).
 
-The compute functions (`compute_funcs`) ship to clusters and stay untouched. Instead the local
-compute pool hands them a callback URL on a small fault proxy in the stack process, which
-forwards each callback to the gateway, or not:
+The compute functions (`compute_funcs`) ship to clusters and stay untouched. Instead the
+gateway's public address for callbacks (`FIRST_PUBLIC_BASE_URL`) is a small fault proxy in the
+stack process, which forwards each callback to the gateway, or not:
 
 - `drop` (fraction): the callback is lost in transit; the function is told `{"continue": true}`
   as if it had arrived, so it goes on (and returns its result, for the reconciler); of a batch's
@@ -10,7 +10,8 @@ forwards each callback to the gateway, or not:
 - `duplicate` (fraction): the callback is delivered twice, the second right after the first;
 - `delay` (seconds): every callback is held this long before it is forwarded.
 
-`--fail-compute` makes the worker raise before running the function (first_core.compute), and
+`--fail-compute` and `--kill-workers` are the Compute stand-in's (a task's function raises on
+the endpoint, or its worker process is killed under it: first_local.compute_standin), and
 `--throttle-writes` makes the moto server refuse a fraction of DynamoDB writes with
 `ProvisionedThroughputExceededException` (first_local.moto_server).
 """
@@ -76,7 +77,8 @@ class CallbackFaultProxy:
         return self
 
     def stop(self) -> None:
-        self._server.shutdown()
+        if self._thread.is_alive():
+            self._server.shutdown()
         self._server.server_close()
 
     def forward(self, path: str, headers: dict[str, str], body: bytes) -> tuple[int, bytes]:

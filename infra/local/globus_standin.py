@@ -14,7 +14,11 @@ The secrets here are public dev constants: never use them outside a laptop.
     python -m first_local.globus_standin token alice
 
 It also runs a native-app login (authorization code with PKCE, refresh tokens,
-revocation), which is what ``first-auth login`` drives. There is no login page:
+revocation), which is what ``first-auth login`` drives, and the ``client_credentials``
+grant of confidential clients: the gateway's own client, which is also its Globus Compute
+client (``GLOBUS_COMPUTE_CLIENT_ID``/``_SECRET``, as on AWS; the Compute stand-in takes its
+token), and a dev service account, a pipeline that calls the gateway with its own client
+identity (``FIRST_SERVICE_ACCOUNTS``). There is no login page:
 ``/auth/v2/oauth2/authorize`` signs in the dev user named by the query parameter
 ``user`` (alice by default) and redirects straight back with a code. Codes and
 refresh tokens are signed and stateless like the access tokens; only revocation
@@ -63,6 +67,27 @@ DEV_CLIENT_SECRET = "first-dev-gateway-client-secret-not-for-production"
 DEV_GATEWAY_SCOPE = f"https://auth.globus.org/scopes/{DEV_CLIENT_ID}/action_all"
 # Users' tokens are issued to a native app (the CLI/notebook), not to the gateway.
 DEV_NATIVE_CLIENT_ID = _stable_id("client:first-dev-native-app")
+
+# A service account: an automated pipeline calling the gateway as itself (its client identity).
+DEV_SERVICE_CLIENT_ID = _stable_id("client:first-dev-pipeline")
+DEV_SERVICE_CLIENT_SECRET = "first-dev-pipeline-client-secret-not-for-production"
+# Confidential clients and their secrets (the client_credentials grant); the groups each
+# client identity is in (Globus lets a client identity join a group).
+CONFIDENTIAL_CLIENTS = {
+    DEV_CLIENT_ID: DEV_CLIENT_SECRET,
+    DEV_SERVICE_CLIENT_ID: DEV_SERVICE_CLIENT_SECRET,
+}
+_CLIENT_NAMES = {
+    DEV_CLIENT_ID: "FIRST gateway (dev)",
+    DEV_SERVICE_CLIENT_ID: "FIRST dev pipeline",
+}
+_CLIENT_GROUPS = {DEV_SERVICE_CLIENT_ID: (ALLOWED_GROUP_ID,)}
+CLIENT_IDENTITY_DOMAIN = "clients.auth.globus.org"
+# globus_sdk.scopes.ComputeScopes.all; Globus names its resource server "funcx_service".
+COMPUTE_SCOPE = "https://auth.globus.org/scopes/facd7ccc-c5f4-42aa-916b-a0e270e2c2a9/all"
+COMPUTE_RESOURCE_SERVER = "funcx_service"
+_NAMED_RESOURCE_SERVERS = {"facd7ccc-c5f4-42aa-916b-a0e270e2c2a9": COMPUTE_RESOURCE_SERVER}
+_CLIENT_TOKEN_LIFETIME_S = 48 * 3600
 
 GROUPS_RESOURCE_SERVER = "groups.api.globus.org"
 GROUPS_SCOPE = "urn:globus:auth:scope:groups.api.globus.org:view_my_groups_and_memberships"
@@ -202,10 +227,46 @@ def _verify(token: str, secret: str | None) -> dict[str, Any] | None:
         claims: dict[str, Any] = json.loads(_unb64(payload))
     except (ValueError, binascii.Error, UnicodeEncodeError):
         return None
+    if claims.get("exp", 0) <= time.time():
+        return None
+    if "client" in claims:  # a client identity's own token (client_credentials)
+        known = claims["client"] in CONFIDENTIAL_CLIENTS and claims.get("sub") == claims["client"]
+        return claims if known else None
     ident = DEV_IDENTITIES.get(claims.get("user", ""))
-    if ident is None or ident.sub != claims.get("sub") or claims.get("exp", 0) <= time.time():
+    if ident is None or ident.sub != claims.get("sub"):
         return None
     return claims
+
+
+def client_token_claims(token: str, secret: str | None = None) -> dict[str, Any] | None:
+    """The claims of a genuine, unexpired client-credentials token (None for anything else):
+    how the Compute stand-in, another service of the same Globus, knows its caller."""
+    claims = _verify(token, secret)
+    return claims if claims is not None and claims.get("kind") == "client" else None
+
+
+def mint_client_token(
+    client_id: str = DEV_SERVICE_CLIENT_ID,
+    scope: str = DEV_GATEWAY_SCOPE,
+    secret: str | None = None,
+) -> str:
+    """The token the client_credentials grant gives `client_id` (the dev service account by
+    default, for the gateway's scope), minted offline like `mint_token`."""
+    return _client_token(client_id, scope, int(time.time()), secret)
+
+
+def _client_token(client_id: str, scope: str, now: int, secret: str | None) -> str:
+    claims = {
+        "client": client_id,
+        "sub": client_id,
+        "client_id": client_id,
+        "scope": scope,
+        "iat": now,
+        "exp": now + _CLIENT_TOKEN_LIFETIME_S,
+        "kind": "client",
+        "jti": uuid.uuid4().hex,
+    }
+    return _sign(claims, secret)
 
 
 def _resource_servers(scope: str) -> list[str]:
@@ -213,6 +274,7 @@ def _resource_servers(scope: str) -> list[str]:
     for item in scope.split():
         if item.startswith("https://auth.globus.org/scopes/"):
             server = item.split("/")[4]
+            server = _NAMED_RESOURCE_SERVERS.get(server, server)
         elif item.startswith("urn:globus:auth:scope:"):
             server = item.split(":")[4]
         else:
@@ -236,10 +298,37 @@ def _identity_detail(ident: DevIdentity, auth_time: int) -> dict[str, Any]:
     }
 
 
+def _client_detail(client_id: str) -> dict[str, Any]:
+    """A client identity, as Globus Auth describes one: the client is its own identity."""
+    return {
+        "sub": client_id,
+        "username": f"{client_id}@{CLIENT_IDENTITY_DOMAIN}",
+        "name": _CLIENT_NAMES.get(client_id, "client"),
+        "email": None,
+        "identity_provider": _stable_id(f"idp:{CLIENT_IDENTITY_DOMAIN}"),
+        "identity_provider_display_name": "Globus Auth (client identities)",
+        "organization": None,
+        "status": "used",
+    }
+
+
+def _detail(claims: dict[str, Any]) -> dict[str, Any]:
+    """The identity behind a token: a dev user's, or a client's own."""
+    if "client" in claims:
+        return _client_detail(claims["client"])
+    return _identity_detail(DEV_IDENTITIES[claims["user"]], claims["iat"])
+
+
+def _groups_of(claims: dict[str, Any]) -> tuple[str, ...]:
+    if "client" in claims:
+        return _CLIENT_GROUPS.get(claims["client"], ())
+    return DEV_IDENTITIES[claims["user"]].groups
+
+
 def _introspection(
     claims: dict[str, Any], form: dict[str, str], client_id: str, failing: frozenset[str]
 ) -> dict[str, Any]:
-    ident = DEV_IDENTITIES[claims["user"]]
+    identity = _detail(claims)
     aud = _resource_servers(claims["scope"])
     if client_id not in aud:
         aud.append(client_id)
@@ -248,10 +337,10 @@ def _introspection(
         "token_type": "Bearer",
         "scope": claims["scope"],
         "client_id": claims["client_id"],
-        "sub": ident.sub,
-        "username": ident.username,
-        "name": ident.name,
-        "email": ident.email,
+        "sub": identity["sub"],
+        "username": identity["username"],
+        "name": identity["name"],
+        "email": identity["email"],
         "exp": claims["exp"],
         "iat": claims["iat"],
         "nbf": claims["iat"],
@@ -260,14 +349,18 @@ def _introspection(
     }
     include = {part.strip() for part in form.get("include", "").split(",")}
     if "identity_set" in include:
-        body["identity_set"] = [ident.sub]
+        body["identity_set"] = [identity["sub"]]
     if "identity_set_detail" in include:
-        body["identity_set_detail"] = [_identity_detail(ident, claims["iat"])]
+        body["identity_set_detail"] = [identity]
     if "session_info" in include:
-        auth = {"idp": ident.idp_id, "auth_time": claims["iat"], "amr": None}
+        # A client signs in with its secret, not through an identity provider: no session.
+        authentications = {}
+        if "client" not in claims:
+            auth = {"idp": identity["identity_provider"], "auth_time": claims["iat"], "amr": None}
+            authentications[identity["sub"]] = auth
         body["session_info"] = {
-            "session_id": claims["session_id"],
-            "authentications": {ident.sub: auth},
+            "session_id": claims.get("session_id"),
+            "authentications": authentications,
         }
     policies = [p.strip() for p in form.get("authentication_policies", "").split(",") if p.strip()]
     if policies:
@@ -363,6 +456,7 @@ def create_app(
     failing_policies: frozenset[str] = frozenset(),
     native_client_ids: frozenset[str] = NATIVE_CLIENT_IDS,
     access_token_lifetime_s: int = 48 * 3600,
+    confidential_clients: dict[str, str] | None = None,
 ) -> Starlette:
     """One app serving Auth under ``/auth`` and Groups under ``/groups``.
 
@@ -370,6 +464,10 @@ def create_app(
     login or refresh issues (Globus's default is 48 hours).
     """
     expected_basic = "Basic " + base64.b64encode(f"{client_id}:{client_secret}".encode()).decode()
+    confidential_clients = {
+        **(CONFIDENTIAL_CLIENTS if confidential_clients is None else confidential_clients),
+        client_id: client_secret,
+    }
 
     def client_ok(request: Request) -> bool:
         given = request.headers.get("authorization", "")
@@ -387,7 +485,7 @@ def create_app(
             return invalid_client()
         form = await _form(request)
         claims = live(form.get("token", ""))
-        if claims is None or claims["kind"] not in ("access", "groups"):
+        if claims is None or claims["kind"] not in ("access", "groups", "client"):
             return JSONResponse({"active": False})
         return JSONResponse(_introspection(claims, form, client_id, failing_policies))
 
@@ -558,7 +656,11 @@ def create_app(
                 "userinfo_endpoint": f"{base}v2/oauth2/userinfo",
                 "jwks_uri": f"{base}jwk.json",
                 "response_types_supported": ["code"],
-                "grant_types_supported": ["authorization_code", "refresh_token"],
+                "grant_types_supported": [
+                    "authorization_code",
+                    "refresh_token",
+                    "client_credentials",
+                ],
                 "code_challenge_methods_supported": ["S256"],
                 "subject_types_supported": ["public"],
                 "id_token_signing_alg_values_supported": [_ID_TOKEN_ALG],
@@ -569,10 +671,44 @@ def create_app(
     async def jwk(request: Request) -> JSONResponse:
         return JSONResponse(_jwks())
 
+    async def client_credentials_grant(request: Request, form: dict[str, str]) -> JSONResponse:
+        """A confidential client's own token(s): HTTP Basic, one token per resource server."""
+        request_state.calls["client_credentials"] += 1
+        scheme, _, encoded = request.headers.get("authorization", "").partition(" ")
+        try:
+            given_id, _, given_secret = base64.b64decode(encoded).decode().partition(":")
+        except (ValueError, UnicodeDecodeError):
+            given_id = given_secret = ""
+        expected = confidential_clients.get(given_id)
+        if (
+            scheme.lower() != "basic"
+            or expected is None
+            or not hmac.compare_digest(given_secret.encode(), expected.encode())
+        ):
+            return invalid_client()
+        # globus-sdk asks for the same scope once per attached client: ask once, get one.
+        by_server = _scopes_by_server(form.get("scope", "").strip())
+        if not by_server:
+            return _oauth_error("invalid_scope", "scope is required")
+        now = int(time.time())
+        entries = [
+            {
+                "access_token": _client_token(given_id, " ".join(scopes), now, secret),
+                "expires_in": _CLIENT_TOKEN_LIFETIME_S,
+                "resource_server": server,
+                "scope": " ".join(scopes),
+                "token_type": "Bearer",
+            }
+            for server, scopes in by_server.items()
+        ]
+        return JSONResponse({**entries[0], "other_tokens": entries[1:]})
+
     async def token(request: Request) -> JSONResponse:
         form = await _form(request)
         if form.get("grant_type") in ("authorization_code", "refresh_token"):
             return await native_grant(form)
+        if form.get("grant_type") == "client_credentials":
+            return await client_credentials_grant(request, form)
         request.app.state.calls["dependent_tokens"] += 1
         if not client_ok(request):
             return invalid_client()
@@ -582,7 +718,7 @@ def create_app(
         # Only a token addressed to this client may be exchanged, as in Globus.
         if (
             claims is None
-            or claims["kind"] != "access"
+            or claims["kind"] not in ("access", "client")
             or client_id not in _resource_servers(claims["scope"])
         ):
             return JSONResponse({"error": "invalid_grant"}, status_code=400)
@@ -615,7 +751,7 @@ def create_app(
                 {"code": "UNAUTHORIZED", "detail": "Invalid or expired bearer token"},
                 status_code=401,
             )
-        ident = DEV_IDENTITIES[claims["user"]]
+        identity = _detail(claims)
         groups = [
             {
                 "name": _GROUP_NAMES[group_id],
@@ -628,8 +764,8 @@ def create_app(
                 "my_memberships": [
                     {
                         "group_id": group_id,
-                        "identity_id": ident.sub,
-                        "username": ident.username,
+                        "identity_id": identity["sub"],
+                        "username": identity["username"],
                         "role": "member",
                         "status": "active",
                     }
@@ -639,7 +775,7 @@ def create_app(
                     "group_members_visibility": "managers",
                 },
             }
-            for group_id in ident.groups
+            for group_id in _groups_of(claims)
         ]
         return JSONResponse(groups)
 

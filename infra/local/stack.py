@@ -1,9 +1,11 @@
 """The whole gateway on one machine with no cloud account.
 
-A small supervised set: a moto server (DynamoDB, S3) and the stand-ins (Globus Auth/Groups,
-mock vLLM) run as child processes; this process configures the gateway through its ordinary
-settings, creates the tables and bucket, loads the registry, starts a local compute pool per
-endpoint and serves every route on one port.
+A small supervised set: a moto server (DynamoDB, S3), the stand-ins of Globus Auth/Groups and of
+the Globus Compute service (whose endpoints run tasks in the real `globus-compute-endpoint`
+engine), and the mock vLLM run as child processes. This process configures the gateway through
+its ordinary settings, registers `compute_funcs` with the Compute stand-in through the real SDK,
+creates the tables and bucket, publishes the registry with the function ids it got, and serves
+every route on one port.
 """
 
 from __future__ import annotations
@@ -22,10 +24,18 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from compute_funcs import FUNCTIONS
+from first_local.faults import CallbackFaultProxy, CallbackFaults
+
+if TYPE_CHECKING:
+    from first_core.registry import RegistryFile
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 LOCAL_REGISTRY = PROJECT_ROOT / "infra" / "registry" / "local.yaml"
+# Stands for the function ids while the registry file is checked, before registration.
+UNREGISTERED_FUNCTIONS = {name: "00000000-0000-0000-0000-000000000000" for name in FUNCTIONS}
 
 
 @dataclass
@@ -49,19 +59,25 @@ class StackOptions:
     duplicate_callbacks: float = 0.0
     delay_callbacks: float = 0.0
     fail_compute: float = 0.0
+    kill_workers: float = 0.0
     throttle_writes: float = 0.0
+    # Globus Compute's API limit per client identity, as `N/S` (the service's 20/10), or "0".
+    compute_api_limit: str = "20/10"
+    # Every endpoint is online with no workers for this long after the gateway first answers
+    # /health (its batch job still queued): the `starting` state. None: workers from the start.
+    endpoint_start_delay: float | None = None
     # Where to write the addresses of the running stack (for tests and operator commands).
     state_file: Path | None = None
-    # Join a running stack (its state file): use its moto server, Globus stand-in and backend,
-    # whose tables and registry are already there; start only another gateway process with its
-    # own compute pool. Several gateways on one DynamoDB, as several Lambda instances are.
+    # Join a running stack (its state file): use its moto server, Globus stand-ins and backend,
+    # whose tables and registry are already there; start only another gateway process. Several
+    # gateways on one DynamoDB and one Globus Compute, as several Lambda instances are.
     join: Path | None = None
     extra_env: dict[str, str] = field(default_factory=dict)
     # The health poller (first_core.health.poll) in a background thread, every this many
     # seconds (0: never); the first poll runs before the gateway answers.
     health_every: float = 10.0
-    # Compute endpoints whose local pool is stopped from the start, as when a cluster's
-    # endpoint is down (tests: requests must go elsewhere).
+    # Compute endpoints (ids, or cluster names for all of a cluster's) that are offline from the
+    # start, as when a cluster's endpoint is down: tasks sent there wait for it.
     stop_endpoints: list[str] = field(default_factory=list)
     # The clusters' file system as the local batch function sees it: FIRST batches read their
     # input paths and write their outputs under it (a temporary directory if not given).
@@ -108,19 +124,34 @@ class LocalStack:
         self.options = options
         self.children: list[subprocess.Popen[bytes]] = []
         self.base_url = f"http://{options.host}:{options.port}"
+        self.compute_endpoints: dict[str, str]  # cluster → the endpoint of its interactive work
+        self.fault_proxy: CallbackFaultProxy | None = None
+        faults = CallbackFaults(
+            options.drop_callbacks, options.duplicate_callbacks, options.delay_callbacks
+        )
+        if faults.active:
+            # Callbacks reach the gateway through the fault proxy: it is their public address.
+            self.fault_proxy = CallbackFaultProxy(self.base_url, faults)
         if options.join is not None:
             from urllib.parse import urlsplit
 
             joined = json.loads(options.join.read_text())
             self.moto_port = int(urlsplit(joined["aws_endpoint_url"]).port or 0)
             self.auth_port = int(urlsplit(joined["globus_auth_url"]).port or 0)
+            self.compute_port = int(urlsplit(joined["globus_compute_url"]).port or 0)
             self.vllm_port = 0
             self.backend_url = options.backend_url or joined["backend_url"]
+            self.cluster_fs = Path(joined["cluster_fs"])
+            self.compute_endpoints = dict(joined["compute_endpoints"])
             return
         self.moto_port = free_port()
         self.auth_port = free_port()
+        self.compute_port = free_port()
         self.vllm_port = 0 if options.backend_url else free_port()
         self.backend_url = options.backend_url or f"http://127.0.0.1:{self.vllm_port}/v1"
+        self.cluster_fs = (options.cluster_fs or Path(tempfile.mkdtemp(prefix="first-cluster-fs-")))
+        self.cluster_fs = self.cluster_fs.resolve()
+        self.compute_endpoints = {}
 
     def gateway_env(self) -> dict[str, str]:
         """The settings of the gateway, exactly the variables the template sets on AWS."""
@@ -130,9 +161,11 @@ class LocalStack:
             DEV_CLIENT_ID,
             DEV_CLIENT_SECRET,
             DEV_GATEWAY_SCOPE,
+            DEV_SERVICE_CLIENT_ID,
         )
 
         auth = f"http://127.0.0.1:{self.auth_port}"
+        callbacks_to = self.fault_proxy.url if self.fault_proxy else self.base_url
         return {
             "AWS_ACCESS_KEY_ID": "testing",
             "AWS_SECRET_ACCESS_KEY": "testing",
@@ -145,20 +178,31 @@ class LocalStack:
             "FIRST_ALLOWED_DOMAINS": json.dumps(["anl.gov", "uchicago.edu"]),
             "FIRST_ALLOWED_GROUPS": json.dumps([ALLOWED_GROUP_ID]),
             "FIRST_ADMIN_GROUPS": json.dumps([ADMIN_GROUP_ID]),
-            "FIRST_PUBLIC_BASE_URL": self.base_url,
+            "FIRST_PUBLIC_BASE_URL": callbacks_to,
             # Tests pass their own secret so they can forge and replay callbacks on purpose.
             "FIRST_CALLBACK_SECRET": os.environ.get("FIRST_CALLBACK_SECRET")
             or secrets.token_hex(32),
-            "FIRST_COMPUTE_BACKEND": "local",
             "FIRST_RESULT_WAIT_SECONDS": str(self.options.result_wait_seconds),
             "FIRST_RECONCILE_GRACE_SECONDS": str(self.options.reconcile_grace),
             "POWERTOOLS_METRICS_DISABLED": "false" if self.options.metrics else "true",
             "GLOBUS_SDK_SERVICE_URL_AUTH": f"{auth}/auth/",
             "GLOBUS_SDK_SERVICE_URL_GROUPS": f"{auth}/groups/",
+            # Globus Compute: the gateway's client identity, as on AWS, and the stand-in.
+            "GLOBUS_COMPUTE_CLIENT_ID": DEV_CLIENT_ID,
+            "GLOBUS_COMPUTE_CLIENT_SECRET": DEV_CLIENT_SECRET,
+            "GLOBUS_SDK_SERVICE_URL_COMPUTE": self.compute_url,
+            # The SDK keeps its token in a SQLite file here: one per gateway process.
+            "GLOBUS_COMPUTE_USER_DIR": tempfile.mkdtemp(prefix="first-globus-compute-"),
+            # The dev pipeline's client identity may call the gateway as a service account.
+            "FIRST_SERVICE_ACCOUNTS": json.dumps([DEV_SERVICE_CLIENT_ID]),
             **self.options.extra_env,
         }
 
-    def start_children(self) -> None:
+    @property
+    def compute_url(self) -> str:
+        return f"http://127.0.0.1:{self.compute_port}"
+
+    def start_children(self, registry: RegistryFile) -> None:
         python = sys.executable
         moto = [python, "-m", "first_local.moto_server", "--port", str(self.moto_port)]
         if self.options.throttle_writes:
@@ -180,45 +224,31 @@ class LocalStack:
                 str(o.backend_hang),
             ]
         self._spawn(services)
+        config = self._write_compute_config(registry)
+        self._spawn(
+            [
+                python,
+                "-m",
+                "first_local.compute_standin",
+                "--port",
+                str(self.compute_port),
+                "--config",
+                str(config),
+            ]
+        )
         _wait_http(f"http://127.0.0.1:{self.moto_port}/moto-api/")
         _wait_http(f"http://127.0.0.1:{self.auth_port}/_standin/calls")
         if self.vllm_port:
             _wait_http(f"http://127.0.0.1:{self.vllm_port}/health")
+        # Its engines' workers start (and warm up) before it opens its port.
+        _wait_http(f"{self.compute_url}/_standin/calls", timeout=180)
 
-    def _spawn(self, command: list[str], quiet: bool = False) -> None:
-        # moto logs every request on stderr; the stand-ins only warn.
-        stderr = subprocess.DEVNULL if quiet else None
-        child = subprocess.Popen(
-            command, stdout=subprocess.DEVNULL, stderr=stderr, preexec_fn=_die_with_parent
-        )
-        self.children.append(child)
-
-    def provision(self) -> None:
-        """Tables and bucket as template.yaml declares them, then the registry."""
-        import boto3
-
-        from first_core.registry import load_file, publish
-        from first_core.settings import get_settings
-        from first_local.provision import TEMPLATE, create_bucket, create_tables_from_template
-
-        settings = get_settings()
-        where = {"region_name": settings.aws_region, "endpoint_url": settings.aws_endpoint_url}
-        create_tables_from_template(
-            boto3.client("dynamodb", **where), TEMPLATE, settings.table_prefix
-        )
-        create_bucket(boto3.client("s3", **where), TEMPLATE, settings.results_bucket)
-        publish(load_file(self.options.registry))
-
-    def start_compute(self) -> None:
-        from first_core.compute import LocalComputeBackend, set_backend
-        from first_core.registry import Registry
-        from first_local.faults import CallbackFaultProxy, CallbackFaults
-
-        o = self.options
-        self.cluster_fs = (o.cluster_fs or Path(tempfile.mkdtemp(prefix="first-cluster-fs-")))
-        self.cluster_fs = self.cluster_fs.resolve()
+    def _write_compute_config(self, registry: RegistryFile) -> Path:
+        """The Compute stand-in's endpoints (one per endpoint id of the registry) and what their
+        workers see: the clusters' environment, as an endpoint's config would set it."""
         from first_local.globus_standin import DEV_IDENTITIES
 
+        o = self.options
         for identity in DEV_IDENTITIES.values():  # each dev user's own directory, ready to use
             (self.cluster_fs / identity.username).mkdir(parents=True, exist_ok=True)
         worker_env = {
@@ -232,31 +262,78 @@ class LocalStack:
         }
         if o.backend_api_key:
             worker_env["VLLM_API_KEY"] = o.backend_api_key
-        if o.fail_compute:
-            worker_env["FIRST_LOCAL_FAIL_COMPUTE"] = str(o.fail_compute)
-        faults = CallbackFaults(o.drop_callbacks, o.duplicate_callbacks, o.delay_callbacks)
-        callback_base_url = None
-        if faults.active:
-            self.fault_proxy = CallbackFaultProxy(self.base_url, faults).start()
-            callback_base_url = self.fault_proxy.url
-        backend = LocalComputeBackend(
-            worker_env, workers_per_endpoint=o.workers, callback_base_url=callback_base_url
+        endpoints: dict[str, dict[str, Any]] = {}
+        for name, cluster in registry.clusters.items():
+            for endpoint in cluster.endpoints:
+                self.compute_endpoints.setdefault(name, endpoint.endpoint_id)
+                endpoints.setdefault(endpoint.endpoint_id, {"name": name, "workers": o.workers})
+                if endpoint.batch_endpoint_id and endpoint.batch_endpoint_id not in endpoints:
+                    # A batch queue runs few long tasks: two workers are plenty on one machine.
+                    endpoints[endpoint.batch_endpoint_id] = {"name": f"{name}-batch", "workers": 2}
+        for endpoint_id, entry in endpoints.items():
+            entry["endpoint_id"] = endpoint_id
+            cluster = entry["name"].removesuffix("-batch")
+            entry["stopped"] = bool(
+                {endpoint_id, entry["name"], cluster} & set(o.stop_endpoints)
+            )
+        run_dir = Path(tempfile.mkdtemp(prefix="first-compute-"))
+        config = run_dir / "standin.json"
+        config.write_text(
+            json.dumps(
+                {
+                    "endpoints": list(endpoints.values()),
+                    "worker_env": worker_env,
+                    "run_dir": str(run_dir),
+                    "api_limit": o.compute_api_limit,
+                    "fail_compute": o.fail_compute,
+                    "kill_workers": o.kill_workers,
+                    "start_delay": o.endpoint_start_delay,
+                },
+                indent=2,
+            )
         )
-        endpoints = Registry.current().endpoints
-        batch_only = {e.batch_endpoint_id for e in endpoints if e.batch_endpoint_id}
-        for endpoint_id in sorted({e.endpoint_id for e in endpoints} | batch_only):
-            if endpoint_id in self.options.stop_endpoints:
-                backend.stop_endpoint(endpoint_id)
-            else:
-                # A batch queue runs few long tasks: two workers are plenty on one machine.
-                workers = 2 if endpoint_id in batch_only else None
-                backend.start_endpoint(endpoint_id, workers=workers)
-        set_backend(backend)
-        self.compute = backend
+        return config
+
+    def _spawn(self, command: list[str], quiet: bool = False) -> None:
+        # moto logs every request on stderr; the stand-ins only warn.
+        stderr = subprocess.DEVNULL if quiet else None
+        child = subprocess.Popen(
+            command, stdout=subprocess.DEVNULL, stderr=stderr, preexec_fn=_die_with_parent
+        )
+        self.children.append(child)
+
+    def provision(self) -> None:
+        """Tables and bucket as template.yaml declares them, then the functions registered with
+        Globus Compute and the registry carrying their ids."""
+        import boto3
+
+        from compute_funcs.register import make_client, register_all
+        from first_core.registry import load_file, publish
+        from first_core.settings import get_settings
+        from first_local.provision import TEMPLATE, create_bucket, create_tables_from_template
+
+        settings = get_settings()
+        where = {"region_name": settings.aws_region, "endpoint_url": settings.aws_endpoint_url}
+        create_tables_from_template(
+            boto3.client("dynamodb", **where), TEMPLATE, settings.table_prefix
+        )
+        create_bucket(boto3.client("s3", **where), TEMPLATE, settings.results_bucket)
+        functions = register_all(make_client())
+        publish(load_file(self.options.registry, functions=functions))
+
+    def start_compute(self) -> None:
+        """The gateway's Globus Compute client, made now (a token grant and a version check)
+        rather than on the first request; and the fault proxy, if any."""
+        from first_core.compute import get_backend
+
+        get_backend()
+        if self.fault_proxy is not None:
+            self.fault_proxy.start()
 
     def start_reconciler(self) -> None:
-        """The scheduled reconciler and batch driver, as a thread of this process (the compute
-        pool lives here; each gateway process looks after its own pool's tasks)."""
+        """The scheduled reconciler and batch driver, as a thread of this process (on AWS,
+        scheduled functions; two gateway processes both running it are two overlapping runs,
+        which its conditional writes make safe)."""
         import logging
         import threading
 
@@ -312,17 +389,28 @@ class LocalStack:
         """Start everything and serve in the foreground until interrupted."""
         import uvicorn
 
+        # Before the core is imported: its table models read their settings at import.
         os.environ.update(self.gateway_env())
+        from first_core.registry import RegistryFileError, load_file
+
+        registry = None
+        if self.options.join is None:
+            # The file is checked before anything starts; its function ids come at registration.
+            try:
+                registry = load_file(self.options.registry, functions=UNREGISTERED_FUNCTIONS)
+            except RegistryFileError as error:
+                raise SystemExit(str(error)) from None
         # Log and metric lines reach a file (tests, --state-file users) as they are written.
         sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
         # A plain SIGTERM would skip `finally` and leave the children running.
         signal.signal(signal.SIGTERM, _exit_on_signal)
         try:
-            if self.options.join is None:
-                self.start_children()
+            if registry is not None:
+                self.start_children(registry)
                 self.provision()
             else:
                 _wait_http(f"http://127.0.0.1:{self.moto_port}/moto-api/")
+                _wait_http(f"{self.compute_url}/_standin/calls")
             self.start_compute()
             self.start_reconciler()
             if self.options.join is None:
@@ -338,15 +426,33 @@ class LocalStack:
                 access_log=False,
             )
             server = uvicorn.Server(config)
+            if self.options.endpoint_start_delay and self.options.join is None:
+                self._workers_arrive_after_health(self.options.endpoint_start_delay)
             if callable(on_ready):
                 on_ready(self)
             server.run()
         finally:
             self.stop()
 
+    def _workers_arrive_after_health(self, delay: float) -> None:
+        """`--endpoint-start-delay`: the endpoints' workers arrive `delay` seconds after the
+        gateway first answers /health."""
+        import threading
+
+        def wait_then_tell() -> None:
+            _wait_http(f"{self.base_url}/health", timeout=600)
+            request = urllib.request.Request(
+                f"{self.compute_url}/_standin/workers-arrive?in={delay}", method="POST"
+            )
+            urllib.request.urlopen(request, timeout=10).close()
+
+        threading.Thread(target=wait_then_tell, name="workers-arrive", daemon=True).start()
+
     def write_state(self) -> None:
         if self.options.state_file is None:
             return
+        from first_local.globus_standin import DEV_CLIENT_ID, DEV_CLIENT_SECRET
+
         self.options.state_file.parent.mkdir(parents=True, exist_ok=True)
         self.options.state_file.write_text(
             json.dumps(
@@ -356,6 +462,10 @@ class LocalStack:
                     "globus_auth_url": f"http://127.0.0.1:{self.auth_port}/auth/",
                     "globus_groups_url": f"http://127.0.0.1:{self.auth_port}/groups/",
                     "standin_calls_url": f"http://127.0.0.1:{self.auth_port}/_standin/calls",
+                    "globus_compute_url": self.compute_url,
+                    "compute_client_id": DEV_CLIENT_ID,
+                    "compute_client_secret": DEV_CLIENT_SECRET,
+                    "compute_endpoints": self.compute_endpoints,
                     "backend_url": self.backend_url,
                     "cluster_fs": str(self.cluster_fs),
                     "pid": os.getpid(),
@@ -368,20 +478,16 @@ class LocalStack:
         reconciler_stop = getattr(self, "_reconciler_stop", None)
         if reconciler_stop is not None:
             reconciler_stop.set()
-        proxy = getattr(self, "fault_proxy", None)
-        if proxy is not None:
-            proxy.stop()
+        if self.fault_proxy is not None:
+            self.fault_proxy.stop()
         health_stop = getattr(self, "_health_stop", None)
         if health_stop is not None:
             health_stop.set()
-        compute = getattr(self, "compute", None)
-        if compute is not None:
-            compute.shutdown()
         for child in self.children:
             child.terminate()
         for child in self.children:
             try:
-                child.wait(timeout=5)
+                child.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 child.kill()
 

@@ -75,6 +75,9 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         "--workers",
         "3",
         "--metrics",
+        # Globus Compute's API limit has tests of its own (test_globus_compute.py).
+        "--compute-api-limit",
+        "0",
         env=STACK_ENV,
         log=log,
     ) as state:

@@ -15,12 +15,20 @@ from __future__ import annotations
 
 from typing import Any
 
+import globus_sdk
 import httpx
 import openai
 import pytest
 from openai.types.chat import ChatCompletionMessageParam
 
-from first_local.globus_standin import ALLOWED_GROUP_ID, DEV_IDENTITIES, mint_token
+from first_local.globus_standin import (
+    ALLOWED_GROUP_ID,
+    DEV_GATEWAY_SCOPE,
+    DEV_IDENTITIES,
+    DEV_SERVICE_CLIENT_ID,
+    DEV_SERVICE_CLIENT_SECRET,
+    mint_token,
+)
 from tests.contract.conftest import Stack
 
 MODEL = "meta-llama/Meta-Llama-3-8B-Instruct"
@@ -194,3 +202,21 @@ def test_a_refused_token_is_not_introspected_again_at_once(stack: Stack) -> None
             client.models.list()
 
     assert stack.standin_calls().get("introspect", 0) == before.get("introspect", 0)
+
+
+def test_a_service_account_gets_its_token_by_client_credentials_and_is_served(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pipeline signs in as its own Globus client identity (no person, no identity
+    provider): listed in FIRST_SERVICE_ACCOUNTS and in the allowed group, it is served."""
+    monkeypatch.setenv("GLOBUS_SDK_SERVICE_URL_AUTH", stack.state["globus_auth_url"])
+    auth = globus_sdk.ConfidentialAppAuthClient(DEV_SERVICE_CLIENT_ID, DEV_SERVICE_CLIENT_SECRET)
+    grant = auth.oauth2_client_credentials_tokens(requested_scopes=DEV_GATEWAY_SCOPE)
+    token = str(grant.data["access_token"])
+
+    me = whoami(stack, token)
+    assert me.status_code == 200, me.text
+    assert me.json()["username"] == f"{DEV_SERVICE_CLIENT_ID}@clients.auth.globus.org"
+    client = openai.OpenAI(base_url=f"{stack.base_url}/v1", api_key=token, max_retries=0)
+    reply = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=5)
+    assert reply.choices[0].message.content

@@ -1,9 +1,12 @@
-"""Federation on the real local stack: one cluster's compute pool stopped, the health poller
-sees it, federated requests go to the other cluster, and the status routes say so."""
+"""Federation on the real local stack: one cluster's Globus Compute endpoint stopped, the health
+poller sees it, federated requests go to the other cluster, and the status routes say so; and
+what the real service does with a task for an endpoint that is down: it keeps it until the
+endpoint returns."""
 
 from __future__ import annotations
 
 import json
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -22,15 +25,17 @@ SMALL = "meta-llama/Llama-3.2-1B-Instruct"
 
 @pytest.fixture(scope="module")
 def polaris_down(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    """A stack of its own whose polaris endpoint pool is stopped from the start."""
+    """A stack of its own whose polaris endpoint is offline from the start."""
     log = tmp_path_factory.mktemp("federation") / "stack.log"
     with stack_process(
         "--workers",
         "2",
         "--stop-endpoints",
-        "local-polaris-vllm",
+        "polaris",
         "--health-every",
         "2",
+        "--compute-api-limit",
+        "0",
         env=STACK_ENV,
         log=log,
     ) as state:
@@ -116,30 +121,58 @@ def test_models_carry_their_state_per_cluster(polaris_down: Stack) -> None:
     assert models[MODEL].model_extra["states"] == {"sophia": "running", "polaris": "offline"}
 
 
-def test_a_pool_stopped_after_the_status_was_read_is_skipped_at_submit(
+def _standin(stack: Stack, path: str, method: str = "GET") -> Any:
+    request = urllib.request.Request(stack.state["globus_compute_url"] + path, method=method)
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return json.load(response)
+
+
+def test_a_task_for_an_endpoint_that_went_down_waits_for_it(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> None:
-    """No health poller: the registry still says polaris is online (and, sorted first, it is
-    chosen), but its pool refuses the submit, so the gateway tries sophia."""
+    """No health poller: the registry still says polaris is online, so a request naming it is
+    submitted there. Globus Compute accepts the task for the offline endpoint and keeps it
+    (waiting-for-ep); when the endpoint comes back, the task runs and the client, still
+    waiting, gets its answer."""
     log = tmp_path_factory.mktemp("stale") / "stack.log"
     with stack_process(
         "--workers",
         "1",
         "--stop-endpoints",
-        "local-polaris-vllm",
+        "polaris",
         "--health-every",
         "0",
+        "--compute-api-limit",
+        "0",
+        "--result-wait",
+        "30",
         env=STACK_ENV,
         log=log,
     ) as state:
         stale = Stack(state["base_url"], state)
+        polaris = state["compute_endpoints"]["polaris"]
+        assert _standin(stale, "/_standin/endpoints")[polaris]["status"] == "offline"
         assert (
             _get(stale, "/resource_server/v1/status", user=None)["clusters"]["polaris"]["status"]
             == "online"
         )
-        raw = _chat(stale.client())
-        assert raw.headers["x-first-cluster"] == "sophia"
-        assert "local-polaris-vllm refused the submit" in raw.headers["x-first-route-reason"]
+        answers: list[Any] = []
+        waiting = threading.Thread(
+            target=lambda: answers.append(_chat(stale.client(federated=False, cluster="polaris")))
+        )
+        waiting.start()
+        submits = "POST /v3/endpoints/{endpoint_id}/submit"
+        deadline = time.monotonic() + 10
+        while not _standin(stale, "/_standin/calls")["routes"].get(submits):
+            assert time.monotonic() < deadline, "the request was never submitted"
+            time.sleep(0.1)
+        time.sleep(1.0)
+        assert waiting.is_alive()  # queued at Globus Compute, not refused
+        assert _standin(stale, "/_standin/endpoints")[polaris]["status"] == "offline"
+        _standin(stale, "/_standin/endpoints/polaris/start", method="POST")
+        waiting.join(30)
+        [raw] = answers
+        assert raw.headers["x-first-cluster"] == "polaris"
         assert raw.parse().choices[0].message.content
 
 

@@ -27,7 +27,16 @@ from tests.contract.conftest import STACK_ENV, Stack
 
 MODEL = "meta-llama/Meta-Llama-3-8B-Instruct"
 MESSAGES: Any = [{"role": "user", "content": "Tell me about recovery."}]
-SMALL = ("--workers", "2", "--reconcile-every", "1", "--reconcile-grace", "1")
+SMALL = (
+    "--workers",
+    "2",
+    "--reconcile-every",
+    "1",
+    "--reconcile-grace",
+    "1",
+    "--compute-api-limit",
+    "0",
+)
 
 
 def small_stack(tmp_path: Path, *switches: str, result_wait: float = 30.0) -> Any:
@@ -196,7 +205,44 @@ def test_a_compute_function_that_raises_is_a_clear_error(tmp_path: Path) -> None
         assert isinstance(error.body, dict) and "injected fault" in error.body["message"]
         request_id = error.response.headers["x-first-request-id"]
         item = assert_ended_once(stack, request_id, "failed")
-        assert "injected fault" in item["error"]
+        # Raised on the endpoint, read back through the real SDK as TaskExecutionFailed.
+        assert "RuntimeError: injected fault" in item["error"]
+
+
+# ---------------------------------------------------------------- --kill-workers 1
+
+
+def test_a_worker_killed_under_its_task_fails_that_request_once(tmp_path: Path) -> None:
+    """The mock vLLM takes a second to answer and the worker dies within 0.2 s: nothing was
+    called back, Globus Compute reports the task failed, and the reconciler ends the request
+    with that reason while the client is still waiting. The endpoint gets a new worker."""
+    with small_stack(tmp_path, "--kill-workers", "1", "--mock-delay", "1") as state:
+        stack = Stack(state["base_url"], state)
+        with pytest.raises(openai.APIStatusError) as raised:
+            chat(stack)
+        assert raised.value.status_code == 502
+        assert "terminated abruptly" in raised.value.message
+        request_id = raised.value.response.headers["x-first-request-id"]
+        assert_ended_once(stack, request_id, "failed")
+        # A stream whose task died before its first token: a 502, or (if the reconciler took
+        # longer than the headers wait for a first event) an error event.
+        opened: list[str] = []
+        with (
+            pytest.raises(openai.APIError, match="terminated abruptly") as streamed,
+            stack.client().chat.completions.with_streaming_response.create(
+                model=MODEL, messages=MESSAGES, max_tokens=12, stream=True
+            ) as response,
+        ):
+            opened.append(response.headers["x-first-request-id"])
+            list(response.parse())
+        refused = streamed.value
+        if not opened:
+            assert isinstance(refused, openai.APIStatusError) and refused.status_code == 502
+            opened.append(refused.response.headers["x-first-request-id"])
+        assert_ended_once(stack, opened[0], "failed")
+        endpoints = httpx.get(f"{state['globus_compute_url']}/_standin/endpoints").json()
+        sophia = endpoints[state["compute_endpoints"]["sophia"]]
+        assert sophia["details"]["total_workers"] == 2
 
 
 # ---------------------------------------------------------------- --throttle-writes 0.2

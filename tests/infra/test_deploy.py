@@ -258,7 +258,9 @@ def test_overrides_carry_the_current_secret_versions_so_rotation_lands(
 
 def test_the_registry_loads_into_the_deployed_table(deployed: dict[str, Any]) -> None:
     endpoint = deployed["endpoint"]
-    result = _deploy_tool(endpoint, "load-registry", "dev", "infra/registry/local.yaml")
+    # The example for AWS: the local registry names no functions (the local stack registers
+    # them at each start).
+    result = _deploy_tool(endpoint, "load-registry", "dev", "infra/registry/aws-example.yaml")
     assert result.returncode == 0, result.stdout + result.stderr
     assert deployed["outputs"]["BaseUrl"] in result.stdout
     rows = client("dynamodb", endpoint).scan(TableName="first-dev-registry")["Items"]

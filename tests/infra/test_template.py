@@ -515,7 +515,6 @@ def test_functions_carry_exactly_the_settings_the_code_reads(
     assert settings.allowed_groups == []
     assert settings.admin_groups == [STACK_PARAMETERS["AdminGroups"]]
     assert settings.authentication_policies == []
-    assert settings.compute_backend == "globus"
     assert settings.result_wait_seconds == 240
     parameters = deployed["template"]["Parameters"]
     assert settings.max_concurrent_batches_per_user == int(

@@ -7,6 +7,8 @@ callback secret) before anything imported `first_core`.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
 
 import boto3
 import pytest
@@ -15,9 +17,16 @@ from moto import mock_aws
 import first_core.auth
 import first_core.storage
 import first_core.tables
+from first_core.compute import SERVICE_URL_VARIABLE
 from first_core.registry import Registry
 from first_core.settings import get_settings
+from first_local.compute_standin import ApiLimit, ComputeService, Faults
+from first_local.compute_standin import create_app as create_compute_app
+from first_local.compute_standin.endpoints import LocalEndpoint
+from first_local.globus_standin import DEV_CLIENT_ID, DEV_CLIENT_SECRET
+from first_local.globus_standin import create_app as create_auth_app
 from first_local.provision import TEMPLATE, create_bucket, create_tables_from_template
+from tests.asgi_server import serve
 
 
 @pytest.fixture(autouse=True)
@@ -26,7 +35,7 @@ def _fresh_caches(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     Registry.invalidate()
     monkeypatch.setattr(first_core.auth, "_authenticator", None)
     # The SDK must talk to the real Globus URLs, which `responses` intercepts in the tests.
-    for service in ("AUTH", "GROUPS"):
+    for service in ("AUTH", "GROUPS", "COMPUTE"):
         monkeypatch.delenv(f"GLOBUS_SDK_SERVICE_URL_{service}", raising=False)
     monkeypatch.delenv("GLOBUS_SDK_ENVIRONMENT", raising=False)
     yield
@@ -53,3 +62,63 @@ def aws(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
 def authenticator() -> first_core.auth.Authenticator:
     """A cold instance (empty memory cache), never the module singleton."""
     return first_core.auth.Authenticator()
+
+
+# -- Globus Compute: the stand-ins in this process, reached by the real SDK ---------------------
+TEST_ENDPOINT_ID = "6a1b2c3d-0000-4000-8000-00000000e001"
+# The local registry's endpoints (infra/registry/local.yaml), and function ids as the local
+# stack's registration would give them, to load that file with.
+SOPHIA_ENDPOINT = "f5ddf440-2b40-56af-bcff-c720b49fb2e4"
+POLARIS_ENDPOINT = "54085316-2839-58e5-99e6-87ab7b0ca4ba"
+REGISTERED_FUNCTIONS = {
+    "inference": "f0000000-0000-4000-8000-000000000001",
+    "streaming": "f0000000-0000-4000-8000-000000000002",
+    "qstat": "f0000000-0000-4000-8000-000000000003",
+    "batch": "f0000000-0000-4000-8000-000000000004",
+}
+
+
+@dataclass
+class ComputeStandIn:
+    """The Auth and Compute stand-ins serving in this process, and the Compute service's state
+    (so a test can stop its endpoint, switch its faults or set its limit)."""
+
+    service: ComputeService
+    endpoint: LocalEndpoint
+    auth_url: str
+    compute_url: str
+
+
+@pytest.fixture(scope="session")
+def compute_standins(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ComputeStandIn]:
+    """One endpoint with two real engine workers, for the whole session (workers start in ~1 s)."""
+    service = ComputeService(limit=ApiLimit(0, 0))
+    endpoint = service.add_endpoint(
+        TEST_ENDPOINT_ID, "test", 2, {}, tmp_path_factory.mktemp("compute-endpoint")
+    )
+    endpoint.start()
+    endpoint.warm_up(service.warm_task)
+    try:
+        with serve(create_auth_app()) as auth, serve(create_compute_app(service)) as compute:
+            yield ComputeStandIn(service, endpoint, f"{auth}/auth/", compute)
+    finally:
+        endpoint.shutdown()
+
+
+@pytest.fixture
+def globus_compute(
+    compute_standins: ComputeStandIn, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> Iterator[ComputeStandIn]:
+    """The environment the local stack gives the gateway: the real `globus-compute-sdk` Client
+    reaches the stand-ins with the gateway's client credentials. The service is put back as it
+    was (endpoint online, no faults, no limit) after each test."""
+    monkeypatch.setenv("GLOBUS_SDK_SERVICE_URL_AUTH", compute_standins.auth_url)
+    monkeypatch.setenv(SERVICE_URL_VARIABLE, compute_standins.compute_url)
+    monkeypatch.setenv("GLOBUS_COMPUTE_CLIENT_ID", DEV_CLIENT_ID)
+    monkeypatch.setenv("GLOBUS_COMPUTE_CLIENT_SECRET", DEV_CLIENT_SECRET)
+    monkeypatch.setenv("GLOBUS_COMPUTE_USER_DIR", str(tmp_path / "globus_compute"))
+    yield compute_standins
+    compute_standins.service.faults = Faults()
+    compute_standins.service.set_limit(ApiLimit(0, 0))
+    if not compute_standins.endpoint.online:
+        compute_standins.endpoint.start()

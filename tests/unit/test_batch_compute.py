@@ -20,7 +20,7 @@ from starlette.routing import Route
 
 from compute_funcs import FUNCTIONS
 from compute_funcs.batch import vllm_batch
-from first_core.compute import code_serializer
+from compute_funcs.register import code_serializer
 from first_local.mock_vllm import MockConfig, count_prompt_tokens, create_app
 from tests.asgi_server import serve
 

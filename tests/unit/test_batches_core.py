@@ -31,13 +31,16 @@ from first_core.registry import (
 from first_core.results import callback_token
 from first_core.settings import get_settings
 from first_core.tables import BatchRecord, FileRecord, UsageRecord
+from tests.unit.conftest import REGISTERED_FUNCTIONS, SOPHIA_ENDPOINT
 from tests.unit.test_files import BOB, EMBEDDER, MODEL, batch_file, chat_line, jsonl
 from tests.unit.test_results import CALLER
 
+INFERENCE = REGISTERED_FUNCTIONS["inference"]
+
 pytestmark = pytest.mark.usefixtures("aws")
 
-BATCH_FUNCTION = "local:batch"
-BATCH_ENDPOINT = "sophia-batch-queue"
+BATCH_FUNCTION = REGISTERED_FUNCTIONS["batch"]
+BATCH_ENDPOINT = "39debb4e-7ca7-5630-b1bb-e03d7502c79f"
 
 
 class FakeBackend:
@@ -79,8 +82,8 @@ def backend(monkeypatch: pytest.MonkeyPatch) -> FakeBackend:
                         EndpointConfig(
                             framework="vllm",
                             models=[MODEL],
-                            endpoint_id="sophia-vllm",
-                            functions=FunctionIds(inference="local:inf", batch=BATCH_FUNCTION),
+                            endpoint_id=SOPHIA_ENDPOINT,
+                            functions=FunctionIds(inference=INFERENCE, batch=BATCH_FUNCTION),
                             limits=Limits(max_tokens=MAX_TOKENS),
                             batches=True,
                             batch_endpoint_id=BATCH_ENDPOINT,
@@ -88,8 +91,8 @@ def backend(monkeypatch: pytest.MonkeyPatch) -> FakeBackend:
                         EndpointConfig(
                             framework="vllm",
                             models=[EMBEDDER],
-                            endpoint_id="sophia-embed",
-                            functions=FunctionIds(inference="local:inf"),
+                            endpoint_id="0c0ffee0-0000-4000-8000-0000000000e2",
+                            functions=FunctionIds(inference=INFERENCE),
                         ),
                     ],
                 )

@@ -1,4 +1,4 @@
-"""The local compute pool runs the real compute functions the way a cluster would."""
+"""The compute functions travel to the clusters as code: the project is not installed there."""
 
 from __future__ import annotations
 
@@ -9,8 +9,7 @@ import textwrap
 import pytest
 
 from compute_funcs import FUNCTIONS
-from first_core.compute import LocalComputeBackend, code_serializer
-from first_core.errors import ServiceUnavailableError
+from compute_funcs.register import code_serializer
 
 
 @pytest.mark.parametrize("name", sorted(FUNCTIONS))
@@ -39,11 +38,3 @@ def test_compute_functions_load_where_the_project_is_not_installed(name: str) ->
     )
     assert ran.returncode == 0, ran.stderr
     assert ran.stdout.split() == [FUNCTIONS[name].__name__, "True"]
-
-
-def test_a_stopped_endpoint_refuses_work_and_unknown_tasks_are_unknown() -> None:
-    backend = LocalComputeBackend({}, workers_per_endpoint=1)
-    backend.stop_endpoint("local-test")
-    with pytest.raises(ServiceUnavailableError):
-        backend.submit("local-test", "local:inference", {})
-    assert backend.task_state("no-such-task").status == "unknown"

@@ -1,158 +1,175 @@
-"""`GlobusComputeBackend` against a fake `globus_compute_sdk.Client`: the exact calls it makes."""
+"""`GlobusComputeBackend` through the real `globus-compute-sdk` Client, against the Globus
+Compute stand-in (the service's shapes, a real engine behind it): what the gateway, the health
+poller and the reconciler read from Globus Compute."""
 
 from __future__ import annotations
 
+import time
+import uuid
 from typing import Any
 
-import globus_compute_sdk
 import pytest
+import responses
 
-from first_core.compute import GlobusComputeBackend, TaskState
+from compute_funcs.register import register_all
+from first_core.compute import GlobusComputeBackend, TaskState, globus_client, traceback_summary
 from first_core.errors import ServiceUnavailableError
-
-ENDPOINT = "0f1e2d3c-0000-4000-8000-000000000001"
-FUNCTION = "9a8b7c6d-0000-4000-8000-000000000002"
+from tests.unit.conftest import TEST_ENDPOINT_ID, ComputeStandIn
 
 
-class FakeClient:
-    """Records every call; answers what the test put in `tasks` / `endpoints`."""
+def answer(value: Any) -> Any:
+    return value
 
-    instances: list[FakeClient] = []
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        self.init = (args, kwargs)
-        self.calls: list[tuple[str, tuple[Any, ...], dict[str, Any]]] = []
-        self.tasks: dict[str, dict[str, Any]] = {}
-        self.endpoints: dict[str, dict[str, Any]] = {}
-        self.fail_run: Exception | None = None
-        FakeClient.instances.append(self)
+def fail(message: str) -> None:
+    raise ValueError(message)
 
-    def run(self, *args: Any, **kwargs: Any) -> str:
-        self.calls.append(("run", args, kwargs))
-        if self.fail_run is not None:
-            raise self.fail_run
-        return "task-1"
 
-    def get_task(self, task_id: str) -> dict[str, Any]:
-        self.calls.append(("get_task", (task_id,), {}))
-        return self.tasks[task_id]
-
-    def get_endpoint_status(self, endpoint_id: str) -> dict[str, Any]:
-        self.calls.append(("get_endpoint_status", (endpoint_id,), {}))
-        if endpoint_id not in self.endpoints:
-            raise RuntimeError("404 endpoint not found")
-        return self.endpoints[endpoint_id]
+def settled(backend: GlobusComputeBackend, task_id: str, timeout: float = 30.0) -> TaskState:
+    deadline = time.monotonic() + timeout
+    while (state := backend.task_state(task_id)).status == "pending":
+        assert time.monotonic() < deadline, f"{task_id} never settled"
+        time.sleep(0.05)
+    return state
 
 
 @pytest.fixture
-def client(monkeypatch: pytest.MonkeyPatch) -> tuple[GlobusComputeBackend, FakeClient]:
-    FakeClient.instances.clear()
-    monkeypatch.setattr(globus_compute_sdk, "Client", FakeClient)
-    backend = GlobusComputeBackend()
-    [fake] = FakeClient.instances
-    return backend, fake
+def backend(globus_compute: ComputeStandIn) -> GlobusComputeBackend:
+    return GlobusComputeBackend()
 
 
-def test_one_client_made_with_no_arguments(client: tuple[GlobusComputeBackend, FakeClient]) -> None:
-    _, fake = client
-    # Credentials come from GLOBUS_COMPUTE_CLIENT_ID/SECRET in the environment, not arguments.
-    assert fake.init == ((), {})
+@pytest.fixture
+def functions(globus_compute: ComputeStandIn) -> dict[str, str]:
+    from globus_compute_sdk.serialize import DillCodeSource
+
+    sdk = globus_client(code_serialization_strategy=DillCodeSource())
+    return {
+        "answer": str(sdk.register_function(answer)),
+        "fail": str(sdk.register_function(fail)),
+    }
 
 
-def test_submit_is_run_with_the_endpoint_function_and_kwargs_as_keywords(
-    client: tuple[GlobusComputeBackend, FakeClient],
+def test_the_client_is_pointed_at_globus_sdk_service_url_compute(
+    globus_compute: ComputeStandIn,
 ) -> None:
-    backend, fake = client
-    kwargs = {"payload": {"model": "m"}, "openai_path": "chat/completions", "request_id": "r1"}
+    before = globus_compute.service.calls()["routes"].get("GET /v2/version", 0)
 
-    task_id = backend.submit(ENDPOINT, FUNCTION, kwargs)
+    sdk = globus_client()
 
-    assert task_id == "task-1"
-    assert fake.calls == [
-        (
-            "run",
-            (),
-            {
-                "endpoint_id": ENDPOINT,
-                "function_id": FUNCTION,
-                "payload": {"model": "m"},
-                "openai_path": "chat/completions",
-                "request_id": "r1",
-            },
+    assert sdk.web_service_address == globus_compute.compute_url
+    assert sdk._compute_web_client.v3.base_url.startswith(globus_compute.compute_url)
+    # Its version check ran there, not at compute.api.globus.org.
+    assert globus_compute.service.calls()["routes"]["GET /v2/version"] == before + 1
+
+
+def test_a_submitted_task_succeeds_with_its_return_value(
+    backend: GlobusComputeBackend, functions: dict[str, str]
+) -> None:
+    task_id = backend.submit(TEST_ENDPOINT_ID, functions["answer"], {"value": {"a": 1}})
+
+    assert uuid.UUID(task_id)
+    assert settled(backend, task_id) == TaskState("success", {"a": 1})
+
+
+def test_a_failed_task_is_failed_with_the_exception_line(
+    backend: GlobusComputeBackend, functions: dict[str, str]
+) -> None:
+    """The real Client raises TaskExecutionFailed for a failed task: never an exception out of
+    task_state (the reconciler would skip the request forever)."""
+    task_id = backend.submit(TEST_ENDPOINT_ID, functions["fail"], {"message": "bad input"})
+
+    state = settled(backend, task_id)
+
+    assert state.status == "failed"
+    assert state.error == "ValueError: bad input"
+
+
+def test_a_finished_task_with_only_a_reason_is_failed_not_success(
+    backend: GlobusComputeBackend, globus_compute: ComputeStandIn
+) -> None:
+    task_id = str(uuid.uuid4())
+    with responses.RequestsMock() as service:
+        service.add_passthru(globus_compute.auth_url)
+        service.add(
+            responses.GET,
+            f"{globus_compute.compute_url}/v2/tasks/{task_id}",
+            json={"task_id": task_id, "status": "failed", "reason": "Task abandoned"},
         )
-    ]
+        state = backend.task_state(task_id)
+
+    assert state == TaskState("failed", error="Task abandoned")
 
 
-def test_a_refused_submit_is_503_with_retry_after(
-    client: tuple[GlobusComputeBackend, FakeClient],
+def test_a_task_globus_compute_does_not_know_is_unknown(backend: GlobusComputeBackend) -> None:
+    state = backend.task_state(str(uuid.uuid4()))
+    assert state.status == "unknown"
+    assert state.error is not None and "404" in state.error
+
+
+def test_tasks_are_not_kept_in_the_client_once_read(
+    backend: GlobusComputeBackend, functions: dict[str, str]
 ) -> None:
-    backend, fake = client
-    fake.fail_run = RuntimeError("endpoint offline")
+    task_id = backend.submit(TEST_ENDPOINT_ID, functions["answer"], {"value": 1})
+    settled(backend, task_id)
+    assert backend._client._task_status_table == {}
 
+
+def test_endpoint_status_online_starting_offline(
+    backend: GlobusComputeBackend, globus_compute: ComputeStandIn
+) -> None:
+    assert backend.endpoint_status(TEST_ENDPOINT_ID) == "online"
+    globus_compute.endpoint.start(workers_in=60)  # up, its workers not yet there
+    assert backend.endpoint_status(TEST_ENDPOINT_ID) == "starting"
+    globus_compute.endpoint.workers_arrive(0)
+    globus_compute.endpoint.stop()
+    assert backend.endpoint_status(TEST_ENDPOINT_ID) == "offline"
+    assert backend.endpoint_status(str(uuid.uuid4())) == "offline"  # unknown to Globus
+
+
+def test_a_submit_globus_compute_refuses_is_503_with_retry_after(
+    backend: GlobusComputeBackend, functions: dict[str, str]
+) -> None:
     with pytest.raises(ServiceUnavailableError) as refused:
-        backend.submit(ENDPOINT, FUNCTION, {})
+        backend.submit(str(uuid.uuid4()), functions["answer"], {"value": 1})
 
     assert refused.value.status == 503
-    assert "RuntimeError" in refused.value.message
+    assert "ComputeAPIError" in refused.value.message
     assert refused.value.headers["Retry-After"] == "5"
 
 
+def test_a_task_for_an_offline_endpoint_is_accepted_and_runs_when_it_returns(
+    backend: GlobusComputeBackend, functions: dict[str, str], globus_compute: ComputeStandIn
+) -> None:
+    globus_compute.endpoint.stop()
+    task_id = backend.submit(TEST_ENDPOINT_ID, functions["answer"], {"value": "late"})
+    assert backend.task_state(task_id) == TaskState("pending")
+    globus_compute.endpoint.start()
+    assert settled(backend, task_id) == TaskState("success", "late")
+
+
+def test_the_compute_functions_register_with_their_names(globus_compute: ComputeStandIn) -> None:
+    from compute_funcs import FUNCTIONS
+    from compute_funcs.register import make_client
+
+    ids = register_all(make_client())
+
+    assert set(ids) == set(FUNCTIONS)
+    registered = globus_compute.service.functions
+    assert {registered[i]["function_name"] for i in ids.values()} == {
+        f.__name__ for f in FUNCTIONS.values()
+    }
+
+
 @pytest.mark.parametrize(
-    ("task", "state"),
+    ("traceback", "summary"),
     [
-        ({"pending": True, "status": "waiting-for-launch"}, TaskState("pending")),
         (
-            {"pending": False, "status": "success", "result": {"a": 1}},
-            TaskState("success", {"a": 1}),
+            "+" * 68 + "\nTraceback (most recent call last):\n  File x\n"
+            "RuntimeError: injected fault\n" + "-" * 68,
+            "RuntimeError: injected fault",
         ),
-        (
-            {"pending": False, "status": "failed", "exception": "ValueError: bad"},
-            TaskState("failed", error="ValueError: bad"),
-        ),
+        ("", "no traceback"),
     ],
 )
-def test_get_task_maps_to_task_state(
-    client: tuple[GlobusComputeBackend, FakeClient], task: dict[str, Any], state: TaskState
-) -> None:
-    backend, fake = client
-    fake.tasks["t"] = task
-
-    assert backend.task_state("t") == state
-    assert fake.calls == [("get_task", ("t",), {})]
-
-
-@pytest.mark.parametrize(
-    ("answer", "status"),
-    [
-        ({"status": "online", "details": {"total_workers": 4}}, "online"),
-        # Up, but its batch job has not given it workers yet.
-        ({"status": "online", "details": {"total_workers": 0}}, "starting"),
-        ({"status": "offline"}, "offline"),
-        ({"status": "ONLINE"}, "online"),
-        ({}, "offline"),
-    ],
-)
-def test_endpoint_status_from_get_endpoint_status(
-    client: tuple[GlobusComputeBackend, FakeClient], answer: dict[str, Any], status: str
-) -> None:
-    backend, fake = client
-    fake.endpoints[ENDPOINT] = answer
-
-    assert backend.endpoint_status(ENDPOINT) == status
-    assert fake.calls == [("get_endpoint_status", (ENDPOINT,), {})]
-
-
-def test_an_endpoint_globus_does_not_know_is_offline(
-    client: tuple[GlobusComputeBackend, FakeClient],
-) -> None:
-    backend, _ = client
-    assert backend.endpoint_status("no-such-endpoint") == "offline"
-
-
-def test_local_pool_endpoint_status_follows_start_and_stop() -> None:
-    from first_core.compute import LocalComputeBackend
-
-    backend = LocalComputeBackend({}, workers_per_endpoint=1)
-    assert backend.endpoint_status("local-x") == "online"
-    backend.stop_endpoint("local-x")
-    assert backend.endpoint_status("local-x") == "offline"
+def test_traceback_summary_is_the_exception_line(traceback: str, summary: str) -> None:
+    assert traceback_summary(traceback) == summary

@@ -11,15 +11,19 @@ from typing import Any
 import globus_sdk
 import httpx
 import pytest
+from pydantic import SecretStr
 from starlette.applications import Starlette
 
 from first_local.globus_standin import (
     ADMIN_GROUP_ID,
     ALLOWED_GROUP_ID,
+    COMPUTE_SCOPE,
     DEV_CLIENT_ID,
     DEV_CLIENT_SECRET,
     DEV_GATEWAY_SCOPE,
     DEV_IDENTITIES,
+    DEV_SERVICE_CLIENT_ID,
+    DEV_SERVICE_CLIENT_SECRET,
     create_app,
     mint_token,
 )
@@ -253,3 +257,77 @@ def test_tokens_never_logged(
     assert any(r.name.startswith("uvicorn") for r in ours)
     logged = "\n".join(r.getMessage() for r in ours)
     assert token not in logged and groups_token not in logged
+
+
+# -- client credentials: the gateway's Globus Compute client and service accounts ---------------
+def test_client_credentials_give_one_compute_token_however_often_the_scope_is_asked(
+    standin: _Server,
+) -> None:
+    """globus-sdk asks for the Compute scope once per attached client; Globus gives one token,
+    for the resource server `funcx_service`, which is what its ClientApp requires."""
+    grant = _auth_client().oauth2_client_credentials_tokens(
+        requested_scopes=[COMPUTE_SCOPE, COMPUTE_SCOPE, COMPUTE_SCOPE]
+    )
+
+    assert set(grant.by_resource_server) == {"funcx_service"}
+    token = grant.by_resource_server["funcx_service"]
+    assert token["scope"] == COMPUTE_SCOPE
+    assert grant.data["other_tokens"] == []
+    assert standin.app.state.calls["client_credentials"] == 1
+
+
+def test_client_credentials_need_the_clients_secret(standin: _Server) -> None:
+    with pytest.raises(globus_sdk.AuthAPIError) as refused:
+        _auth_client("wrong-secret").oauth2_client_credentials_tokens(
+            requested_scopes=COMPUTE_SCOPE
+        )
+    assert refused.value.http_status == 401
+
+
+def _pipeline_token() -> str:
+    pipeline = globus_sdk.ConfidentialAppAuthClient(
+        DEV_SERVICE_CLIENT_ID, DEV_SERVICE_CLIENT_SECRET
+    )
+    grant = pipeline.oauth2_client_credentials_tokens(requested_scopes=DEV_GATEWAY_SCOPE)
+    return str(grant.by_resource_server[DEV_CLIENT_ID]["access_token"])
+
+
+def test_a_client_identitys_token_introspects_as_the_client_itself(standin: _Server) -> None:
+    data = _introspect(_pipeline_token(), include="session_info,identity_set_detail")
+
+    assert data["active"] is True
+    assert data["sub"] == DEV_SERVICE_CLIENT_ID == data["client_id"]
+    assert data["username"] == f"{DEV_SERVICE_CLIENT_ID}@clients.auth.globus.org"
+    assert data["scope"] == DEV_GATEWAY_SCOPE
+    # No person signed in: no identity provider session.
+    assert data["session_info"]["authentications"] == {}
+    assert [i["username"] for i in data["identity_set_detail"]] == [data["username"]]
+
+
+def test_the_service_account_is_in_the_allowed_group(standin: _Server) -> None:
+    dep = _auth_client().oauth2_get_dependent_tokens(_pipeline_token())
+    groups_token = dep.by_resource_server[GROUPS_RS]["access_token"]
+    client = globus_sdk.GroupsClient(authorizer=globus_sdk.AccessTokenAuthorizer(groups_token))
+    assert {group["id"] for group in client.get_my_groups()} == {ALLOWED_GROUP_ID}
+
+
+def test_the_gateway_serves_the_listed_service_account(
+    standin: _Server, aws: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from first_core.auth import Authenticator
+    from first_core.settings import get_settings
+
+    settings = get_settings()
+    monkeypatch.setattr(settings, "globus_client_id", DEV_CLIENT_ID)
+    monkeypatch.setattr(settings, "globus_client_secret", SecretStr(DEV_CLIENT_SECRET))
+    monkeypatch.setattr(settings, "gateway_scope", DEV_GATEWAY_SCOPE)
+    monkeypatch.setattr(settings, "allowed_domains", ["anl.gov"])
+    monkeypatch.setattr(settings, "allowed_groups", [ALLOWED_GROUP_ID])
+    monkeypatch.setattr(settings, "service_accounts", [DEV_SERVICE_CLIENT_ID])
+    authenticator = Authenticator()
+
+    caller = authenticator.authenticate(f"Bearer {_pipeline_token()}")
+    authenticator.authorize(caller)
+
+    assert caller.is_service_account and caller.user_id == DEV_SERVICE_CLIENT_ID
+    assert ALLOWED_GROUP_ID in caller.groups

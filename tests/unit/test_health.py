@@ -21,13 +21,15 @@ from first_core.errors import NotFoundError, ServiceUnavailableError
 from first_core.registry import CLUSTER_KEY, Registry, load_file, publish
 from first_core.tables import RegistryEntry, RequestRecord
 from first_local.stack import LOCAL_REGISTRY
+from tests.unit.conftest import POLARIS_ENDPOINT, REGISTERED_FUNCTIONS, SOPHIA_ENDPOINT
 from tests.unit.test_routing import ALICE
 
 MODEL = "meta-llama/Meta-Llama-3-8B-Instruct"
 SMALL = "meta-llama/Llama-3.2-1B-Instruct"
 EMBEDDING = "Salesforce/SFR-Embedding-Mistral"
-SOPHIA = "local-sophia-vllm"
-POLARIS = "local-polaris-vllm"
+SOPHIA = SOPHIA_ENDPOINT
+POLARIS = POLARIS_ENDPOINT
+QSTAT = REGISTERED_FUNCTIONS["qstat"]
 
 
 class FakeBackend:
@@ -50,7 +52,7 @@ class FakeBackend:
             raise ServiceUnavailableError(f"Compute endpoint {endpoint_id} is offline.")
         task_id = f"task-{len(self.calls)}"
         answer = self.answers.get(endpoint_id)
-        if function_id.endswith("qstat"):
+        if function_id == QSTAT:
             if isinstance(answer, TaskState):
                 self._tasks[task_id] = answer
             else:
@@ -65,7 +67,7 @@ class FakeBackend:
 
 @pytest.fixture
 def registry_table(aws: None) -> None:
-    publish(load_file(LOCAL_REGISTRY))
+    publish(load_file(LOCAL_REGISTRY, functions=REGISTERED_FUNCTIONS))
 
 
 def _rows() -> dict[tuple[str, str], RegistryEntry]:
@@ -97,7 +99,7 @@ def test_poll_writes_endpoint_states_cluster_status_and_free_nodes(registry_tabl
     assert rows[("polaris", CLUSTER_KEY)].status == "offline"
     assert report.clusters == {"sophia": "online", "polaris": "offline"}
     # qstat only where the endpoint is online; once per endpoint, with the qstat function id.
-    assert ("submit", SOPHIA, "local:qstat") in backend.calls
+    assert ("submit", SOPHIA, QSTAT) in backend.calls
     assert not [c for c in backend.calls if c[0] == "submit" and c[1] == POLARIS]
     snapshot = Registry.current()
     assert snapshot.clusters["sophia"].free_nodes == 3
@@ -178,7 +180,7 @@ def test_endpoint_offline_between_status_read_and_submit_goes_to_the_other(
     submission = inference.submit(ALICE, "chat/completions", _body())
 
     assert submission.endpoint.cluster == "sophia"
-    assert "local-polaris-vllm refused the submit" in submission.route_reason
+    assert "after polaris refused the submit" in submission.route_reason
     submits = [c[1] for c in fake_backend.calls if c[0] == "submit"]
     assert submits == [POLARIS, SOPHIA]
     records = {r.request_id: r for r in RequestRecord.scan(consistent_read=True)}

@@ -1,64 +1,71 @@
-"""Registering the compute functions: the exact calls made to Globus Compute, and the ids
-written into a registry file that the gateway then loads."""
+"""Registering the compute functions with Globus Compute through the real SDK (against the
+stand-in), and the ids written into a registry file that the gateway then loads."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
-import pytest
 import yaml
 
 from compute_funcs import FUNCTIONS, register
 from first_core.registry import load_file
 from tests.conftest import PROJECT_ROOT
+from tests.unit.conftest import ComputeStandIn
+
+LOCAL_REGISTRY = PROJECT_ROOT / "infra" / "registry" / "local.yaml"
 
 
-class FakeClient:
-    """Stands in for `globus_compute_sdk.Client`: records calls, hands out ids."""
+def test_every_function_is_registered_once_as_source_with_a_description(
+    globus_compute: ComputeStandIn,
+) -> None:
+    ids = register.register_all(register.make_client())
 
-    def __init__(self) -> None:
-        self.calls: list[tuple[Any, dict[str, Any]]] = []
-
-    def register_function(self, function: Any, **options: Any) -> str:
-        self.calls.append((function, options))
-        return f"00000000-0000-4000-8000-{len(self.calls):012d}"
-
-
-def test_every_function_is_registered_once_with_a_description() -> None:
-    client = FakeClient()
-    ids = register.register_all(client)
-    assert [call[0] for call in client.calls] == list(FUNCTIONS.values())
-    assert all(call[1]["description"].startswith("FIRST gateway: ") for call in client.calls)
     assert set(ids) == set(FUNCTIONS) and len(set(ids.values())) == len(FUNCTIONS)
+    for name, function_id in ids.items():
+        stored = globus_compute.service.functions[function_id]
+        assert stored["function_name"] == FUNCTIONS[name].__name__
+        assert stored["description"] == f"FIRST gateway: {name}"
+        # DillCodeSource ("04"): the endpoints have not got this project to import it from.
+        assert stored["function_code"].split("\n", 2)[1] == "04"
+        assert stored["metadata"]["serde_identifier"] == "04"
 
 
-def test_the_client_ships_functions_as_source(monkeypatch: pytest.MonkeyPatch) -> None:
-    import globus_compute_sdk
-    from globus_compute_sdk.serialize import DillCodeSource
-
-    made: dict[str, Any] = {}
-
-    def fake_client(**options: Any) -> FakeClient:
-        made.update(options)
-        return FakeClient()
-
-    monkeypatch.setattr(globus_compute_sdk, "Client", fake_client)
-    register.make_client()
-    assert isinstance(made["code_serialization_strategy"], DillCodeSource)
-
-
-def test_ids_are_written_into_the_registry_and_it_still_loads(tmp_path: Path) -> None:
+def test_ids_are_written_into_the_registry_and_it_loads(
+    globus_compute: ComputeStandIn, tmp_path: Path
+) -> None:
     registry = tmp_path / "registry.yaml"
-    registry.write_text((PROJECT_ROOT / "infra" / "registry" / "local.yaml").read_text())
-    client = FakeClient()
-    assert register.main(
-        ["--registry", str(registry), "--write", "--cluster", "polaris"], client=client
-    ) == 0
+    registry.write_text(LOCAL_REGISTRY.read_text())
+
+    assert register.main(["--registry", str(registry), "--write"]) == 0
+
     loaded = load_file(registry)
-    polaris = loaded.clusters["polaris"].endpoints[0].functions
-    sophia = loaded.clusters["sophia"].endpoints[0].functions
-    assert polaris.inference.startswith("00000000-") and polaris.streaming
-    assert sophia.inference == "local:inference"  # only the named cluster changed
-    printed = yaml.safe_load(registry.read_text())
-    assert set(printed["clusters"]) == {"sophia", "polaris"}
+    for cluster in loaded.clusters.values():
+        for endpoint in cluster.endpoints:
+            assert endpoint.functions.inference in globus_compute.service.functions
+            assert endpoint.functions.streaming in globus_compute.service.functions
+
+
+def test_only_the_named_clusters_are_changed(
+    globus_compute: ComputeStandIn, tmp_path: Path
+) -> None:
+    registry = tmp_path / "registry.yaml"
+    registry.write_text(LOCAL_REGISTRY.read_text())
+
+    register.main(["--registry", str(registry), "--write", "--cluster", "polaris"])
+
+    written = yaml.safe_load(registry.read_text())["clusters"]
+    assert all("functions" in e for e in written["polaris"]["endpoints"])
+    assert all("functions" not in e for e in written["sophia"]["endpoints"])
+
+
+def test_the_local_registry_takes_the_ids_the_stack_registered(
+    globus_compute: ComputeStandIn,
+) -> None:
+    """The local stack registers at start and loads its registry with the ids it got."""
+    ids = register.register_all(register.make_client())
+
+    loaded = load_file(LOCAL_REGISTRY, functions=ids)
+
+    sophia = loaded.clusters["sophia"].endpoints[0]
+    assert sophia.functions.model_dump() == ids
+    assert sophia.batch_endpoint_id is not None

@@ -16,6 +16,7 @@ from first_core.registry import (
     publish,
 )
 from first_core.tables import RegistryEntry
+from tests.unit.conftest import POLARIS_ENDPOINT, REGISTERED_FUNCTIONS
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 LOCAL_YAML = PROJECT_ROOT / "infra" / "registry" / "local.yaml"
@@ -25,16 +26,21 @@ LLAMA_70B = "meta-llama/Meta-Llama-3.1-70B-Instruct"
 EMBEDDING = "Salesforce/SFR-Embedding-Mistral"
 LLAMA_1B = "meta-llama/Llama-3.2-1B-Instruct"
 
-VALID = """\
+EP_SOPHIA = "0c0ffee0-0000-4000-8000-0000000000a1"
+EP_SOPHIA_2 = "0c0ffee0-0000-4000-8000-0000000000a2"
+INFERENCE = REGISTERED_FUNCTIONS["inference"]
+REGISTERED = REGISTERED_FUNCTIONS  # what the local stack registers at start and loads with
+
+VALID = f"""\
 clusters:
   sophia:
     frameworks: [vllm]
     endpoints:
       - framework: vllm
-        endpoint_id: ep-sophia
+        endpoint_id: {EP_SOPHIA}
         models: [m1]
         functions:
-          inference: "local:inference"
+          inference: "{INFERENCE}"
 """
 
 
@@ -46,7 +52,7 @@ def write(tmp_path: Path, text: str) -> Path:
 
 # -- load_file --------------------------------------------------------------------------------
 def test_local_registry_file_has_sophia_and_polaris() -> None:
-    registry = load_file(LOCAL_YAML)
+    registry = load_file(LOCAL_YAML, functions=REGISTERED)
 
     assert set(registry.clusters) == {"sophia", "polaris"}
     sophia, polaris = registry.clusters["sophia"], registry.clusters["polaris"]
@@ -68,8 +74,8 @@ def test_a_minimal_file_loads(tmp_path: Path) -> None:
 
     assert isinstance(registry, RegistryFile)
     endpoint = registry.clusters["sophia"].endpoints[0]
-    assert endpoint.endpoint_id == "ep-sophia"
-    assert endpoint.functions.inference == "local:inference"
+    assert endpoint.endpoint_id == EP_SOPHIA
+    assert endpoint.functions.inference == INFERENCE
     assert endpoint.allowed_groups == []
     assert registry.clusters["sophia"].maintenance is False
 
@@ -81,9 +87,12 @@ def test_a_minimal_file_loads(tmp_path: Path) -> None:
          "gpus"),
         (VALID.replace("        models: [m1]\n", "        models: [m1]\n        replicas: 2\n"),
          "replicas"),
-        (VALID.replace("        endpoint_id: ep-sophia\n", ""), "endpoint_id"),
+        (VALID.replace(f"        endpoint_id: {EP_SOPHIA}\n", ""), "endpoint_id"),
+        (VALID.replace(EP_SOPHIA, "local-sophia-vllm"), "not a Globus Compute id"),
+        (VALID.replace(INFERENCE, "local:inference"), "inference: 'local:inference' is not"),
+        (VALID.replace(EP_SOPHIA, EP_SOPHIA.upper()), f"in lowercase: '{EP_SOPHIA}'"),
         (VALID.replace("models: [m1]", "models: []"), "models"),
-        (VALID.replace('          inference: "local:inference"\n', "          qstat: q\n"),
+        (VALID.replace(f'          inference: "{INFERENCE}"\n', "          qstat: q\n"),
          "inference"),
         (VALID.replace("frameworks: [vllm]", "frameworks: []"), "frameworks"),
         ("clusters: {}\n", "clusters"),
@@ -92,6 +101,9 @@ def test_a_minimal_file_loads(tmp_path: Path) -> None:
         "unknown-cluster-key",
         "unknown-endpoint-key",
         "missing-endpoint_id",
+        "endpoint-id-not-a-uuid",
+        "function-id-not-a-uuid",
+        "endpoint-id-in-capitals",
         "empty-models",
         "missing-inference-function",
         "empty-frameworks",
@@ -120,7 +132,7 @@ def test_empty_or_unparsable_file_is_a_registry_file_error(tmp_path: Path, text:
 
 # -- publish and read back --------------------------------------------------------------------
 def test_publish_then_current_round_trips_the_local_registry(aws: None) -> None:
-    rows = publish(load_file(LOCAL_YAML))
+    rows = publish(load_file(LOCAL_YAML, functions=REGISTERED))
 
     assert rows == 2 + 5  # two cluster rows, one row per (framework, model)
     snapshot = Registry.current()
@@ -136,14 +148,14 @@ def test_publish_then_current_round_trips_the_local_registry(aws: None) -> None:
     ]
     assert snapshot.models() == sorted({LLAMA_8B, LLAMA_70B, EMBEDDING, LLAMA_1B})
     polaris = next(e for e in snapshot.endpoints if e.cluster == "polaris" and e.model == LLAMA_8B)
-    assert polaris.endpoint_id == "local-polaris-vllm"
-    assert polaris.functions.inference == "local:inference"
+    assert polaris.endpoint_id == POLARIS_ENDPOINT
+    assert polaris.functions.inference == INFERENCE
     assert polaris.limits.max_tokens == 8192
     assert polaris.status == "online"
 
 
 def test_published_rows_use_the_cluster_and_framework_model_keys(aws: None) -> None:
-    publish(load_file(LOCAL_YAML))
+    publish(load_file(LOCAL_YAML, functions=REGISTERED))
 
     keys = sorted((row.cluster, row.key) for row in RegistryEntry.scan())
 
@@ -180,7 +192,7 @@ def test_current_is_cached_until_invalidated(aws: None, tmp_path: Path) -> None:
     first = Registry.current()
     assert Registry.current() is first
 
-    publish(load_file(LOCAL_YAML))
+    publish(load_file(LOCAL_YAML, functions=REGISTERED))
     assert Registry.current() is first  # within registry_cache_seconds
 
     Registry.invalidate()
@@ -190,10 +202,10 @@ def test_current_is_cached_until_invalidated(aws: None, tmp_path: Path) -> None:
 def test_same_model_twice_on_one_cluster_and_framework_is_rejected(tmp_path: Path) -> None:
     second = (
         "      - framework: vllm\n"
-        "        endpoint_id: ep-sophia-2\n"
+        f"        endpoint_id: {EP_SOPHIA_2}\n"
         "        models: [m1]\n"
         "        functions:\n"
-        '          inference: "local:inference"\n'
+        f'          inference: "{INFERENCE}"\n'
     )
     path = write(tmp_path, VALID + second)
 
@@ -213,7 +225,7 @@ def test_errors_give_the_line_of_the_offending_field(tmp_path: Path) -> None:
         "      - framework: vllm\n"
         "        models: [m1]\n"
         "        functions:\n"
-        '          inference: "local:inference"\n'
+        f'          inference: "{INFERENCE}"\n'
         "        colour: blue\n"
     )
     with pytest.raises(RegistryFileError) as raised:
@@ -221,3 +233,25 @@ def test_errors_give_the_line_of_the_offending_field(tmp_path: Path) -> None:
     lines = str(raised.value).splitlines()
     assert f"{path}:5: clusters.sophia.endpoints.0.endpoint_id: Field required" in lines
     assert any(line.startswith(f"{path}:9: clusters.sophia.endpoints.0.colour:") for line in lines)
+
+
+def test_the_local_registry_needs_the_ids_registered_at_start() -> None:
+    """It names no functions: they are the UUIDs the stand-in gives at each start."""
+    with pytest.raises(RegistryFileError) as bad:
+        load_file(LOCAL_YAML)
+    assert "functions: Field required" in str(bad.value)
+
+
+def test_registered_ids_replace_those_the_file_names(tmp_path: Path) -> None:
+    other = {**REGISTERED, "inference": "f0000000-0000-4000-8000-00000000000f"}
+
+    loaded = load_file(write(tmp_path, VALID), functions=other)
+
+    assert loaded.clusters["sophia"].endpoints[0].functions.model_dump() == other
+
+
+def test_a_bad_id_names_its_line(tmp_path: Path) -> None:
+    path = write(tmp_path, VALID.replace(EP_SOPHIA, "local-sophia-vllm"))
+    with pytest.raises(RegistryFileError) as bad:
+        load_file(path)
+    assert str(bad.value).startswith(f"{path}:6: clusters.sophia.endpoints.0.endpoint_id:")

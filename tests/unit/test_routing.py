@@ -466,8 +466,8 @@ def test_registry_file_accepts_model_allowed_domains() -> None:
     config = EndpointConfig(
         framework="vllm",
         models=[MODEL],
-        endpoint_id="e",
-        functions=FunctionIds(inference="local:inference"),
+        endpoint_id="0c0ffee0-0000-4000-8000-0000000000a1",
+        functions=FunctionIds(inference="f0000000-0000-4000-8000-000000000001"),
         allowed_domains=["anl.gov"],
     )
 
@@ -543,7 +543,7 @@ def test_excluded_endpoint_is_skipped_and_the_reason_says_so() -> None:
     route = choose(reg, ALICE, MODEL, exclude=frozenset({"polaris-vllm"}))
 
     assert route.endpoint.cluster == "sophia"
-    assert "polaris-vllm refused the submit" in route.reason
+    assert "after polaris refused the submit" in route.reason
 
 
 def test_every_endpoint_excluded_is_503_naming_the_refusals() -> None:

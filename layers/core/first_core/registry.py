@@ -9,11 +9,20 @@ from __future__ import annotations
 
 import threading
 import time
+import uuid
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from first_core.settings import get_settings
 from first_core.tables import RegistryEntry, iter_registry
@@ -25,8 +34,20 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def _compute_id(value: str) -> str:
+    """Globus Compute ids are UUIDs, written lowercase: the SDK looks up its own answer by the
+    string it was given, and the service sends it back lowercase."""
+    try:
+        canonical = str(uuid.UUID(value))
+    except ValueError:
+        raise ValueError(f"'{value}' is not a Globus Compute id (a UUID)") from None
+    if value != canonical:
+        raise ValueError(f"write the Globus Compute id in lowercase: '{canonical}'")
+    return value
+
+
 class FunctionIds(_Strict):
-    """Globus Compute function ids registered on the endpoint (`local:NAME` on the local stack)."""
+    """Globus Compute function ids registered for the endpoint (`compute_funcs.register`)."""
 
     inference: str
     streaming: str | None = None
@@ -54,6 +75,21 @@ class EndpointConfig(_Strict):
     # `batch_endpoint_id` (a cluster's batch queue), or on `endpoint_id` when it names none.
     batches: bool = False
     batch_endpoint_id: str | None = None
+
+    @field_validator("endpoint_id", "batch_endpoint_id")
+    @classmethod
+    def _endpoint_ids_are_uuids(cls, value: str | None) -> str | None:
+        return None if value is None else _compute_id(value)
+
+    @field_validator("functions")
+    @classmethod
+    def _function_ids_are_uuids(cls, value: FunctionIds) -> FunctionIds:
+        for name, function_id in value.model_dump(exclude_none=True).items():
+            try:
+                _compute_id(function_id)
+            except ValueError as error:
+                raise ValueError(f"{name}: {error}") from None
+        return value
 
     @model_validator(mode="after")
     def _batches_need_the_function(self) -> EndpointConfig:
@@ -98,11 +134,18 @@ class RegistryFileError(ValueError):
     pass
 
 
-def load_file(path: str | Path) -> RegistryFile:
-    """The registry file, validated; errors name the file, the line and the field."""
+def load_file(path: str | Path, functions: Mapping[str, str] | None = None) -> RegistryFile:
+    """The registry file, validated; errors name the file, the line and the field.
+
+    `functions`: ids just registered (name → id), put on every endpoint over what the file says,
+    as `compute_funcs.register --write` would write them (the local stack registers at start).
+    """
     text = Path(path).read_text()
     try:
-        return RegistryFile.model_validate(yaml.safe_load(text))
+        document = yaml.safe_load(text)
+        if functions:
+            _put_functions(document, functions)
+        return RegistryFile.model_validate(document)
     except yaml.YAMLError as error:
         raise RegistryFileError(f"{path}: {error}") from None
     except ValidationError as error:
@@ -113,6 +156,14 @@ def load_file(path: str | Path) -> RegistryFile:
             for problem in error.errors(include_url=False)
         ]
         raise RegistryFileError("\n".join(problems)) from None
+
+
+def _put_functions(document: Any, functions: Mapping[str, str]) -> None:
+    clusters = document.get("clusters") if isinstance(document, dict) else None
+    for cluster in (clusters or {}).values():
+        for endpoint in (cluster or {}).get("endpoints") or []:
+            if isinstance(endpoint, dict):
+                endpoint["functions"] = {**(endpoint.get("functions") or {}), **functions}
 
 
 def _line_of(node: yaml.Node | None, loc: tuple[int | str, ...]) -> int:

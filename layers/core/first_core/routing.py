@@ -165,7 +165,8 @@ def choose(
         f"{len(serving)} of {len(candidates)} clusters available"
     )
     if exclude:
-        reason += f"; after {', '.join(sorted(exclude))} refused the submit"
+        refused = {e.cluster for e in candidates if e.endpoint_id in exclude} or exclude
+        reason += f"; after {', '.join(sorted(refused))} refused the submit"
     return Route(endpoint=best, reason=reason)
 
 

@@ -8,7 +8,6 @@ is imported, so no code path branches on "local".
 from __future__ import annotations
 
 from functools import lru_cache
-from typing import Literal
 
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -57,7 +56,6 @@ class Settings(BaseSettings):
     public_base_url: str = "http://127.0.0.1:8000"
     callback_secret: SecretStr = SecretStr("")
 
-    compute_backend: Literal["local", "globus"] = "local"
     # How long the proxy waits for a result before answering 504 with the request id.
     result_wait_seconds: float = 300.0
     # A stream's headers wait this long for its first event, so that a stream vLLM refuses at

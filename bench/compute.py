@@ -55,16 +55,22 @@ def main() -> None:
             GLOBUS_SDK_SERVICE_URL_COMPUTE=state["globus_compute_url"],
             GLOBUS_COMPUTE_USER_DIR=tempfile.mkdtemp(prefix="bench-compute-"),
         )
+        import globus_sdk
         from globus_compute_sdk.serialize import DillCodeSource
+        from globus_sdk.scopes import ComputeScopes
 
         from first_core.compute import globus_client
 
         client = globus_client(code_serialization_strategy=DillCodeSource())
         endpoint = state["compute_endpoints"]["sophia"]
         function = client.register_function(noop)
-        token = client._compute_web_client.v2.authorizer.get_authorization_header()
+        auth = globus_sdk.ConfidentialAppAuthClient(
+            state["compute_client_id"], state["compute_client_secret"]
+        )
+        grant = auth.oauth2_client_credentials_tokens(requested_scopes=ComputeScopes.all)
+        token = grant.data["access_token"]
         http = httpx.Client(
-            base_url=state["globus_compute_url"], headers={"Authorization": token}
+            base_url=state["globus_compute_url"], headers={"Authorization": f"Bearer {token}"}
         )
 
         def run() -> str:
@@ -83,7 +89,7 @@ def main() -> None:
         payload = body.prepare()
         calls: dict[str, Callable[[], Any]] = {
             "SDK run (submit)": run,
-            "SDK get_task (finished)": lambda: client._compute_web_client.v2.get_task(finished),
+            "SDK v2.get_task (finished)": lambda: client._compute_web_client.v2.get_task(finished),
             "SDK get_endpoint_status": lambda: client.get_endpoint_status(endpoint),
             "HTTP POST submit": lambda: http.post(
                 f"/v3/endpoints/{endpoint}/submit", json=payload

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -35,6 +36,7 @@ def api(path: str, **options: Any) -> Callable[[Callable[..., Any]], Callable[..
     def register(view: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(view)
         def guarded(*args: Any, **kwargs: Any) -> Any:
+            started = time.perf_counter()
             try:
                 answer = view(*args, **kwargs)
             except GatewayError as error:
@@ -50,6 +52,8 @@ def api(path: str, **options: Any) -> Callable[[Callable[..., Any]], Callable[..
                 return Response(internal_error_body(), status_code=500)
             if callback_kind:
                 observability.count("Callbacks", Kind=callback_kind, Outcome="accepted")
+                elapsed_ms = (time.perf_counter() - started) * 1000
+                observability.timing("CallbackMs", elapsed_ms, Kind=callback_kind)
             return answer
 
         return app.route(path, **options)(guarded)
@@ -213,6 +217,19 @@ def reconciler(event: Any) -> dict[str, Any]:
         if report[what]:
             observability.count("Recovered", len(report[what]), What=f"request_{what}")
     return report
+
+
+@app.lambda_function(name="submitter")
+def submitter(event: dict[str, Any], context: Any) -> dict[str, Any]:
+    """Send the requests waiting in the submit queue, one Globus Compute batch per endpoint
+    (first_core.submit_queue). Messages to deliver again are reported as batch item failures
+    (the queue's event source has ReportBatchItemFailures)."""
+    from first_core.submit_queue import submit_waiting
+
+    report = submit_waiting({r["messageId"]: r["body"] for r in event.get("Records", [])})
+    if report.submitted:
+        observability.count("Submitted", len(report.submitted), What="queued")
+    return {"batchItemFailures": [{"itemIdentifier": m} for m in report.retry]}
 
 
 @api("/resource_server/v1/list-endpoints", methods=["GET"])

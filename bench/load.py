@@ -363,6 +363,20 @@ def report(result: LoadResult, check: TableCheck) -> list[str]:
     return lines
 
 
+def compute_lines(before: dict[str, Any], after: dict[str, Any], answered: int) -> list[str]:
+    """What the Globus Compute stand-in saw during the run."""
+    submits = "POST /v3/endpoints/{endpoint_id}/submit"
+    calls = after["total"] - before["total"]
+    sent = after["routes"].get(submits, 0) - before["routes"].get(submits, 0)
+    busiest = after["busiest_window"]
+    return [
+        f"Globus Compute (stand-in, limit {after['limit']}): {calls} API calls, {sent} submits "
+        f"for {after['tasks'] - before['tasks']} tasks ({sent / max(answered, 1):.2f} submits "
+        f"per answered request), {after['throttled'] - before['throttled']} answered 429; "
+        f"busiest {busiest['seconds']:g} s of the whole stack's life: {busiest['calls']} calls",
+    ]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--requests", type=int, default=300)
@@ -375,12 +389,26 @@ def main() -> None:
         default="0",
         help="Globus Compute's API limit on the stand-in (N/S; default 0: none)",
     )
+    parser.add_argument(
+        "--one-call-per-request",
+        action="store_true",
+        help="no API budget and no submit queue: every request submits at once and the SDK "
+        "retries what the service refuses (how the gateway worked before batching)",
+    )
     args = parser.parse_args()
+
+    import json
+    import urllib.request
 
     from first_local.stack import stack_process
 
+    env = {"FIRST_TABLE_PREFIX": TABLE_PREFIX}
+    if args.one_call_per_request:
+        env["FIRST_COMPUTE_API_CALLS_PER_WINDOW"] = "0"
     options = ("--workers", "4", "--compute-api-limit", args.compute_api_limit)
-    with stack_process(*options, env={"FIRST_TABLE_PREFIX": TABLE_PREFIX}) as state:
+    with stack_process(*options, env=env) as state:
+        calls_url = f"{state['globus_compute_url']}/_standin/calls"
+        before = json.load(urllib.request.urlopen(calls_url))
         result = run_load(
             state["base_url"],
             requests=args.requests,
@@ -389,8 +417,12 @@ def main() -> None:
             request_timeout=args.request_timeout,
             run_timeout=args.run_timeout,
         )
+        after = json.load(urllib.request.urlopen(calls_url))
         check = check_tables(result, state["aws_endpoint_url"])
-    print("\n".join(report(result, check)))
+    answered = sum(1 for o in result.outcomes if o.kind == "ok")
+    way = "one call per request" if args.one_call_per_request else "budget + submit queue"
+    print(f"submission: {way}")
+    print("\n".join(report(result, check) + compute_lines(before, after, answered)))
     if not check.ok or result.timed_out_run:
         sys.exit(1)
 

@@ -60,6 +60,7 @@ def _dev(args: argparse.Namespace) -> int:
         delay_callbacks=args.delay_callbacks,
         fail_compute=args.fail_compute,
         kill_workers=args.kill_workers,
+        kill_submitter=args.kill_submitter,
         throttle_writes=args.throttle_writes,
         compute_api_limit=args.compute_api_limit,
         endpoint_start_delay=args.endpoint_start_delay,
@@ -206,6 +207,13 @@ def main(argv: list[str] | None = None) -> int:
         type=float,
         default=0.0,
         help="fraction of compute tasks whose worker process is killed mid-task",
+    )
+    faults.add_argument(
+        "--kill-submitter",
+        type=float,
+        default=0.0,
+        help="fraction of the submitter's batches that die after sending, before writing "
+        "their task ids",
     )
     faults.add_argument(
         "--throttle-writes",

@@ -1,8 +1,9 @@
-"""Tables and bucket from `template.yaml`, the one source of truth for storage.
+"""Tables, bucket and queue from `template.yaml`, the one source of truth for storage.
 
-The local stack (`LocalStack.provision`) and the unit tests create their DynamoDB tables and the
-results bucket from the template's own resource properties, so what runs here has exactly the
-keys, indexes, TTL attributes and bucket rules that a deploy creates on AWS.
+The local stack (`LocalStack.provision`) and the unit tests create their DynamoDB tables, the
+results bucket and the submit queue from the template's own resource properties, so what runs
+here has exactly the keys, indexes, TTL attributes, bucket rules and queue settings that a
+deploy creates on AWS.
 
 Table names: the template names every table `!Sub "first-${Stage}-<name>"` and sets
 `FIRST_TABLE_PREFIX: !Sub "first-${Stage}-"` on every function; pynamodb's name is
@@ -12,6 +13,7 @@ Table names: the template names every table `!Sub "first-${Stage}-<name>"` and s
 from __future__ import annotations
 
 import contextlib
+import json
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -203,3 +205,51 @@ def create_bucket(s3: Any, template_path: str | Path = TEMPLATE, name: str = "")
             LifecycleConfiguration={"Rules": [_lifecycle_rule(r, template) for r in lifecycle]},
         )
     return name
+
+
+def queue_resources(template: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Each AWS::SQS::Queue: logical id -> properties."""
+    return {
+        logical_id: resource.get("Properties", {})
+        for logical_id, resource in template["Resources"].items()
+        if resource.get("Type") == "AWS::SQS::Queue"
+    }
+
+
+def create_queue(
+    sqs: Any,
+    template_path: str | Path = TEMPLATE,
+    name: str = "",
+    visibility_timeout: int | None = None,
+) -> str:
+    """Create the submit queue `name` and its dead-letter queue `{name}-dead` with the template's
+    attributes (retention, receives before a message is dead); returns the queue's URL.
+
+    `visibility_timeout` replaces the template's (a local stack has no Lambda timeout to
+    outlast, and wants a message whose submitter died back in seconds)."""
+    template = _cached(str(Path(template_path).resolve()))
+    queues = queue_resources(template)
+    redriven = [q for q in queues.values() if "RedrivePolicy" in q]
+    if len(redriven) != 1:
+        raise TemplateError(f"expected one queue with a RedrivePolicy, found {len(redriven)}")
+    queue = redriven[0]
+    target = queue["RedrivePolicy"]["deadLetterTargetArn"]["Fn::GetAtt"][0]
+    dead = queues[target]
+    dead_url = sqs.create_queue(
+        QueueName=f"{name}-dead",
+        Attributes={"MessageRetentionPeriod": str(dead["MessageRetentionPeriod"])},
+    )["QueueUrl"]
+    dead_arn = sqs.get_queue_attributes(QueueUrl=dead_url, AttributeNames=["QueueArn"])[
+        "Attributes"
+    ]["QueueArn"]
+    redrive = {
+        "deadLetterTargetArn": dead_arn,
+        "maxReceiveCount": str(queue["RedrivePolicy"]["maxReceiveCount"]),
+    }
+    timeout = queue["VisibilityTimeout"] if visibility_timeout is None else visibility_timeout
+    attributes = {
+        "VisibilityTimeout": str(timeout),
+        "MessageRetentionPeriod": str(queue["MessageRetentionPeriod"]),
+        "RedrivePolicy": json.dumps(redrive),
+    }
+    return str(sqs.create_queue(QueueName=name, Attributes=attributes)["QueueUrl"])

@@ -60,6 +60,8 @@ class StackOptions:
     delay_callbacks: float = 0.0
     fail_compute: float = 0.0
     kill_workers: float = 0.0
+    # A fraction of the submitter's batches that die after sending (first_local.queue_source).
+    kill_submitter: float = 0.0
     throttle_writes: float = 0.0
     # Globus Compute's API limit per client identity, as `N/S` (the service's 20/10), or "0".
     compute_api_limit: str = "20/10"
@@ -195,12 +197,34 @@ class LocalStack:
             "GLOBUS_COMPUTE_USER_DIR": tempfile.mkdtemp(prefix="first-globus-compute-"),
             # The dev pipeline's client identity may call the gateway as a service account.
             "FIRST_SERVICE_ACCOUNTS": json.dumps([DEV_SERVICE_CLIENT_ID]),
+            # Globus Compute's API budget, within the stand-in's limit (first_core.budget), and
+            # the queue of requests it cannot submit at once. A budget in the environment wins
+            # (0: none, every request submitted at once: how the gateway worked before).
+            **self._budget_env(),
+            "FIRST_SUBMIT_QUEUE_URL": self.submit_queue_url,
+            # The local submitter runs for well under a second; a stale claim is one it lost.
+            "FIRST_SUBMIT_CLAIM_SECONDS": "5",
             **self.options.extra_env,
         }
 
     @property
     def compute_url(self) -> str:
         return f"http://127.0.0.1:{self.compute_port}"
+
+    @property
+    def submit_queue_url(self) -> str:
+        # moto's account id, and the name the template gives the queue for the stage `local`.
+        return f"http://127.0.0.1:{self.moto_port}/123456789012/first-local-submit"
+
+    def _budget_env(self) -> dict[str, str]:
+        from first_local.compute_standin.limits import ApiLimit
+
+        calls, window = ApiLimit.parse(self.options.compute_api_limit).budget()
+        variables = {
+            "FIRST_COMPUTE_API_CALLS_PER_WINDOW": str(calls),
+            "FIRST_COMPUTE_API_WINDOW_SECONDS": str(window or 1.0),
+        }
+        return {name: os.environ.get(name, value) for name, value in variables.items()}
 
     def start_children(self, registry: RegistryFile) -> None:
         python = sys.executable
@@ -303,14 +327,20 @@ class LocalStack:
         self.children.append(child)
 
     def provision(self) -> None:
-        """Tables and bucket as template.yaml declares them, then the functions registered with
-        Globus Compute and the registry carrying their ids."""
+        """Tables, bucket and submit queue as template.yaml declares them, then the functions
+        registered with Globus Compute and the registry carrying their ids."""
         import boto3
 
         from compute_funcs.register import make_client, register_all
+        from first_core import budget
         from first_core.registry import load_file, publish
         from first_core.settings import get_settings
-        from first_local.provision import TEMPLATE, create_bucket, create_tables_from_template
+        from first_local.provision import (
+            TEMPLATE,
+            create_bucket,
+            create_queue,
+            create_tables_from_template,
+        )
 
         settings = get_settings()
         where = {"region_name": settings.aws_region, "endpoint_url": settings.aws_endpoint_url}
@@ -318,6 +348,14 @@ class LocalStack:
             boto3.client("dynamodb", **where), TEMPLATE, settings.table_prefix
         )
         create_bucket(boto3.client("s3", **where), TEMPLATE, settings.results_bucket)
+        # A message whose submitter died comes back in seconds, not the template's 2 minutes.
+        queue = create_queue(boto3.client("sqs", **where), TEMPLATE, "first-local-submit", 5)
+        assert queue == settings.submit_queue_url, (queue, settings.submit_queue_url)
+        # Registration is Globus Compute calls too: a version check and one per function (at
+        # the submitter's priority: nothing else runs yet).
+        with budget.priority(budget.Priority.SUBMITTER):
+            for _ in range(len(FUNCTIONS) + 1):
+                budget.spend()
         functions = register_all(make_client())
         publish(load_file(self.options.registry, functions=functions))
 
@@ -329,6 +367,15 @@ class LocalStack:
         get_backend()
         if self.fault_proxy is not None:
             self.fault_proxy.start()
+
+    def start_submitter(self) -> None:
+        """The submit queue's consumer (on AWS the submitter function behind an SQS event
+        source mapping), as a thread of this process."""
+        from first_local.queue_source import SubmitQueueSource
+
+        self.submitter = SubmitQueueSource(
+            self.submit_queue_url, kill=self.options.kill_submitter
+        ).start()
 
     def start_reconciler(self) -> None:
         """The scheduled reconciler and batch driver, as a thread of this process (on AWS,
@@ -414,6 +461,7 @@ class LocalStack:
             self.start_compute()
             self.start_reconciler()
             if self.options.join is None:
+                self.start_submitter()
                 self.start_health_poller()
             self.write_state()
             from first_local.server import GatewayServer
@@ -483,6 +531,9 @@ class LocalStack:
         health_stop = getattr(self, "_health_stop", None)
         if health_stop is not None:
             health_stop.set()
+        submitter = getattr(self, "submitter", None)
+        if submitter is not None:
+            submitter.stop()
         for child in self.children:
             child.terminate()
         for child in self.children:

@@ -8,6 +8,7 @@ import json
 import time
 import urllib.request
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -92,42 +93,74 @@ def test_the_gateways_calls_are_counted_by_route_and_client(stack: Stack) -> Non
     assert isinstance(after["throttled"], int) and after["limit"] == "0"
 
 
-# ---------------------------------------------------------------- --compute-api-limit N/S
+# ---------------------------------------------------------------- --compute-api-limit 20/10
 
 
 @pytest.fixture(scope="module")
-def limited(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    """The service's limit made small (5 calls per 2 s), nothing in the background."""
+def at_the_limit(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """The service's own limit, and every batch the submitter sends dies before it writes a
+    task id (`--kill-submitter 1`): only the claims and the reconciler stand between that and
+    lost or doubled requests."""
+    log = tmp_path_factory.mktemp("limit") / "stack.log"
     with stack_process(
         "--workers",
-        "1",
+        "2",
         "--compute-api-limit",
-        "5/2",
+        "20/10",
+        "--kill-submitter",
+        "1",
         "--health-every",
         "0",
         "--reconcile-every",
-        "0",
+        "1",
+        "--reconcile-grace",
+        "1",
+        "--result-wait",
+        "60",
         env=STACK_ENV,
-        log=tmp_path_factory.mktemp("limited") / "stack.log",
+        log=log,
     ) as state:
-        yield Stack(state["base_url"], state)
+        yield Stack(state["base_url"], {**state, "log": str(log)})
 
 
-def test_past_the_api_limit_the_service_says_429_and_the_sdk_waits(limited: Stack) -> None:
-    """Each request costs one submit; past 5 in 2 s the service answers 429 with Retry-After
-    and the SDK sleeps and retries: every request is answered, later."""
-    before = standin(limited, "/_standin/calls")
-    started = time.monotonic()
+def test_past_the_budget_requests_queue_and_all_complete_once(at_the_limit: Stack) -> None:
+    """40 requests at once, half streamed: far more than 20 calls in 10 s would allow one by
+    one. The budget submits a few at once and queues the rest; the submitter sends them in
+    batches (and dies after each); every request completes exactly once, the service never
+    answered 429, and it ran exactly one task per request."""
+    stack = at_the_limit
+    before = standin(stack, "/_standin/calls")
+    client = stack.client()
 
-    replies = [chat(limited) for _ in range(12)]
+    def one(index: int) -> str:
+        messages: Any = [{"role": "user", "content": f"question {index}"}]
+        if index % 2:
+            with client.chat.completions.with_streaming_response.create(
+                model=MODEL, messages=messages, max_tokens=6, stream=True
+            ) as response:
+                text = "".join(
+                    c.choices[0].delta.content or "" for c in response.parse() if c.choices
+                )
+                assert text
+                return str(response.headers["x-first-request-id"])
+        raw = client.chat.completions.with_raw_response.create(
+            model=MODEL, messages=messages, max_tokens=6
+        )
+        assert raw.parse().choices[0].message.content
+        return str(raw.headers["x-first-request-id"])
 
-    assert all(r.parse().choices[0].message.content for r in replies)
-    after = standin(limited, "/_standin/calls")
-    assert after["limit"] == "5/2"
-    assert after["routes"][SUBMIT] - before["routes"].get(SUBMIT, 0) >= 12
-    assert after["throttled"] > before["throttled"]
-    # 12 submits at 5 per 2 s (plus the start's calls in the first window) take a while.
-    assert time.monotonic() - started > 2.0
+    with ThreadPoolExecutor(20) as pool:
+        request_ids = list(pool.map(one, range(40)))
+
+    after = standin(stack, "/_standin/calls")
+    assert after["throttled"] == before["throttled"] == 0
+    assert after["tasks"] - before["tasks"] == 40  # one task per request: none sent twice
+    assert after["routes"][SUBMIT] - before["routes"].get(SUBMIT, 0) < 40  # batched
+    for request_id in request_ids:
+        item = stack.item("requests", request_id)
+        assert item is not None and item["status"] == "completed", item
+    # The submitter did die: requests were queued, and every batch it sent was cut short.
+    assert "submitter: killed" in Path(stack.state["log"]).read_text()
 
 
 # ---------------------------------------------------------------- --endpoint-start-delay S

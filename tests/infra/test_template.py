@@ -53,7 +53,13 @@ TABLE_ACCESS = {
         "files": "crud",
         "batches": "crud",
     },
-    "HealthPollerFunction": {"registry": "crud"},
+    "HealthPollerFunction": {"registry": "crud", "rate_counters": "crud"},
+    "SubmitterFunction": {
+        "requests": "crud",
+        "results": "crud",
+        "rate_counters": "crud",
+        "usage": "crud",
+    },
     "ReconcilerFunction": {
         "requests": "crud",
         "results": "crud",
@@ -76,7 +82,8 @@ READ_WRITE_DELETE = {"s3:PutObject", "s3:GetObject", "s3:DeleteObject"}
 S3_ACCESS: dict[str, dict[str, set[str]]] = {
     "ReconcilerFunction": {"results/*": READ_WRITE_DELETE},
     "HealthPollerFunction": {},
-    "ProxyFunction": {"results/*": {"s3:GetObject"}},
+    "ProxyFunction": {"results/*": {"s3:GetObject"}, "queued/*": {"s3:PutObject"}},
+    "SubmitterFunction": {"queued/*": {"s3:GetObject"}},
     "ControlPlaneFunction": {
         "results/*": READ_WRITE_DELETE,
         "files/*": READ_WRITE_DELETE,
@@ -89,6 +96,21 @@ S3_ACCESS: dict[str, dict[str, set[str]]] = {
         "list": {"files/*", "batches/*"},
     },
 }
+# What each function may do with the submit queue: the proxy sends, the submitter's event
+# source (SAM's SQS poller policy) receives and deletes.
+SQS_ACCESS: dict[str, dict[str, set[str]]] = {
+    "ProxyFunction": {"first-dev-submit": {"sqs:SendMessage*"}},
+    "SubmitterFunction": {
+        "first-dev-submit": {
+            "sqs:ChangeMessageVisibility",
+            "sqs:ChangeMessageVisibilityBatch",
+            "sqs:DeleteMessage",
+            "sqs:DeleteMessageBatch",
+            "sqs:GetQueueAttributes",
+            "sqs:ReceiveMessage",
+        }
+    },
+}
 # Functions that submit to or look up tasks in Globus Compute (the SDK reads its client
 # credentials from GLOBUS_COMPUTE_CLIENT_ID/SECRET and writes state under GLOBUS_COMPUTE_USER_DIR).
 GLOBUS_COMPUTE_FUNCTIONS = [
@@ -97,9 +119,10 @@ GLOBUS_COMPUTE_FUNCTIONS = [
     "first-dev-reconciler",
     "first-dev-health",
     "first-dev-batch-driver",
+    "first-dev-submitter",
 ]
-# Created by CloudFormation on AWS; moto skips it with a warning.
-MOTO_SKIPS = {"AWS::S3::BucketPolicy"}
+# Created by CloudFormation on AWS; moto skips them with a warning.
+MOTO_SKIPS = {"AWS::S3::BucketPolicy", "AWS::CloudWatch::Alarm"}
 
 
 # ------------------------------------------------------------------ lint
@@ -253,6 +276,7 @@ def test_provisioning_creates_the_template_storage(template: dict[str, Any]) -> 
             "results/": defaults["ResultRetentionDays"]["Default"],
             "files/": defaults["BatchRetentionDays"]["Default"],
             "batches/": defaults["BatchRetentionDays"]["Default"],
+            "queued/": 1,
         }
         encryption = s3.get_bucket_encryption(Bucket="probe-bucket")
         rule = encryption["ServerSideEncryptionConfiguration"]["Rules"][0]
@@ -476,6 +500,7 @@ def _function_env(deployed: dict[str, Any], name: str) -> tuple[dict[str, Any], 
         ("first-dev-reconciler", "app.reconciler", 512, 120),
         ("first-dev-health", "app.health_poller", 512, 300),
         ("first-dev-batch-driver", "app.batch_driver", 512, 120),
+        ("first-dev-submitter", "app.submitter", 512, 60),
     ],
 )
 def test_functions_carry_exactly_the_settings_the_code_reads(
@@ -582,6 +607,7 @@ def test_each_role_reaches_only_the_tables_and_objects_its_function_uses(
     ]
     access: dict[str, set[str]] = {}
     s3_actions: dict[str, set[str]] = {}
+    sqs_actions: dict[str, set[str]] = {}
     bucket = deployed["outputs"]["ResultsBucketName"]
     for policy_name in iam.list_role_policies(RoleName=role)["PolicyNames"]:
         document = iam.get_role_policy(RoleName=role, PolicyName=policy_name)["PolicyDocument"]
@@ -598,7 +624,13 @@ def test_each_role_reaches_only_the_tables_and_objects_its_function_uses(
             ]
             assert "*" not in arns
             services = {a.split(":")[0] for a in actions}
-            assert services in ({"dynamodb"}, {"s3"}), actions
+            assert services in ({"dynamodb"}, {"s3"}, {"sqs"}), actions
+            if services == {"sqs"}:
+                for arn in arns:
+                    queue = re.fullmatch(r"arn:aws:sqs:us-east-1:\d{12}:(.+)", arn)
+                    assert queue, arn
+                    sqs_actions.setdefault(queue.group(1), set()).update(actions)
+                continue
             if services == {"s3"}:
                 if actions == ["s3:ListBucket"]:
                     # Listing, only so that S3 says 404 for a missing object: on the bucket,
@@ -622,6 +654,7 @@ def test_each_role_reaches_only_the_tables_and_objects_its_function_uses(
     }
     assert kinds == TABLE_ACCESS[function]
     assert s3_actions == S3_ACCESS[function]
+    assert sqs_actions == SQS_ACCESS.get(function, {})
 
 
 def test_the_tables_exist_with_the_models_keys(deployed: dict[str, Any]) -> None:

@@ -33,6 +33,8 @@ from tests.asgi_server import serve
 def _fresh_caches(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """In-memory state of the core modules must not leak from one test into the next."""
     Registry.invalidate()
+    # No Globus Compute API budget unless a test is about it (tests/unit/test_budget.py).
+    monkeypatch.setattr(get_settings(), "compute_api_calls_per_window", 0)
     monkeypatch.setattr(first_core.auth, "_authenticator", None)
     # The SDK must talk to the real Globus URLs, which `responses` intercepts in the tests.
     for service in ("AUTH", "GROUPS", "COMPUTE"):

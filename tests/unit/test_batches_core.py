@@ -62,6 +62,9 @@ class FakeBackend:
         self.asked.append(task_id)
         return self.states.get(task_id, TaskState("unknown", error="no such task"))
 
+    def task_states(self, task_ids: list[str]) -> dict[str, TaskState]:
+        return {task_id: self.task_state(task_id) for task_id in task_ids}
+
     def endpoint_status(self, endpoint_id: str) -> str:
         return "online"
 
@@ -573,20 +576,42 @@ def test_drive_looks_only_at_open_batches(backend: FakeBackend) -> None:
     assert load(ended).status == "completed" and load(running).status == "in_progress"
 
 
-def test_drive_keeps_going_after_one_bad_batch(backend: FakeBackend) -> None:
+def test_drive_keeps_going_after_one_bad_batch(
+    backend: FakeBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
     first = create(upload().file_id)
     second = create(upload().file_id)
+    backend.states["task-1"] = TaskState("success", result=done_report(first))
+    backend.states["task-2"] = TaskState("success", result=done_report(second))
+    real_finalize = batch_driver.finalize
 
-    def task_state(task_id: str) -> TaskState:
-        if task_id == "task-1":
-            raise RuntimeError("Globus is flaky")
-        return TaskState("success", result=done_report(second))
+    def finalize(record: BatchRecord, event: Any) -> bool:
+        if record.batch_id == first:
+            raise RuntimeError("S3 is flaky")
+        return real_finalize(record, event)
 
-    backend.task_state = task_state  # type: ignore[method-assign]
+    monkeypatch.setattr(batch_driver, "finalize", finalize)
     report = batch_driver.drive(backend=backend)
     assert report.checked == 2 and report.finalized == [second]
     assert len(report.errors) == 1 and report.errors[0].startswith(first)
     assert load(first).status == "in_progress"
+
+
+def test_drive_looks_up_every_task_in_one_call_and_reports_a_failed_lookup(
+    backend: FakeBackend,
+) -> None:
+    batches = [create(upload().file_id) for _ in range(2)]
+    calls: list[list[str]] = []
+
+    def task_states(task_ids: list[str]) -> dict[str, TaskState]:
+        calls.append(task_ids)
+        raise RuntimeError("Globus is flaky")
+
+    backend.task_states = task_states  # type: ignore[method-assign]
+    report = batch_driver.drive(backend=backend)
+    assert calls == [["task-1", "task-2"]]
+    assert report.checked == 0 and report.errors == ["task states: RuntimeError: Globus is flaky"]
+    assert {load(b).status for b in batches} == {"in_progress"}
 
 
 def test_drive_resubmits_through_the_backend_it_was_given(

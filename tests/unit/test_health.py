@@ -64,6 +64,9 @@ class FakeBackend:
     def task_state(self, task_id: str) -> TaskState:
         return self._tasks[task_id]
 
+    def task_states(self, task_ids: list[str]) -> dict[str, TaskState]:
+        return {task_id: self.task_state(task_id) for task_id in task_ids}
+
 
 @pytest.fixture
 def registry_table(aws: None) -> None:

@@ -36,6 +36,9 @@ class FakeBackend:
         self.asked.append(task_id)
         return self.states.get(task_id, TaskState("unknown", error="no such task"))
 
+    def task_states(self, task_ids: list[str]) -> dict[str, TaskState]:
+        return {task_id: self.task_state(task_id) for task_id in task_ids}
+
 
 def new_request(task_id: str | None, *, stream: bool = False) -> str:
     request_id = records.new_request_id()

@@ -30,6 +30,15 @@ class ApiLimit:
             raise ValueError(f"not a limit: {text!r} (N/S, or 0)")
         return limit
 
+    def budget(self) -> tuple[int, float]:
+        """The gateway's budget (first_core.budget) that never exceeds this limit: `calls` per
+        fixed `window` of `seconds / k`, where a sliding `seconds` overlaps k + 1 windows, so
+        calls = requests // (k + 1); k up to 5 (20/10 gives 3 calls per 2 s). 0 calls: none."""
+        if not self.requests:
+            return 0, 0.0
+        k = max(1, min(5, self.requests - 1))
+        return max(1, self.requests // (k + 1)), self.seconds / k
+
     def __str__(self) -> str:
         return f"{self.requests}/{self.seconds:g}" if self.requests else "0"
 

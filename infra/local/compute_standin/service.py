@@ -15,6 +15,7 @@ The routes the Client uses, with the shapes the service sends (facts and citatio
     POST /v2/batch_status                {"response": "batch", "results": {task_id: doc}}
     GET  /v2/endpoints/{endpoint_id}/status
                                          {"status": "online", "details": heartbeat} | offline
+    GET  /v2/taskgroup/{task_group_id}   {"taskgroup_id", "tasks": [{"id", "created_at"}]}
 
 Every call needs a Globus Auth token for the Compute scope (the Auth stand-in's
 `client_credentials` grant) and counts against the service's documented limit of 20 API
@@ -37,6 +38,7 @@ import time
 import uuid
 from collections import Counter
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -103,10 +105,13 @@ class ComputeService:
     token_secret: str | None = None
     functions: dict[str, dict[str, Any]] = field(default_factory=dict)
     tasks: dict[str, TaskRecord] = field(default_factory=dict)
+    groups: dict[str, list[tuple[str, str]]] = field(default_factory=dict)  # id → (task, when)
     endpoints: dict[str, LocalEndpoint] = field(default_factory=dict)
     by_route: Counter[str] = field(default_factory=Counter)
     by_client: Counter[str] = field(default_factory=Counter)
     throttled: int = 0
+    # When each client's calls came (monotonic), to report the busiest window.
+    stamps: dict[str, list[float]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self._window = SlidingWindow(self.limit)
@@ -200,6 +205,8 @@ class ComputeService:
                     self.tasks[task_id] = TaskRecord(
                         task_id, endpoint.endpoint_id, function_id, group, "waiting-for-ep"
                     )
+                    created = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")
+                    self.groups.setdefault(group, []).append((task_id, created))
                 status = endpoint.submit(QueuedTask(task_id, str(function_id).lower(), packed))
                 self._set_status(task_id, status)
                 ids.append(task_id)
@@ -266,6 +273,7 @@ class ComputeService:
         with self._lock:
             self.by_route[route] += 1
             self.by_client[client] += 1
+            self.stamps.setdefault(client, []).append(time.monotonic())
         wait = self._window.take(client)
         if wait:
             with self._lock:
@@ -287,7 +295,22 @@ class ComputeService:
                 "throttled": self.throttled,
                 "total": sum(self.by_route.values()),
                 "limit": str(self.limit),
+                "tasks": len(self.tasks),
+                "busiest_window": self._busiest_window(),
             }
+
+    def _busiest_window(self) -> dict[str, float]:
+        """The most calls one client made in any sliding window of the limit's length (10 s
+        when there is no limit): what the service would have counted at its worst moment."""
+        seconds = self.limit.seconds if self.limit.requests else 10.0
+        most = 0
+        for stamps in self.stamps.values():
+            start = 0
+            for end, stamp in enumerate(stamps):
+                while stamps[start] <= stamp - seconds:
+                    start += 1
+                most = max(most, end - start + 1)
+        return {"seconds": seconds, "calls": most}
 
 
 class _ApiError(Exception):
@@ -352,6 +375,17 @@ def create_app(service: ComputeService) -> Starlette:
         }
         return {"response": "batch", "results": results}
 
+    async def task_group(request: Request) -> dict[str, Any]:
+        group_id = request.path_params["task_group_id"].lower()
+        tasks = service.groups.get(group_id)
+        if tasks is None:
+            raise _ApiError(404, "TASK_GROUP_NOT_FOUND", "Task group not found")
+        return {
+            "taskgroup_id": group_id,
+            "create_websockets_queue": False,
+            "tasks": [{"id": task_id, "created_at": when} for task_id, when in tasks],
+        }
+
     async def endpoint_status(request: Request) -> dict[str, Any]:
         found = service.endpoints.get(request.path_params["endpoint_id"].lower())
         if found is None:
@@ -395,6 +429,7 @@ def create_app(service: ComputeService) -> Starlette:
         ("GET", "/v2/tasks/{task_id}", task),
         ("POST", "/v2/batch_status", batch_status),
         ("GET", "/v2/endpoints/{endpoint_id}/status", endpoint_status),
+        ("GET", "/v2/taskgroup/{task_group_id}", task_group),
     ]
     return Starlette(
         routes=[

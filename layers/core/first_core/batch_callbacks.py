@@ -20,11 +20,11 @@ from pydantic import BaseModel, ConfigDict, Field
 from pynamodb.exceptions import DoesNotExist
 
 from first_core import files, storage
-from first_core.batches import OPEN_STATES, OUTPUT_NAMES, end, error_entry, update_if
+from first_core.batches import OPEN_STATES, OUTPUT_NAMES, end, error_entry
 from first_core.errors import ConflictError
 from first_core.results import read_callback
 from first_core.settings import get_settings
-from first_core.tables import BatchRecord
+from first_core.tables import BatchRecord, update_if
 
 
 class Counts(BaseModel):

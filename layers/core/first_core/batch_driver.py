@@ -18,11 +18,12 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from first_core import budget
 from first_core.batch_callbacks import BatchEvent, finalize
-from first_core.batches import OPEN_STATES, end, error_entry, submit, update_if
-from first_core.compute import ComputeBackend, get_backend
+from first_core.batches import OPEN_STATES, end, error_entry, submit
+from first_core.compute import ComputeBackend, TaskState, get_backend
 from first_core.settings import get_settings
-from first_core.tables import BatchRecord
+from first_core.tables import BatchRecord, update_if
 
 log = logging.getLogger("first.batches")
 
@@ -40,21 +41,39 @@ class DriveReport:
 
 
 def drive(now: float | None = None, backend: ComputeBackend | None = None) -> DriveReport:
-    """Look at every open batch's task once; see the module docstring."""
+    """Look at every open batch's task once (their states in bulk, at the API budget's
+    background priority); see the module docstring."""
     now = time.time() if now is None else now
     report = DriveReport()
-    for record in BatchRecord.by_open_status.query("open"):
-        report.checked += 1
+    open_batches = list(BatchRecord.by_open_status.query("open"))
+    if not open_batches:
+        return report
+    backend = backend or get_backend()
+    with budget.priority(budget.Priority.BACKGROUND):
         try:
-            _drive_one(record, now, backend or get_backend(), report)
-        except Exception as error:  # one bad batch must not stop the others
-            log.exception("could not drive batch %s", record.batch_id)
-            report.errors.append(f"{record.batch_id}: {type(error).__name__}: {error}")
+            states = backend.task_states([r.task_id for r in open_batches if r.task_id])
+        except budget.BudgetExhausted:
+            return report  # the next run looks again
+        except Exception as error:  # Globus Compute unreachable: the next run looks again
+            log.exception("could not look up the batches' tasks")
+            report.errors.append(f"task states: {type(error).__name__}: {error}")
+            return report
+        for record in open_batches:
+            report.checked += 1
+            try:
+                _drive_one(record, now, states, backend, report)
+            except Exception as error:  # one bad batch must not stop the others
+                log.exception("could not drive batch %s", record.batch_id)
+                report.errors.append(f"{record.batch_id}: {type(error).__name__}: {error}")
     return report
 
 
 def _drive_one(
-    record: BatchRecord, now: float, backend: ComputeBackend, report: DriveReport
+    record: BatchRecord,
+    now: float,
+    states: dict[str, TaskState],
+    backend: ComputeBackend,
+    report: DriveReport,
 ) -> None:
     batch_id = record.batch_id
     grace = get_settings().reconcile_grace_seconds
@@ -64,7 +83,7 @@ def _drive_one(
         if never_ran and end(record, "failed", errors=[error_entry("not_submitted", "No task.")]):
             report.ended.append(batch_id)
         return
-    state = backend.task_state(record.task_id)
+    state = states.get(record.task_id, TaskState("unknown", error="not looked up"))
     if state.status == "success":
         try:
             event: BatchEvent | None = BatchEvent.model_validate(state.result)

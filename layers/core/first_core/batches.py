@@ -25,7 +25,6 @@ import uuid
 from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from pynamodb.exceptions import UpdateError
 
 from first_core import files, observability, ratelimit, routing, schemas, storage, usage
 from first_core.auth import Caller
@@ -41,7 +40,7 @@ from first_core.errors import (
 from first_core.registry import Endpoint, Registry
 from first_core.results import callback_token
 from first_core.settings import get_settings
-from first_core.tables import BatchRecord, owned_item
+from first_core.tables import BatchRecord, owned_item, update_if
 from first_core.usage import Usage
 
 if TYPE_CHECKING:
@@ -332,18 +331,6 @@ def submit(
             "owner": record.username,
         },
     )
-
-
-def update_if(record: BatchRecord, actions: list[Any], condition: Any) -> bool:
-    """Apply a conditional update: False, with nothing changed, when the condition did not hold
-    (another callback, driver or cancel got there first)."""
-    try:
-        record.update(actions=actions, condition=condition)
-    except UpdateError as failure:
-        if failure.cause_response_code == "ConditionalCheckFailedException":
-            return False
-        raise
-    return True
 
 
 def error_entry(

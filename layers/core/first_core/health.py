@@ -16,6 +16,7 @@ from typing import Any
 
 from pynamodb.expressions.update import Action
 
+from first_core import budget
 from first_core.compute import ComputeBackend, get_backend
 from first_core.registry import CLUSTER_KEY, Registry
 from first_core.tables import RegistryEntry, iter_registry
@@ -59,29 +60,45 @@ class HealthReport:
         }
 
 
-def _qstat(
-    backend: ComputeBackend, endpoint_id: str, function_id: str, models: list[str], wait: float
-) -> tuple[dict[str, Any] | None, str | None]:
-    try:
-        task_id = backend.submit(endpoint_id, function_id, {"models": models})
-    except Exception as error:
-        return None, f"qstat not submitted: {error}"
+def _qstat_answers(
+    backend: ComputeBackend, submitted: dict[str, str], wait: float
+) -> dict[str, tuple[dict[str, Any] | None, str | None]]:
+    """Each endpoint's qstat answer (or why there is none), reading all the tasks' states in one
+    call per round, until they have all ended or `wait` is over."""
+    answers: dict[str, tuple[dict[str, Any] | None, str | None]] = {}
     deadline = time.monotonic() + wait
-    delay = 0.05
-    while True:
-        state = backend.task_state(task_id)
-        if state.status == "success":
-            return (state.result if isinstance(state.result, dict) else None), None
-        if state.status in {"failed", "unknown"}:
-            return None, f"qstat {state.status}: {state.error}"
-        if time.monotonic() > deadline:
-            return None, f"qstat did not answer within {wait:.0f} s"
-        time.sleep(delay)
-        delay = min(delay * 2, 1.0)
+    delay = 0.1
+    while submitted:
+        states = backend.task_states(list(submitted.values()))
+        for endpoint_id, task_id in list(submitted.items()):
+            state = states[task_id]
+            if state.status == "success":
+                result = state.result if isinstance(state.result, dict) else None
+                answers[endpoint_id] = (result, None)
+            elif state.status in {"failed", "unknown"}:
+                answers[endpoint_id] = (None, f"qstat {state.status}: {state.error}")
+            else:
+                continue
+            del submitted[endpoint_id]
+        if submitted and time.monotonic() + delay > deadline:
+            for endpoint_id in submitted:
+                answers[endpoint_id] = (None, f"qstat did not answer within {wait:.0f} s")
+            break
+        if submitted:
+            time.sleep(delay)
+            delay = min(delay * 2, 2.0)
+    return answers
 
 
 def poll(backend: ComputeBackend | None = None, qstat_wait: float = 20.0) -> HealthReport:
-    backend = backend or get_backend()
+    """Every endpoint's status, then qstat where it is online, into the registry table. Its
+    Globus Compute calls are background work of the API budget (first_core.budget): with no
+    unit left, an endpoint keeps its last state and qstat is skipped until a later poll."""
+    with budget.priority(budget.Priority.BACKGROUND):
+        return _poll(backend or get_backend(), qstat_wait)
+
+
+def _poll(backend: ComputeBackend, qstat_wait: float) -> HealthReport:
     rows = list(iter_registry())
     registry = Registry.from_rows(rows)
     report = HealthReport()
@@ -89,22 +106,39 @@ def poll(backend: ComputeBackend | None = None, qstat_wait: float = 20.0) -> Hea
     for endpoint in registry.endpoints:
         by_endpoint.setdefault(endpoint.endpoint_id, []).append(endpoint)
 
+    submitted: dict[str, str] = {}
     for endpoint_id, endpoints in by_endpoint.items():
-        cluster = endpoints[0].cluster
-        status = backend.endpoint_status(endpoint_id)
-        entry = EndpointReport(endpoint_id, cluster, status)
+        try:
+            status = backend.endpoint_status(endpoint_id)
+        except budget.BudgetExhausted:
+            continue  # not looked at this time: its rows keep their state
+        entry = EndpointReport(endpoint_id, endpoints[0].cluster, status)
         report.endpoints[endpoint_id] = entry
-        if status != "online":
+        function_id = next((e.functions.qstat for e in endpoints if e.functions.qstat), None)
+        if status != "online" or function_id is None:
+            continue
+        models = sorted({e.model for e in endpoints})
+        try:
+            submitted[endpoint_id] = backend.submit(endpoint_id, function_id, {"models": models})
+        except budget.BudgetExhausted:
+            entry.error = "qstat skipped: the Globus Compute API budget is used up"
+        except Exception as error:
+            entry.error = f"qstat not submitted: {error}"
+    try:
+        answers = _qstat_answers(backend, submitted, qstat_wait)
+    except budget.BudgetExhausted:
+        answers = {e: (None, "qstat not read: the API budget is used up") for e in submitted}
+
+    for endpoint_id, entry in report.endpoints.items():
+        endpoints = by_endpoint[endpoint_id]
+        if entry.status != "online":
             # No workers to run qstat on: every model there is starting, or the endpoint is down.
             entry.models = {
-                e.model: "starting" if status == "starting" else "offline" for e in endpoints
+                e.model: "starting" if entry.status == "starting" else "offline" for e in endpoints
             }
             continue
-        function_id = next((e.functions.qstat for e in endpoints if e.functions.qstat), None)
-        answer: dict[str, Any] | None = None
-        if function_id is not None:
-            models = sorted({e.model for e in endpoints})
-            answer, entry.error = _qstat(backend, endpoint_id, function_id, models, qstat_wait)
+        answer, problem = answers.get(endpoint_id, (None, entry.error))
+        entry.error = problem
         states = (answer or {}).get("models") or {}
         if answer is not None:
             entry.error = answer.get("error")
@@ -123,7 +157,11 @@ def poll(backend: ComputeBackend | None = None, qstat_wait: float = 20.0) -> Hea
     for entry in report.endpoints.values():
         for e in by_endpoint[entry.endpoint_id]:
             written[(e.cluster, f"{e.framework}#{e.model}")] = entry.models[e.model]
+    looked_at = {e.cluster for e in registry.endpoints if e.endpoint_id in report.endpoints}
+    skipped = {e.cluster for e in registry.endpoints} - looked_at
     for row in rows:
+        if row.key == CLUSTER_KEY and row.cluster in skipped:
+            continue  # none of its endpoints was looked at this time: it keeps its status
         if row.key == CLUSTER_KEY:
             ours = [r for r in report.endpoints.values() if r.cluster == row.cluster]
             online = any(r.status in ("online", "starting") for r in ours)

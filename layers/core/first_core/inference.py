@@ -13,7 +13,16 @@ from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from typing import Any
 
-from first_core import ratelimit, records, results, routing, schemas, streaming
+from first_core import (
+    budget,
+    ratelimit,
+    records,
+    results,
+    routing,
+    schemas,
+    streaming,
+    submit_queue,
+)
 from first_core.auth import Caller
 from first_core.compute import get_backend
 from first_core.errors import (
@@ -38,7 +47,7 @@ _MAX_POLL_S = 0.25
 @dataclass(frozen=True)
 class Submission:
     request_id: str
-    task_id: str
+    task_id: str | None  # None while it waits in the submit queue
     endpoint: Endpoint
     route_reason: str
     request: schemas.RequestBody
@@ -89,6 +98,17 @@ def submit(
         0 if openai_path == "embeddings" else asked,
         int(getattr(request, "n", None) or 1),
     )
+    # Globus Compute's API budget (first_core.budget): a unit now, or the submit queue, whose
+    # submitter sends the waiting requests of an endpoint in one batch. (Without a queue, wait
+    # a few windows for a unit.)
+    queued = False
+    try:
+        budget.spend(wait=0.0 if settings.submit_queue_url else None)
+    except budget.BudgetExhausted:
+        if not settings.submit_queue_url:
+            ratelimit.settle(reservation.to_json(), 0)
+            raise
+        queued = True
     request_id = records.new_request_id()
     try:
         records.create(
@@ -99,6 +119,7 @@ def submit(
             stream,
             route.reason,
             rate_reservation=reservation.to_json() if reservation.counters else None,
+            queued=queued,
         )
     except BaseException:
         ratelimit.settle(reservation.to_json(), 0)
@@ -107,16 +128,18 @@ def submit(
     if not stream:
         # Nothing streams, so there is nothing to configure; vLLM would refuse the key.
         payload.pop("stream_options", None)
-    callback_url = f"{settings.public_base_url.rstrip('/')}/callbacks/{request_id}"
-    kwargs = {
-        "payload": payload,
-        "openai_path": openai_path,
-        "request_id": request_id,
-        "callback_url": f"{callback_url}/stream" if stream else callback_url,
-        "callback_token": results.callback_token(request_id),
-    }
+    task_id: str | None = None
     try:
-        task_id = get_backend().submit(endpoint.endpoint_id, function_id, kwargs)
+        if queued:
+            submit_queue.enqueue(
+                submit_queue.QueuedRequest(
+                    request_id, endpoint.endpoint_id, function_id, openai_path, stream, payload
+                )
+            )
+        else:
+            kwargs = submit_queue.task_kwargs(request_id, openai_path, stream, payload)
+            with budget.prepaid():
+                task_id = get_backend().submit(endpoint.endpoint_id, function_id, kwargs)
     except ServiceUnavailableError as error:
         # The endpoint went offline since the status was read: a federated request tries the
         # next cluster (this attempt ends failed, with its reservation settled).
@@ -139,9 +162,11 @@ def submit(
     )
 
 
-def remember_task(submission: Submission) -> asyncio.Task[None]:
+def remember_task(submission: Submission) -> asyncio.Task[Any]:
     """Write the task id beside the first polls rather than before them: only the reconciler
-    needs it, and it looks much later."""
+    needs it, and it looks much later. (A queued request's submitter writes its own.)"""
+    if submission.task_id is None:
+        return asyncio.create_task(asyncio.sleep(0))
     return asyncio.create_task(
         asyncio.to_thread(records.set_task, submission.request_id, submission.task_id)
     )

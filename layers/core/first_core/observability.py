@@ -14,6 +14,8 @@ The metrics (see infra/OPERATOR.md for alarms):
     RequestMs      their time in the gateway until the answer (or the stream's headers)
     Refused        refusals by Status (401, 403, 429, ...) and Code
     Callbacks      callbacks by Kind (result, stream, batch) and Outcome
+    CallbackMs     time an accepted callback took in the control plane, by Kind
+    Submitted      queued requests the submitter sent to Globus Compute
     Recovered      requests and batches the scheduled functions ended or restarted, by What
     Batches        batches ended, by Status and Kind (openai, first)
     BatchLines     lines of ended batches, by Outcome (completed, failed)

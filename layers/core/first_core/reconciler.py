@@ -2,14 +2,18 @@
 
 Run on a schedule (the `reconciler` function in app.py; the local stack runs it in a thread).
 It reads the open requests (the `by_open_status` index holds only requests not yet ended) older
-than a grace period and asks the compute backend for each one's task by id:
+than a grace period and asks the compute backend for their tasks' states in bulk (a hundred per
+Globus Compute call, at background priority of the API budget: first_core.budget):
 
 - `success`: the task's return value is written through the callback's own idempotent path
   (`results.record` for a non-streamed request; for a streamed one the missing chunk batches are
   put with the stream callback's conditional put, in seq order, and the record ends);
 - `failed`, `unknown` (the task vanished), or no task id at all: the request ends `failed` with
   the reason, through the same path (so a client still waiting gets the error at once);
-- `pending`: left alone, unless the request is past its deadline, when it ends `timed_out`.
+- `pending`: left alone, unless the request is past its deadline, when it ends `timed_out`;
+- no task id yet because it waits in the submit queue, or because its submitter stopped between
+  sending its batch and writing the task ids: the tasks of that batch's task group are matched
+  to their requests by the request id their return values carry (first_core.submit_queue).
 
 Every end goes through `records.finish`, which is conditional: a request ends exactly once, so a
 callback racing the reconciler changes nothing.
@@ -22,8 +26,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from first_core import records, results, streaming
-from first_core.compute import ComputeBackend, get_backend
+from first_core import budget, records, results, streaming
+from first_core.compute import ComputeBackend, TaskState, get_backend
 from first_core.settings import get_settings
 from first_core.tables import RequestRecord, StreamChunkBatch
 
@@ -38,6 +42,8 @@ class ReconcileReport:
     timed_out: list[str] = field(default_factory=list)
     pending: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
+    # Left for the next run: the API budget had nothing for background work.
+    deferred: int = 0
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -52,32 +58,79 @@ def reconcile(
     now = time.time() if now is None else now
     grace = settings.reconcile_grace_seconds if grace_seconds is None else grace_seconds
     report = ReconcileReport()
-    stale = RequestRecord.by_open_status.query(
-        "open", RequestRecord.created_at <= now - grace
+    stale = list(
+        RequestRecord.by_open_status.query("open", RequestRecord.created_at <= now - grace)
     )
+    if not stale:
+        return report
+    backend = backend or get_backend()
+    # Background work: it takes what the users' requests leave of the API budget.
+    with budget.priority(budget.Priority.BACKGROUND):
+        try:
+            states = backend.task_states([r.task_id for r in stale if r.task_id])
+            states.update(_found_in_batches(stale, now, backend))
+        except budget.BudgetExhausted:
+            report.deferred = len(stale)
+            return report
+        except Exception as error:  # Globus Compute unreachable: the next run looks again
+            log.exception("could not look up the open requests' tasks")
+            report.errors.append(f"task states: {type(error).__name__}: {error}")
+            return report
     for record in stale:
         report.checked += 1
         try:
-            _reconcile_one(record, now, backend or get_backend(), report)
+            _reconcile_one(record, now, states, report)
         except Exception as error:  # one bad request must not stop the others
             log.exception("could not reconcile %s", record.request_id)
             report.errors.append(f"{record.request_id}: {type(error).__name__}: {error}")
     return report
 
 
+def _found_in_batches(
+    stale: list[RequestRecord], now: float, backend: ComputeBackend
+) -> dict[str, TaskState]:
+    """Task ids a submitter sent but did not live to write: the tasks of its batch's task
+    group, matched to their requests by the request id each task returns (finished ones only;
+    the others are looked for again next time). Keyed by the task id now on the record."""
+    claim_age = get_settings().submit_claim_seconds
+    batches = {
+        r.batch_id
+        for r in stale
+        if r.batch_id and not r.task_id and now - float(r.claimed_at or 0) >= claim_age
+    }
+    found: dict[str, TaskState] = {}
+    for batch_id in sorted(batches):
+        task_ids = backend.task_group(batch_id) or []
+        for task_id, state in backend.task_states(task_ids).items():
+            request_id = state.result.get("request_id") if isinstance(state.result, dict) else None
+            if request_id and records.set_task(request_id, task_id, batch_id=batch_id):
+                found[task_id] = state
+                for record in stale:
+                    if record.request_id == request_id:
+                        record.task_id = task_id
+    return found
+
+
 def _reconcile_one(
-    record: RequestRecord, now: float, backend: ComputeBackend, report: ReconcileReport
+    record: RequestRecord, now: float, states: dict[str, TaskState], report: ReconcileReport
 ) -> None:
     request_id = record.request_id
+    settings = get_settings()
     if not record.task_id:
-        # The proxy writes the task id beside its first polls, and a throttled write can land
-        # seconds later: "never submitted" is certain only once the proxy's own wait is over.
-        if now - float(record.created_at) < get_settings().result_wait_seconds:
+        waiting = record.queued_at is not None or record.batch_id is not None
+        if waiting and now - float(record.created_at) > settings.request_deadline_seconds:
+            if records.finish(request_id, "timed_out", error="It was never sent to a cluster."):
+                report.timed_out.append(request_id)
+            return
+        # Queued for the submitter, or sent by one that stopped before writing the task id; or
+        # the proxy's task-id write (beside its first polls, throttled maybe) is still to land:
+        # "never submitted" is certain only once the proxy's own wait is over.
+        if waiting or now - float(record.created_at) < settings.result_wait_seconds:
             report.pending.append(request_id)
             return
         _fail(record, "The request was never submitted to a compute endpoint.", report)
         return
-    state = backend.task_state(record.task_id)
+    state = states.get(record.task_id, TaskState("unknown", error="not looked up"))
     if state.status == "success":
         value = state.result if isinstance(state.result, dict) else {}
         if _write_result(record, value):
@@ -88,7 +141,7 @@ def _reconcile_one(
         _fail(record, f"The compute task failed: {state.error or 'no reason given'}", report)
     elif state.status == "unknown":
         _fail(record, f"The compute task vanished: {state.error or 'unknown task'}", report)
-    elif now - float(record.created_at) > get_settings().request_deadline_seconds:
+    elif now - float(record.created_at) > settings.request_deadline_seconds:
         if records.finish(
             request_id, "timed_out", error="The compute task did not finish before the deadline."
         ):

@@ -12,7 +12,7 @@ from first_core import usage as usage_module
 from first_core.auth import Caller
 from first_core.errors import NotFoundError
 from first_core.registry import Endpoint
-from first_core.tables import TERMINAL_STATUSES, RequestRecord, owned_item
+from first_core.tables import TERMINAL_STATUSES, RequestRecord, owned_item, update_if
 from first_core.usage import Usage
 
 
@@ -28,6 +28,7 @@ def create(
     stream: bool,
     route_reason: str,
     rate_reservation: dict[str, Any] | None = None,
+    queued: bool = False,
 ) -> None:
     now = time.time()
     record = RequestRecord(
@@ -46,13 +47,55 @@ def create(
         created_at=now,
         updated_at=now,
         rate_reservation=rate_reservation or None,
+        queued_at=now if queued else None,
     )
     record.save(condition=RequestRecord.request_id.does_not_exist())
 
 
-def set_task(request_id: str, task_id: str) -> None:
-    """Remember the compute task, so the reconciler can look it up if the callback is lost."""
-    RequestRecord(request_id).update(actions=[RequestRecord.task_id.set(task_id)])
+def set_task(request_id: str, task_id: str, batch_id: str | None = None) -> bool:
+    """Remember the compute task, so the reconciler can look it up if the callback is lost.
+
+    With `batch_id` (a submitter's batch), only if that batch still holds the request and no
+    task is recorded yet: False if not."""
+    if batch_id is None:
+        RequestRecord(request_id).update(actions=[RequestRecord.task_id.set(task_id)])
+        return True
+    condition = (RequestRecord.batch_id == batch_id) & RequestRecord.task_id.does_not_exist()
+    return _update_if(request_id, [RequestRecord.task_id.set(task_id)], condition)
+
+
+# A queued request no submitter holds yet, that has not been sent and has not ended.
+_UNCLAIMED = (
+    RequestRecord.request_id.exists()
+    & RequestRecord.open_status.exists()
+    & RequestRecord.task_id.does_not_exist()
+    & RequestRecord.batch_id.does_not_exist()
+)
+
+
+def claim(request_id: str, batch_id: str) -> bool:
+    """A submitter takes a queued request for its batch; False if another has it, it was sent
+    already, or it ended. Only the one claim that succeeds may send it: no request runs twice."""
+    actions = [RequestRecord.batch_id.set(batch_id), RequestRecord.claimed_at.set(time.time())]
+    return _update_if(request_id, actions, _UNCLAIMED)
+
+
+def take_over(request_id: str, stale_batch_id: str, batch_id: str) -> bool:
+    """Move a claim from a batch that never reached Globus Compute to another."""
+    condition = (RequestRecord.batch_id == stale_batch_id) & RequestRecord.task_id.does_not_exist()
+    actions = [RequestRecord.batch_id.set(batch_id), RequestRecord.claimed_at.set(time.time())]
+    return _update_if(request_id, actions, condition)
+
+
+def release(request_id: str, batch_id: str) -> bool:
+    """Give a claim back (its batch was never sent), so the request can be sent again."""
+    condition = (RequestRecord.batch_id == batch_id) & RequestRecord.task_id.does_not_exist()
+    actions = [RequestRecord.batch_id.remove(), RequestRecord.claimed_at.remove()]
+    return _update_if(request_id, actions, condition)
+
+
+def _update_if(request_id: str, actions: list[Any], condition: Any) -> bool:
+    return update_if(RequestRecord(request_id), actions, condition)
 
 
 def finish_actions(status: str, usage: Usage | None = None, error: str | None = None) -> list[Any]:

@@ -56,6 +56,21 @@ class Settings(BaseSettings):
     public_base_url: str = "http://127.0.0.1:8000"
     callback_secret: SecretStr = SecretStr("")
 
+    # Globus Compute allows a client 20 API calls per 10 s; every function's calls draw on one
+    # budget of `compute_api_calls_per_window` per `compute_api_window_seconds` (first_core.budget:
+    # 3 per 2 s is 15 per 10 s on average and never more than 18 in any 10 s), of which the last
+    # `compute_api_queue_reserve` per window only the submitter of queued requests may take.
+    # 0 calls: no budget (every call is made at once, and the SDK retries what the service
+    # refuses).
+    compute_api_calls_per_window: int = 3
+    compute_api_window_seconds: float = 2.0
+    compute_api_queue_reserve: int = 1
+    # Requests the budget cannot submit at once wait here (an SQS queue URL) for the submitter,
+    # which sends all of one endpoint's in one Globus Compute batch.
+    submit_queue_url: str = ""
+    # A submitter's claim on a queued request older than this is stale (its submitter stopped):
+    # longer than a submitter runs (its Lambda timeout).
+    submit_claim_seconds: float = 120.0
     # How long the proxy waits for a result before answering 504 with the request id.
     result_wait_seconds: float = 300.0
     # A stream's headers wait this long for its first event, so that a stream vLLM refuses at

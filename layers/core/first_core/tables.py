@@ -19,6 +19,7 @@ from pynamodb.attributes import (
     UnicodeAttribute,
 )
 from pynamodb.connection import Connection
+from pynamodb.exceptions import UpdateError
 from pynamodb.indexes import AllProjection, GlobalSecondaryIndex
 from pynamodb.models import Model
 
@@ -81,6 +82,12 @@ class RequestRecord(Model):
     open_status = UnicodeAttribute(null=True)
     route_reason = UnicodeAttribute(null=True)
     task_id = UnicodeAttribute(null=True)
+    # Set when the API budget sent the request to the submit queue (first_core.submit_queue);
+    # `batch_id` and `claimed_at` when a submitter claimed it for the Globus Compute batch of
+    # that id (its task group), so no other submitter sends it again.
+    queued_at = NumberAttribute(null=True)
+    batch_id = UnicodeAttribute(null=True)
+    claimed_at = NumberAttribute(null=True)
     error = UnicodeAttribute(null=True)
     created_at = NumberAttribute()
     updated_at = NumberAttribute()
@@ -358,3 +365,15 @@ def connection() -> Connection:
 
 def iter_registry() -> Iterator[RegistryEntry]:
     return RegistryEntry.scan(consistent_read=True)
+
+
+def update_if(record: Model, actions: list[Any], condition: Any) -> bool:
+    """Apply a conditional update: False, with nothing changed, when the condition did not hold
+    (another callback, submitter, driver or cancel got there first)."""
+    try:
+        record.update(actions=actions, condition=condition)
+    except UpdateError as failure:
+        if failure.cause_response_code == "ConditionalCheckFailedException":
+            return False
+        raise
+    return True

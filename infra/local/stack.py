@@ -145,6 +145,8 @@ class LocalStack:
             self.backend_url = options.backend_url or joined["backend_url"]
             self.cluster_fs = Path(joined["cluster_fs"])
             self.compute_endpoints = dict(joined["compute_endpoints"])
+            # The joined stack's Globus Compute limit, so both gateways budget alike.
+            options.compute_api_limit = joined.get("compute_api_limit", options.compute_api_limit)
             return
         self.moto_port = free_port()
         self.auth_port = free_port()
@@ -514,6 +516,7 @@ class LocalStack:
                     "compute_client_id": DEV_CLIENT_ID,
                     "compute_client_secret": DEV_CLIENT_SECRET,
                     "compute_endpoints": self.compute_endpoints,
+                    "compute_api_limit": self.options.compute_api_limit,
                     "backend_url": self.backend_url,
                     "cluster_fs": str(self.cluster_fs),
                     "pid": os.getpid(),

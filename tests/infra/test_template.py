@@ -736,3 +736,53 @@ def test_every_function_logs_to_its_own_group_with_the_stack_retention(
         }, logical_id
         assert group_properties["RetentionInDays"] == {"Ref": "LogRetentionDays"}, logical_id
     assert len(groups) == len(functions)
+
+
+def test_queued_requests_have_a_dead_letter_queue_an_alarm_and_one_submitter(
+    template: dict[str, Any],
+) -> None:
+    resources = template["Resources"]
+    queue = resources["SubmitQueue"]["Properties"]
+    submitter = resources["SubmitterFunction"]["Properties"]
+    assert queue["RedrivePolicy"]["deadLetterTargetArn"] == {
+        "Fn::GetAtt": ["SubmitDeadLetterQueue", "Arn"]
+    }
+    # A message must not come back while its submitter may still be sending it.
+    assert queue["VisibilityTimeout"] > submitter["Timeout"]
+    assert queue["SqsManagedSseEnabled"] and resources["SubmitDeadLetterQueue"]["Properties"][
+        "SqsManagedSseEnabled"
+    ]
+    alarm = resources["SubmitDeadLetterAlarm"]["Properties"]
+    assert alarm["Namespace"] == "AWS/SQS" and alarm["Threshold"] == 0
+    assert alarm["Dimensions"] == [
+        {"Name": "QueueName", "Value": {"Fn::GetAtt": ["SubmitDeadLetterQueue", "QueueName"]}}
+    ]
+    mapping = resources["SubmitterQueueMapping"]["Properties"]
+    assert mapping["EventSourceArn"] == {"Fn::GetAtt": ["SubmitQueue", "Arn"]}
+    assert mapping["FunctionResponseTypes"] == ["ReportBatchItemFailures"]
+    assert mapping["MaximumBatchingWindowInSeconds"] >= 1 and mapping["BatchSize"] == 100
+    assert submitter["ReservedConcurrentExecutions"] == 1
+    # No SQS event on the function: SAM would attach a managed policy reaching every queue.
+    assert "Events" not in submitter
+    variables = template["Globals"]["Function"]["Environment"]["Variables"]
+    assert variables["FIRST_SUBMIT_QUEUE_URL"] == {"Ref": "SubmitQueue"}
+
+
+def test_the_local_submit_queue_is_the_templates(template: dict[str, Any]) -> None:
+    import json as _json
+
+    import boto3
+    from moto import mock_aws
+
+    from first_local.provision import create_queue
+
+    with mock_aws():
+        sqs = boto3.client("sqs", region_name="us-east-1")
+        url = create_queue(sqs, TEMPLATE, "probe-submit", visibility_timeout=5)
+        attributes = sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["All"])["Attributes"]
+        queue = template["Resources"]["SubmitQueue"]["Properties"]
+        assert attributes["VisibilityTimeout"] == "5"
+        assert attributes["MessageRetentionPeriod"] == str(queue["MessageRetentionPeriod"])
+        redrive = _json.loads(attributes["RedrivePolicy"])
+        assert redrive["deadLetterTargetArn"].endswith(":probe-submit-dead")
+        assert int(redrive["maxReceiveCount"]) == queue["RedrivePolicy"]["maxReceiveCount"]

@@ -275,3 +275,87 @@ def test_the_reconciler_leaves_queued_requests_to_the_submitter(
 
     assert report.pending == [request.request_id]
     assert record(request.request_id).status == "submitted"
+
+
+# ---- the proxy's side: at once, or the queue ----------------------------------------------------
+
+
+class SubmitsAtOnce:
+    """A backend that records what the proxy submits at once."""
+
+    def __init__(self) -> None:
+        self.submitted: list[str] = []
+
+    def submit(self, endpoint_id: str, function_id: str, kwargs: dict[str, Any]) -> str:
+        self.submitted.append(kwargs["request_id"])
+        return f"task-{len(self.submitted)}"
+
+
+@pytest.fixture
+def proxy_path(queue: str, monkeypatch: pytest.MonkeyPatch) -> SubmitsAtOnce:
+    import first_core.compute
+    from first_core.registry import load_file, publish
+    from first_local.stack import LOCAL_REGISTRY
+    from tests.unit.conftest import REGISTERED_FUNCTIONS
+
+    publish(load_file(LOCAL_REGISTRY, functions=REGISTERED_FUNCTIONS))
+    settings = get_settings()
+    monkeypatch.setattr(settings, "compute_api_calls_per_window", 3)
+    monkeypatch.setattr(settings, "compute_api_window_seconds", 3600.0)
+    monkeypatch.setattr(settings, "compute_api_queue_reserve", 1)
+    backend = SubmitsAtOnce()
+    monkeypatch.setattr(first_core.compute, "_backend", backend)
+    return backend
+
+
+def test_requests_submit_at_once_while_units_last_then_queue(
+    proxy_path: SubmitsAtOnce, queue: str
+) -> None:
+    from first_core import inference
+    from tests.unit.test_routing import ALICE
+
+    body = json.dumps(
+        {"model": ENDPOINT.model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5}
+    ).encode()
+    submissions = [inference.submit(ALICE, "chat/completions", body) for _ in range(3)]
+
+    # Two units of the window may go to requests at once (each takes one, not two); the third
+    # is the submitter's, so the third request waits in the queue.
+    assert [s.task_id for s in submissions] == ["task-1", "task-2", None]
+    assert proxy_path.submitted == [s.request_id for s in submissions[:2]]
+    queued = record(submissions[2].request_id)
+    assert queued.queued_at is not None and queued.status == "submitted"
+    [body_on_queue] = received(queue).values()
+    message = submit_queue.QueuedRequest.from_message(body_on_queue)
+    assert message.request_id == submissions[2].request_id
+    assert message.endpoint_id == submissions[2].endpoint.endpoint_id
+    assert message.payload is not None and message.payload["max_tokens"] == 5
+
+
+def test_the_submitter_function_reports_the_messages_to_deliver_again(
+    queue: str, function_id: str, backend: GlobusComputeBackend
+) -> None:
+    """app.submitter, as the SQS event source invokes it: what it could not deal with yet comes
+    back as batch item failures (ReportBatchItemFailures)."""
+    from chalice.test import Client
+
+    import app
+    import first_core.compute
+
+    sent, held = queued_request(function_id, "sent"), queued_request(function_id, "held")
+    assert records.claim(held.request_id, "0be15e00-0000-4000-8000-000000000000")  # fresh
+    event = {
+        "Records": [
+            {"messageId": "m-sent", "body": sent.to_message(), "eventSource": "aws:sqs"},
+            {"messageId": "m-held", "body": held.to_message(), "eventSource": "aws:sqs"},
+        ]
+    }
+    first_core.compute.set_backend(backend)
+    try:
+        with Client(app.app) as chalice:
+            answer = chalice.lambda_.invoke("submitter", event)
+    finally:
+        first_core.compute.set_backend(None)
+
+    assert answer.payload == {"batchItemFailures": [{"itemIdentifier": "m-held"}]}
+    assert record(sent.request_id).task_id and not record(held.request_id).task_id

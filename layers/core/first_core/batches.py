@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from first_core import files, observability, ratelimit, routing, schemas, storage, usage
+from first_core import budget, files, observability, ratelimit, routing, schemas, storage, usage
 from first_core.auth import Caller
 from first_core.compute import ComputeBackend, get_backend
 from first_core.errors import (
@@ -306,8 +306,6 @@ def submit(
     input_key: str | None,
     backend: ComputeBackend | None = None,
 ) -> str:
-    settings = get_settings()
-    batch_id = record.batch_id
     if record.kind == "openai":
         key = input_key or f"files/{record.input_file_id}.jsonl"
         source: dict[str, Any] = {"url": storage.presigned_url("GET", key)}
@@ -315,6 +313,21 @@ def submit(
     else:
         source = {"path": record.input_path}
         output = {"folder": record.output_folder_path}
+    # One Globus Compute call for a whole batch: it may wait for a unit like the submitter of
+    # queued requests does (first_core.budget), rather than fail the batch under load.
+    with budget.priority(budget.Priority.SUBMITTER):
+        return _submit_task(record, attempt, source, output, backend)
+
+
+def _submit_task(
+    record: BatchRecord,
+    attempt: int,
+    source: dict[str, Any],
+    output: dict[str, Any],
+    backend: ComputeBackend | None,
+) -> str:
+    settings = get_settings()
+    batch_id = record.batch_id
     return (backend or get_backend()).submit(
         record.endpoint_id,
         record.function_id,

@@ -18,10 +18,9 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from first_core import budget
 from first_core.batch_callbacks import BatchEvent, finalize
 from first_core.batches import OPEN_STATES, end, error_entry, submit
-from first_core.compute import ComputeBackend, TaskState, get_backend
+from first_core.compute import ComputeBackend, TaskState, background_lookup, get_backend
 from first_core.settings import get_settings
 from first_core.tables import BatchRecord, update_if
 
@@ -49,22 +48,17 @@ def drive(now: float | None = None, backend: ComputeBackend | None = None) -> Dr
     if not open_batches:
         return report
     backend = backend or get_backend()
-    with budget.priority(budget.Priority.BACKGROUND):
+    task_ids = [r.task_id for r in open_batches if r.task_id]
+    states = background_lookup(lambda: backend.task_states(task_ids), report.errors)
+    if states is None:
+        return report  # the next run looks again
+    for record in open_batches:
+        report.checked += 1
         try:
-            states = backend.task_states([r.task_id for r in open_batches if r.task_id])
-        except budget.BudgetExhausted:
-            return report  # the next run looks again
-        except Exception as error:  # Globus Compute unreachable: the next run looks again
-            log.exception("could not look up the batches' tasks")
-            report.errors.append(f"task states: {type(error).__name__}: {error}")
-            return report
-        for record in open_batches:
-            report.checked += 1
-            try:
-                _drive_one(record, now, states, backend, report)
-            except Exception as error:  # one bad batch must not stop the others
-                log.exception("could not drive batch %s", record.batch_id)
-                report.errors.append(f"{record.batch_id}: {type(error).__name__}: {error}")
+            _drive_one(record, now, states, backend, report)
+        except Exception as error:  # one bad batch must not stop the others
+            log.exception("could not drive batch %s", record.batch_id)
+            report.errors.append(f"{record.batch_id}: {type(error).__name__}: {error}")
     return report
 
 

@@ -23,12 +23,13 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, TypeVar
 
 from first_core import budget
 from first_core.errors import ServiceUnavailableError
 
 log = logging.getLogger("first.compute")
+T = TypeVar("T")
 
 TaskStatus = Literal["pending", "success", "failed", "unknown"]
 # "starting": the endpoint is up but has no workers yet (its batch job is still queued).
@@ -233,6 +234,21 @@ def traceback_summary(text: str, limit: int = 500) -> str:
     """The exception line of a remote traceback (its last line that says something)."""
     lines = [line.strip() for line in text.splitlines() if line.strip().strip("+-")]
     return (lines[-1] if lines else "no traceback")[:limit]
+
+
+def background_lookup(what: Callable[[], T], errors: list[str]) -> T | None:
+    """A scheduled function's Globus Compute lookup, at the budget's background priority:
+    None when the budget has no unit for it now or Globus Compute failed (logged, and said in
+    `errors`); the next scheduled run looks again."""
+    with budget.priority(budget.Priority.BACKGROUND):
+        try:
+            return what()
+        except budget.BudgetExhausted:
+            return None
+        except Exception as error:
+            log.exception("Globus Compute lookup failed")
+            errors.append(f"task states: {type(error).__name__}: {error}")
+            return None
 
 
 _backend: ComputeBackend | None = None

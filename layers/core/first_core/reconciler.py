@@ -26,8 +26,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from first_core import budget, records, results, streaming
-from first_core.compute import ComputeBackend, TaskState, get_backend
+from first_core import records, results, streaming
+from first_core.compute import ComputeBackend, TaskState, background_lookup, get_backend
 from first_core.settings import get_settings
 from first_core.tables import RequestRecord, StreamChunkBatch
 
@@ -64,18 +64,16 @@ def reconcile(
     if not stale:
         return report
     backend = backend or get_backend()
+
+    def look_up() -> dict[str, TaskState]:
+        states = backend.task_states([r.task_id for r in stale if r.task_id])
+        return states | _found_in_batches(stale, now, backend)
+
     # Background work: it takes what the users' requests leave of the API budget.
-    with budget.priority(budget.Priority.BACKGROUND):
-        try:
-            states = backend.task_states([r.task_id for r in stale if r.task_id])
-            states.update(_found_in_batches(stale, now, backend))
-        except budget.BudgetExhausted:
-            report.deferred = len(stale)
-            return report
-        except Exception as error:  # Globus Compute unreachable: the next run looks again
-            log.exception("could not look up the open requests' tasks")
-            report.errors.append(f"task states: {type(error).__name__}: {error}")
-            return report
+    states = background_lookup(look_up, report.errors)
+    if states is None:
+        report.deferred = len(stale)
+        return report
     for record in stale:
         report.checked += 1
         try:

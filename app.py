@@ -19,7 +19,7 @@ from first_core import observability, results, streaming, usage
 from first_core.auth import Caller, get_authenticator
 from first_core.errors import GatewayError, InvalidRequestError, internal_error_body
 from first_core.registry import Registry
-from first_core.routing import may_use, state
+from first_core.registry.routing import may_use, state
 
 app = Chalice(app_name="first-gateway")
 # File uploads arrive as multipart/form-data: bytes, not text (template.yaml lists it too).
@@ -235,31 +235,31 @@ def submitter(event: dict[str, Any], context: Any) -> dict[str, Any]:
 @api("/resource_server/v1/list-endpoints", methods=["GET"])
 def list_endpoints() -> dict[str, Any]:
     """FIRST's list of clusters, frameworks and models the caller may use."""
-    from first_core import listing
+    from first_core.registry import views
 
-    return listing.list_endpoints(Registry.current(), caller())
+    return views.list_endpoints(Registry.current(), caller())
 
 
 @api("/resource_server/v1/{cluster}/jobs", methods=["GET"])
 def cluster_jobs(cluster: str) -> dict[str, Any]:
     """The cluster's running, starting, queued and stopped models, as last polled."""
-    from first_core import listing
+    from first_core.registry import views
 
-    return listing.jobs(Registry.current(), caller(), cluster)
+    return views.jobs(Registry.current(), caller(), cluster)
 
 
 @api("/resource_server/v1/status", methods=["GET"])
 def cluster_status() -> dict[str, Any]:
     """Per cluster status, free nodes and model counts (no auth)."""
-    from first_core import listing
+    from first_core.registry import views
 
-    return listing.status(Registry.current())
+    return views.status(Registry.current())
 
 
 @app.schedule(Rate(1, unit=Rate.MINUTES), name="health_poller")
 def health_poller(event: Any) -> dict[str, Any]:
-    """Endpoint status and qstat into the registry table (first_core.health)."""
-    from first_core.health import poll
+    """Endpoint status and qstat into the registry table (first_core.registry.health)."""
+    from first_core.registry.health import poll
 
     return poll().to_json()
 

@@ -116,7 +116,7 @@ def _registry(args: argparse.Namespace) -> int:
         print(f"wrote {publish(registry)} registry rows")
         return 0
     if args.action == "maintenance":
-        from first_core.health import set_maintenance
+        from first_core.registry.health import set_maintenance
 
         try:
             set_maintenance(args.cluster, args.state == "on")

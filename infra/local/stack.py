@@ -75,7 +75,7 @@ class StackOptions:
     # gateways on one DynamoDB and one Globus Compute, as several Lambda instances are.
     join: Path | None = None
     extra_env: dict[str, str] = field(default_factory=dict)
-    # The health poller (first_core.health.poll) in a background thread, every this many
+    # The health poller (first_core.registry.health.poll) in a background thread, every this many
     # seconds (0: never); the first poll runs before the gateway answers.
     health_every: float = 10.0
     # Compute endpoints (ids, or cluster names for all of a cluster's) that are offline from the
@@ -199,8 +199,8 @@ class LocalStack:
             "GLOBUS_COMPUTE_USER_DIR": tempfile.mkdtemp(prefix="first-globus-compute-"),
             # The dev pipeline's client identity may call the gateway as a service account.
             "FIRST_SERVICE_ACCOUNTS": json.dumps([DEV_SERVICE_CLIENT_ID]),
-            # Globus Compute's API budget, within the stand-in's limit (first_core.budget), and
-            # the queue of requests it cannot submit at once. A budget in the environment wins
+            # Globus Compute's API budget, within the stand-in's limit (compute/budget.py), and the
+            # queue of requests it cannot submit at once. A budget in the environment wins
             # (0: none, every request submitted at once: how the gateway worked before).
             **self._budget_env(),
             "FIRST_SUBMIT_QUEUE_URL": self.submit_queue_url,
@@ -334,7 +334,7 @@ class LocalStack:
         import boto3
 
         from compute_funcs.register import make_client, register_all
-        from first_core import budget
+        from first_core.compute import budget
         from first_core.registry import load_file, publish
         from first_core.settings import get_settings
         from first_local.provision import (
@@ -413,7 +413,7 @@ class LocalStack:
         import logging
         import threading
 
-        from first_core.health import poll
+        from first_core.registry.health import poll
 
         every = self.options.health_every
         if every <= 0:

@@ -8,7 +8,7 @@ from collections import deque
 
 import pytest
 
-from first_core import budget
+from first_core.compute import budget
 from first_core.settings import get_settings
 from first_local.compute_standin.limits import ApiLimit
 

@@ -15,10 +15,10 @@ import pytest
 
 import first_core.compute
 from compute_funcs.qstat import qstat
-from first_core import health, inference, listing
+from first_core import inference
 from first_core.compute import TaskState
 from first_core.errors import NotFoundError, ServiceUnavailableError
-from first_core.registry import CLUSTER_KEY, Registry, load_file, publish
+from first_core.registry import CLUSTER_KEY, Registry, health, load_file, publish, views
 from first_core.tables import RegistryEntry, RequestRecord
 from first_local.stack import LOCAL_REGISTRY
 from tests.unit.conftest import POLARIS_ENDPOINT, REGISTERED_FUNCTIONS, SOPHIA_ENDPOINT
@@ -147,7 +147,7 @@ def test_maintenance_is_kept_by_the_poller_until_switched_off(registry_table: No
     health.poll(backend)
     assert _rows()[("polaris", CLUSTER_KEY)].status == "maintenance"
     with pytest.raises(ServiceUnavailableError, match="maintenance"):
-        from first_core.routing import choose
+        from first_core.registry.routing import choose
 
         choose(Registry.current(), ALICE, SMALL)
 
@@ -217,25 +217,25 @@ def test_list_endpoints_jobs_and_status(registry_table: None) -> None:
     health.poll(backend)
     snapshot = Registry.current()
 
-    listed = listing.list_endpoints(snapshot, ALICE)
+    listed = views.list_endpoints(snapshot, ALICE)
     assert set(listed["clusters"]) == {"sophia", "polaris"}
     sophia = listed["clusters"]["sophia"]
     assert sophia["base_url"] == "/resource_server/v1/sophia"
     assert MODEL in sophia["frameworks"]["vllm"]["models"]
     assert sophia["frameworks"]["vllm"]["endpoints"]["chat"] == "/vllm/v1/chat/completions"
 
-    jobs = listing.jobs(snapshot, ALICE, "sophia")
+    jobs = views.jobs(snapshot, ALICE, "sophia")
     assert [j["model"] for j in jobs["running"]] == [MODEL]
     assert {j["model"] for j in jobs["stopped"]} == {
         "meta-llama/Meta-Llama-3.1-70B-Instruct",
         "Salesforce/SFR-Embedding-Mistral",
     }
     assert jobs["queued"] == [] and jobs["free_nodes"] == 2
-    assert {j["state"] for j in listing.jobs(snapshot, ALICE, "polaris")["others"]} == {"offline"}
+    assert {j["state"] for j in views.jobs(snapshot, ALICE, "polaris")["others"]} == {"offline"}
     with pytest.raises(NotFoundError):
-        listing.jobs(snapshot, ALICE, "metis")
+        views.jobs(snapshot, ALICE, "metis")
 
-    status = listing.status(snapshot)["clusters"]
+    status = views.status(snapshot)["clusters"]
     assert status["sophia"]["status"] == "online"
     assert status["sophia"]["models"]["running"] == 1
     assert status["polaris"] == {

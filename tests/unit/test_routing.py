@@ -7,7 +7,7 @@ import pytest
 from first_core.auth import Caller
 from first_core.errors import NotFoundError, PermissionDeniedError, ServiceUnavailableError
 from first_core.registry import CLUSTER_KEY, Cluster, Endpoint, FunctionIds, Limits, Registry
-from first_core.routing import choose, may_use, refusal
+from first_core.registry.routing import choose, may_use, refusal
 from first_core.tables import RegistryEntry
 
 MODEL = "meta-llama/Meta-Llama-3-8B-Instruct"

@@ -249,7 +249,7 @@ def test_with_no_budget_left_the_claims_are_given_back_for_later(
     settings = get_settings()
     monkeypatch.setattr(settings, "compute_api_calls_per_window", 1)
     monkeypatch.setattr(settings, "compute_api_window_seconds", 3600.0)
-    from first_core import budget
+    from first_core.compute import budget
 
     with budget.priority(budget.Priority.SUBMITTER):
         assert budget.try_take() == 0.0  # the hour's one unit, gone

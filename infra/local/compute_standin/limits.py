@@ -31,9 +31,10 @@ class ApiLimit:
         return limit
 
     def budget(self) -> tuple[int, float]:
-        """The gateway's budget (first_core.budget) that never exceeds this limit: `calls` per
-        fixed `window` of `seconds / k`, where a sliding `seconds` overlaps k + 1 windows, so
-        calls = requests // (k + 1); k up to 5 (20/10 gives 3 calls per 2 s). 0 calls: none."""
+        """The gateway's budget (first_core.compute.budget) that never exceeds this limit:
+        `calls` per fixed `window` of `seconds / k`, where a sliding `seconds` overlaps k + 1
+        windows, so calls = requests // (k + 1); k up to 5 (20/10 gives 3 calls per 2 s).
+        0 calls: none."""
         if not self.requests:
             return 0, 0.0
         k = max(1, min(5, self.requests - 1))

@@ -26,9 +26,9 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from first_core import budget, files, observability, ratelimit, routing, schemas, storage, usage
+from first_core import files, observability, ratelimit, schemas, storage, usage
 from first_core.auth import Caller
-from first_core.compute import ComputeBackend, get_backend
+from first_core.compute import ComputeBackend, budget, get_backend
 from first_core.errors import (
     ConflictError,
     GatewayError,
@@ -37,7 +37,7 @@ from first_core.errors import (
     PayloadTooLargeError,
     RateLimitError,
 )
-from first_core.registry import Endpoint, Registry
+from first_core.registry import Endpoint, Registry, routing
 from first_core.results import callback_token
 from first_core.settings import get_settings
 from first_core.tables import BatchRecord, owned_item, update_if
@@ -314,7 +314,7 @@ def submit(
         source = {"path": record.input_path}
         output = {"folder": record.output_folder_path}
     # One Globus Compute call for a whole batch: it may wait for a unit like the submitter of
-    # queued requests does (first_core.budget), rather than fail the batch under load.
+    # queued requests does (first_core.compute.budget), rather than fail the batch under load.
     with budget.priority(budget.Priority.SUBMITTER):
         return _submit_task(record, attempt, source, output, backend)
 

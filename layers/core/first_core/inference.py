@@ -13,18 +13,9 @@ from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from typing import Any
 
-from first_core import (
-    budget,
-    ratelimit,
-    records,
-    results,
-    routing,
-    schemas,
-    streaming,
-    submit_queue,
-)
+from first_core import ratelimit, records, results, schemas, streaming, submit_queue
 from first_core.auth import Caller
-from first_core.compute import get_backend
+from first_core.compute import budget, get_backend
 from first_core.errors import (
     ComputeTimeoutError,
     GatewayError,
@@ -33,7 +24,7 @@ from first_core.errors import (
     ServiceUnavailableError,
     UpstreamError,
 )
-from first_core.registry import Endpoint, Registry
+from first_core.registry import Endpoint, Registry, routing
 from first_core.settings import get_settings
 
 INFERENCE_PATHS = ("chat/completions", "completions", "embeddings")
@@ -98,7 +89,7 @@ def submit(
         0 if openai_path == "embeddings" else asked,
         int(getattr(request, "n", None) or 1),
     )
-    # Globus Compute's API budget (first_core.budget): a unit now, or the submit queue, whose
+    # Globus Compute's API budget (compute/budget.py): a unit now, or the submit queue, whose
     # submitter sends the waiting requests of an endpoint in one batch. (Without a queue, wait
     # a few windows for a unit.)
     queued = False

@@ -3,7 +3,7 @@
 Run on a schedule (the `reconciler` function in app.py; the local stack runs it in a thread).
 It reads the open requests (the `by_open_status` index holds only requests not yet ended) older
 than a grace period and asks the compute backend for their tasks' states in bulk (a hundred per
-Globus Compute call, at background priority of the API budget: first_core.budget):
+Globus Compute call, at background priority of the API budget: first_core.compute.budget):
 
 - `success`: the task's return value is written through the callback's own idempotent path
   (`results.record` for a non-streamed request; for a streamed one the missing chunk batches are

@@ -57,7 +57,7 @@ class Settings(BaseSettings):
     callback_secret: SecretStr = SecretStr("")
 
     # Globus Compute allows a client 20 API calls per 10 s; every function's calls draw on one
-    # budget of `compute_api_calls_per_window` per `compute_api_window_seconds` (first_core.budget:
+    # budget of `compute_api_calls_per_window` per `compute_api_window_seconds` (compute/budget.py:
     # 3 per 2 s is 15 per 10 s on average and never more than 18 in any 10 s), of which the last
     # `compute_api_queue_reserve` per window only the submitter of queued requests may take.
     # 0 calls: no budget (every call is made at once, and the SDK retries what the service

@@ -1,6 +1,6 @@
 """Requests waiting for Globus Compute's API budget, and the submitter that sends them in batches.
 
-When the budget (first_core.budget) has no unit for a request, the proxy writes its record as
+When the budget (compute/budget.py) has no unit for a request, the proxy writes its record as
 usual (`queued_at` set) and puts one message on the submit queue (SQS): the request id, the
 endpoint and function, and the body to run. Secrets never go on the queue: the submitter
 derives the callback URL and token from the request id, as the proxy would have.
@@ -35,8 +35,8 @@ from dataclasses import asdict, dataclass, field, replace
 from functools import lru_cache
 from typing import Any
 
-from first_core import budget, records, results, storage
-from first_core.compute import ComputeBackend, SubmitRefused, get_backend
+from first_core import records, results, storage
+from first_core.compute import ComputeBackend, SubmitRefused, budget, get_backend
 from first_core.errors import ServiceUnavailableError
 from first_core.settings import get_settings
 from first_core.tables import RequestRecord

@@ -16,8 +16,7 @@ from typing import Any
 
 from pynamodb.expressions.update import Action
 
-from first_core import budget
-from first_core.compute import ComputeBackend, get_backend
+from first_core.compute import ComputeBackend, budget, get_backend
 from first_core.registry import CLUSTER_KEY, Registry
 from first_core.tables import RegistryEntry, iter_registry
 
@@ -92,7 +91,7 @@ def _qstat_answers(
 
 def poll(backend: ComputeBackend | None = None, qstat_wait: float = 20.0) -> HealthReport:
     """Every endpoint's status, then qstat where it is online, into the registry table. Its
-    Globus Compute calls are background work of the API budget (first_core.budget): with no
+    Globus Compute calls are background work of the API budget (first_core.compute.budget): with no
     unit left, an endpoint keeps its last state and qstat is skipped until a later poll."""
     with budget.priority(budget.Priority.BACKGROUND):
         return _poll(backend or get_backend(), qstat_wait)

@@ -1,13 +1,10 @@
-"""Running functions on cluster endpoints: Globus Compute through its SDK, behind one interface.
+"""`GlobusComputeBackend`: Globus Compute through the real `globus-compute-sdk` `Client`.
 
-`GlobusComputeBackend` is the only backend the gateway knows, in production and on the local
-stack alike (there its web client is pointed at the stand-in of the Globus Compute service by
-`GLOBUS_SDK_SERVICE_URL_COMPUTE`). It hands back task ids and looks tasks up by id later, with no
-future held across calls, which is what stateless functions and the reconciler need.
-
-Every call first takes a unit of the gateway's Globus Compute API budget (`first_core.budget`),
-at the priority its caller set; a request submitted at once that finds none raises
-`BudgetExhausted` and goes to the submit queue instead.
+It is the only backend the gateway knows, in production and on the local stack alike (there its
+web client is pointed at the stand-in of the Globus Compute service by
+`GLOBUS_SDK_SERVICE_URL_COMPUTE`). Every call first takes a unit of the gateway's Globus Compute
+API budget (`first_core.compute.budget`), at the priority its caller set; a request submitted at
+once that finds none raises `BudgetExhausted` and goes to the submit queue instead.
 
 How the real `globus_compute_sdk.Client` answers (facts: ../shared/notes/globus-compute-service.md):
 a failed task makes `get_task` raise `TaskExecutionFailed` (never a dict with `exception`); a
@@ -19,58 +16,18 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
 from collections.abc import Callable
-from dataclasses import dataclass
 from functools import partial
-from typing import Any, Literal, Protocol, TypeVar
+from typing import Any
 
-from first_core import budget
+from first_core.compute import budget
+from first_core.compute.base import EndpointStatus, TaskState
 from first_core.errors import ServiceUnavailableError
 
 log = logging.getLogger("first.compute")
-T = TypeVar("T")
-
-TaskStatus = Literal["pending", "success", "failed", "unknown"]
-# "starting": the endpoint is up but has no workers yet (its batch job is still queued).
-EndpointStatus = Literal["online", "starting", "offline"]
 
 # globus-sdk's variable for a service's address, which the Compute Client itself ignores.
 SERVICE_URL_VARIABLE = "GLOBUS_SDK_SERVICE_URL_COMPUTE"
-
-
-@dataclass(frozen=True)
-class TaskState:
-    status: TaskStatus
-    result: Any = None
-    error: str | None = None
-
-
-class ComputeBackend(Protocol):
-    def submit(self, endpoint_id: str, function_id: str, kwargs: dict[str, Any]) -> str:
-        """Start the function on the endpoint; return the task id."""
-        ...
-
-    def task_state(self, task_id: str) -> TaskState: ...
-
-    def task_states(self, task_ids: list[str]) -> dict[str, TaskState]:
-        """Many tasks' states at once (a hundred per call)."""
-        ...
-
-    def submit_batch(
-        self, endpoint_id: str, tasks: list[tuple[str, dict[str, Any]]], task_group_id: str
-    ) -> list[str]:
-        """Many tasks to one endpoint in one call (one task group); their ids, in order."""
-        ...
-
-    def task_group(self, task_group_id: str) -> list[str] | None:
-        """The task ids of a task group, or None if there is no such group."""
-        ...
-
-    def endpoint_status(self, endpoint_id: str) -> EndpointStatus:
-        """Whether the endpoint takes work ("online"), is up without workers yet ("starting"),
-        or does not ("offline")."""
-        ...
 
 
 def globus_client(**options: Any) -> Any:
@@ -234,43 +191,3 @@ def traceback_summary(text: str, limit: int = 500) -> str:
     """The exception line of a remote traceback (its last line that says something)."""
     lines = [line.strip() for line in text.splitlines() if line.strip().strip("+-")]
     return (lines[-1] if lines else "no traceback")[:limit]
-
-
-def background_lookup(what: Callable[[], T], errors: list[str]) -> T | None:
-    """A scheduled function's Globus Compute lookup, at the budget's background priority:
-    None when the budget has no unit for it now or Globus Compute failed (logged, and said in
-    `errors`); the next scheduled run looks again."""
-    with budget.priority(budget.Priority.BACKGROUND):
-        try:
-            return what()
-        except budget.BudgetExhausted:
-            return None
-        except Exception as error:
-            log.exception("Globus Compute lookup failed")
-            errors.append(f"task states: {type(error).__name__}: {error}")
-            return None
-
-
-_backend: ComputeBackend | None = None
-_backend_lock = threading.Lock()
-
-
-def set_backend(backend: ComputeBackend | None) -> None:
-    """Install the backend this process uses (tests install a scripted one; None: the default)."""
-    global _backend
-    _backend = backend
-
-
-def get_backend() -> ComputeBackend:
-    global _backend
-    with _backend_lock:
-        if _backend is None:
-            try:
-                _backend = GlobusComputeBackend()
-            except Exception as error:  # no token, service down: nothing can run now
-                log.warning("Globus Compute is unreachable: %r", error)
-                raise ServiceUnavailableError(
-                    f"Globus Compute is unreachable: {type(error).__name__}",
-                    headers={"Retry-After": "30"},
-                ) from error
-        return _backend

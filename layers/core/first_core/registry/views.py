@@ -7,7 +7,7 @@ from typing import Any
 
 from first_core.auth import Caller
 from first_core.registry import Registry
-from first_core.routing import may_use, state
+from first_core.registry.routing import may_use, state
 
 JOB_STATES = ("running", "starting", "queued", "stopped")
 

@@ -11,6 +11,7 @@ import pytest
 
 import first_core.batches
 from first_core import batch_callbacks, batch_driver, batch_views, batches, files, storage
+from first_core.callbacks import callback_token
 from first_core.compute import TaskState
 from first_core.errors import (
     AuthenticationError,
@@ -28,7 +29,6 @@ from first_core.registry import (
     RegistryFile,
     publish,
 )
-from first_core.results import callback_token
 from first_core.settings import get_settings
 from first_core.tables import BatchRecord, FileRecord, UsageRecord
 from tests.unit.conftest import REGISTERED_FUNCTIONS, SOPHIA_ENDPOINT

@@ -10,6 +10,7 @@ import pytest
 
 from first_core import reconciler, records, results, streaming
 from first_core.compute import TaskState
+from first_core.schemas import wire
 from first_core.settings import get_settings
 from first_core.tables import RequestRecord, StreamChunkBatch, UsageRecord
 from tests.unit.test_results import CALLER, ENDPOINT
@@ -135,7 +136,7 @@ def test_a_stream_with_lost_batches_is_completed_in_order() -> None:
     chunks = [chunk(word) for word in ("a", "b", "c", "d", "e", "f")]
     # Batch 0 (a) and batch 2 (d, e) landed; batch 1 (b, c) and the done batch (f) were lost.
     for seq, part in ((0, chunks[:1]), (2, chunks[3:5])):
-        batch = streaming.StreamBatchBody(request_id=request_id, seq=seq, chunks=part)
+        batch = wire.StreamBatchBody(request_id=request_id, seq=seq, chunks=part)
         streaming._put_batch(request_id, batch)
     value = {
         "request_id": request_id,
@@ -162,7 +163,7 @@ def test_a_failed_stream_task_ends_with_an_error_batch() -> None:
 
 
 def test_a_done_batch_after_a_lost_one_waits_for_the_reconciler_to_fill_the_gap() -> None:
-    from first_core.results import callback_token
+    from first_core.callbacks import callback_token
 
     request_id = new_request("t1", stream=True)
     chunks = [chunk(word) for word in ("a", "b", "c")]

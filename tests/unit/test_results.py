@@ -13,10 +13,12 @@ import boto3
 import pytest
 from pydantic import SecretStr
 
+import first_core.callbacks
 import first_core.results
 import first_core.storage
 from first_core import records
 from first_core.auth import Caller
+from first_core.callbacks import callback_token, verify_callback_token
 from first_core.errors import (
     AuthenticationError,
     ConflictError,
@@ -27,11 +29,9 @@ from first_core.registry import Endpoint, FunctionIds, Limits
 from first_core.results import (
     Result,
     accept_callback,
-    callback_token,
     error_message,
     load,
     record,
-    verify_callback_token,
 )
 from first_core.settings import get_settings
 from first_core.tables import RequestRecord, ResultRecord
@@ -166,7 +166,7 @@ def test_verify_callback_token_compares_in_constant_time(monkeypatch: pytest.Mon
         seen.append((a, b))
         return real(a, b)
 
-    monkeypatch.setattr(first_core.results.hmac, "compare_digest", spy)
+    monkeypatch.setattr(first_core.callbacks.hmac, "compare_digest", spy)
     token = callback_token(REQUEST_ID)
 
     verify_callback_token(REQUEST_ID, f"Bearer {token}")

@@ -35,6 +35,7 @@ from starlette.routing import Route
 
 from compute_funcs.streaming import vllm_streaming
 from first_core import records, streaming
+from first_core.callbacks import callback_token
 from first_core.errors import (
     AuthenticationError,
     ConflictError,
@@ -42,7 +43,6 @@ from first_core.errors import (
     InvalidRequestError,
     PayloadTooLargeError,
 )
-from first_core.results import callback_token
 from first_core.settings import get_settings
 from first_core.tables import RequestRecord, StreamChunkBatch
 from first_local.mock_vllm import MockConfig, create_app, generate_text

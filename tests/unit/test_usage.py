@@ -13,9 +13,10 @@ import pytest
 
 from first_core import ratelimit, records, streaming, usage
 from first_core.auth import Caller
+from first_core.callbacks import callback_token
 from first_core.errors import InvalidRequestError, PermissionDeniedError
 from first_core.registry import Endpoint, FunctionIds, Limits
-from first_core.results import callback_token, record
+from first_core.results import record
 from first_core.settings import get_settings
 from first_core.tables import RequestRecord, StreamChunkBatch, UsageRecord
 from first_core.usage import Usage

@@ -14,44 +14,17 @@ from __future__ import annotations
 
 import hashlib
 import time
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
 from pynamodb.exceptions import DoesNotExist
 
 from first_core import files, storage
 from first_core.batches import OPEN_STATES, OUTPUT_NAMES, end, error_entry
+from first_core.callbacks import read_callback
 from first_core.errors import ConflictError
-from first_core.results import read_callback
+from first_core.schemas.wire import BatchEvent
 from first_core.settings import get_settings
 from first_core.tables import BatchRecord, update_if
-
-
-class Counts(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
-    lines: int = Field(default=0, ge=0)
-    bytes: int = Field(default=0, ge=0)
-    path: str | None = None
-
-
-class BatchEvent(BaseModel):
-    """What the batch function posts (and, for `done`, returns to Globus Compute)."""
-
-    model_config = ConfigDict(extra="ignore")
-
-    batch_id: str
-    event: Literal["progress", "upload", "done"]
-    attempt: int = Field(ge=1)
-    completed: int = Field(default=0, ge=0)
-    failed: int = Field(default=0, ge=0)
-    total: int = Field(default=0, ge=0)
-    resumed_lines: int = Field(default=0, ge=0)
-    outcome: Literal["completed", "cancelled", "failed"] | None = None
-    usage: dict[str, int] = Field(default_factory=dict)
-    output: Counts = Counts()
-    errors: Counts = Counts()
-    error: dict[str, Any] | None = None
 
 
 def accept_callback(batch_id: str, authorization: str | None, raw_body: bytes) -> dict[str, Any]:

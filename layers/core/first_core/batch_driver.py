@@ -18,9 +18,10 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from first_core.batch_callbacks import BatchEvent, finalize
+from first_core.batch_callbacks import finalize
 from first_core.batches import OPEN_STATES, end, error_entry, submit
 from first_core.compute import ComputeBackend, TaskState, background_lookup, get_backend
+from first_core.schemas.wire import BatchEvent
 from first_core.settings import get_settings
 from first_core.tables import BatchRecord, update_if
 

@@ -22,12 +22,13 @@ import logging
 import os
 import time
 import uuid
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from first_core import files, observability, ratelimit, schemas, storage, usage
 from first_core.auth import Caller
+from first_core.callbacks import callback_token
 from first_core.compute import ComputeBackend, budget, get_backend
 from first_core.errors import (
     ConflictError,
@@ -38,13 +39,10 @@ from first_core.errors import (
     RateLimitError,
 )
 from first_core.registry import Endpoint, Registry, routing
-from first_core.results import callback_token
+from first_core.schemas.wire import BatchEvent
 from first_core.settings import get_settings
 from first_core.tables import BatchRecord, owned_item, update_if
 from first_core.usage import Usage
-
-if TYPE_CHECKING:
-    from first_core.batch_callbacks import BatchEvent
 
 log = logging.getLogger("first.batches")
 

@@ -28,6 +28,7 @@ from typing import Any
 
 from first_core import records, results, streaming
 from first_core.compute import ComputeBackend, TaskState, background_lookup, get_backend
+from first_core.schemas import wire
 from first_core.settings import get_settings
 from first_core.tables import RequestRecord, StreamChunkBatch
 
@@ -191,10 +192,10 @@ def _end_stream(
     error = None
     if status_code >= 400:
         raw = body.get("error") if isinstance(body, dict) else None
-        error = streaming.StreamError.model_validate(
+        error = wire.StreamError.model_validate(
             raw if isinstance(raw, dict) else {"message": results.error_message(body)}
         )
-    stream_usage = streaming.StreamUsage.model_validate(usage) if isinstance(usage, dict) else None
+    stream_usage = wire.StreamUsage.model_validate(usage) if isinstance(usage, dict) else None
     stored = list(StreamChunkBatch.query(request_id, consistent_read=True))
     position, next_seq, done = 0, 0, False
     for row in sorted(stored, key=lambda r: int(r.seq)):
@@ -212,7 +213,7 @@ def _end_stream(
             done = True
             break
     if not done:
-        batch = streaming.StreamBatchBody(
+        batch = wire.StreamBatchBody(
             request_id=request_id,
             seq=next_seq,
             chunks=chunks[position:],
@@ -230,7 +231,7 @@ def _end_stream(
 
 
 def _put(request_id: str, seq: int, chunks: list[str]) -> None:
-    batch = streaming.StreamBatchBody(request_id=request_id, seq=seq, chunks=chunks)
+    batch = wire.StreamBatchBody(request_id=request_id, seq=seq, chunks=chunks)
     streaming._put_batch(request_id, batch)
 
 

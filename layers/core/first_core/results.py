@@ -1,94 +1,30 @@
-"""Results coming back from the clusters: callback tokens, the results table, and S3 spill-over.
+"""Results coming back from the clusters: the results table, and S3 spill-over.
 
-A callback token is the HMAC-SHA256 of the request id under the server's callback secret: it
-proves the caller was handed that one request, it is checked in constant time, and it is never
-stored. The result row is written with a conditional put, so a repeated callback is a no-op;
-bodies too large for a DynamoDB item go to the results bucket with a pointer in the row.
+The result row is written with a conditional put, so a repeated callback is a no-op; bodies too
+large for a DynamoDB item go to the results bucket with a pointer in the row. (The callback's
+token and shape are checked first: first_core.callbacks.)
 """
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import json
 import time
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, ValidationError
 from pynamodb.exceptions import DoesNotExist, PutError
 
 from first_core import records, storage
+from first_core.callbacks import read_callback
 from first_core.errors import (
-    AuthenticationError,
     ConflictError,
-    InvalidRequestError,
-    PayloadTooLargeError,
 )
+from first_core.schemas.wire import CallbackBody
 from first_core.settings import get_settings
 from first_core.tables import RequestRecord, ResultRecord
 from first_core.usage import Usage
-
-
-class MissingCallbackSecret(RuntimeError):
-    """An HMAC under an empty key is no secret: refuse to sign or verify without one."""
-
-
-def callback_token(request_id: str) -> str:
-    secret = get_settings().callback_secret.get_secret_value().encode()
-    if not secret:
-        raise MissingCallbackSecret("FIRST_CALLBACK_SECRET is not set")
-    return hmac.new(secret, request_id.encode(), hashlib.sha256).hexdigest()
-
-
-def verify_callback_token(request_id: str, authorization: str | None) -> None:
-    scheme, _, presented = (authorization or "").partition(" ")
-    if scheme.lower() != "bearer":
-        presented = ""
-    if not hmac.compare_digest(presented.encode(), callback_token(request_id).encode()):
-        raise AuthenticationError(
-            "Invalid callback token for this request.", code="invalid_callback"
-        )
-
-
-CallbackT = TypeVar("CallbackT", bound=BaseModel)
-
-
-def read_callback(
-    object_id: str,
-    authorization: str | None,
-    raw_body: bytes,
-    body_type: type[CallbackT],
-    max_bytes: int,
-    id_field: str = "request_id",
-) -> CallbackT:
-    """Every callback route's first steps, in this order: the token for this object (constant
-    time, before anything else is looked at), the size, the body's shape, and that the body
-    names the object of the URL in its `id_field`."""
-    verify_callback_token(object_id, authorization)
-    if len(raw_body) > max_bytes:
-        raise PayloadTooLargeError("Callback body too large.")
-    try:
-        body = body_type.model_validate_json(raw_body)
-    except ValidationError:
-        raise InvalidRequestError(
-            "Malformed callback body.", code="invalid_callback_body"
-        ) from None
-    if getattr(body, id_field) != object_id:
-        raise InvalidRequestError("Callback body names another object.", param=id_field)
-    return body
-
-
-class CallbackBody(BaseModel):
-    """What a compute function posts back (and returns to Globus Compute)."""
-
-    model_config = ConfigDict(extra="ignore")
-
-    request_id: str
-    status_code: int
-    body: Any = None
 
 
 @dataclass(frozen=True)

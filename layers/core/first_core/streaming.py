@@ -19,15 +19,16 @@ from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
 from pynamodb.exceptions import DoesNotExist, PutError, UpdateError
 
-from first_core import records, results
+from first_core import records
+from first_core.callbacks import read_callback
 from first_core.errors import (
     ComputeTimeoutError,
     ConflictError,
     GatewayError,
 )
+from first_core.schemas.wire import StreamBatchBody, StreamUsage
 from first_core.settings import get_settings
 from first_core.tables import TERMINAL_STATUSES, RequestRecord, StreamChunkBatch
 from first_core.usage import Usage, late_usage
@@ -41,48 +42,12 @@ _MAX_POLL_S = 0.1
 _STATUS_CHECK_S = 1.0
 
 
-class StreamError(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
-    message: str
-    type: str | None = None
-    param: str | None = None
-    code: str | int | None = None
-
-
-class StreamUsage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
-    prompt_tokens: int = Field(default=0, ge=0)
-    completion_tokens: int = Field(default=0, ge=0)
-    total_tokens: int | None = Field(default=None, ge=0)
-
-    def to_usage(self) -> Usage:
-        total = self.total_tokens
-        if total is None:
-            total = self.prompt_tokens + self.completion_tokens
-        return Usage(self.prompt_tokens, self.completion_tokens, total)
-
-
-class StreamBatchBody(BaseModel):
-    """What the streaming compute function posts to the stream callback."""
-
-    model_config = ConfigDict(extra="ignore")
-
-    request_id: str
-    seq: int = Field(ge=0)
-    chunks: list[str] = Field(default_factory=list)
-    done: bool = False
-    error: StreamError | None = None
-    usage: StreamUsage | None = None
-
-
 def accept_stream_callback(
     request_id: str, authorization: str | None, raw_body: bytes
 ) -> dict[str, Any]:
     """The stream callback route: verify, store the batch once, and say whether to go on."""
     # The batch becomes one DynamoDB item, which holds at most 400 KB.
-    batch = results.read_callback(
+    batch = read_callback(
         request_id,
         authorization,
         raw_body,

@@ -35,7 +35,7 @@ from dataclasses import asdict, dataclass, field, replace
 from functools import lru_cache
 from typing import Any
 
-from first_core import records, results, storage
+from first_core import callbacks, records, results, storage
 from first_core.compute import ComputeBackend, SubmitRefused, budget, get_backend
 from first_core.errors import ServiceUnavailableError
 from first_core.settings import get_settings
@@ -81,7 +81,7 @@ def task_kwargs(
         "openai_path": openai_path,
         "request_id": request_id,
         "callback_url": f"{callback_url}/stream" if stream else callback_url,
-        "callback_token": results.callback_token(request_id),
+        "callback_token": callbacks.callback_token(request_id),
     }
 
 

@@ -15,9 +15,10 @@ from typing import Any
 from chalice import Chalice, Rate, Response
 from chalice.app import Request
 
-from first_core import observability, results, streaming, usage
+from first_core import observability, usage
 from first_core.auth import Caller, get_authenticator
 from first_core.errors import GatewayError, InvalidRequestError, internal_error_body
+from first_core.inference import results, stream_sink
 from first_core.registry import Registry
 from first_core.registry.routing import may_use, state
 
@@ -196,21 +197,21 @@ def result_callback(request_id: str) -> dict[str, Any]:
 @api("/callbacks/{request_id}/stream", methods=["POST"], content_types=["application/json"])
 def stream_callback(request_id: str) -> dict[str, Any]:
     authorization = current_request().headers.get("authorization")
-    return streaming.accept_stream_callback(request_id, authorization, raw_body())
+    return stream_sink.accept_stream_callback(request_id, authorization, raw_body())
 
 
 @api("/v1/requests/{request_id}", methods=["GET"])
 def get_request(request_id: str) -> dict[str, Any]:
     """A request's state and, once completed, its answer (owner only: 404 for anyone else)."""
-    from first_core import records
+    from first_core.inference import records
 
     return results.request_view(records.get_owned(request_id, caller()))
 
 
 @app.schedule(Rate(1, unit=Rate.MINUTES), name="reconciler")
 def reconciler(event: Any) -> dict[str, Any]:
-    """Recover requests whose callback was lost (first_core.reconciler)."""
-    from first_core.reconciler import reconcile
+    """Recover requests whose callback was lost (first_core.inference.reconciler)."""
+    from first_core.inference.reconciler import reconcile
 
     report = reconcile().to_json()
     for what in ("completed", "failed", "timed_out"):
@@ -222,9 +223,9 @@ def reconciler(event: Any) -> dict[str, Any]:
 @app.lambda_function(name="submitter")
 def submitter(event: dict[str, Any], context: Any) -> dict[str, Any]:
     """Send the requests waiting in the submit queue, one Globus Compute batch per endpoint
-    (first_core.submit_queue). Messages to deliver again are reported as batch item failures
+    (first_core.inference.queue). Messages to deliver again are reported as batch item failures
     (the queue's event source has ReportBatchItemFailures)."""
-    from first_core.submit_queue import submit_waiting
+    from first_core.inference.queue import submit_waiting
 
     report = submit_waiting({r["messageId"]: r["body"] for r in event.get("Records", [])})
     if report.submitted:
@@ -264,13 +265,13 @@ def health_poller(event: Any) -> dict[str, Any]:
     return poll().to_json()
 
 
-# ---- files and batches (first_core.files, first_core.batches) --------------------------------
+# ---- files and batches (first_core.batches) --------------------------------------------------
 
 
 @api("/v1/files", methods=["POST"], content_types=["multipart/form-data"])
 def upload_file() -> dict[str, Any]:
     """OpenAI's file upload: a batch input, checked line by line before it is kept."""
-    from first_core import files
+    from first_core.batches import files
 
     who = caller()
     upload = files.parse_upload(current_request().headers.get("content-type"), raw_body())
@@ -279,7 +280,7 @@ def upload_file() -> dict[str, Any]:
 
 @api("/v1/files", methods=["GET"])
 def list_files() -> dict[str, Any]:
-    from first_core import files
+    from first_core.batches import files
 
     who = caller()
     params = query()
@@ -289,14 +290,14 @@ def list_files() -> dict[str, Any]:
 
 @api("/v1/files/{file_id}", methods=["GET"])
 def get_file(file_id: str) -> dict[str, Any]:
-    from first_core import files
+    from first_core.batches import files
 
     return files.view(files.get_owned(file_id, caller()))
 
 
 @api("/v1/files/{file_id}", methods=["DELETE"])
 def delete_file(file_id: str) -> dict[str, Any]:
-    from first_core import files
+    from first_core.batches import files
 
     return files.delete(files.get_owned(file_id, caller()))
 
@@ -304,7 +305,7 @@ def delete_file(file_id: str) -> dict[str, Any]:
 @api("/v1/files/{file_id}/content", methods=["GET"])
 def file_content(file_id: str) -> Response:
     """The file's bytes, or a redirect to a presigned URL when too large for a response."""
-    from first_core import files
+    from first_core.batches import files
 
     content = files.content(files.get_owned(file_id, caller()))
     if content.redirect_url is not None:
@@ -320,14 +321,16 @@ def file_content(file_id: str) -> Response:
 
 @api("/v1/batches", methods=["POST"], content_types=["application/json"])
 def create_batch() -> dict[str, Any]:
-    from first_core import batch_views, batches
+    from first_core.batches import lifecycle
+    from first_core.batches import views as batch_views
 
-    return batch_views.view(batches.create_openai(caller(), raw_body()))
+    return batch_views.view(lifecycle.create_openai(caller(), raw_body()))
 
 
 @api("/v1/batches", methods=["GET"])
 def list_batches() -> dict[str, Any]:
-    from first_core import batch_views, files
+    from first_core.batches import files
+    from first_core.batches import views as batch_views
 
     who = caller()
     params = query()
@@ -337,16 +340,18 @@ def list_batches() -> dict[str, Any]:
 
 @api("/v1/batches/{batch_id}", methods=["GET"])
 def get_batch(batch_id: str) -> dict[str, Any]:
-    from first_core import batch_views, batches
+    from first_core.batches import lifecycle
+    from first_core.batches import views as batch_views
 
-    return batch_views.view(batches.get_owned(batch_id, caller()))
+    return batch_views.view(lifecycle.get_owned(batch_id, caller()))
 
 
 @api("/v1/batches/{batch_id}/cancel", methods=["POST"])
 def cancel_batch(batch_id: str) -> dict[str, Any]:
-    from first_core import batch_views, batches
+    from first_core.batches import lifecycle
+    from first_core.batches import views as batch_views
 
-    return batch_views.view(batches.cancel(batches.get_owned(batch_id, caller())))
+    return batch_views.view(lifecycle.cancel(lifecycle.get_owned(batch_id, caller())))
 
 
 @api(
@@ -356,14 +361,16 @@ def cancel_batch(batch_id: str) -> dict[str, Any]:
 )
 def create_first_batch(cluster: str, framework: str) -> dict[str, Any]:
     """FIRST's batch: `input_file` is a JSONL path on the cluster's file system."""
-    from first_core import batch_views, batches
+    from first_core.batches import lifecycle
+    from first_core.batches import views as batch_views
 
-    return batch_views.first_summary(batches.create_first(caller(), cluster, framework, raw_body()))
+    record = lifecycle.create_first(caller(), cluster, framework, raw_body())
+    return batch_views.first_summary(record)
 
 
 @api("/resource_server/v1/batches", methods=["GET"])
 def list_first_batches() -> list[dict[str, Any]]:
-    from first_core import batch_views
+    from first_core.batches import views as batch_views
 
     return batch_views.first_list(caller(), query().get("status"))
 
@@ -373,24 +380,26 @@ def first_batch_status(batch_id: str) -> Response:
     """FIRST answers a batch's status as a bare JSON string (`"running"`)."""
     import json
 
-    from first_core import batch_views, batches
+    from first_core.batches import lifecycle
+    from first_core.batches import views as batch_views
 
-    status = batch_views.first_status(batches.get_owned(batch_id, caller()))
+    status = batch_views.first_status(lifecycle.get_owned(batch_id, caller()))
     return Response(json.dumps(status), headers={"Content-Type": "application/json"})
 
 
 @api("/resource_server/v1/batches/{batch_id}/result", methods=["GET"])
 def first_batch_result(batch_id: str) -> dict[str, Any]:
-    from first_core import batch_views, batches
+    from first_core.batches import lifecycle
+    from first_core.batches import views as batch_views
 
-    return batch_views.first_result(batches.get_owned(batch_id, caller()))
+    return batch_views.first_result(lifecycle.get_owned(batch_id, caller()))
 
 
 # The variable is named as in the request callbacks' paths: API Gateway allows one variable
 # name per level under /callbacks. Here it holds a batch id.
 @api("/callbacks/{request_id}/batch", methods=["POST"], content_types=["application/json"])
 def batch_callback(request_id: str) -> dict[str, Any]:
-    from first_core import batch_callbacks
+    from first_core.batches import callbacks as batch_callbacks
 
     authorization = current_request().headers.get("authorization")
     return batch_callbacks.accept_callback(request_id, authorization, raw_body())
@@ -399,8 +408,8 @@ def batch_callback(request_id: str) -> dict[str, Any]:
 @app.schedule(Rate(1, unit=Rate.MINUTES), name="batch_driver")
 def batch_driver(event: Any) -> dict[str, Any]:
     """Finish batches whose done callback was lost and restart those whose task died
-    (first_core.batch_driver)."""
-    from first_core.batch_driver import drive
+    (first_core.batches.driver)."""
+    from first_core.batches.driver import drive
 
     report = drive().to_json()
     for what in ("finalized", "resubmitted", "ended"):

@@ -2,7 +2,7 @@
 does for the submitter on AWS (template.yaml, `SubmitterQueueMapping`), as a thread.
 
 It long-polls the queue on the moto server, collects what arrives within a short batching
-window (up to 100 messages), hands it to the submitter (`first_core.submit_queue`, the same code
+window (up to 100 messages), hands it to the submitter (`first_core.inference.queue`, the same code
 `app.submitter` runs), deletes the messages that were dealt with and leaves the others to come
 back after the queue's visibility timeout, as ReportBatchItemFailures does.
 
@@ -31,7 +31,7 @@ class SubmitterKilled(BaseException):
 
 class SubmitQueueSource:
     def __init__(self, queue_url: str, window: float = 0.25, kill: float = 0.0) -> None:
-        from first_core.submit_queue import sqs
+        from first_core.inference.queue import sqs
 
         self.queue_url = queue_url
         self.window = window
@@ -80,7 +80,7 @@ class SubmitQueueSource:
         return messages
 
     def _invoke(self, messages: dict[str, dict[str, Any]]) -> None:
-        from first_core.submit_queue import submit_waiting
+        from first_core.inference.queue import submit_waiting
 
         def after_send(request_ids: list[str]) -> None:
             if random.random() < self.kill:

@@ -51,7 +51,7 @@ class StackOptions:
     backend_errors: float = 0.0
     backend_hang: float = 0.0
     result_wait_seconds: float = 300.0
-    # The reconciler's period (0: not run) and grace period (first_core.reconciler).
+    # The reconciler's period (0: not run) and grace period (first_core.inference.reconciler).
     reconcile_every: float = 5.0
     reconcile_grace: float = 10.0
     # Fault injection (first_local.faults), all off by default.
@@ -392,8 +392,8 @@ class LocalStack:
         self._reconciler_stop = threading.Event()
 
         def loop() -> None:
-            from first_core.batch_driver import drive
-            from first_core.reconciler import reconcile
+            from first_core.batches.driver import drive
+            from first_core.inference.reconciler import reconcile
 
             while not self._reconciler_stop.wait(every):
                 try:

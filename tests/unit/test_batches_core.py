@@ -9,8 +9,12 @@ from typing import Any
 
 import pytest
 
-import first_core.batches
-from first_core import batch_callbacks, batch_driver, batch_views, batches, files, storage
+import first_core.batches.lifecycle
+from first_core import storage
+from first_core.batches import callbacks as batch_callbacks
+from first_core.batches import driver as batch_driver
+from first_core.batches import files, lifecycle
+from first_core.batches import views as batch_views
 from first_core.callbacks import callback_token
 from first_core.compute import TaskState
 from first_core.errors import (
@@ -75,7 +79,7 @@ MAX_TOKENS = 4096
 @pytest.fixture
 def backend(monkeypatch: pytest.MonkeyPatch) -> FakeBackend:
     fake = FakeBackend()
-    monkeypatch.setattr(first_core.batches, "get_backend", lambda: fake)
+    monkeypatch.setattr(first_core.batches.lifecycle, "get_backend", lambda: fake)
     publish(
         RegistryFile(
             clusters={
@@ -115,7 +119,7 @@ def upload(content: bytes | None = None, caller: Any = CALLER) -> FileRecord:
 
 def create(file_id: str, endpoint: str = "/v1/chat/completions", caller: Any = CALLER) -> str:
     body = {"input_file_id": file_id, "endpoint": endpoint, "completion_window": "24h"}
-    return batches.create_openai(caller, json.dumps(body).encode()).batch_id
+    return lifecycle.create_openai(caller, json.dumps(body).encode()).batch_id
 
 
 def load(batch_id: str) -> BatchRecord:
@@ -123,7 +127,7 @@ def load(batch_id: str) -> BatchRecord:
 
 
 def slots() -> int:
-    return batches.slots_in_use(CALLER.user_id)
+    return lifecycle.slots_in_use(CALLER.user_id)
 
 
 def usage_rows(batch_id: str) -> list[UsageRecord]:
@@ -231,7 +235,7 @@ def test_a_file_that_does_not_fit_makes_a_failed_batch_without_a_submit(
 ) -> None:
     input_file = upload(content)
     body = {"input_file_id": input_file.file_id, "endpoint": endpoint, "completion_window": "24h"}
-    view = batch_views.view(batches.create_openai(CALLER, json.dumps(body).encode()))
+    view = batch_views.view(lifecycle.create_openai(CALLER, json.dumps(body).encode()))
     assert view["status"] == "failed"
     assert [e["code"] for e in view["errors"]["data"]] == codes
     record = load(view["id"])
@@ -258,7 +262,7 @@ def test_a_bad_create_body_is_refused(backend: FakeBackend) -> None:
         ),
     ):
         with pytest.raises(InvalidRequestError) as raised:
-            batch_views.view(batches.create_openai(CALLER, json.dumps(body).encode()))
+            batch_views.view(lifecycle.create_openai(CALLER, json.dumps(body).encode()))
         if param:
             assert raised.value.param == param
     assert backend.submits == [] and list(BatchRecord.scan()) == []
@@ -278,7 +282,7 @@ def test_at_most_two_batches_at_once(backend: FakeBackend, monkeypatch: pytest.M
     assert slots() == 2
     # Ending the batches gives the slots back.
     assert send(first, done_report(first)) == {"accepted": True}
-    batches.cancel(load(second))
+    lifecycle.cancel(load(second))
     assert send(second, done_report(second, outcome="cancelled")) == {"accepted": True}
     assert slots() == 0
     assert load(create(input_file.file_id)).status == "in_progress"
@@ -326,7 +330,7 @@ def test_progress_updates_the_counts(backend: FakeBackend) -> None:
 
 def test_progress_after_cancel_says_stop(backend: FakeBackend) -> None:
     batch_id = create(upload().file_id)
-    view = batch_views.view(batches.cancel(load(batch_id)))
+    view = batch_views.view(lifecycle.cancel(load(batch_id)))
     assert view["status"] == "cancelling" and view["cancelling_at"]
     assert load(batch_id).status == "cancelling"
     assert call_back(batch_id, "progress", completed=1, total=3) == {"continue": False}
@@ -418,7 +422,7 @@ def test_done_without_outputs_completes_without_files(backend: FakeBackend) -> N
 
 def test_done_after_cancel_is_cancelled(backend: FakeBackend) -> None:
     batch_id = create(upload().file_id)
-    batches.cancel(load(batch_id))
+    lifecycle.cancel(load(batch_id))
     storage.put(f"batches/{batch_id}/output.jsonl", b'{"id": "a"}\n')
     report = done_report(batch_id, outcome="cancelled", completed=1, output={"lines": 1})
     assert send(batch_id, report) == {"accepted": True}
@@ -427,7 +431,7 @@ def test_done_after_cancel_is_cancelled(backend: FakeBackend) -> None:
     assert record.output_file_id and int(record.completed) == 1
     assert slots() == 0 and len(usage_rows(batch_id)) == 1
     assert (
-        batch_views.view(batches.cancel(record))["status"] == "cancelled"
+        batch_views.view(lifecycle.cancel(record))["status"] == "cancelled"
     )  # cancelling again changes nothing
 
 
@@ -446,7 +450,7 @@ def test_an_ended_batch_cannot_be_cancelled(backend: FakeBackend) -> None:
     batch_id = create(upload().file_id)
     send(batch_id, done_report(batch_id))
     with pytest.raises(ConflictError):
-        batches.cancel(load(batch_id))
+        lifecycle.cancel(load(batch_id))
 
 
 # ---- the batch driver ---------------------------------------------------------------------------
@@ -521,7 +525,7 @@ def test_drive_fails_a_batch_at_its_last_attempt(
 
 def test_drive_ends_a_cancelling_batch_whose_task_died(backend: FakeBackend) -> None:
     batch_id = create(upload().file_id)
-    batches.cancel(load(batch_id))
+    lifecycle.cancel(load(batch_id))
     backend.states["task-1"] = TaskState("failed", error="killed")
     report = batch_driver.drive(backend=backend)
     assert report.ended == [batch_id] and len(backend.submits) == 1
@@ -629,7 +633,7 @@ def test_drive_resubmits_through_the_backend_it_was_given(
 
 
 def create_first(**body: Any) -> dict[str, Any]:
-    record = batches.create_first(
+    record = lifecycle.create_first(
         CALLER, "sophia", "vllm", json.dumps({"model": MODEL, **body}).encode()
     )
     return batch_views.first_summary(record)
@@ -735,7 +739,7 @@ def test_drive_ends_a_cancelled_batch_whose_task_never_started_as_cancelled(
     backend: FakeBackend,
 ) -> None:
     batch_id = create(upload().file_id)
-    batches.cancel(load(batch_id))
+    lifecycle.cancel(load(batch_id))
     backend.states["task-1"] = TaskState("pending")
     expires = float(load(batch_id).expires_at)
     grace = get_settings().reconcile_grace_seconds

@@ -1,5 +1,5 @@
-"""OpenAI Files (first_core.files): the line-by-line check of batch inputs, multipart uploads,
-and the file records and objects on in-process moto."""
+"""OpenAI Files (first_core.batches.files): the line-by-line check of batch inputs, multipart
+uploads, and the file records and objects on in-process moto."""
 
 from __future__ import annotations
 
@@ -12,8 +12,9 @@ from typing import Any
 import httpx
 import pytest
 
-from first_core import files, storage
+from first_core import storage
 from first_core.auth import Caller
+from first_core.batches import files
 from first_core.errors import InvalidRequestError, NotFoundError, PayloadTooLargeError
 from first_core.settings import get_settings
 from first_core.tables import FileRecord

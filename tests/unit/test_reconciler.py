@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from first_core import reconciler, records, results, streaming
 from first_core.compute import TaskState
+from first_core.inference import reconciler, records, results, stream_sink
 from first_core.schemas import wire
 from first_core.settings import get_settings
 from first_core.tables import RequestRecord, StreamChunkBatch, UsageRecord
@@ -137,7 +137,7 @@ def test_a_stream_with_lost_batches_is_completed_in_order() -> None:
     # Batch 0 (a) and batch 2 (d, e) landed; batch 1 (b, c) and the done batch (f) were lost.
     for seq, part in ((0, chunks[:1]), (2, chunks[3:5])):
         batch = wire.StreamBatchBody(request_id=request_id, seq=seq, chunks=part)
-        streaming._put_batch(request_id, batch)
+        stream_sink.put_batch(request_id, batch)
     value = {
         "request_id": request_id,
         "status_code": 200,
@@ -172,7 +172,7 @@ def test_a_done_batch_after_a_lost_one_waits_for_the_reconciler_to_fill_the_gap(
     def post(seq: int, part: list[str], done: bool = False) -> None:
         body = {"request_id": request_id, "seq": seq, "chunks": part, "done": done,
                 "usage": usage if done else None}
-        streaming.accept_stream_callback(
+        stream_sink.accept_stream_callback(
             request_id, f"Bearer {callback_token(request_id)}", json.dumps(body).encode()
         )
 

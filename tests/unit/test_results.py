@@ -14,9 +14,8 @@ import pytest
 from pydantic import SecretStr
 
 import first_core.callbacks
-import first_core.results
+import first_core.inference.results
 import first_core.storage
-from first_core import records
 from first_core.auth import Caller
 from first_core.callbacks import callback_token, verify_callback_token
 from first_core.errors import (
@@ -25,14 +24,15 @@ from first_core.errors import (
     InvalidRequestError,
     PayloadTooLargeError,
 )
-from first_core.registry import Endpoint, FunctionIds, Limits
-from first_core.results import (
+from first_core.inference import records
+from first_core.inference.results import (
     Result,
     accept_callback,
     error_message,
     load,
     record,
 )
+from first_core.registry import Endpoint, FunctionIds, Limits
 from first_core.settings import get_settings
 from first_core.tables import RequestRecord, ResultRecord
 

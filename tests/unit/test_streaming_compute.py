@@ -18,7 +18,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from compute_funcs.streaming import vllm_streaming
-from first_core import streaming
+from first_core.inference import assemble
 from first_local.mock_vllm import MockConfig, create_app
 from tests.asgi_server import serve
 
@@ -145,7 +145,7 @@ def test_batches_are_numbered_prompt_and_complete(receiver: Receiver, vllm_url: 
     assert body["choices"][0]["finish_reason"] == plain["choices"][0]["finish_reason"]
     assert body["usage"] == plain["usage"]
     # The gateway assembles the same answer from the stored chunks (GET /v1/requests/{id}).
-    assert streaming.assemble("chat/completions", relayed) == body
+    assert assemble.assemble("chat/completions", relayed) == body
 
 
 def test_text_completion_is_assembled(receiver: Receiver, vllm_url: str) -> None:
@@ -156,7 +156,7 @@ def test_text_completion_is_assembled(receiver: Receiver, vllm_url: str) -> None
     assert result["body"]["choices"][0]["text"] == plain["choices"][0]["text"]
     assert result["body"]["choices"][0]["finish_reason"] == "length"
     assert receiver.batches()[-1]["usage"]["completion_tokens"] == 7
-    assert streaming.assemble("completions", result["chunks"]) == result["body"]
+    assert assemble.assemble("completions", result["chunks"]) == result["body"]
 
 
 def test_mid_stream_error_ends_with_the_error(receiver: Receiver) -> None:

@@ -34,7 +34,6 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from compute_funcs.streaming import vllm_streaming
-from first_core import records, streaming
 from first_core.callbacks import callback_token
 from first_core.errors import (
     AuthenticationError,
@@ -43,6 +42,7 @@ from first_core.errors import (
     InvalidRequestError,
     PayloadTooLargeError,
 )
+from first_core.inference import records, relay, stream_sink
 from first_core.settings import get_settings
 from first_core.tables import RequestRecord, StreamChunkBatch
 from first_local.mock_vllm import MockConfig, create_app, generate_text
@@ -90,7 +90,7 @@ def post(request_id: str, seq: int, chunks: list[str], *, done: bool = False,
     body = {"request_id": request_id, "seq": seq, "chunks": chunks, "done": done,
             "error": error, "usage": usage}
     token = callback_token(token_for or request_id)
-    return streaming.accept_stream_callback(request_id, f"Bearer {token}",
+    return stream_sink.accept_stream_callback(request_id, f"Bearer {token}",
                                             json.dumps(body).encode())
 
 
@@ -108,7 +108,7 @@ async def collect(events: AsyncIterator[bytes]) -> list[bytes]:
 
 def relay_all(request_id: str, *, include_usage: bool = False, timeout: float = 5.0,
               keepalive: float = 15.0) -> list[bytes]:
-    return asyncio.run(collect(streaming.relay(
+    return asyncio.run(collect(relay.relay(
         request_id, include_usage=include_usage, deadline=time.monotonic() + timeout,
         keepalive_seconds=keepalive)))
 
@@ -151,7 +151,7 @@ def test_bad_token_writes_nothing(who: str) -> None:
         "missing": None,
     }[who]
     with pytest.raises(AuthenticationError):
-        streaming.accept_stream_callback(request_id, authorization, body)
+        stream_sink.accept_stream_callback(request_id, authorization, body)
     assert rows(request_id) == []
 
 
@@ -159,19 +159,19 @@ def test_malformed_or_oversized_batches_are_refused() -> None:
     request_id = new_request()
     token = f"Bearer {callback_token(request_id)}"
     with pytest.raises(InvalidRequestError):
-        streaming.accept_stream_callback(request_id, token, b'{"request_id": 1}')
+        stream_sink.accept_stream_callback(request_id, token, b'{"request_id": 1}')
     with pytest.raises(InvalidRequestError):
         other = json.dumps({"request_id": "req_other", "seq": 0}).encode()
-        streaming.accept_stream_callback(request_id, token, other)
+        stream_sink.accept_stream_callback(request_id, token, other)
     with pytest.raises(PayloadTooLargeError):
-        streaming.accept_stream_callback(request_id, token, b" " * 400_000)
+        stream_sink.accept_stream_callback(request_id, token, b" " * 400_000)
     assert rows(request_id) == []
 
 
 def test_cancelled_request_stops_the_stream_and_bills_what_was_generated() -> None:
     request_id = new_request()
     post(request_id, 0, [chunk(None)])
-    streaming.cancel(request_id)
+    stream_sink.cancel(request_id)
     assert post(request_id, 1, [chunk("late")]) == {"continue": False, "duplicate": False}
     assert [int(r.seq) for r in rows(request_id)] == [0]
     # The compute function's last word: the usage of what it generated, after the cancel.
@@ -205,7 +205,7 @@ def test_out_of_order_batches_relay_in_order_once() -> None:
     request_id = new_request()
 
     async def scenario() -> list[bytes]:
-        relayed = asyncio.create_task(collect(streaming.relay(
+        relayed = asyncio.create_task(collect(relay.relay(
             request_id, include_usage=False, deadline=time.monotonic() + 5)))
         post(request_id, 2, [chunk(" world", finish="stop"), USAGE_CHUNK], done=True, usage=USAGE)
         await asyncio.sleep(0.05)
@@ -254,7 +254,7 @@ def test_keep_alive_while_waiting() -> None:
     request_id = new_request()
 
     async def scenario() -> list[bytes]:
-        relayed = asyncio.create_task(collect(streaming.relay(
+        relayed = asyncio.create_task(collect(relay.relay(
             request_id, include_usage=False, deadline=time.monotonic() + 5,
             keepalive_seconds=0.05)))
         await asyncio.sleep(0.3)
@@ -283,7 +283,7 @@ def test_relay_reads_only_new_rows(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(StreamChunkBatch, "query", spy)
 
     async def scenario() -> list[bytes]:
-        relayed = asyncio.create_task(collect(streaming.relay(
+        relayed = asyncio.create_task(collect(relay.relay(
             request_id, include_usage=True, deadline=time.monotonic() + 5)))
         for seq in range(5):
             post(request_id, seq, [chunk(f"t{seq}")])
@@ -315,7 +315,7 @@ def test_client_leaving_cancels_the_request() -> None:
     post(request_id, 0, [chunk(None)])
 
     async def scenario() -> None:
-        events = streaming.relay(request_id, include_usage=False,
+        events = relay.relay(request_id, include_usage=False,
                                  deadline=time.monotonic() + 5)
         await events.__anext__()
         await events.aclose()  # what the server does when the client disconnects
@@ -326,12 +326,12 @@ def test_client_leaving_cancels_the_request() -> None:
 
 
 def test_request_ended_elsewhere_ends_the_relay(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(streaming, "_STATUS_CHECK_S", 0.05)
+    monkeypatch.setattr(relay, "_STATUS_CHECK_S", 0.05)
     request_id = new_request()
     post(request_id, 0, [chunk(None)])
 
     async def scenario() -> list[bytes]:
-        relayed = asyncio.create_task(collect(streaming.relay(
+        relayed = asyncio.create_task(collect(relay.relay(
             request_id, include_usage=False, deadline=time.monotonic() + 5)))
         await asyncio.sleep(0.1)
         # What the reconciler does when the task died without sending its final batch.
@@ -375,7 +375,7 @@ def stack() -> Iterator[tuple[str, str]]:
     async def callback(request: Request) -> Response:
         try:
             reply = await asyncio.to_thread(
-                streaming.accept_stream_callback, request.path_params["request_id"],
+                stream_sink.accept_stream_callback, request.path_params["request_id"],
                 request.headers.get("authorization"), await request.body())
         except GatewayError as error:
             return JSONResponse(error.to_body(), status_code=error.status)
@@ -412,7 +412,7 @@ def test_end_to_end_stream(stack: tuple[str, str]) -> None:
     async def scenario() -> list[tuple[float, bytes]]:
         start = time.monotonic()
         thread, _ = start_compute(stack, request_id, payload)
-        timed = [(time.monotonic() - start, event) async for event in streaming.relay(
+        timed = [(time.monotonic() - start, event) async for event in relay.relay(
             request_id, include_usage=False, deadline=time.monotonic() + 10)]
         thread.join(10)
         return timed
@@ -439,7 +439,7 @@ def test_end_to_end_client_leaves(stack: tuple[str, str]) -> None:
 
     async def scenario() -> dict[str, Any]:
         thread, out = start_compute(stack, request_id, payload)
-        events = streaming.relay(request_id, include_usage=False,
+        events = relay.relay(request_id, include_usage=False,
                                  deadline=time.monotonic() + 10)
         for _ in range(3):
             await events.__anext__()

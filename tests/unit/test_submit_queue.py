@@ -13,8 +13,9 @@ from typing import Any
 import boto3
 import pytest
 
-from first_core import reconciler, records, submit_queue
 from first_core.compute import GlobusComputeBackend, TaskState
+from first_core.inference import queue as submit_queue
+from first_core.inference import reconciler, records
 from first_core.registry import Endpoint
 from first_core.settings import get_settings
 from first_core.tables import RequestRecord, ResultRecord

@@ -11,12 +11,13 @@ from typing import Any
 
 import pytest
 
-from first_core import ratelimit, records, streaming, usage
+from first_core import ratelimit, usage
 from first_core.auth import Caller
 from first_core.callbacks import callback_token
 from first_core.errors import InvalidRequestError, PermissionDeniedError
+from first_core.inference import records, stream_sink
+from first_core.inference.results import record
 from first_core.registry import Endpoint, FunctionIds, Limits
-from first_core.results import record
 from first_core.settings import get_settings
 from first_core.tables import RequestRecord, StreamChunkBatch, UsageRecord
 from first_core.usage import Usage
@@ -161,18 +162,18 @@ def test_a_cancelled_streams_late_usage_reaches_its_usage_record_and_rate_window
     key = reservation.counters[0].key
     request_id = start(stream=True, model=limited.model, reservation=reservation.to_json())
     assert ratelimit.used(key) == 120
-    streaming.cancel(request_id)  # the client went away
+    stream_sink.cancel(request_id)  # the client went away
     assert ratelimit.used(key) == 0  # nothing used yet: all given back
     (row,) = usage_rows()
     assert (row.status, row.total_tokens) == ("cancelled", 0)
     # The compute function's last batch still carries what was generated, which is billed.
     body = {"request_id": request_id, "seq": 3, "done": True,
             "usage": {"prompt_tokens": 20, "completion_tokens": 35}}
-    reply = streaming.accept_stream_callback(
+    reply = stream_sink.accept_stream_callback(
         request_id, f"Bearer {callback_token(request_id)}", json.dumps(body).encode()
     )
     assert reply["continue"] is False
-    streaming.accept_stream_callback(  # a repeat changes nothing
+    stream_sink.accept_stream_callback(  # a repeat changes nothing
         request_id, f"Bearer {callback_token(request_id)}", json.dumps(body).encode()
     )
     (row,) = usage_rows()

@@ -20,6 +20,10 @@ does not call Globus again):
 Refusals (inactive, expired, wrong scope, provider, policy) are remembered in memory for
 `_REFUSAL_CACHE_SECONDS`; outages of Globus (HTTP 5xx, 429, network) are never cached and
 answer 503 asking the client to retry.
+
+Long because: introspection and the two caches that guard it share one lock and one expiry rule
+(a revoked token works at most `token_cache_seconds`); apart, that rule would be spread over
+several modules.
 """
 
 from __future__ import annotations

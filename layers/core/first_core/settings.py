@@ -93,8 +93,8 @@ class Settings(BaseSettings):
     usage_max_days: int = 366
     # The registry table is re-read at most this often per function instance.
     registry_cache_seconds: float = 5.0
-    # The reconciler (first_core.reconciler) looks at open requests older than this, and ends
-    # those whose task is still pending after `request_deadline_seconds` as timed_out.
+    # The reconciler (first_core.inference.reconciler) looks at open requests older than this,
+    # and ends those whose task is still pending after `request_deadline_seconds` as timed_out.
     reconcile_grace_seconds: float = 120.0
     request_deadline_seconds: float = 6 * 3600.0
 
@@ -102,7 +102,7 @@ class Settings(BaseSettings):
     log_level: str = "INFO"
     metrics_namespace: str = "FIRST"
 
-    # Batches (first_core.files, first_core.batches). An uploaded file is one request body, so
+    # Batches (first_core.batches). An uploaded file is one request body, so
     # API Gateway's 10 MB payload limit bounds it before `max_payload_bytes` does; larger jobs
     # use FIRST's batches, whose input is already on the cluster.
     max_batch_lines: int = 50_000

@@ -3,6 +3,10 @@
 Table names are `{table_prefix}{name}`; `Meta.host` points at a moto server locally and is unset
 on AWS. Expired rows are filtered on read as well, because DynamoDB deletes them lazily (and moto
 never does).
+
+Long because: it is the one table module, every model beside the others, so keys, indexes and
+TTLs are read in one place (tests/infra checks each model against template.yaml), with the few
+helpers every writer shares (`owned_item`, `update_if`).
 """
 
 from __future__ import annotations
@@ -82,7 +86,7 @@ class RequestRecord(Model):
     open_status = UnicodeAttribute(null=True)
     route_reason = UnicodeAttribute(null=True)
     task_id = UnicodeAttribute(null=True)
-    # Set when the API budget sent the request to the submit queue (first_core.submit_queue);
+    # Set when the API budget sent the request to the submit queue (first_core.inference.queue);
     # `batch_id` and `claimed_at` when a submitter claimed it for the Globus Compute batch of
     # that id (its task group), so no other submitter sends it again.
     queued_at = NumberAttribute(null=True)
@@ -98,7 +102,8 @@ class RequestRecord(Model):
     # The rate-limit tokens reserved before submitting (first_core.ratelimit), settled at the end.
     rate_reservation = JSONAttribute(null=True)
     # A streamed request whose done batch (this seq) came while an earlier batch was missing:
-    # it ends when the gap is filled, by the late batch or by the reconciler (first_core.streaming).
+    # it ends when the gap is filled, by the late batch or by the reconciler
+    # (first_core.inference.stream_sink).
     stream_done_seq = NumberAttribute(null=True)
 
     by_user = RequestsByUser()
@@ -220,7 +225,7 @@ class FilesByUser(GlobalSecondaryIndex["FileRecord"]):
 
 
 class FileRecord(Model):
-    """An OpenAI file (first_core.files): an uploaded batch input or a batch's output or
+    """An OpenAI file (first_core.batches.files): an uploaded batch input or a batch's output or
     errors; the bytes are in the results bucket under `s3_key`."""
 
     Meta = _meta("files")

@@ -18,8 +18,9 @@ from typing import Any
 
 from pynamodb.exceptions import DoesNotExist
 
-from first_core import files, storage
-from first_core.batches import OPEN_STATES, OUTPUT_NAMES, end, error_entry
+from first_core import storage
+from first_core.batches import files
+from first_core.batches.lifecycle import OPEN_STATES, OUTPUT_NAMES, end, error_entry
 from first_core.callbacks import read_callback
 from first_core.errors import ConflictError
 from first_core.schemas.wire import BatchEvent

@@ -16,11 +16,12 @@ from typing import Any, Literal
 
 from pynamodb.exceptions import DoesNotExist, PutError
 
-from first_core import records, storage
+from first_core import storage
 from first_core.callbacks import read_callback
 from first_core.errors import (
     ConflictError,
 )
+from first_core.inference import assemble, records
 from first_core.schemas.wire import CallbackBody
 from first_core.settings import get_settings
 from first_core.tables import RequestRecord, ResultRecord
@@ -135,9 +136,7 @@ def request_view(request: RequestRecord) -> dict[str, Any]:
         }
     response = None
     if request.status == "completed" and request.stream:
-        from first_core import streaming
-
-        response = streaming.answer(request.request_id, request.openai_path)
+        response = assemble.answer(request.request_id, request.openai_path)
     elif request.status == "completed":
         stored = load(request.request_id)
         response = stored.body if stored is not None else None

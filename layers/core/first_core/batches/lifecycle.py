@@ -1,19 +1,13 @@
-"""Batches: OpenAI's (an uploaded input file) and FIRST's (a path on the cluster), one life.
+"""A batch's life: **create** checks the request, routes the model to an endpoint that takes
+batches, takes one of the user's concurrent-batch slots (a conditional counter,
+first_core.ratelimit), writes the record and submits the cluster's batch function
+(compute_funcs/batch.py) with presigned S3 URLs or cluster paths and a callback token;
+**cancel** asks it to stop; **end** moves it to a terminal state once, and the one call that does
+writes its usage record and gives the slot back.
 
-    create ─► in_progress ─► finalizing ─► completed
-       │          │  (cancel) ─► cancelling ─► cancelled
-       │          └─ past the completion window ─► expired;  attempts used up ─► failed
-       └─ the file does not fit the batch (endpoint, one model) ─► failed
-
-Four modules, in the order a batch meets them:
-- here, **create** checks the request, routes the model to an endpoint that takes batches, takes
-  one of the user's concurrent-batch slots (a conditional counter, first_core.ratelimit), writes
-  the record and submits the cluster's batch function (compute_funcs/batch.py) with presigned S3
-  URLs or cluster paths and a callback token; **cancel** asks it to stop; **end** moves it to a
-  terminal state once, and the one call that does writes its usage record and gives the slot back;
-- `batch_callbacks`: what the cluster reports (progress, upload, done) and the finalization;
-- `batch_driver`: the scheduled recovery of lost reports and dead tasks;
-- `batch_views`: OpenAI's and FIRST's shapes of a batch.
+Long because: these are the transitions of one state machine (the diagram in
+first_core.batches), sharing its states and its one conditional update; apart, each would
+import the others.
 """
 
 from __future__ import annotations
@@ -26,8 +20,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from first_core import files, observability, ratelimit, schemas, storage, usage
+from first_core import observability, ratelimit, schemas, storage, usage
 from first_core.auth import Caller
+from first_core.batches import files
 from first_core.callbacks import callback_token
 from first_core.compute import ComputeBackend, budget, get_backend
 from first_core.errors import (

@@ -35,9 +35,10 @@ from dataclasses import asdict, dataclass, field, replace
 from functools import lru_cache
 from typing import Any
 
-from first_core import callbacks, records, results, storage
+from first_core import callbacks, storage
 from first_core.compute import ComputeBackend, SubmitRefused, budget, get_backend
 from first_core.errors import ServiceUnavailableError
+from first_core.inference import records, results
 from first_core.settings import get_settings
 from first_core.tables import RequestRecord
 

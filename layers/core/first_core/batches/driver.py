@@ -18,8 +18,8 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from first_core.batch_callbacks import finalize
-from first_core.batches import OPEN_STATES, end, error_entry, submit
+from first_core.batches.callbacks import finalize
+from first_core.batches.lifecycle import OPEN_STATES, end, error_entry, submit
 from first_core.compute import ComputeBackend, TaskState, background_lookup, get_backend
 from first_core.schemas.wire import BatchEvent
 from first_core.settings import get_settings

@@ -6,9 +6,9 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from first_core import files
 from first_core.auth import Caller
-from first_core.batches import TERMINAL_STATES, get_owned
+from first_core.batches import files
+from first_core.batches.lifecycle import TERMINAL_STATES, get_owned
 from first_core.errors import ConflictError, InvalidRequestError
 from first_core.tables import BatchRecord
 

@@ -13,7 +13,7 @@ Globus Compute call, at background priority of the API budget: first_core.comput
 - `pending`: left alone, unless the request is past its deadline, when it ends `timed_out`;
 - no task id yet because it waits in the submit queue, or because its submitter stopped between
   sending its batch and writing the task ids: the tasks of that batch's task group are matched
-  to their requests by the request id their return values carry (first_core.submit_queue).
+  to their requests by the request id their return values carry (first_core.inference.queue).
 
 Every end goes through `records.finish`, which is conditional: a request ends exactly once, so a
 callback racing the reconciler changes nothing.
@@ -26,8 +26,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from first_core import records, results, streaming
 from first_core.compute import ComputeBackend, TaskState, background_lookup, get_backend
+from first_core.inference import records, results, stream_sink
 from first_core.schemas import wire
 from first_core.settings import get_settings
 from first_core.tables import RequestRecord, StreamChunkBatch
@@ -221,7 +221,7 @@ def _end_stream(
             error=error,
             usage=stream_usage,
         )
-        streaming._put_batch(request_id, batch)
+        stream_sink.put_batch(request_id, batch)
     records.finish(
         request_id,
         "failed" if error else "completed",
@@ -232,7 +232,7 @@ def _end_stream(
 
 def _put(request_id: str, seq: int, chunks: list[str]) -> None:
     batch = wire.StreamBatchBody(request_id=request_id, seq=seq, chunks=chunks)
-    streaming._put_batch(request_id, batch)
+    stream_sink.put_batch(request_id, batch)
 
 
 def _find(chunks: list[str], part: list[str], start: int) -> int:

@@ -1,0 +1,108 @@
+"""A finished stream's whole answer, as the non-streamed completion it adds up to
+(`GET /v1/requests/{id}` for a client whose stream was cut).
+
+`compute_funcs/streaming.py` assembles the same answer for its return value; it ships alone to
+the clusters and cannot import this, so a unit test holds the two twins equal.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from first_core.tables import StreamChunkBatch
+
+
+def answer(request_id: str, openai_path: str) -> dict[str, Any]:
+    """The non-streamed answer a finished stream adds up to, from its stored chunk batches: what
+    a client whose connection dropped reads back later."""
+    chunks = [
+        chunk
+        for row in StreamChunkBatch.query(request_id, consistent_read=True)  # in seq order
+        for chunk in row.chunks
+    ]
+    return assemble(openai_path, chunks)
+
+
+def assemble(openai_path: str, chunks: list[str]) -> dict[str, Any]:
+    """`chat.completion` or `text_completion` from a stream's `data:` payloads.
+
+    compute_funcs/streaming.py assembles the same answer for its return value (it ships alone to
+    the clusters and cannot import this); tests/unit/test_streaming_compute.py checks the two
+    agree on the mock vLLM's streams.
+    """
+    chat = openai_path.strip("/").endswith("chat/completions")
+    head: dict[str, Any] = {}
+    usage: Any = None
+    choices: dict[int, dict[str, Any]] = {}
+    for text in chunks:
+        chunk = json.loads(text)
+        if not isinstance(chunk, dict) or ("error" in chunk and "choices" not in chunk):
+            continue
+        for key in ("id", "created", "model", "system_fingerprint"):
+            if key in chunk and key not in head:
+                head[key] = chunk[key]
+        usage = chunk.get("usage") or usage
+        for part in chunk.get("choices") or []:
+            _fold(choices.setdefault(part.get("index", 0), _empty_choice()), part, chat)
+    out = [_choice_answer(index, choice, chat) for index, choice in sorted(choices.items())]
+    kind = "chat.completion" if chat else "text_completion"
+    return {**head, "object": kind, "choices": out, "usage": usage}
+
+
+def _empty_choice() -> dict[str, Any]:
+    return {
+        "parts": [],
+        "reasoning": [],
+        "tools": {},
+        "role": "assistant",
+        "logprobs": None,
+        "finish_reason": None,
+        "stop_reason": None,
+    }
+
+
+def _fold(choice: dict[str, Any], part: dict[str, Any], chat: bool) -> None:
+    """Add one chunk's choice to what the choice holds so far."""
+    delta = part.get("delta") or {}
+    choice["role"] = delta.get("role") or choice["role"]
+    choice["parts"].append((delta.get("content") if chat else part.get("text")) or "")
+    choice["reasoning"].append(delta.get("reasoning_content") or "")
+    for call in delta.get("tool_calls") or []:
+        slot = choice["tools"].setdefault(
+            call.get("index", 0),
+            {"id": None, "type": "function", "function": {"name": "", "arguments": ""}},
+        )
+        slot["id"] = call.get("id") or slot["id"]
+        function = call.get("function") or {}
+        slot["function"]["name"] += function.get("name") or ""
+        slot["function"]["arguments"] += function.get("arguments") or ""
+    if isinstance(part.get("logprobs"), dict):
+        merged = choice["logprobs"] = choice["logprobs"] or {}
+        for key, value in part["logprobs"].items():
+            if isinstance(value, list):
+                merged.setdefault(key, []).extend(value)
+            else:
+                merged[key] = value
+    for key in ("finish_reason", "stop_reason"):
+        if part.get(key) is not None:
+            choice[key] = part[key]
+
+
+def _choice_answer(index: int, choice: dict[str, Any], chat: bool) -> dict[str, Any]:
+    text = "".join(choice["parts"])
+    if chat:
+        calls = [call for _, call in sorted(choice["tools"].items())]
+        message: dict[str, Any] = {"role": choice["role"], "content": text, "tool_calls": calls}
+        if any(choice["reasoning"]):
+            message["reasoning_content"] = "".join(choice["reasoning"])
+        content: dict[str, Any] = {"message": message}
+    else:
+        content = {"text": text}
+    return {
+        "index": index,
+        **content,
+        "logprobs": choice["logprobs"],
+        "finish_reason": choice["finish_reason"],
+        "stop_reason": choice["stop_reason"],
+    }

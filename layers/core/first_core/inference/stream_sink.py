@@ -1,0 +1,183 @@
+"""The stream callback: where the streaming compute function's numbered chunk batches land.
+
+The streaming compute function posts numbered batches of vLLM's SSE `data:` payloads
+(`compute_funcs.streaming`). Each batch is written once to `stream_chunks` under
+(request id, seq), a repeat changes nothing, and the done batch ends the request once the batches
+before it are all there. The callback's reply tells the compute function whether anyone is
+still listening (`cancel` is how the relay says no one is).
+
+A failed stream's error travels as the last chunk of the done row, `{"error": {...}}`, exactly
+the event the client gets, so the relay needs no second read to learn how the stream ended.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+from pynamodb.exceptions import DoesNotExist, PutError, UpdateError
+
+from first_core.callbacks import read_callback
+from first_core.errors import ConflictError
+from first_core.inference import records
+from first_core.schemas.wire import StreamBatchBody, StreamUsage
+from first_core.settings import get_settings
+from first_core.tables import TERMINAL_STATUSES, RequestRecord, StreamChunkBatch
+from first_core.usage import Usage, late_usage
+
+
+def accept_stream_callback(
+    request_id: str, authorization: str | None, raw_body: bytes
+) -> dict[str, Any]:
+    """The stream callback route: verify, store the batch once, and say whether to go on."""
+    # The batch becomes one DynamoDB item, which holds at most 400 KB.
+    batch = read_callback(
+        request_id,
+        authorization,
+        raw_body,
+        StreamBatchBody,
+        get_settings().inline_result_bytes,
+    )
+    try:
+        record = RequestRecord.get(request_id, consistent_read=True)
+    except DoesNotExist:
+        raise ConflictError(f"Request {request_id} does not exist.") from None
+
+    if record.status == "cancelled":
+        # The compute function stops on this reply; its final batch still carries the usage
+        # of what was generated, which is billed even though nobody read it.
+        if batch.done and batch.usage is not None:
+            _record_usage_after_cancel(request_id, batch.usage.to_usage())
+        return {"continue": False, "duplicate": False}
+    ends_as = "failed" if batch.error else "completed"
+    if record.status in TERMINAL_STATUSES and not _ended_by_this_stream(record.status, batch):
+        raise ConflictError(f"Request {request_id} has already ended ({record.status}).")
+
+    written = put_batch(request_id, batch)
+    if batch.done:
+        # Also after a duplicate put: the first delivery may have died between the two writes.
+        usage = batch.usage.to_usage() if batch.usage else None
+        error = batch.error.message if batch.error else None
+        if batch.seq and _batches_before(request_id, batch.seq) < batch.seq:
+            # An earlier batch is missing (late, or lost): the request ends once the gap is
+            # filled, by that batch or by the reconciler from the task's result. The mark goes
+            # first, so a batch that fills the gap meanwhile sees it (or the count below sees
+            # that batch).
+            _mark_done_seq(request_id, batch.seq)
+            if _batches_before(request_id, batch.seq) < batch.seq:
+                return {"continue": True, "duplicate": not written}
+        records.finish(request_id, ends_as, usage=usage, error=error)
+    elif record.stream_done_seq is not None and record.status not in TERMINAL_STATUSES:
+        _finish_if_whole(request_id, int(record.stream_done_seq))
+    return {"continue": True, "duplicate": not written}
+
+
+def _batches_before(request_id: str, seq: int) -> int:
+    return int(
+        StreamChunkBatch.count(request_id, StreamChunkBatch.seq < seq, consistent_read=True)
+    )
+
+
+def _mark_done_seq(request_id: str, seq: int) -> None:
+    try:
+        RequestRecord(request_id).update(
+            actions=[RequestRecord.stream_done_seq.set(seq)], condition=records.STILL_OPEN
+        )
+    except UpdateError as failure:
+        if failure.cause_response_code != "ConditionalCheckFailedException":
+            raise
+
+
+def _finish_if_whole(request_id: str, done_seq: int) -> None:
+    """End a stream whose done batch came early, once no batch before it is missing."""
+    if _batches_before(request_id, done_seq) < done_seq:
+        return
+    try:
+        done = StreamChunkBatch.get(request_id, done_seq, consistent_read=True)
+    except DoesNotExist:
+        return
+    error = None
+    if done.chunks:
+        last = json.loads(done.chunks[-1]) if done.chunks[-1].startswith('{"error"') else None
+        if isinstance(last, dict) and isinstance(last.get("error"), dict):
+            error = str(last["error"].get("message") or "The stream failed.")
+    usage = StreamUsage.model_validate(done.usage).to_usage() if done.usage else None
+    records.finish(
+        request_id, "failed" if error else "completed", usage=usage, error=error
+    )
+
+
+def _ended_by_this_stream(status: str, batch: StreamBatchBody) -> bool:
+    """Whether a batch for an ended request belongs to the stream that ended it."""
+    if batch.done:  # a repeated final batch, finding the request ended by its first delivery
+        return status == ("failed" if batch.error else "completed")
+    if status not in ("completed", "failed"):
+        return False
+    # A batch overtaken by its own stream's final batch still fills its gap (rare: only when
+    # deliveries race), so look for that final batch after it.
+    later = StreamChunkBatch.query(
+        batch.request_id,
+        StreamChunkBatch.seq > batch.seq,
+        filter_condition=StreamChunkBatch.done == True,  # noqa: E712 (a pynamodb condition)
+        consistent_read=True,
+    )
+    return any(True for _ in later)
+
+
+def put_batch(request_id: str, batch: StreamBatchBody) -> bool:
+    """Write the row unless (request_id, seq) exists; False for a repeated batch."""
+    chunks = list(batch.chunks)
+    if batch.error is not None:
+        chunks.append(compact({"error": batch.error.model_dump()}))
+    now = time.time()
+    row = StreamChunkBatch(
+        request_id,
+        batch.seq,
+        chunks=chunks,
+        done=batch.done,
+        usage=batch.usage.model_dump() if batch.done and batch.usage else None,
+        created_at=now,
+        expires_at=datetime.fromtimestamp(now + get_settings().result_ttl_seconds, tz=UTC),
+    )
+    try:
+        row.save(condition=StreamChunkBatch.seq.does_not_exist())
+    except PutError as failure:
+        if failure.cause_response_code == "ConditionalCheckFailedException":
+            return False
+        raise
+    return True
+
+
+def _record_usage_after_cancel(request_id: str, usage: Usage) -> None:
+    """Set the usage of a cancelled request once, leaving its status alone (and on its usage
+    record, and against its rate-limit windows)."""
+    record = RequestRecord(request_id)
+    try:
+        record.update(
+            actions=[
+                RequestRecord.prompt_tokens.set(usage.prompt_tokens),
+                RequestRecord.completion_tokens.set(usage.completion_tokens),
+                RequestRecord.total_tokens.set(usage.total_tokens),
+            ],
+            condition=(RequestRecord.status == "cancelled")
+            & RequestRecord.total_tokens.does_not_exist(),
+        )
+    except UpdateError as failure:
+        if failure.cause_response_code != "ConditionalCheckFailedException":
+            raise
+        return
+    late_usage(record)
+
+
+def cancel(request_id: str) -> None:
+    """The client went away: end the request; the compute function learns it at its next batch."""
+    records.finish(request_id, "cancelled")
+
+
+def compact(data: dict[str, Any]) -> str:
+    return json.dumps(data, separators=(",", ":"), ensure_ascii=False)
+
+
+# ---- the whole answer of a stream, for GET /v1/requests/{id} ------------------------------------

@@ -1,0 +1,142 @@
+"""A request's way in: validate, route, reserve, record, submit (at once, or via the submit
+queue when Globus Compute's API budget has no unit for it)."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from first_core import ratelimit, schemas
+from first_core.auth import Caller
+from first_core.compute import budget, get_backend
+from first_core.errors import (
+    GatewayError,
+    InvalidRequestError,
+    PayloadTooLargeError,
+    ServiceUnavailableError,
+)
+from first_core.inference import queue, records
+from first_core.registry import Endpoint, Registry, routing
+from first_core.settings import get_settings
+
+INFERENCE_PATHS = ("chat/completions", "completions", "embeddings")
+
+
+@dataclass(frozen=True)
+class Submission:
+    request_id: str
+    task_id: str | None  # None while it waits in the submit queue
+    endpoint: Endpoint
+    route_reason: str
+    request: schemas.RequestBody
+    deadline: float
+
+
+def submit(
+    caller: Caller,
+    openai_path: str,
+    raw_body: bytes,
+    cluster: str | None = None,
+    framework: str | None = None,
+    exclude: frozenset[str] = frozenset(),
+) -> Submission:
+    settings = get_settings()
+    if len(raw_body) > settings.max_payload_bytes:
+        raise PayloadTooLargeError(
+            f"Request body is {len(raw_body)} bytes; the limit is {settings.max_payload_bytes}."
+        )
+    request = schemas.parse_request(openai_path, raw_body)  # type: ignore[arg-type]
+    stream = request.wants_stream()
+    route = routing.choose(
+        Registry.current(), caller, request.model, cluster, framework, exclude=exclude
+    )
+    endpoint = route.endpoint
+    limit = endpoint.limits.max_tokens
+    asked = request.max_output_tokens()
+    if limit is not None and asked is not None and asked > limit:
+        raise InvalidRequestError(
+            f"max_tokens is {asked}; '{endpoint.model}' allows at most {limit}.",
+            param="max_tokens",
+            code="invalid_value",
+        )
+
+    function_id = endpoint.functions.streaming if stream else endpoint.functions.inference
+    if function_id is None:
+        raise InvalidRequestError(
+            f"Streaming is not available for '{endpoint.model}' on cluster '{endpoint.cluster}'.",
+            param="stream",
+        )
+
+    # The rate limits, before anything is written or submitted: over a limit this raises 429
+    # with nothing taken and nothing recorded.
+    reservation = ratelimit.reserve(
+        caller.user_id,
+        endpoint,
+        ratelimit.prompt_estimate(len(raw_body)),
+        0 if openai_path == "embeddings" else asked,
+        int(getattr(request, "n", None) or 1),
+    )
+    # Globus Compute's API budget (compute/budget.py): a unit now, or the submit queue, whose
+    # submitter sends the waiting requests of an endpoint in one batch. (Without a queue, wait
+    # a few windows for a unit.)
+    queued = False
+    try:
+        budget.spend(wait=0.0 if settings.submit_queue_url else None)
+    except budget.BudgetExhausted:
+        if not settings.submit_queue_url:
+            ratelimit.settle(reservation.to_json(), 0)
+            raise
+        queued = True
+    request_id = records.new_request_id()
+    try:
+        records.create(
+            request_id,
+            caller,
+            endpoint,
+            openai_path,
+            stream,
+            route.reason,
+            rate_reservation=reservation.to_json() if reservation.counters else None,
+            queued=queued,
+        )
+    except BaseException:
+        ratelimit.settle(reservation.to_json(), 0)
+        raise
+    payload: dict[str, Any] = json.loads(raw_body)
+    if not stream:
+        # Nothing streams, so there is nothing to configure; vLLM would refuse the key.
+        payload.pop("stream_options", None)
+    task_id: str | None = None
+    try:
+        if queued:
+            queue.enqueue(
+                queue.QueuedRequest(
+                    request_id, endpoint.endpoint_id, function_id, openai_path, stream, payload
+                )
+            )
+        else:
+            kwargs = queue.task_kwargs(request_id, openai_path, stream, payload)
+            with budget.prepaid():
+                task_id = get_backend().submit(endpoint.endpoint_id, function_id, kwargs)
+    except ServiceUnavailableError as error:
+        # The endpoint went offline since the status was read: a federated request tries the
+        # next cluster (this attempt ends failed, with its reservation settled).
+        records.finish(request_id, "failed", error=error.message)
+        if cluster is not None:
+            raise
+        return submit(
+            caller, openai_path, raw_body, cluster, framework, exclude | {endpoint.endpoint_id}
+        )
+    except GatewayError as error:
+        records.finish(request_id, "failed", error=error.message)
+        raise
+    return Submission(
+        request_id,
+        task_id,
+        endpoint,
+        route.reason,
+        request,
+        time.monotonic() + settings.result_wait_seconds,
+    )

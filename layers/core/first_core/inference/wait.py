@@ -1,0 +1,75 @@
+"""Waiting for a non-streamed answer: the results table, polled with a back-off, until the row
+the callback (or the reconciler) writes appears; and what the client gets for it."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+from first_core.errors import (
+    ComputeTimeoutError,
+    GatewayError,
+    InvalidRequestError,
+    UpstreamError,
+)
+from first_core.inference import records, results
+from first_core.inference.submit import Submission
+from first_core.settings import get_settings
+
+# Polling the results table: the pause grows with the time already waited (a tenth of it), so
+# a warm model's answer is seen within milliseconds and a queued job costs a few reads a second.
+_MIN_POLL_S = 0.005
+_MAX_POLL_S = 0.25
+
+
+def remember_task(submission: Submission) -> asyncio.Task[Any]:
+    """Write the task id beside the first polls rather than before them: only the reconciler
+    needs it, and it looks much later. (A queued request's submitter writes its own.)"""
+    if submission.task_id is None:
+        return asyncio.create_task(asyncio.sleep(0))
+    return asyncio.create_task(
+        asyncio.to_thread(records.set_task, submission.request_id, submission.task_id)
+    )
+
+
+async def wait_for_result(submission: Submission) -> results.Result:
+    """Poll the results table (consistent reads, adaptive back-off) until the row appears."""
+    remembering = remember_task(submission)
+    try:
+        return await _poll(submission)
+    finally:
+        await remembering
+
+
+async def _poll(submission: Submission) -> results.Result:
+    started = time.monotonic()
+    while True:
+        result = await asyncio.to_thread(results.load, submission.request_id)
+        if result is not None:
+            return result
+        now = time.monotonic()
+        delay = min(max(_MIN_POLL_S, (now - started) / 10), _MAX_POLL_S)
+        if now + delay > submission.deadline:
+            raise ComputeTimeoutError(
+                f"The cluster did not answer within {get_settings().result_wait_seconds:.0f} s. "
+                f"Your request {submission.request_id} is still running; fetch its result later "
+                f"with GET /v1/requests/{submission.request_id}."
+            )
+        await asyncio.sleep(delay)
+
+
+def raise_for_result(result: results.Result) -> Any:
+    """The body to send back, or the OpenAI-shaped error a failed result stands for."""
+    if result.status_code < 400:
+        return result.body
+    raise backend_error(result.status_code, results.error_message(result.body))
+
+
+def backend_error(status: int, message: str, param: str | None = None) -> GatewayError:
+    """What the client gets when vLLM refused (4xx, passed on) or failed (502) a request."""
+    if status < 500:
+        refused = InvalidRequestError(message, param=param, code="backend_rejected")
+        refused.status = status
+        return refused
+    return UpstreamError(f"The model backend failed: {message}")

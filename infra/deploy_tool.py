@@ -4,13 +4,15 @@
   python infra/deploy_tool.py overrides STAGE            parameter overrides, one a line
   python infra/deploy_tool.py load-registry STAGE [FILE] load the registry into the deployed table
 
-`stage` writes three directories (template.yaml's CodeUri/ContentUri):
+`stage` writes four directories (template.yaml's CodeUri/ContentUri):
   build/core-layer/     first_core and requirements.txt (the runtime pins of requirements.txt but
                         chalice); `sam build` installs them into the layer's python/ directory.
   build/proxy/          run.sh at the root (the handler) and functions/proxy/, so that
                         `python -m uvicorn functions.proxy.app:app` finds the app.
   build/control-plane/  app.py (+ chalicelib/), and chalice/__init__.py + chalice/app.py, the
                         Chalice runtime: exactly the files `chalice package` puts in its zip.
+  build/scheduled/      functions/scheduled.py and functions/submitter.py: the scheduled and
+                        queue-fed functions, plain handlers (first_core comes from the layer).
 
 `overrides` reads the stage's parameter_overrides from infra/samconfig.toml and adds the
 AWSCURRENT version ids of the two Secrets Manager secrets, so that a rotated secret reaches the
@@ -94,15 +96,28 @@ def stage_control_plane(out: Path, root: Path = ROOT) -> Path:
     return target
 
 
+def stage_scheduled(out: Path, root: Path = ROOT) -> Path:
+    target = out / "scheduled"
+    (target / "functions").mkdir(parents=True)
+    for name in ("__init__.py", "scheduled.py", "submitter.py"):
+        shutil.copy2(root / "functions" / name, target / "functions" / name)
+    return target
+
+
 def stage(out: Path, root: Path = ROOT) -> dict[str, Path]:
     """Stage every code directory under `out`, replacing what an earlier run left there."""
-    for name in ("core-layer", "proxy", "control-plane"):
+    for name in ("core-layer", "proxy", "control-plane", "scheduled"):
         shutil.rmtree(out / name, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
+    scheduled = stage_scheduled(out, root)
     return {
         "CoreLayer": stage_layer(out, root),
         "ProxyFunction": stage_proxy(out, root),
         "ControlPlaneFunction": stage_control_plane(out, root),
+        "ReconcilerFunction": scheduled,
+        "HealthPollerFunction": scheduled,
+        "BatchDriverFunction": scheduled,
+        "SubmitterFunction": scheduled,
     }
 
 

@@ -62,45 +62,19 @@ async def _infer(request: Request) -> Response:
         )
         authenticator.authorize(caller)
         body = await request.body()
-        authenticated = time.perf_counter()
-        submission = await asyncio.to_thread(
-            inference.submit,
+        answer = await inference.answer(
             caller,
             openai_path,
             body,
             request.path_params.get("cluster"),
             request.path_params.get("framework"),
+            auth_ms=(time.perf_counter() - started) * 1000,
         )
-        submitted = time.perf_counter()
-        headers = {
-            "x-first-request-id": submission.request_id,
-            "x-first-cluster": submission.endpoint.cluster,
-            "x-first-route-reason": submission.route_reason,
-        }
-        if submission.request.wants_stream():
-            try:
-                events = await inference.open_stream(submission)
-            except GatewayError as error:
-                error.headers.update(headers)
-                raise
+        if answer.events is not None:
             return StreamingResponse(
-                events,
-                media_type="text/event-stream",
-                # Proxies must pass each event on at once, not buffer the stream.
-                headers={**headers, "cache-control": "no-cache", "x-accel-buffering": "no"},
+                answer.events, media_type="text/event-stream", headers=answer.headers
             )
-        try:
-            result = await inference.wait_for_result(submission)
-            # Where the gateway's time went, for clients and benchmarks (W3C Server-Timing).
-            headers["server-timing"] = (
-                f"auth;dur={(authenticated - started) * 1000:.1f}, "
-                f"submit;dur={(submitted - authenticated) * 1000:.1f}, "
-                f"wait;dur={(time.perf_counter() - submitted) * 1000:.1f}"
-            )
-            return JSONResponse(inference.raise_for_result(result), headers=headers)
-        except GatewayError as error:
-            error.headers.update(headers)  # so a client can come back for this request
-            raise
+        return JSONResponse(answer.body, headers=answer.headers)
     except GatewayError as error:
         return error_response(error)
     except Exception:

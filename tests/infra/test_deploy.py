@@ -11,6 +11,7 @@ import os
 import socket
 import subprocess
 import sys
+import textwrap
 import threading
 import time
 import tomllib
@@ -119,6 +120,44 @@ def test_the_staged_control_plane_runs_on_the_chalice_runtime_it_ships(
     )
     assert result.returncode == 0, result.stderr
     assert "/callbacks/{request_id}" in result.stdout
+
+
+def test_the_scheduled_functions_ship_without_chalice_or_the_routes(
+    staged: dict[str, Path],
+) -> None:
+    code = staged["ReconcilerFunction"]
+    others = ("HealthPollerFunction", "BatchDriverFunction", "SubmitterFunction")
+    assert {staged[name] for name in others} == {code}
+    assert sorted(p.name for p in (code / "functions").iterdir()) == [
+        "__init__.py",
+        "scheduled.py",
+        "submitter.py",
+    ]
+    probe = textwrap.dedent(
+        """
+        import importlib.abc, sys
+
+        class NotShipped(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] in {"chalice", "chalicelib", "app"}:
+                    raise ImportError(name)
+                return None
+
+        sys.meta_path.insert(0, NotShipped())
+        import functions.scheduled, functions.submitter
+        assert functions.scheduled.__file__.startswith(sys.argv[1]), functions.scheduled.__file__
+        print("ok")
+        """
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", probe, str(code)],
+        cwd=code,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ok"
 
 
 def _wait_port(port: int, child: subprocess.Popen[bytes], timeout: float = 30) -> None:

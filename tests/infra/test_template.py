@@ -497,10 +497,10 @@ def _function_env(deployed: dict[str, Any], name: str) -> tuple[dict[str, Any], 
     [
         ("first-dev-proxy", "run.sh", 1024, 900),
         ("first-dev-control", "app.app", 512, 30),
-        ("first-dev-reconciler", "app.reconciler", 512, 120),
-        ("first-dev-health", "app.health_poller", 512, 300),
-        ("first-dev-batch-driver", "app.batch_driver", 512, 120),
-        ("first-dev-submitter", "app.submitter", 512, 60),
+        ("first-dev-reconciler", "functions.scheduled.reconciler", 512, 120),
+        ("first-dev-health", "functions.scheduled.health_poller", 512, 300),
+        ("first-dev-batch-driver", "functions.scheduled.batch_driver", 512, 120),
+        ("first-dev-submitter", "functions.submitter.handler", 512, 60),
     ],
 )
 def test_functions_carry_exactly_the_settings_the_code_reads(
@@ -693,31 +693,36 @@ def test_outputs_give_the_sdk_base_url(deployed: dict[str, Any]) -> None:
     assert outputs["RegistryFile"] == "infra/registry/dev.yaml"
 
 
-def test_every_chalice_schedule_is_a_scheduled_function(template: dict[str, Any]) -> None:
-    """Each @app.schedule is its own function, handler `app.<name>`, on the same rate."""
+def test_scheduled_functions_are_plain_handlers_that_exist(template: dict[str, Any]) -> None:
+    """The scheduled and queue-fed functions ship without Chalice or the routes: their handlers
+    are functions of `functions/`, every scheduled one runs every minute, and the Chalice app
+    declares no schedule of its own (one would deploy nowhere)."""
+    import importlib
+
     from chalice.app import ScheduledEventConfig
 
     import app
 
-    schedules = {
-        source.name: source.schedule_expression
-        for source in app.app.event_sources
-        if isinstance(source, ScheduledEventConfig)
-    }
-    assert {"reconciler", "health_poller", "batch_driver"} <= set(schedules)
-    declared = {}
+    assert not [s for s in app.app.event_sources if isinstance(s, ScheduledEventConfig)]
+    handlers: dict[str, str | None] = {}
     for resource in template["Resources"].values():
-        if resource["Type"] != "AWS::Serverless::Function":
+        properties = resource.get("Properties", {})
+        if resource["Type"] != "AWS::Serverless::Function" or properties.get("CodeUri") != (
+            "build/scheduled/"
+        ):
             continue
-        properties = resource["Properties"]
-        for event in (properties.get("Events") or {}).values():
-            if event["Type"] == "Schedule":
-                declared[properties["Handler"]] = event["Properties"]["Schedule"]
-    for name, expression in schedules.items():
-        rate = expression if isinstance(expression, str) else expression.to_string()
-        assert declared.get(f"app.{name}") == rate, name
-    handlers = {f"app.{name}" for name in schedules}
-    assert set(declared) == handlers, f"not Chalice schedules: {set(declared) - handlers}"
+        events = (properties.get("Events") or {}).values()
+        rates = [e["Properties"]["Schedule"] for e in events if e["Type"] == "Schedule"]
+        handlers[properties["Handler"]] = rates[0] if rates else None
+    assert handlers == {
+        "functions.scheduled.reconciler": "rate(1 minute)",
+        "functions.scheduled.health_poller": "rate(1 minute)",
+        "functions.scheduled.batch_driver": "rate(1 minute)",
+        "functions.submitter.handler": None,  # fed by SubmitterQueueMapping
+    }
+    for handler in handlers:
+        module, _, name = handler.rpartition(".")
+        assert callable(getattr(importlib.import_module(module), name)), handler
 
 
 def test_every_function_logs_to_its_own_group_with_the_stack_retention(

@@ -9,9 +9,11 @@ In the order a request meets them:
   proxy;
 - `stream_sink` and `relay`: a streamed answer's chunk batches, stored by the stream callback
   and relayed to the client as SSE; `assemble`, a finished stream's whole answer;
-- `reconciler`: a lost callback costs latency, never an answer.
+- `reconciler`: a lost callback costs latency, never an answer;
+- `answer`: all of it as the proxy sees it, from the request to the body or events it sends.
 """
 
+from first_core.inference.answer import Answer, answer
 from first_core.inference.relay import open_stream, stream_events
 from first_core.inference.submit import INFERENCE_PATHS, Submission, submit
 from first_core.inference.wait import (
@@ -23,7 +25,9 @@ from first_core.inference.wait import (
 
 __all__ = [
     "INFERENCE_PATHS",
+    "Answer",
     "Submission",
+    "answer",
     "backend_error",
     "open_stream",
     "raise_for_result",

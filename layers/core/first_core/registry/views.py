@@ -86,3 +86,34 @@ def status(registry: Registry) -> dict[str, Any]:
             "models": {k: v for k, v in counts.items() if k in (*JOB_STATES, "offline")},
         }
     return {"clusters": clusters}
+
+
+def models(
+    registry: Registry, who: Caller, cluster: str | None = None, framework: str | None = None
+) -> dict[str, Any]:
+    """`GET /v1/models` (and a cluster's): the models the caller may use, OpenAI's list with
+    `clusters` (where each is served) and `states` (cluster → state, as last polled)."""
+    served: dict[str, list[str]] = {}
+    states: dict[str, dict[str, str]] = {}
+    for endpoint in registry.endpoints:
+        if (cluster and endpoint.cluster != cluster) or (
+            framework and endpoint.framework != framework
+        ):
+            continue
+        if may_use(who, registry, endpoint):
+            served.setdefault(endpoint.model, []).append(endpoint.cluster)
+            states.setdefault(endpoint.model, {})[endpoint.cluster] = state(registry, endpoint)
+    return {
+        "object": "list",
+        "data": [
+            {
+                "id": model,
+                "object": "model",
+                "created": 0,
+                "owned_by": "first",
+                "clusters": clusters,
+                "states": states[model],
+            }
+            for model, clusters in sorted(served.items())
+        ],
+    }

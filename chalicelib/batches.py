@@ -1,0 +1,67 @@
+"""Batches: OpenAI's (`/v1/batches`) and FIRST's (a path on the cluster), one namespace of ids
+(first_core.batches); owner only."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from chalice import Blueprint, Response
+
+from chalicelib.http import caller, query, raw_body, route
+from first_core.batches import files, lifecycle, views
+
+batch_routes = Blueprint(__name__)
+JSON = ["application/json"]
+
+
+@route(batch_routes, "/v1/batches", methods=["POST"], content_types=JSON)
+def create_batch() -> dict[str, Any]:
+    return views.view(lifecycle.create_openai(caller(), raw_body()))
+
+
+@route(batch_routes, "/v1/batches", methods=["GET"])
+def list_batches() -> dict[str, Any]:
+    who = caller()
+    params = query()
+    limit, _ = files.page_params(params, default_limit=20, max_limit=100)
+    return views.list_page(who, limit, params.get("after"))
+
+
+@route(batch_routes, "/v1/batches/{batch_id}", methods=["GET"])
+def get_batch(batch_id: str) -> dict[str, Any]:
+    return views.view(lifecycle.get_owned(batch_id, caller()))
+
+
+@route(batch_routes, "/v1/batches/{batch_id}/cancel", methods=["POST"])
+def cancel_batch(batch_id: str) -> dict[str, Any]:
+    return views.view(lifecycle.cancel(lifecycle.get_owned(batch_id, caller())))
+
+
+@route(
+    batch_routes,
+    "/resource_server/v1/{cluster}/{framework}/v1/batches",
+    methods=["POST"],
+    content_types=JSON,
+)
+def create_first_batch(cluster: str, framework: str) -> dict[str, Any]:
+    """FIRST's batch: `input_file` is a JSONL path on the cluster's file system."""
+    record = lifecycle.create_first(caller(), cluster, framework, raw_body())
+    return views.first_summary(record)
+
+
+@route(batch_routes, "/resource_server/v1/batches", methods=["GET"])
+def list_first_batches() -> list[dict[str, Any]]:
+    return views.first_list(caller(), query().get("status"))
+
+
+@route(batch_routes, "/resource_server/v1/batches/{batch_id}", methods=["GET"])
+def first_batch_status(batch_id: str) -> Response:
+    """FIRST answers a batch's status as a bare JSON string (`"running"`)."""
+    status = views.first_status(lifecycle.get_owned(batch_id, caller()))
+    return Response(json.dumps(status), headers={"Content-Type": "application/json"})
+
+
+@route(batch_routes, "/resource_server/v1/batches/{batch_id}/result", methods=["GET"])
+def first_batch_result(batch_id: str) -> dict[str, Any]:
+    return views.first_result(lifecycle.get_owned(batch_id, caller()))

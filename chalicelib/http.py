@@ -1,0 +1,99 @@
+"""What every control-plane view shares: `route`, which answers any `GatewayError` in OpenAI's
+error shape and counts callbacks and refusals (first_core.observability), and the request at
+hand (`current_request`, `query`, `raw_body`, `caller`).
+"""
+
+from __future__ import annotations
+
+import contextvars
+import functools
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from chalice import Blueprint, Response
+from chalice.app import Request
+
+from first_core import observability
+from first_core.auth import Caller, get_authenticator
+from first_core.errors import GatewayError, internal_error_body
+
+log = logging.getLogger("first.control")
+_request: contextvars.ContextVar[Request] = contextvars.ContextVar("control_plane_request")
+
+
+def route(
+    blueprint: Blueprint, path: str, **options: Any
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """`blueprint.route` whose view answers every `GatewayError` in OpenAI's shape."""
+    callback_kind = _callback_kind(path)
+
+    def register(view: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(view)
+        def guarded(*args: Any, **kwargs: Any) -> Any:
+            started = time.perf_counter()
+            request = blueprint.current_request
+            assert request is not None, "a view runs inside a request"
+            token = _request.set(request)
+            try:
+                answer = view(*args, **kwargs)
+            except GatewayError as error:
+                _count_refusal(callback_kind, error)
+                return Response(
+                    error.to_body(), status_code=error.status, headers=dict(error.headers)
+                )
+            except Exception:
+                log.exception("control-plane route failed", extra={"route": path})
+                return Response(internal_error_body(), status_code=500)
+            finally:
+                _request.reset(token)
+            if callback_kind:
+                observability.count("Callbacks", Kind=callback_kind, Outcome="accepted")
+                elapsed_ms = (time.perf_counter() - started) * 1000
+                observability.timing("CallbackMs", elapsed_ms, Kind=callback_kind)
+            return answer
+
+        return blueprint.route(path, **options)(guarded)
+
+    return register
+
+
+def _count_refusal(callback_kind: str | None, error: GatewayError) -> None:
+    if callback_kind:
+        observability.count("Callbacks", Kind=callback_kind, Outcome=error.status)
+    else:
+        observability.count("Refused", Status=error.status, Code=error.code)
+
+
+def _callback_kind(path: str) -> str | None:
+    """`result`, `stream` or `batch` for the callback routes the clusters call; else None."""
+    if not path.startswith("/callbacks/"):
+        return None
+    return {"stream": "stream", "batch": "batch"}.get(path.rsplit("/", 1)[-1], "result")
+
+
+def current_request() -> Request:
+    return _request.get()
+
+
+def query() -> dict[str, str]:
+    return dict(current_request().query_params or {})
+
+
+def raw_body() -> bytes:
+    body = current_request().raw_body
+    return body.encode() if isinstance(body, str) else bytes(body or b"")
+
+
+def authorization() -> str | None:
+    value = current_request().headers.get("authorization")
+    return str(value) if value is not None else None
+
+
+def caller() -> Caller:
+    """Who is calling (401 if that cannot be established), and that they may (403 if not)."""
+    authenticator = get_authenticator()
+    who = authenticator.authenticate(authorization())
+    authenticator.authorize(who)
+    return who

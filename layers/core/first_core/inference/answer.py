@@ -1,0 +1,70 @@
+"""An inference request from submission to the answer the proxy sends: a JSON body, or a
+stream's SSE events, with the headers every answer carries.
+
+`x-first-request-id`, `x-first-cluster` and `x-first-route-reason` go on every answer and on
+every error raised once the request was accepted (so a client that gets a 504 can come back
+for the request); a non-streamed answer also says where the gateway's time went
+(`server-timing`: auth, submit, wait).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncGenerator
+from dataclasses import dataclass
+from typing import Any
+
+from first_core.auth import Caller
+from first_core.errors import GatewayError
+from first_core.inference.relay import open_stream
+from first_core.inference.submit import Submission, submit
+from first_core.inference.wait import raise_for_result, wait_for_result
+
+
+@dataclass
+class Answer:
+    headers: dict[str, str]
+    body: Any = None  # the JSON answer of a non-streamed request
+    events: AsyncGenerator[bytes, None] | None = None  # the SSE body of a stream
+
+
+def request_headers(submission: Submission) -> dict[str, str]:
+    return {
+        "x-first-request-id": submission.request_id,
+        "x-first-cluster": submission.endpoint.cluster,
+        "x-first-route-reason": submission.route_reason,
+    }
+
+
+async def answer(
+    caller: Caller,
+    openai_path: str,
+    raw_body: bytes,
+    cluster: str | None = None,
+    framework: str | None = None,
+    auth_ms: float = 0.0,
+) -> Answer:
+    """Submit the request (on a worker thread: it makes blocking calls) and wait for its
+    answer; `auth_ms`, the time the caller's authentication took, for `server-timing`."""
+    started = time.perf_counter()
+    submission = await asyncio.to_thread(
+        submit, caller, openai_path, raw_body, cluster, framework
+    )
+    submitted = time.perf_counter()
+    headers = request_headers(submission)
+    try:
+        if submission.request.wants_stream():
+            events = await open_stream(submission)
+            # Proxies must pass each event on at once, not buffer the stream.
+            streaming = {"cache-control": "no-cache", "x-accel-buffering": "no"}
+            return Answer({**headers, **streaming}, events=events)
+        body = raise_for_result(await wait_for_result(submission))
+    except GatewayError as error:
+        error.headers.update(headers)
+        raise
+    headers["server-timing"] = (
+        f"auth;dur={auth_ms:.1f}, submit;dur={(submitted - started) * 1000:.1f}, "
+        f"wait;dur={(time.perf_counter() - submitted) * 1000:.1f}"
+    )
+    return Answer(headers, body=body)

@@ -33,12 +33,10 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from pynamodb.exceptions import UpdateError
-
 from first_core.errors import RateLimitError
 from first_core.registry import Endpoint
 from first_core.settings import get_settings
-from first_core.tables import RateCounter
+from first_core.tables import RateCounter, update_if
 
 log = logging.getLogger("first.ratelimit")
 
@@ -92,17 +90,11 @@ def take(counter: Counter, units: int) -> bool:
     if units > counter.limit:
         return False
     expires = datetime.fromtimestamp(counter.expires_at, tz=UTC)
-    try:
-        RateCounter(counter.key).update(
-            actions=[RateCounter.used.add(units), RateCounter.expires_at.set(expires)],
-            condition=RateCounter.used.does_not_exist()
-            | (RateCounter.used <= counter.limit - units),
-        )
-    except UpdateError as failure:
-        if failure.cause_response_code == "ConditionalCheckFailedException":
-            return False
-        raise
-    return True
+    return update_if(
+        RateCounter(counter.key),
+        [RateCounter.used.add(units), RateCounter.expires_at.set(expires)],
+        RateCounter.used.does_not_exist() | (RateCounter.used <= counter.limit - units),
+    )
 
 
 def give_back(key: str, units: int, window_end: float) -> None:

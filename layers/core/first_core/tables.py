@@ -6,7 +6,7 @@ never does).
 
 Long because: it is the one table module, every model beside the others, so keys, indexes and
 TTLs are read in one place (tests/infra checks each model against template.yaml), with the few
-helpers every writer shares (`owned_item`, `update_if`).
+helpers every writer shares (`owned_item`, `put_once`, `update_if`).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from pynamodb.attributes import (
     UnicodeAttribute,
 )
 from pynamodb.connection import Connection
-from pynamodb.exceptions import UpdateError
+from pynamodb.exceptions import PutError, UpdateError
 from pynamodb.indexes import AllProjection, GlobalSecondaryIndex
 from pynamodb.models import Model
 
@@ -370,6 +370,18 @@ def connection() -> Connection:
 
 def iter_registry() -> Iterator[RegistryEntry]:
     return RegistryEntry.scan(consistent_read=True)
+
+
+def put_once(item: Model, condition: Any) -> bool:
+    """Put the item if `condition` holds (the item is not there yet): False, with nothing
+    written, when a repeat finds it (a callback delivered twice, a retry after a crash)."""
+    try:
+        item.save(condition=condition)
+    except PutError as failure:
+        if failure.cause_response_code == "ConditionalCheckFailedException":
+            return False
+        raise
+    return True
 
 
 def update_if(record: Model, actions: list[Any], condition: Any) -> bool:

@@ -16,11 +16,18 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-from pynamodb.exceptions import DoesNotExist, PutError, UpdateError
+from pynamodb.exceptions import DoesNotExist
 
 from first_core.errors import InvalidRequestError, PermissionDeniedError
 from first_core.settings import get_settings
-from first_core.tables import RequestRecord, ResultRecord, StreamChunkBatch, UsageRecord
+from first_core.tables import (
+    RequestRecord,
+    ResultRecord,
+    StreamChunkBatch,
+    UsageRecord,
+    put_once,
+    update_if,
+)
 
 if TYPE_CHECKING:
     from first_core.auth import Caller
@@ -140,13 +147,7 @@ def build_record(record: RequestRecord) -> UsageRecord:
 def save_once(row: UsageRecord) -> bool:
     """Put the usage record unless it is there: a repeat (a finish path run twice, a retry
     after a crash) finds the item and changes nothing (False)."""
-    try:
-        row.save(condition=UsageRecord.sk.does_not_exist())
-    except PutError as failure:
-        if failure.cause_response_code == "ConditionalCheckFailedException":
-            return False
-        raise
-    return True
+    return put_once(row, UsageRecord.sk.does_not_exist())
 
 
 def write_record(record: RequestRecord) -> bool:
@@ -178,18 +179,12 @@ def late_usage(record: RequestRecord) -> None:
         int(record.total_tokens or 0),
     )
     key = usage_sort_key(float(record.created_at), record.request_id)
-    try:
-        UsageRecord(record.user_id, key).update(
-            actions=[
-                UsageRecord.prompt_tokens.set(usage.prompt_tokens),
-                UsageRecord.completion_tokens.set(usage.completion_tokens),
-                UsageRecord.total_tokens.set(usage.total_tokens),
-            ],
-            condition=UsageRecord.sk.exists(),
-        )
-    except UpdateError as failure:
-        if failure.cause_response_code != "ConditionalCheckFailedException":
-            raise
+    actions = [
+        UsageRecord.prompt_tokens.set(usage.prompt_tokens),
+        UsageRecord.completion_tokens.set(usage.completion_tokens),
+        UsageRecord.total_tokens.set(usage.total_tokens),
+    ]
+    if not update_if(UsageRecord(record.user_id, key), actions, UsageRecord.sk.exists()):
         write_record(record)  # the usage record was never written: write it now, whole
     ratelimit.charge(record.rate_reservation, usage.total_tokens)
 

@@ -23,13 +23,12 @@ from datetime import UTC, datetime
 from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from pynamodb.exceptions import PutError
 
 from first_core import schemas, storage
 from first_core.auth import Caller
 from first_core.errors import InvalidRequestError, NotFoundError, PayloadTooLargeError
 from first_core.settings import get_settings
-from first_core.tables import FileRecord, not_expired, owned_item
+from first_core.tables import FileRecord, not_expired, owned_item, put_once
 
 # The routes a batch line may name, and the request schema its body must pass.
 BATCH_URLS: dict[str, schemas.Kind] = {
@@ -218,11 +217,7 @@ def register_output(
         line_count=lines,
         expires_at=_expiry(now),
     )
-    try:
-        record.save(condition=FileRecord.file_id.does_not_exist())
-    except PutError as failure:
-        if failure.cause_response_code != "ConditionalCheckFailedException":
-            raise
+    put_once(record, FileRecord.file_id.does_not_exist())
 
 
 def _expiry(now: float) -> datetime:

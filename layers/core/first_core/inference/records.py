@@ -6,8 +6,6 @@ import time
 import uuid
 from typing import Any
 
-from pynamodb.exceptions import UpdateError
-
 from first_core import usage as usage_module
 from first_core.auth import Caller
 from first_core.errors import NotFoundError
@@ -135,12 +133,8 @@ def finish(
     rate-limit reservation (`usage.request_ended`), from the record as this update left it.
     """
     record = RequestRecord(request_id)
-    try:
-        record.update(actions=finish_actions(status, usage, error), condition=STILL_OPEN)
-    except UpdateError as failure:
-        if failure.cause_response_code == "ConditionalCheckFailedException":
-            return False
-        raise
+    if not update_if(record, finish_actions(status, usage, error), STILL_OPEN):
+        return False
     usage_module.request_ended(record)  # `update` left the whole new record in `record`
     return True
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal
 
-from pynamodb.exceptions import DoesNotExist, PutError
+from pynamodb.exceptions import DoesNotExist
 
 from first_core import storage
 from first_core.callbacks import read_callback
@@ -24,7 +24,7 @@ from first_core.errors import (
 from first_core.inference import assemble, records
 from first_core.schemas.wire import CallbackBody
 from first_core.settings import get_settings
-from first_core.tables import RequestRecord, ResultRecord
+from first_core.tables import RequestRecord, ResultRecord, put_once
 from first_core.usage import Usage
 
 
@@ -61,11 +61,7 @@ def record(
         # A key of its own per attempt: a repeat must not overwrite the result that won.
         row.s3_key = f"results/{request_id}/{uuid.uuid4().hex}.json"
         storage.put(row.s3_key, text.encode())
-    try:
-        row.save(condition=ResultRecord.request_id.does_not_exist())
-    except PutError as failure:
-        if failure.cause_response_code != "ConditionalCheckFailedException":
-            raise
+    if not put_once(row, ResultRecord.request_id.does_not_exist()):
         _delete_body(row)
         stored = load(request_id)
         if stored is not None:

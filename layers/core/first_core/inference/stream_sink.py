@@ -17,14 +17,20 @@ import time
 from datetime import UTC, datetime
 from typing import Any
 
-from pynamodb.exceptions import DoesNotExist, PutError, UpdateError
+from pynamodb.exceptions import DoesNotExist
 
 from first_core.callbacks import read_callback
 from first_core.errors import ConflictError
 from first_core.inference import records
 from first_core.schemas.wire import StreamBatchBody, StreamUsage
 from first_core.settings import get_settings
-from first_core.tables import TERMINAL_STATUSES, RequestRecord, StreamChunkBatch
+from first_core.tables import (
+    TERMINAL_STATUSES,
+    RequestRecord,
+    StreamChunkBatch,
+    put_once,
+    update_if,
+)
 from first_core.usage import Usage, late_usage
 
 
@@ -81,13 +87,9 @@ def _batches_before(request_id: str, seq: int) -> int:
 
 
 def _mark_done_seq(request_id: str, seq: int) -> None:
-    try:
-        RequestRecord(request_id).update(
-            actions=[RequestRecord.stream_done_seq.set(seq)], condition=records.STILL_OPEN
-        )
-    except UpdateError as failure:
-        if failure.cause_response_code != "ConditionalCheckFailedException":
-            raise
+    update_if(
+        RequestRecord(request_id), [RequestRecord.stream_done_seq.set(seq)], records.STILL_OPEN
+    )
 
 
 def _finish_if_whole(request_id: str, done_seq: int) -> None:
@@ -141,34 +143,21 @@ def put_batch(request_id: str, batch: StreamBatchBody) -> bool:
         created_at=now,
         expires_at=datetime.fromtimestamp(now + get_settings().result_ttl_seconds, tz=UTC),
     )
-    try:
-        row.save(condition=StreamChunkBatch.seq.does_not_exist())
-    except PutError as failure:
-        if failure.cause_response_code == "ConditionalCheckFailedException":
-            return False
-        raise
-    return True
+    return put_once(row, StreamChunkBatch.seq.does_not_exist())
 
 
 def _record_usage_after_cancel(request_id: str, usage: Usage) -> None:
     """Set the usage of a cancelled request once, leaving its status alone (and on its usage
     record, and against its rate-limit windows)."""
     record = RequestRecord(request_id)
-    try:
-        record.update(
-            actions=[
-                RequestRecord.prompt_tokens.set(usage.prompt_tokens),
-                RequestRecord.completion_tokens.set(usage.completion_tokens),
-                RequestRecord.total_tokens.set(usage.total_tokens),
-            ],
-            condition=(RequestRecord.status == "cancelled")
-            & RequestRecord.total_tokens.does_not_exist(),
-        )
-    except UpdateError as failure:
-        if failure.cause_response_code != "ConditionalCheckFailedException":
-            raise
-        return
-    late_usage(record)
+    actions = [
+        RequestRecord.prompt_tokens.set(usage.prompt_tokens),
+        RequestRecord.completion_tokens.set(usage.completion_tokens),
+        RequestRecord.total_tokens.set(usage.total_tokens),
+    ]
+    once = (RequestRecord.status == "cancelled") & RequestRecord.total_tokens.does_not_exist()
+    if update_if(record, actions, once):
+        late_usage(record)
 
 
 def cancel(request_id: str) -> None:

@@ -767,3 +767,29 @@ def test_a_line_over_the_endpoints_max_tokens_fails_the_batch_naming_it(
     # Within the limit, the same file runs.
     fits = upload(jsonl(lines[0], lines[2]))
     assert load(create(fits.file_id)).status == "in_progress"
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (
+            {"endpoint": "/v1/chat/completions", "completion_window": "24h"},
+            "Missing required parameter: 'input_file_id'.",
+        ),
+        (
+            {"input_file_id": "f", "endpoint": "/v1/images", "completion_window": "24h"},
+            "Invalid value for 'endpoint': must be '/v1/chat/completions', '/v1/completions' "
+            "or '/v1/embeddings' (got \"/v1/images\").",
+        ),
+        (
+            {"input_file_id": "f", "endpoint": "/v1/embeddings", "completion_window": "24h"}
+            | {"x": 0},
+            "Unrecognized request argument supplied: x",
+        ),
+        ([1, 2], "The request body must be a JSON object."),
+    ],
+)
+def test_a_bad_batch_request_is_refused_in_openais_words(body: Any, message: str) -> None:
+    with pytest.raises(InvalidRequestError) as raised:
+        lifecycle.create_openai(CALLER, json.dumps(body).encode())
+    assert raised.value.message == message

@@ -381,3 +381,21 @@ def test_content_whose_bytes_the_bucket_expired_is_not_found() -> None:
     storage.delete(record.s3_key)
     with pytest.raises(NotFoundError, match="expired"):
         files.content(record)
+
+
+PYDANTIC_WORDS = ("pydantic", "Input should", "Field required", "Extra inputs", "[key]", "§")
+
+
+@pytest.mark.parametrize(("bad", "words"), BAD_LINES)
+def test_bad_lines_are_named_in_openais_words_as_the_routes_would(bad: Any, words: str) -> None:
+    """One wording for one mistake: a batch line's fields are refused as the inference routes
+    refuse the same mistake (first_core.schemas.errors), never in pydantic's words."""
+    with pytest.raises(InvalidRequestError) as raised:
+        files.check_batch_lines(jsonl(chat_line("r0"), bad))
+    assert not [w for w in PYDANTIC_WORDS if w in raised.value.message], raised.value.message
+
+
+def test_a_missing_line_field_reads_like_a_missing_body_field() -> None:
+    with pytest.raises(InvalidRequestError) as raised:
+        files.check_batch_lines(jsonl(_without(chat_line("x"), "custom_id")))
+    assert raised.value.message == "Line 1 of the file: Missing required parameter: 'custom_id'."

@@ -27,6 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from first_core import schemas, storage
 from first_core.auth import Caller
 from first_core.errors import InvalidRequestError, NotFoundError, PayloadTooLargeError
+from first_core.schemas.errors import to_gateway_error
 from first_core.settings import get_settings
 from first_core.tables import FileRecord, not_expired, owned_item, put_once
 
@@ -94,12 +95,13 @@ def check_batch_lines(content: bytes) -> BatchInput:
             data = json.loads(line)
         except (ValueError, RecursionError):
             raise _bad_line(number, "not valid JSON.") from None
+        if not isinstance(data, dict):
+            raise _bad_line(number, "the line must be a JSON object.")
         try:
             request = BatchLine.model_validate(data)
         except ValidationError as error:
-            problem = error.errors(include_url=False)[0]
-            where = ".".join(str(part) for part in problem["loc"]) or "the line"
-            raise _bad_line(number, f"{where}: {problem['msg']}.") from None
+            problem = to_gateway_error(error.errors(include_url=False)[0])
+            raise _bad_line(number, problem.message) from None
         if request.custom_id in seen:
             raise _bad_line(number, f"custom_id '{request.custom_id}' is used twice.")
         seen.add(request.custom_id)

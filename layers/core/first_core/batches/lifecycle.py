@@ -34,6 +34,7 @@ from first_core.errors import (
     RateLimitError,
 )
 from first_core.registry import Endpoint, Registry, routing
+from first_core.schemas.errors import to_gateway_error
 from first_core.schemas.wire import BatchEvent
 from first_core.settings import get_settings
 from first_core.tables import BatchRecord, owned_item, update_if
@@ -75,12 +76,11 @@ def _parse(model: type[BaseModel], raw_body: bytes) -> Any:
         return model.model_validate_json(raw_body or b"{}")
     except ValidationError as error:
         problem = error.errors(include_url=False)[0]
-        where = ".".join(str(part) for part in problem["loc"]) or None
         if problem["type"] == "json_invalid":
             raise InvalidRequestError("The request body is not valid JSON.") from None
-        raise InvalidRequestError(
-            f"{where or 'body'}: {problem['msg']}", param=where, code="invalid_value"
-        ) from None
+        if not problem["loc"]:
+            raise InvalidRequestError("The request body must be a JSON object.") from None
+        raise to_gateway_error(problem) from None
 
 
 def _check_cluster_path(value: str | None, param: str) -> None:

@@ -64,7 +64,9 @@ def _path(loc: tuple[int | str, ...]) -> str:
     return ".".join(str(p) for p in loc if not (isinstance(p, str) and p.startswith(_TAG)))
 
 
-def _to_gateway_error(err: ErrorDetails) -> InvalidRequestError:
+def to_gateway_error(err: ErrorDetails) -> InvalidRequestError:
+    """One pydantic error as the `InvalidRequestError` OpenAI would send for that mistake:
+    the same wording for the same mistake on every route (bodies, batch lines, batches)."""
     kind, loc, got = err["type"], err["loc"], err["input"]
     # 2.0 reads as a float limit; the client sent or should send 2.
     ctx = {

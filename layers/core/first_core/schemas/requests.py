@@ -25,7 +25,7 @@ from first_core.schemas._unions import (
     _Strict,
     _token_id_key,
 )
-from first_core.schemas.errors import _to_gateway_error
+from first_core.schemas.errors import to_gateway_error
 from first_core.schemas.messages import Message, TextPart
 
 Kind = Literal["chat/completions", "completions", "embeddings", "batches"]
@@ -293,4 +293,4 @@ def parse_request(kind: Kind, body: bytes | str | dict[str, Any]) -> RequestBody
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        raise _to_gateway_error(exc.errors(include_url=False)[0]) from exc
+        raise to_gateway_error(exc.errors(include_url=False)[0]) from exc

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from first_core.schemas.wire import chunk_error
 from first_core.tables import StreamChunkBatch
 
 
@@ -37,7 +38,7 @@ def assemble(openai_path: str, chunks: list[str]) -> dict[str, Any]:
     choices: dict[int, dict[str, Any]] = {}
     for text in chunks:
         chunk = json.loads(text)
-        if not isinstance(chunk, dict) or ("error" in chunk and "choices" not in chunk):
+        if not isinstance(chunk, dict) or chunk_error(chunk) is not None:
             continue
         for key in ("id", "created", "model", "system_fingerprint"):
             if key in chunk and key not in head:

@@ -200,7 +200,7 @@ def _end_stream(
     position, next_seq, done = 0, 0, False
     for row in sorted(stored, key=lambda r: int(r.seq)):
         seq = int(row.seq)
-        row_chunks = [c for c in row.chunks if not _is_error_chunk(c)]
+        row_chunks = [c for c in row.chunks if wire.chunk_error(c) is None]
         if seq > next_seq:
             start = _find(chunks, row_chunks, position)
             _put(request_id, next_seq, chunks[position:start])
@@ -244,6 +244,3 @@ def _find(chunks: list[str], part: list[str], start: int) -> int:
             return index
     return start
 
-
-def _is_error_chunk(chunk: str) -> bool:
-    return chunk.startswith('{"error"')

@@ -20,6 +20,7 @@ from first_core.errors import ComputeTimeoutError, GatewayError
 from first_core.inference.stream_sink import cancel, compact
 from first_core.inference.submit import Submission
 from first_core.inference.wait import backend_error, remember_task
+from first_core.schemas.wire import chunk_error
 from first_core.settings import get_settings
 from first_core.tables import TERMINAL_STATUSES, RequestRecord, StreamChunkBatch
 
@@ -84,12 +85,8 @@ def _error_before_any_token(event: bytes) -> GatewayError | None:
     """The stream's first event as an HTTP error, if it is an error event."""
     if not event.startswith(b"data: {"):
         return None
-    try:
-        data = json.loads(event[len(b"data: ") :])
-    except ValueError:
-        return None
-    error = data.get("error") if isinstance(data, dict) and "choices" not in data else None
-    if not isinstance(error, dict):
+    error = chunk_error(event[len(b"data: ") :].decode(errors="replace"))
+    if error is None:
         return None
     message = str(error.get("message") or "The model backend refused the request.")
     code = error.get("code")
@@ -210,7 +207,7 @@ def _client_event(chunk: str, include_usage: bool) -> tuple[bytes | None, bool]:
         return None, False
     if not isinstance(data, dict):
         return None, False
-    if "error" in data and "choices" not in data:
+    if chunk_error(data) is not None:
         return _event(data), True
     if not include_usage:
         # vLLM was always asked for usage; a client that was not gets what OpenAI would send it.

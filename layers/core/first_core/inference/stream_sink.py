@@ -22,7 +22,7 @@ from pynamodb.exceptions import DoesNotExist
 from first_core.callbacks import read_callback
 from first_core.errors import ConflictError
 from first_core.inference import records
-from first_core.schemas.wire import StreamBatchBody, StreamUsage
+from first_core.schemas.wire import StreamBatchBody, StreamUsage, chunk_error
 from first_core.settings import get_settings
 from first_core.tables import (
     TERMINAL_STATUSES,
@@ -100,11 +100,8 @@ def _finish_if_whole(request_id: str, done_seq: int) -> None:
         done = StreamChunkBatch.get(request_id, done_seq, consistent_read=True)
     except DoesNotExist:
         return
-    error = None
-    if done.chunks:
-        last = json.loads(done.chunks[-1]) if done.chunks[-1].startswith('{"error"') else None
-        if isinstance(last, dict) and isinstance(last.get("error"), dict):
-            error = str(last["error"].get("message") or "The stream failed.")
+    failure = chunk_error(done.chunks[-1]) if done.chunks else None
+    error = str(failure.get("message") or "The stream failed.") if failure is not None else None
     usage = StreamUsage.model_validate(done.usage).to_usage() if done.usage else None
     records.finish(
         request_id, "failed" if error else "completed", usage=usage, error=error

@@ -8,6 +8,7 @@ function may add some; each field's range is checked.
 
 from __future__ import annotations
 
+import json
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -23,6 +24,23 @@ class CallbackBody(BaseModel):
     request_id: str
     status_code: int
     body: Any = None
+
+
+def chunk_error(chunk: str | dict[str, Any]) -> dict[str, Any] | None:
+    """The error a stream chunk carries, or None: a chunk is one of vLLM's SSE `data:` payloads,
+    and an error one is `{"error": {...}}` with no `choices` (vLLM's error event, and the last
+    chunk of a failed stream's done batch). The one test of "is this chunk an error?"."""
+    data: Any = chunk
+    if isinstance(chunk, str):
+        if '"error"' not in chunk:
+            return None
+        try:
+            data = json.loads(chunk)
+        except ValueError:
+            return None
+    if isinstance(data, dict) and "choices" not in data and isinstance(data.get("error"), dict):
+        return dict(data["error"])
+    return None
 
 
 class StreamError(BaseModel):

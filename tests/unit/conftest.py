@@ -6,13 +6,15 @@ callback secret) before anything imported `first_core`.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import boto3
 import pytest
 from moto import mock_aws
+from moto.dynamodb.models import DynamoDBBackend
 
 import first_core.auth
 import first_core.storage
@@ -22,11 +24,11 @@ from first_core.registry import Registry
 from first_core.settings import get_settings
 from first_local.compute_standin import ApiLimit, ComputeService, Faults
 from first_local.compute_standin import create_app as create_compute_app
-from first_local.compute_standin.endpoints import LocalEndpoint
 from first_local.globus_standin import DEV_CLIENT_ID, DEV_CLIENT_SECRET
 from first_local.globus_standin import create_app as create_auth_app
 from first_local.provision import TEMPLATE, create_bucket, create_tables_from_template
-from tests.asgi_server import serve
+from tests.support.asgi import serve
+from tests.support.compute import TEST_ENDPOINT_ID, ComputeStandIn
 
 
 @pytest.fixture(autouse=True)
@@ -67,30 +69,6 @@ def authenticator() -> first_core.auth.Authenticator:
 
 
 # -- Globus Compute: the stand-ins in this process, reached by the real SDK ---------------------
-TEST_ENDPOINT_ID = "6a1b2c3d-0000-4000-8000-00000000e001"
-# The local registry's endpoints (infra/registry/local.yaml), and function ids as the local
-# stack's registration would give them, to load that file with.
-SOPHIA_ENDPOINT = "f5ddf440-2b40-56af-bcff-c720b49fb2e4"
-POLARIS_ENDPOINT = "54085316-2839-58e5-99e6-87ab7b0ca4ba"
-REGISTERED_FUNCTIONS = {
-    "inference": "f0000000-0000-4000-8000-000000000001",
-    "streaming": "f0000000-0000-4000-8000-000000000002",
-    "qstat": "f0000000-0000-4000-8000-000000000003",
-    "batch": "f0000000-0000-4000-8000-000000000004",
-}
-
-
-@dataclass
-class ComputeStandIn:
-    """The Auth and Compute stand-ins serving in this process, and the Compute service's state
-    (so a test can stop its endpoint, switch its faults or set its limit)."""
-
-    service: ComputeService
-    endpoint: LocalEndpoint
-    auth_url: str
-    compute_url: str
-
-
 @pytest.fixture(scope="session")
 def compute_standins(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ComputeStandIn]:
     """One endpoint with two real engine workers, for the whole session (workers start in ~1 s)."""
@@ -124,3 +102,19 @@ def globus_compute(
     compute_standins.service.set_limit(ApiLimit(0, 0))
     if not compute_standins.endpoint.online:
         compute_standins.endpoint.start()
+
+
+@pytest.fixture
+def atomic_moto(aws: None, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """DynamoDB applies a write's condition and update atomically per item; moto's in-process
+    backend checks and writes without a lock. One lock around it makes it behave as DynamoDB
+    does (the local stack's moto server does the same, first_local.moto_server)."""
+    lock = threading.Lock()
+    original = DynamoDBBackend.update_item
+
+    def update_item(self: Any, *args: Any, **kwargs: Any) -> Any:
+        with lock:
+            return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(DynamoDBBackend, "update_item", update_item)
+    yield

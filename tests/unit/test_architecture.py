@@ -7,7 +7,9 @@ it breaks a deploy):
   (`compute_funcs`), no web framework (`chalice`, `starlette`) and no handler (`app`,
   `chalicelib`, `functions`);
 - handlers are thin: no function in `app.py`, `chalicelib/` or `functions/` is over 40 lines;
-- a core module over 350 lines says why at its top (`Long because:`); none is over 600.
+- a core module over 350 lines says why at its top (`Long because:`); none is over 600;
+- a test imports what tests share from `tests.support` (or a conftest), never from another test
+  module, so a fake or an identity has one definition.
 """
 
 from __future__ import annotations
@@ -170,3 +172,13 @@ def test_long_core_modules_say_why() -> None:
         if lines > 600 or (lines > 350 and not reason):
             unexplained.add(str(path.relative_to(CORE)))
     assert unexplained == set()
+
+
+def test_tests_share_through_tests_support_only() -> None:
+    borrowed = {
+        f"{path.relative_to(PROJECT_ROOT)}: {module}"
+        for path in (PROJECT_ROOT / "tests").rglob("test_*.py")
+        for module in imports_of(path, "tests")
+        if module.startswith("tests.") and module.rpartition(".")[2].startswith("test_")
+    }
+    assert borrowed == set()

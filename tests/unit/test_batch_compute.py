@@ -22,7 +22,7 @@ from compute_funcs import FUNCTIONS
 from compute_funcs.batch import vllm_batch
 from compute_funcs.register import code_serializer
 from first_local.mock_vllm import MockConfig, count_prompt_tokens, create_app
-from tests.asgi_server import serve
+from tests.support.asgi import serve
 
 MODEL = "meta-llama/Llama-3.2-1B-Instruct"  # not the mock's default, so a defaulted model shows
 TOKEN = "batch-callback-token"

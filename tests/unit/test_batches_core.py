@@ -35,42 +35,23 @@ from first_core.registry import (
 )
 from first_core.settings import get_settings
 from first_core.tables import BatchRecord, FileRecord, UsageRecord
-from tests.unit.conftest import REGISTERED_FUNCTIONS, SOPHIA_ENDPOINT
-from tests.unit.test_files import BOB, EMBEDDER, MODEL, batch_file, chat_line, jsonl
-from tests.unit.test_results import CALLER
+from tests.support.batches import batch_file, chat_line, jsonl
+from tests.support.compute import FakeBackend
+from tests.support.identities import BOB, CALLER
+from tests.support.registry import (
+    EMBEDDER,
+    MODEL,
+    REGISTERED_FUNCTIONS,
+    SOPHIA_BATCH_ENDPOINT,
+    SOPHIA_ENDPOINT,
+)
 
 INFERENCE = REGISTERED_FUNCTIONS["inference"]
 
 pytestmark = pytest.mark.usefixtures("aws")
 
 BATCH_FUNCTION = REGISTERED_FUNCTIONS["batch"]
-BATCH_ENDPOINT = "39debb4e-7ca7-5630-b1bb-e03d7502c79f"
-
-
-class FakeBackend:
-    """Records every submit; answers task states from a script (unknown if not scripted)."""
-
-    def __init__(self) -> None:
-        self.submits: list[tuple[str, str, dict[str, Any]]] = []
-        self.states: dict[str, TaskState] = {}
-        self.asked: list[str] = []
-        self.fail_with: Exception | None = None
-
-    def submit(self, endpoint_id: str, function_id: str, kwargs: dict[str, Any]) -> str:
-        if self.fail_with is not None:
-            raise self.fail_with
-        self.submits.append((endpoint_id, function_id, kwargs))
-        return f"task-{len(self.submits)}"
-
-    def task_state(self, task_id: str) -> TaskState:
-        self.asked.append(task_id)
-        return self.states.get(task_id, TaskState("unknown", error="no such task"))
-
-    def task_states(self, task_ids: list[str]) -> dict[str, TaskState]:
-        return {task_id: self.task_state(task_id) for task_id in task_ids}
-
-    def endpoint_status(self, endpoint_id: str) -> str:
-        return "online"
+BATCH_ENDPOINT = SOPHIA_BATCH_ENDPOINT
 
 
 MAX_TOKENS = 4096

@@ -18,7 +18,7 @@ from globus_sdk.scopes import ComputeScopes
 from first_core.compute import globus_client
 from first_local.compute_standin import ApiLimit, Faults
 from first_local.globus_standin import COMPUTE_SCOPE, DEV_CLIENT_ID, DEV_CLIENT_SECRET
-from tests.unit.conftest import TEST_ENDPOINT_ID, ComputeStandIn
+from tests.support.compute import TEST_ENDPOINT_ID, ComputeStandIn
 
 
 def double(x: int) -> int:
@@ -246,9 +246,7 @@ def test_every_call_needs_a_compute_token(globus_compute: ComputeStandIn) -> Non
     url = f"{globus_compute.compute_url}/v2/version"
     assert httpx.get(url).status_code == 401
     assert httpx.get(url, headers={"Authorization": "Bearer made-up"}).status_code == 401
-    assert httpx.get(url, headers={"Authorization": f"Bearer {token()}"}).json()[
-        "min_sdk_version"
-    ]
+    assert httpx.get(url, headers={"Authorization": f"Bearer {token()}"}).json()["min_sdk_version"]
 
 
 def test_a_submission_over_10_mb_is_413(globus_compute: ComputeStandIn) -> None:

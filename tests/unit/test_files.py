@@ -18,37 +18,9 @@ from first_core.batches import files
 from first_core.errors import InvalidRequestError, NotFoundError, PayloadTooLargeError
 from first_core.settings import get_settings
 from first_core.tables import FileRecord
-from tests.unit.test_results import CALLER
-
-MODEL = "meta-llama/Meta-Llama-3-8B-Instruct"
-EMBEDDER = "Salesforce/SFR-Embedding-Mistral"
-BOB = Caller(
-    user_id="bob-id",
-    username="bob@uchicago.edu",
-    name="Bob",
-    email="bob@uchicago.edu",
-    idp_domain="uchicago.edu",
-    idp_name="UChicago",
-)
-
-
-def chat_line(custom_id: str = "r1", **body: Any) -> dict[str, Any]:
-    return {
-        "custom_id": custom_id,
-        "method": "POST",
-        "url": "/v1/chat/completions",
-        "body": {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], **body},
-    }
-
-
-def jsonl(*lines: Any) -> bytes:
-    """Each item a JSON line; a str item is written as is (blank lines, broken JSON)."""
-    return "\n".join(x if isinstance(x, str) else json.dumps(x) for x in lines).encode()
-
-
-def batch_file(n: int = 2) -> bytes:
-    return jsonl(*(chat_line(f"r{i}") for i in range(n)))
-
+from tests.support.batches import batch_file, chat_line, jsonl
+from tests.support.identities import BOB, CALLER
+from tests.support.registry import EMBEDDER, MODEL
 
 # ---- check_batch_lines --------------------------------------------------------------------------
 

@@ -41,7 +41,7 @@ from first_local.globus_standin import (
     create_app,
     mint_token,
 )
-from tests.asgi_server import serve
+from tests.support.asgi import serve
 
 GATEWAY_RS = DEV_CLIENT_ID
 

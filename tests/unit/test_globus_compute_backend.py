@@ -14,7 +14,7 @@ import responses
 from compute_funcs.register import register_all
 from first_core.compute import GlobusComputeBackend, TaskState, globus_client, traceback_summary
 from first_core.errors import ServiceUnavailableError
-from tests.unit.conftest import TEST_ENDPOINT_ID, ComputeStandIn
+from tests.support.compute import TEST_ENDPOINT_ID, ComputeStandIn
 
 
 def answer(value: Any) -> Any:

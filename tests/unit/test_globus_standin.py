@@ -27,7 +27,7 @@ from first_local.globus_standin import (
     create_app,
     mint_token,
 )
-from tests.asgi_server import serve
+from tests.support.asgi import serve
 
 GROUPS_RS = "groups.api.globus.org"
 PASSING_POLICY = "11111111-2222-3333-4444-555555555555"

@@ -18,11 +18,16 @@ from compute_funcs.qstat import qstat
 from first_core import inference
 from first_core.compute import TaskState
 from first_core.errors import NotFoundError, ServiceUnavailableError
-from first_core.registry import CLUSTER_KEY, Registry, health, load_file, publish, views
+from first_core.registry import CLUSTER_KEY, Registry, health, views
 from first_core.tables import RegistryEntry, RequestRecord
-from first_local.stack import LOCAL_REGISTRY
-from tests.unit.conftest import POLARIS_ENDPOINT, REGISTERED_FUNCTIONS, SOPHIA_ENDPOINT
-from tests.unit.test_routing import ALICE
+from tests.support.compute import FakeBackend
+from tests.support.identities import ALICE
+from tests.support.registry import (
+    POLARIS_ENDPOINT,
+    REGISTERED_FUNCTIONS,
+    SOPHIA_ENDPOINT,
+    publish_local,
+)
 
 MODEL = "meta-llama/Meta-Llama-3-8B-Instruct"
 SMALL = "meta-llama/Llama-3.2-1B-Instruct"
@@ -32,45 +37,9 @@ POLARIS = POLARIS_ENDPOINT
 QSTAT = REGISTERED_FUNCTIONS["qstat"]
 
 
-class FakeBackend:
-    """Endpoint states and qstat answers set by the test; every call recorded."""
-
-    def __init__(self, status: dict[str, str], answers: dict[str, Any]) -> None:
-        self.status = status
-        self.answers = answers
-        self.refuse: set[str] = set()
-        self.calls: list[tuple[str, ...]] = []
-        self._tasks: dict[str, TaskState] = {}
-
-    def endpoint_status(self, endpoint_id: str) -> Any:
-        self.calls.append(("endpoint_status", endpoint_id))
-        return self.status.get(endpoint_id, "online")
-
-    def submit(self, endpoint_id: str, function_id: str, kwargs: dict[str, Any]) -> str:
-        self.calls.append(("submit", endpoint_id, function_id))
-        if endpoint_id in self.refuse:
-            raise ServiceUnavailableError(f"Compute endpoint {endpoint_id} is offline.")
-        task_id = f"task-{len(self.calls)}"
-        answer = self.answers.get(endpoint_id)
-        if function_id == QSTAT:
-            if isinstance(answer, TaskState):
-                self._tasks[task_id] = answer
-            else:
-                self._tasks[task_id] = TaskState("success", result=answer)
-        else:
-            self._tasks[task_id] = TaskState("pending")
-        return task_id
-
-    def task_state(self, task_id: str) -> TaskState:
-        return self._tasks[task_id]
-
-    def task_states(self, task_ids: list[str]) -> dict[str, TaskState]:
-        return {task_id: self.task_state(task_id) for task_id in task_ids}
-
-
 @pytest.fixture
 def registry_table(aws: None) -> None:
-    publish(load_file(LOCAL_REGISTRY, functions=REGISTERED_FUNCTIONS))
+    publish_local()
 
 
 def _rows() -> dict[tuple[str, str], RegistryEntry]:
@@ -84,8 +53,8 @@ def _qstat_answer(states: dict[str, str], free: int | None = None) -> dict[str, 
 # -- the poller -------------------------------------------------------------------------------
 def test_poll_writes_endpoint_states_cluster_status_and_free_nodes(registry_table: None) -> None:
     backend = FakeBackend(
-        {SOPHIA: "online", POLARIS: "offline"},
-        {SOPHIA: _qstat_answer({MODEL: "running", EMBEDDING: "queued"}, 3)},
+        endpoints={SOPHIA: "online", POLARIS: "offline"},
+        qstat={SOPHIA: _qstat_answer({MODEL: "running", EMBEDDING: "queued"}, 3)},
     )
 
     report = health.poll(backend)
@@ -110,7 +79,9 @@ def test_poll_writes_endpoint_states_cluster_status_and_free_nodes(registry_tabl
 
 
 def test_an_endpoint_without_workers_yet_makes_its_models_starting(registry_table: None) -> None:
-    backend = FakeBackend({SOPHIA: "online", POLARIS: "starting"}, {SOPHIA: _qstat_answer({})})
+    backend = FakeBackend(
+        endpoints={SOPHIA: "online", POLARIS: "starting"}, qstat={SOPHIA: _qstat_answer({})}
+    )
 
     report = health.poll(backend)
 
@@ -124,8 +95,7 @@ def test_an_endpoint_without_workers_yet_makes_its_models_starting(registry_tabl
 
 def test_a_failed_or_silent_qstat_leaves_the_models_online(registry_table: None) -> None:
     backend = FakeBackend(
-        {},
-        {
+        qstat={
             SOPHIA: TaskState("failed", error="qstat: command not found"),
             POLARIS: TaskState("pending"),
         },
@@ -141,7 +111,7 @@ def test_a_failed_or_silent_qstat_leaves_the_models_online(registry_table: None)
 
 
 def test_maintenance_is_kept_by_the_poller_until_switched_off(registry_table: None) -> None:
-    backend = FakeBackend({}, {SOPHIA: _qstat_answer({MODEL: "running"})})
+    backend = FakeBackend(qstat={SOPHIA: _qstat_answer({MODEL: "running"})})
 
     health.set_maintenance("polaris", True)
     health.poll(backend)
@@ -161,7 +131,7 @@ def test_maintenance_is_kept_by_the_poller_until_switched_off(registry_table: No
 # -- the submit fallback ----------------------------------------------------------------------
 @pytest.fixture
 def fake_backend(registry_table: None, monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeBackend]:
-    backend = FakeBackend({}, {})
+    backend = FakeBackend()
     monkeypatch.setattr(first_core.compute, "_backend", backend)
     yield backend
 
@@ -213,7 +183,9 @@ def test_every_endpoint_refusing_is_503_after_trying_each_once(fake_backend: Fak
 
 # -- the views --------------------------------------------------------------------------------
 def test_list_endpoints_jobs_and_status(registry_table: None) -> None:
-    backend = FakeBackend({POLARIS: "offline"}, {SOPHIA: _qstat_answer({MODEL: "running"}, free=2)})
+    backend = FakeBackend(
+        endpoints={POLARIS: "offline"}, qstat={SOPHIA: _qstat_answer({MODEL: "running"}, free=2)}
+    )
     health.poll(backend)
     snapshot = Registry.current()
 

@@ -15,7 +15,7 @@ import openai
 import pytest
 
 from first_local.mock_vllm import MockConfig, count_prompt_tokens, create_app, generate_text
-from tests.asgi_server import serve as serve_app
+from tests.support.asgi import serve as serve_app
 
 CHAT_MODEL = "meta-llama/Meta-Llama-3-8B-Instruct"
 EMBED_MODEL = "Salesforce/SFR-Embedding-Mistral"

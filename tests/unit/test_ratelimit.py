@@ -4,12 +4,10 @@ windows, Retry-After, and the token reservation settled at the end of a request.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
-from moto.dynamodb.models import DynamoDBBackend
 
 from first_core import ratelimit
 from first_core.errors import RateLimitError
@@ -32,22 +30,6 @@ def endpoint(**limits: Any) -> Endpoint:
         allowed_groups=[],
         status="online",
     )
-
-
-@pytest.fixture
-def atomic_moto(aws: None, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """DynamoDB applies a write's condition and update atomically per item; moto's in-process
-    backend checks and writes without a lock. One lock around it makes it behave as DynamoDB
-    does (the local stack's moto server does the same, first_local.moto_server)."""
-    lock = threading.Lock()
-    original = DynamoDBBackend.update_item
-
-    def update_item(self: Any, *args: Any, **kwargs: Any) -> Any:
-        with lock:
-            return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(DynamoDBBackend, "update_item", update_item)
-    yield
 
 
 def test_exactly_the_limit_of_fifty_concurrent_takers_succeed(atomic_moto: None) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Any
 
 import pytest
 
@@ -13,7 +12,9 @@ from first_core.inference import reconciler, records, results, stream_sink
 from first_core.schemas import wire
 from first_core.settings import get_settings
 from first_core.tables import RequestRecord, StreamChunkBatch, UsageRecord
-from tests.unit.test_results import CALLER, ENDPOINT
+from tests.support.compute import FakeBackend
+from tests.support.identities import CALLER
+from tests.support.registry import ENDPOINT
 
 pytestmark = pytest.mark.usefixtures("aws")
 
@@ -23,22 +24,6 @@ ANSWER = {
     "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}}],
     "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5},
 }
-
-
-class FakeBackend:
-    def __init__(self, states: dict[str, TaskState]) -> None:
-        self.states = states
-        self.asked: list[str] = []
-
-    def submit(self, endpoint_id: str, function_id: str, kwargs: dict[str, Any]) -> str:
-        raise AssertionError("the reconciler never submits")
-
-    def task_state(self, task_id: str) -> TaskState:
-        self.asked.append(task_id)
-        return self.states.get(task_id, TaskState("unknown", error="no such task"))
-
-    def task_states(self, task_ids: list[str]) -> dict[str, TaskState]:
-        return {task_id: self.task_state(task_id) for task_id in task_ids}
 
 
 def new_request(task_id: str | None, *, stream: bool = False) -> str:
@@ -54,9 +39,9 @@ def status(request_id: str) -> RequestRecord:
 
 
 def run(backend: FakeBackend, now: float | None = None) -> reconciler.ReconcileReport:
-    return reconciler.reconcile(
-        now=(now or time.time()) + 10, grace_seconds=5, backend=backend
-    )
+    report = reconciler.reconcile(now=(now or time.time()) + 10, grace_seconds=5, backend=backend)
+    assert backend.submits == [], "the reconciler never submits"
+    return report
 
 
 def usage_rows() -> list[UsageRecord]:
@@ -170,8 +155,13 @@ def test_a_done_batch_after_a_lost_one_waits_for_the_reconciler_to_fill_the_gap(
     usage = {"prompt_tokens": 1, "completion_tokens": 3, "total_tokens": 4}
 
     def post(seq: int, part: list[str], done: bool = False) -> None:
-        body = {"request_id": request_id, "seq": seq, "chunks": part, "done": done,
-                "usage": usage if done else None}
+        body = {
+            "request_id": request_id,
+            "seq": seq,
+            "chunks": part,
+            "done": done,
+            "usage": usage if done else None,
+        }
         stream_sink.accept_stream_callback(
             request_id, f"Bearer {callback_token(request_id)}", json.dumps(body).encode()
         )

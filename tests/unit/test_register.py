@@ -9,10 +9,8 @@ import yaml
 
 from compute_funcs import FUNCTIONS, register
 from first_core.registry import load_file
-from tests.conftest import PROJECT_ROOT
-from tests.unit.conftest import ComputeStandIn
-
-LOCAL_REGISTRY = PROJECT_ROOT / "infra" / "registry" / "local.yaml"
+from tests.support.compute import ComputeStandIn
+from tests.support.registry import LOCAL_REGISTRY
 
 
 def test_every_function_is_registered_once_as_source_with_a_description(

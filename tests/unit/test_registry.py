@@ -16,10 +16,9 @@ from first_core.registry import (
     publish,
 )
 from first_core.tables import RegistryEntry
-from tests.unit.conftest import POLARIS_ENDPOINT, REGISTERED_FUNCTIONS
+from tests.support.registry import LOCAL_REGISTRY, POLARIS_ENDPOINT, REGISTERED_FUNCTIONS
 
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
-LOCAL_YAML = PROJECT_ROOT / "infra" / "registry" / "local.yaml"
+LOCAL_YAML = LOCAL_REGISTRY
 
 LLAMA_8B = "meta-llama/Meta-Llama-3-8B-Instruct"
 LLAMA_70B = "meta-llama/Meta-Llama-3.1-70B-Instruct"
@@ -83,17 +82,23 @@ def test_a_minimal_file_loads(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("broken", "field"),
     [
-        (VALID.replace("    frameworks: [vllm]\n", "    frameworks: [vllm]\n    gpus: 8\n"),
-         "gpus"),
-        (VALID.replace("        models: [m1]\n", "        models: [m1]\n        replicas: 2\n"),
-         "replicas"),
+        (
+            VALID.replace("    frameworks: [vllm]\n", "    frameworks: [vllm]\n    gpus: 8\n"),
+            "gpus",
+        ),
+        (
+            VALID.replace("        models: [m1]\n", "        models: [m1]\n        replicas: 2\n"),
+            "replicas",
+        ),
         (VALID.replace(f"        endpoint_id: {EP_SOPHIA}\n", ""), "endpoint_id"),
         (VALID.replace(EP_SOPHIA, "local-sophia-vllm"), "not a Globus Compute id"),
         (VALID.replace(INFERENCE, "local:inference"), "inference: 'local:inference' is not"),
         (VALID.replace(EP_SOPHIA, EP_SOPHIA.upper()), f"in lowercase: '{EP_SOPHIA}'"),
         (VALID.replace("models: [m1]", "models: []"), "models"),
-        (VALID.replace(f'          inference: "{INFERENCE}"\n', "          qstat: q\n"),
-         "inference"),
+        (
+            VALID.replace(f'          inference: "{INFERENCE}"\n', "          qstat: q\n"),
+            "inference",
+        ),
         (VALID.replace("frameworks: [vllm]", "frameworks: []"), "frameworks"),
         ("clusters: {}\n", "clusters"),
     ],

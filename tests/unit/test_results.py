@@ -16,7 +16,6 @@ from pydantic import SecretStr
 import first_core.callbacks
 import first_core.inference.results
 import first_core.storage
-from first_core.auth import Caller
 from first_core.callbacks import callback_token, verify_callback_token
 from first_core.errors import (
     AuthenticationError,
@@ -32,31 +31,13 @@ from first_core.inference.results import (
     load,
     record,
 )
-from first_core.registry import Endpoint, FunctionIds, Limits
 from first_core.settings import get_settings
 from first_core.tables import RequestRecord, ResultRecord
+from tests.support.identities import CALLER
+from tests.support.registry import ENDPOINT
 
 REQUEST_ID = "req_00000000000000000000000000000001"
 OTHER_ID = "req_00000000000000000000000000000002"
-
-CALLER = Caller(
-    user_id="alice-id",
-    username="alice@anl.gov",
-    name="Alice",
-    email="alice@anl.gov",
-    idp_domain="anl.gov",
-    idp_name="Argonne",
-)
-ENDPOINT = Endpoint(
-    cluster="sophia",
-    framework="vllm",
-    model="meta-llama/Meta-Llama-3-8B-Instruct",
-    endpoint_id="local-sophia-vllm",
-    functions=FunctionIds(inference="local:inference"),
-    limits=Limits(),
-    allowed_groups=[],
-    status="online",
-)
 
 
 def completion(
@@ -147,8 +128,17 @@ def test_verify_callback_token_accepts_the_right_token() -> None:
         f"Bearer {callback_token(REQUEST_ID)}0",
         f"Bearer {callback_token(REQUEST_ID).upper()}",
     ],
-    ids=["none", "empty", "bare", "wrong", "other-request", "prefix-63", "prefix-32",
-         "extended", "uppercased"],
+    ids=[
+        "none",
+        "empty",
+        "bare",
+        "wrong",
+        "other-request",
+        "prefix-63",
+        "prefix-32",
+        "extended",
+        "uppercased",
+    ],
 )
 def test_verify_callback_token_refuses_anything_else(authorization: str | None) -> None:
     with pytest.raises(AuthenticationError) as refused:
@@ -382,8 +372,14 @@ def test_accept_callback_body_naming_another_request_is_400(aws: None) -> None:
 
 @pytest.mark.parametrize(
     "raw",
-    [b"{not json", b"", b"[]", b'{"request_id": "req_x"}', b'{"status_code": 200}',
-     b'{"request_id": "' + REQUEST_ID.encode() + b'", "status_code": "two hundred"}'],
+    [
+        b"{not json",
+        b"",
+        b"[]",
+        b'{"request_id": "req_x"}',
+        b'{"status_code": 200}',
+        b'{"request_id": "' + REQUEST_ID.encode() + b'", "status_code": "two hundred"}',
+    ],
     ids=["broken", "empty", "list", "no-status", "no-id", "status-not-int"],
 )
 def test_accept_callback_with_a_malformed_body_is_400(aws: None, raw: bytes) -> None:

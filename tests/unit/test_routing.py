@@ -9,21 +9,10 @@ from first_core.errors import NotFoundError, PermissionDeniedError, ServiceUnava
 from first_core.registry import CLUSTER_KEY, Cluster, Endpoint, FunctionIds, Limits, Registry
 from first_core.registry.routing import choose, may_use, refusal
 from first_core.tables import RegistryEntry
+from tests.support.identities import ALICE, GROUP_A, GROUP_B
 
 MODEL = "meta-llama/Meta-Llama-3-8B-Instruct"
 OTHER_MODEL = "Salesforce/SFR-Embedding-Mistral"
-GROUP_A = "group-a"
-GROUP_B = "group-b"
-
-ALICE = Caller(
-    user_id="alice-id",
-    username="alice@anl.gov",
-    name="Alice",
-    email="alice@anl.gov",
-    idp_domain="anl.gov",
-    idp_name="Argonne",
-    groups=frozenset({GROUP_A}),
-)
 
 
 def cluster(

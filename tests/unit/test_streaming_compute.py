@@ -20,7 +20,7 @@ from starlette.routing import Route
 from compute_funcs.streaming import vllm_streaming
 from first_core.inference import assemble
 from first_local.mock_vllm import MockConfig, create_app
-from tests.asgi_server import serve
+from tests.support.asgi import serve
 
 MODEL = "meta-llama/Meta-Llama-3-8B-Instruct"
 TOKEN = "callback-token-for-test"

@@ -13,6 +13,8 @@ from typing import Any
 import boto3
 import pytest
 
+import first_core.compute
+from first_core import inference
 from first_core.compute import GlobusComputeBackend, TaskState
 from first_core.inference import queue as submit_queue
 from first_core.inference import reconciler, records
@@ -20,8 +22,9 @@ from first_core.registry import Endpoint
 from first_core.settings import get_settings
 from first_core.tables import RequestRecord, ResultRecord
 from first_local.provision import TEMPLATE, create_queue
-from tests.unit.conftest import TEST_ENDPOINT_ID, ComputeStandIn
-from tests.unit.test_results import CALLER, ENDPOINT
+from tests.support.compute import TEST_ENDPOINT_ID, ComputeStandIn, FakeBackend
+from tests.support.identities import ALICE, CALLER
+from tests.support.registry import ENDPOINT, publish_local
 
 SUBMIT = "POST /v3/endpoints/{endpoint_id}/submit"
 
@@ -234,9 +237,10 @@ def test_a_batch_globus_compute_refuses_ends_its_requests_with_the_reason(
     assert report.failed == [request.request_id] and report.retry == []
     assert record(request.request_id).status == "failed"
     result = ResultRecord.get(request.request_id, consistent_read=True)
-    assert result.status_code == 503 and "refused the batch" in json.loads(result.body)["error"][
-        "message"
-    ]
+    assert (
+        result.status_code == 503
+        and "refused the batch" in json.loads(result.body)["error"]["message"]
+    )
 
 
 def test_with_no_budget_left_the_claims_are_given_back_for_later(
@@ -281,40 +285,22 @@ def test_the_reconciler_leaves_queued_requests_to_the_submitter(
 # ---- the proxy's side: at once, or the queue ----------------------------------------------------
 
 
-class SubmitsAtOnce:
-    """A backend that records what the proxy submits at once."""
-
-    def __init__(self) -> None:
-        self.submitted: list[str] = []
-
-    def submit(self, endpoint_id: str, function_id: str, kwargs: dict[str, Any]) -> str:
-        self.submitted.append(kwargs["request_id"])
-        return f"task-{len(self.submitted)}"
-
-
 @pytest.fixture
-def proxy_path(queue: str, monkeypatch: pytest.MonkeyPatch) -> SubmitsAtOnce:
-    import first_core.compute
-    from first_core.registry import load_file, publish
-    from first_local.stack import LOCAL_REGISTRY
-    from tests.unit.conftest import REGISTERED_FUNCTIONS
-
-    publish(load_file(LOCAL_REGISTRY, functions=REGISTERED_FUNCTIONS))
+def proxy_path(queue: str, monkeypatch: pytest.MonkeyPatch) -> FakeBackend:
+    """The proxy's path with a backend that records what it submits at once."""
+    publish_local()
     settings = get_settings()
     monkeypatch.setattr(settings, "compute_api_calls_per_window", 3)
     monkeypatch.setattr(settings, "compute_api_window_seconds", 3600.0)
     monkeypatch.setattr(settings, "compute_api_queue_reserve", 1)
-    backend = SubmitsAtOnce()
+    backend = FakeBackend()
     monkeypatch.setattr(first_core.compute, "_backend", backend)
     return backend
 
 
 def test_requests_submit_at_once_while_units_last_then_queue(
-    proxy_path: SubmitsAtOnce, queue: str
+    proxy_path: FakeBackend, queue: str
 ) -> None:
-    from first_core import inference
-    from tests.unit.test_routing import ALICE
-
     body = json.dumps(
         {"model": ENDPOINT.model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5}
     ).encode()
@@ -323,7 +309,9 @@ def test_requests_submit_at_once_while_units_last_then_queue(
     # Two units of the window may go to requests at once (each takes one, not two); the third
     # is the submitter's, so the third request waits in the queue.
     assert [s.task_id for s in submissions] == ["task-1", "task-2", None]
-    assert proxy_path.submitted == [s.request_id for s in submissions[:2]]
+    assert [kwargs["request_id"] for _, _, kwargs in proxy_path.submits] == [
+        s.request_id for s in submissions[:2]
+    ]
     queued = record(submissions[2].request_id)
     assert queued.queued_at is not None and queued.status == "submitted"
     [body_on_queue] = received(queue).values()
@@ -338,7 +326,6 @@ def test_the_submitter_function_reports_the_messages_to_deliver_again(
 ) -> None:
     """functions.submitter, as the SQS event source invokes it: what it could not deal with yet
     comes back as batch item failures (ReportBatchItemFailures)."""
-    import first_core.compute
     from functions import submitter
 
     sent, held = queued_request(function_id, "sent"), queued_request(function_id, "held")

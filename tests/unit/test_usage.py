@@ -21,7 +21,6 @@ from first_core.registry import Endpoint, FunctionIds, Limits
 from first_core.settings import get_settings
 from first_core.tables import RequestRecord, StreamChunkBatch, UsageRecord
 from first_core.usage import Usage
-from tests.unit.test_ratelimit import atomic_moto  # noqa: F401 (a fixture)
 
 ADMIN_GROUP = "admins-group-id"
 

@@ -8,7 +8,7 @@ Already covered in `test_request_path.py`, not repeated here: a garbage token
 domains (`test_identity_provider_not_allowed_names_the_allowed_ones`), a user outside the
 allowed groups (`test_user_outside_allowed_groups_is_permission_denied`), alice's whoami
 (`test_whoami_and_health`). Outages of Globus, failed policy evaluations, allowed groups per
-domain and service accounts need answers the stand-in cannot give: `tests/unit/test_auth.py`.
+domain and service accounts need answers the stand-in cannot give: `tests/unit/core/test_auth.py`.
 """
 
 from __future__ import annotations

@@ -64,6 +64,11 @@ class FakeBackend:
         return {task_id: self.task_state(task_id) for task_id in task_ids}
 
 
+def qstat_answer(states: dict[str, str], free: int | None = None) -> dict[str, Any]:
+    """What the qstat compute function answers where PBS runs: each model's state, free nodes."""
+    return {"source": "pbs", "models": states, "free_nodes": free, "error": None}
+
+
 @dataclass
 class ComputeStandIn:
     """The Auth and Compute stand-ins serving in the test process, and the Compute service's

@@ -29,13 +29,14 @@ from first_local.globus_standin import create_app as create_auth_app
 from first_local.provision import TEMPLATE, create_bucket, create_tables_from_template
 from tests.support.asgi import serve
 from tests.support.compute import TEST_ENDPOINT_ID, ComputeStandIn
+from tests.support.registry import publish_local
 
 
 @pytest.fixture(autouse=True)
 def _fresh_caches(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """In-memory state of the core modules must not leak from one test into the next."""
     Registry.invalidate()
-    # No Globus Compute API budget unless a test is about it (tests/unit/test_budget.py).
+    # No Globus Compute API budget unless a test is about it (core/compute/test_budget.py).
     monkeypatch.setattr(get_settings(), "compute_api_calls_per_window", 0)
     monkeypatch.setattr(first_core.auth, "_authenticator", None)
     # The SDK must talk to the real Globus URLs, which `responses` intercepts in the tests.
@@ -118,3 +119,9 @@ def atomic_moto(aws: None, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
 
     monkeypatch.setattr(DynamoDBBackend, "update_item", update_item)
     yield
+
+
+@pytest.fixture
+def registry_table(aws: None) -> None:
+    """The local registry (infra/registry/local.yaml) in the registry table."""
+    publish_local()

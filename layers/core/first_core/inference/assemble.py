@@ -29,7 +29,7 @@ def assemble(openai_path: str, chunks: list[str]) -> dict[str, Any]:
     """`chat.completion` or `text_completion` from a stream's `data:` payloads.
 
     compute_funcs/streaming.py assembles the same answer for its return value (it ships alone to
-    the clusters and cannot import this); tests/unit/test_streaming_compute.py checks the two
+    the clusters and cannot import this); tests/unit/compute_funcs/test_streaming.py checks the two
     agree on the mock vLLM's streams.
     """
     chat = openai_path.strip("/").endswith("chat/completions")

@@ -22,11 +22,12 @@ from compute_funcs import FUNCTIONS
 from compute_funcs.batch import vllm_batch
 from compute_funcs.register import code_serializer
 from first_local.mock_vllm import MockConfig, count_prompt_tokens, create_app
+from tests.conftest import PROJECT_ROOT
 from tests.support.asgi import serve
 
 MODEL = "meta-llama/Llama-3.2-1B-Instruct"  # not the mock's default, so a defaulted model shows
 TOKEN = "batch-callback-token"
-FAKE_VLLM = Path(__file__).resolve().parents[1] / "fixtures" / "fake_vllm"
+FAKE_VLLM = PROJECT_ROOT / "tests" / "fixtures" / "fake_vllm"
 USAGE_KEYS = ("prompt_tokens", "completion_tokens", "total_tokens")
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx2
@@ -21,9 +20,10 @@ from first_core.schemas import (
     Kind,
     parse_request,
 )
+from tests.conftest import PROJECT_ROOT
 
 # The fixtures live beside the project (../shared), shared with other implementations.
-FIXTURES = Path(__file__).resolve().parents[2].parent / "shared" / "conformance" / "first-fixtures"
+FIXTURES = PROJECT_ROOT.parent / "shared" / "conformance" / "first-fixtures"
 
 KINDS: dict[str, Kind] = {
     "chat_completions": "chat/completions",

@@ -1,0 +1,82 @@
+"""Submitting (first_core.inference.submit) when an endpoint refuses: the fallback to another
+endpoint, and 503 when none is left."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+
+import pytest
+
+import first_core.compute
+from first_core import inference
+from first_core.errors import ServiceUnavailableError
+from first_core.registry import Registry
+from first_core.tables import RegistryEntry, RequestRecord
+from tests.support.compute import FakeBackend
+from tests.support.identities import ALICE
+from tests.support.registry import (
+    POLARIS_ENDPOINT,
+    REGISTERED_FUNCTIONS,
+    SOPHIA_ENDPOINT,
+)
+
+MODEL = "meta-llama/Meta-Llama-3-8B-Instruct"
+SMALL = "meta-llama/Llama-3.2-1B-Instruct"
+EMBEDDING = "Salesforce/SFR-Embedding-Mistral"
+SOPHIA = SOPHIA_ENDPOINT
+POLARIS = POLARIS_ENDPOINT
+QSTAT = REGISTERED_FUNCTIONS["qstat"]
+
+
+# -- the submit fallback ----------------------------------------------------------------------
+@pytest.fixture
+def fake_backend(registry_table: None, monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeBackend]:
+    backend = FakeBackend()
+    monkeypatch.setattr(first_core.compute, "_backend", backend)
+    yield backend
+
+
+def _body(model: str = MODEL) -> bytes:
+    return json.dumps(
+        {"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5}
+    ).encode()
+
+
+def test_endpoint_offline_between_status_read_and_submit_goes_to_the_other(
+    fake_backend: FakeBackend,
+) -> None:
+    """The registry says polaris runs the model (best), but its endpoint refuses the submit."""
+    RegistryEntry("polaris", f"vllm#{MODEL}").update(actions=[RegistryEntry.status.set("running")])
+    Registry.invalidate()
+    fake_backend.refuse.add(POLARIS)
+
+    submission = inference.submit(ALICE, "chat/completions", _body())
+
+    assert submission.endpoint.cluster == "sophia"
+    assert "after polaris refused the submit" in submission.route_reason
+    submits = [c[1] for c in fake_backend.calls if c[0] == "submit"]
+    assert submits == [POLARIS, SOPHIA]
+    records = {r.request_id: r for r in RequestRecord.scan(consistent_read=True)}
+    assert len(records) == 2
+    assert records[submission.request_id].status == "submitted"
+    [failed] = [r for r in records.values() if r.request_id != submission.request_id]
+    assert failed.status == "failed"
+
+
+def test_a_named_cluster_that_refuses_the_submit_is_503(fake_backend: FakeBackend) -> None:
+    fake_backend.refuse.add(POLARIS)
+
+    with pytest.raises(ServiceUnavailableError):
+        inference.submit(ALICE, "chat/completions", _body(), cluster="polaris", framework="vllm")
+
+    assert [c[1] for c in fake_backend.calls if c[0] == "submit"] == [POLARIS]
+
+
+def test_every_endpoint_refusing_is_503_after_trying_each_once(fake_backend: FakeBackend) -> None:
+    fake_backend.refuse |= {POLARIS, SOPHIA}
+
+    with pytest.raises(ServiceUnavailableError, match="submit refused"):
+        inference.submit(ALICE, "chat/completions", _body())
+
+    assert sorted(c[1] for c in fake_backend.calls if c[0] == "submit") == [POLARIS, SOPHIA]

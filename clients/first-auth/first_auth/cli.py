@@ -36,7 +36,7 @@ from globus_sdk.services.auth import GlobusNativeAppFlowManager
 from globus_sdk.token_storage import JSONTokenStorage, TokenValidationError
 from globus_sdk.token_storage.validating_token_storage import MissingTokenError
 
-# The local Globus stand-in's native app and gateway scope (infra/local/globus_standin.py).
+# The local Globus stand-in's native app and gateway scope (first_local.globus_standin).
 # Copied rather than imported, so that this package installs on its own; a unit test
 # keeps them equal to the stand-in's.
 DEV_NATIVE_CLIENT_ID = "1e65154c-eb9b-54bf-9de6-5ba2306b2721"

@@ -32,7 +32,7 @@ from first_local.faults import CallbackFaultProxy, CallbackFaults
 if TYPE_CHECKING:
     from first_core.registry import RegistryFile
 
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
+PROJECT_ROOT = Path(__file__).resolve().parents[3]
 LOCAL_REGISTRY = PROJECT_ROOT / "infra" / "registry" / "local.yaml"
 # Stands for the function ids while the registry file is checked, before registration.
 UNREGISTERED_FUNCTIONS = {name: "00000000-0000-0000-0000-000000000000" for name in FUNCTIONS}

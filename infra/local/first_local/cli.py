@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     dev.add_argument("--backend-url", help="an OpenAI-compatible server (…/v1) instead of the mock")
     dev.add_argument("--backend-api-key", help="API key for --backend-url")
     dev.add_argument(
-        "--registry", default=str(Path(__file__).resolve().parents[1] / "registry" / "local.yaml")
+        "--registry", default=str(Path(__file__).resolve().parents[2] / "registry" / "local.yaml")
     )
     dev.add_argument("--workers", type=int, default=4, help="compute workers per endpoint")
     dev.add_argument(

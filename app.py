@@ -41,6 +41,7 @@ _CHALICE_ERROR_CODES = {405: "method_not_allowed", 415: "unsupported_media_type"
 
 @app.middleware("http")
 def openai_shaped_chalice_errors(event: Request, get_response: Callable[..., Any]) -> Response:
+    """Chalice's own errors (405, 415, 500) in OpenAI's error shape, as every other refusal."""
     response: Response = get_response(event)
     body = response.body
     if response.status_code >= 400 and isinstance(body, dict) and set(body) == {"Code", "Message"}:

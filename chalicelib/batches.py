@@ -17,11 +17,13 @@ JSON = ["application/json"]
 
 @route(batch_routes, "/v1/batches", methods=["POST"], content_types=JSON)
 def create_batch() -> dict[str, Any]:
+    """OpenAI's batch create: the caller's batch file, run on its model's batch endpoint."""
     return views.view(lifecycle.create_openai(caller(), raw_body()))
 
 
 @route(batch_routes, "/v1/batches", methods=["GET"])
 def list_batches() -> dict[str, Any]:
+    """The caller's batches, newest first, as OpenAI's cursor page."""
     who = caller()
     params = query()
     limit, _ = files.page_params(params, default_limit=20, max_limit=100)
@@ -30,11 +32,13 @@ def list_batches() -> dict[str, Any]:
 
 @route(batch_routes, "/v1/batches/{batch_id}", methods=["GET"])
 def get_batch(batch_id: str) -> dict[str, Any]:
+    """One of the caller's batches (404 for anyone else's)."""
     return views.view(lifecycle.get_owned(batch_id, caller()))
 
 
 @route(batch_routes, "/v1/batches/{batch_id}/cancel", methods=["POST"])
 def cancel_batch(batch_id: str) -> dict[str, Any]:
+    """Cancel one of the caller's batches; it ends `cancelled` once the cluster has stopped."""
     return views.view(lifecycle.cancel(lifecycle.get_owned(batch_id, caller())))
 
 
@@ -52,6 +56,7 @@ def create_first_batch(cluster: str, framework: str) -> dict[str, Any]:
 
 @route(batch_routes, "/resource_server/v1/batches", methods=["GET"])
 def list_first_batches() -> list[dict[str, Any]]:
+    """FIRST's list of the caller's batches, optionally in one status."""
     return views.first_list(caller(), query().get("status"))
 
 
@@ -64,4 +69,5 @@ def first_batch_status(batch_id: str) -> Response:
 
 @route(batch_routes, "/resource_server/v1/batches/{batch_id}/result", methods=["GET"])
 def first_batch_result(batch_id: str) -> dict[str, Any]:
+    """FIRST's result of one of the caller's batches: where its outputs are."""
     return views.first_result(lifecycle.get_owned(batch_id, caller()))

@@ -17,11 +17,13 @@ JSON = ["application/json"]
 
 @route(callbacks, "/callbacks/{request_id}", methods=["POST"], content_types=JSON)
 def result_callback(request_id: str) -> dict[str, Any]:
+    """A cluster's result for one request, recorded once."""
     return results.accept_callback(request_id, authorization(), raw_body())
 
 
 @route(callbacks, "/callbacks/{request_id}/stream", methods=["POST"], content_types=JSON)
 def stream_callback(request_id: str) -> dict[str, Any]:
+    """A numbered batch of a stream's chunks; the answer says whether the client is still there."""
     return stream_sink.accept_stream_callback(request_id, authorization(), raw_body())
 
 
@@ -29,4 +31,5 @@ def stream_callback(request_id: str) -> dict[str, Any]:
 # name per level under /callbacks. Here it holds a batch id.
 @route(callbacks, "/callbacks/{request_id}/batch", methods=["POST"], content_types=JSON)
 def batch_callback(request_id: str) -> dict[str, Any]:
+    """A batch function's progress, upload or done report."""
     return batch_callbacks.accept_callback(request_id, authorization(), raw_body())

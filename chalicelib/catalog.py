@@ -17,17 +17,20 @@ catalog = Blueprint(__name__)
 
 @route(catalog, "/health", methods=["GET"])
 def health() -> dict[str, Any]:
+    """Liveness, and each cluster's status (no auth)."""
     registry = Registry.current()
     return {"status": "ok", "clusters": {c.name: c.status for c in registry.clusters.values()}}
 
 
 @route(catalog, "/v1/models", methods=["GET"])
 def list_models() -> dict[str, Any]:
+    """The models the caller may use, as OpenAI's model list."""
     return views.models(Registry.current(), caller())
 
 
 @route(catalog, "/resource_server/v1/{cluster}/{framework}/v1/models", methods=["GET"])
 def list_cluster_models(cluster: str, framework: str) -> dict[str, Any]:
+    """The models of one cluster's framework that the caller may use (404 for an unknown one)."""
     who = caller()
     registry = Registry.current()
     known = registry.clusters.get(cluster)
@@ -38,6 +41,8 @@ def list_cluster_models(cluster: str, framework: str) -> dict[str, Any]:
 
 @route(catalog, "/resource_server/v1/whoami", methods=["GET"])
 def whoami() -> dict[str, Any]:
+    """Who the gateway takes the caller to be, and the groups it saw; answered even to a caller it
+    refuses."""
     # Authenticated but not authorized: this is how a refused user learns who the gateway
     # thinks they are and which groups it saw.
     who = get_authenticator().authenticate(authorization())

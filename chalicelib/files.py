@@ -23,6 +23,7 @@ def upload_file() -> dict[str, Any]:
 
 @route(file_routes, "/v1/files", methods=["GET"])
 def list_files() -> dict[str, Any]:
+    """The caller's files, optionally of one purpose, as OpenAI's cursor page."""
     who = caller()
     params = query()
     limit, order = files.page_params(params, default_limit=10_000, max_limit=10_000)
@@ -31,11 +32,13 @@ def list_files() -> dict[str, Any]:
 
 @route(file_routes, "/v1/files/{file_id}", methods=["GET"])
 def get_file(file_id: str) -> dict[str, Any]:
+    """One of the caller's files (404 for anyone else's)."""
     return files.view(files.get_owned(file_id, caller()))
 
 
 @route(file_routes, "/v1/files/{file_id}", methods=["DELETE"])
 def delete_file(file_id: str) -> dict[str, Any]:
+    """Delete one of the caller's files and its content."""
     return files.delete(files.get_owned(file_id, caller()))
 
 

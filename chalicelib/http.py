@@ -74,19 +74,23 @@ def _callback_kind(path: str) -> str | None:
 
 
 def current_request() -> Request:
+    """The request being handled (`route` sets it for the length of the view)."""
     return _request.get()
 
 
 def query() -> dict[str, str]:
+    """The query parameters (empty when there are none)."""
     return dict(current_request().query_params or {})
 
 
 def raw_body() -> bytes:
+    """The body as bytes."""
     body = current_request().raw_body
     return body.encode() if isinstance(body, str) else bytes(body or b"")
 
 
 def authorization() -> str | None:
+    """The Authorization header, if any."""
     value = current_request().headers.get("authorization")
     return str(value) if value is not None else None
 

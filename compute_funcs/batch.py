@@ -84,6 +84,9 @@ def vllm_batch(
     attempt: int = 1,
     owner: str = "",
 ) -> dict[str, Any]:
+    """Run one batch attempt (resuming from its checkpoints), reporting progress to the batch
+    callback, then deliver the outputs (upload or folder) and post the `done` report, which it
+    also returns."""
     import concurrent.futures
     import contextlib
     import json

@@ -21,6 +21,8 @@ def vllm_inference(
     callback_url: str,
     callback_token: str,
 ) -> dict[str, Any]:
+    """Run one OpenAI request against the node's vLLM, POST the result to the callback url with the
+    callback token, and return it: `{request_id, status_code, body, timings}`."""
     import json
     import os
     import time

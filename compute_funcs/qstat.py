@@ -16,6 +16,8 @@ from typing import Any
 
 
 def qstat(models: list[str] | None = None) -> dict[str, Any]:
+    """The state of each named model on this cluster and its free nodes: from PBS when `qstat`
+    exists, otherwise from what the node's vLLM lists."""
     import json
     import os
     import shutil

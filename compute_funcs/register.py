@@ -35,6 +35,7 @@ def code_serializer() -> Any:
 
 
 def make_client() -> Any:
+    """A Globus Compute client that registers functions as source code."""
     # Registration runs where the gateway is installed (an operator's machine, the local
     # stack), never on a cluster, so it may use the gateway's own way of making a client.
     from globus_compute_sdk.serialize import DillCodeSource
@@ -65,6 +66,8 @@ def write_ids(registry: dict[str, Any], ids: dict[str, str], clusters: list[str]
 
 
 def main(argv: list[str] | None = None, client: Any = None) -> int:
+    """Register every compute function and print the ids; with --registry and --write, put them into
+    that registry file."""
     parser = argparse.ArgumentParser(prog="python -m compute_funcs.register")
     parser.add_argument("--registry", type=Path, help="registry YAML to update")
     parser.add_argument("--cluster", action="append", default=[], help="only these clusters")

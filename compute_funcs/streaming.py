@@ -25,6 +25,8 @@ def vllm_streaming(
     callback_url: str,
     callback_token: str,
 ) -> dict[str, Any]:
+    """Stream one OpenAI request from the node's vLLM to the stream callback as numbered chunk
+    batches, stop when the gateway says the client left, and return the assembled answer."""
     import http.client
     import json
     import os

@@ -38,6 +38,7 @@ def is_inference(method: str, path: str) -> bool:
 
 
 async def infer(request: Request) -> Response:
+    """The inference route: one request answered (or refused), with its metrics."""
     started = time.perf_counter()
     response = await _infer(request)
     # One line of metrics per request: how it ended and how long the gateway took to answer
@@ -83,6 +84,7 @@ async def _infer(request: Request) -> Response:
 
 
 def error_response(error: GatewayError) -> JSONResponse:
+    """A refusal as OpenAI's error body and status, counted."""
     observability.count("Refused", Status=error.status, Code=error.code or error.type)
     return JSONResponse(error.to_body(), status_code=error.status, headers=error.headers)
 

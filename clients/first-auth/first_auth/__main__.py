@@ -1,3 +1,5 @@
+"""`python -m first_auth`: the `first-auth` command."""
+
 import sys
 
 from first_auth.cli import main

@@ -60,6 +60,9 @@ class CommandError(Exception):
 
 @dataclass(frozen=True)
 class Settings:
+    """Where first-auth logs in: the Globus app's client id, the gateway's scope and resource
+    server, and where tokens are kept."""
+
     client_id: str
     scope: str
     resource_server: str
@@ -237,6 +240,8 @@ def _username(app: globus_sdk.UserApp) -> str:
 
 
 def cmd_login(settings: Settings, args: argparse.Namespace) -> int:
+    """`first-auth login`: the native-app login (or its two halves, `--start` and `--code`); tokens
+    are stored, not printed."""
     login_client = _login_client(settings)
     flow = FirstLoginFlowManager(
         login_client, pending_path=settings.pending_path, start_only=args.start, code=args.code
@@ -275,6 +280,7 @@ def cmd_login(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_token(settings: Settings, args: argparse.Namespace) -> int:
+    """`first-auth token`: print a valid access token for the gateway, refreshing it if needed."""
     with _user_app(settings) as app:
         try:
             authorizer = app.get_authorizer(settings.resource_server)
@@ -302,6 +308,7 @@ def cmd_token(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_whoami(settings: Settings, args: argparse.Namespace) -> int:
+    """`first-auth whoami`: the identity the stored tokens belong to."""
     with _user_app(settings) as app:
         try:
             info = globus_sdk.AuthClient(app=app).userinfo()
@@ -317,6 +324,7 @@ def cmd_whoami(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_logout(settings: Settings, args: argparse.Namespace) -> int:
+    """`first-auth logout`: revoke the stored tokens (best effort) and forget them."""
     login_client = _login_client(settings)
     storage = _storage(settings, login_client)
     stored = storage.get_token_data_by_resource_server()
@@ -425,6 +433,7 @@ COMMANDS = {"login": cmd_login, "token": cmd_token, "whoami": cmd_whoami, "logou
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """The `first-auth` command; the exit status says whether it worked."""
     args = _parser().parse_args(argv)
     try:
         if args.stack_state is not None:

@@ -148,6 +148,8 @@ def _api_limit(text: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """`first-gateway`: start the local stack (`dev`), or work on a registry (`registry ...`); the
+    exit status says whether it worked."""
     parser = argparse.ArgumentParser(
         prog="first-gateway",
         description=__doc__,

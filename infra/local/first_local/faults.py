@@ -33,6 +33,8 @@ log = logging.getLogger("first.faults")
 
 @dataclass(frozen=True)
 class CallbackFaults:
+    """The fault switches of the callback path: fractions dropped and duplicated, and a delay."""
+
     drop: float = 0.0
     duplicate: float = 0.0
     delay: float = 0.0

@@ -108,6 +108,8 @@ _TOKEN_PREFIX = "firstdev."
 
 @dataclass(frozen=True)
 class DevIdentity:
+    """A dev user the stand-in knows: identity, identity provider, groups."""
+
     username: str
     name: str
     email: str
@@ -807,6 +809,7 @@ def create_app(
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Serve the Globus Auth and Groups stand-in, or print a dev user's access token."""
     parser = argparse.ArgumentParser(description="Local stand-in for Globus Auth and Groups.")
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser("serve", help="run the stand-in")

@@ -89,6 +89,8 @@ _MAX_EVENTS_PER_WRITE = 64
 
 @dataclass(frozen=True)
 class MockConfig:
+    """What the mock vLLM serves and how: its models, speed, injected faults and API key."""
+
     models: tuple[str, ...] = (
         "meta-llama/Meta-Llama-3-8B-Instruct",
         "meta-llama/Meta-Llama-3.1-70B-Instruct",
@@ -150,6 +152,7 @@ def _bad_request(message: str, param: str | None = None) -> _APIError:
 
 
 def count_prompt_tokens(text: str) -> int:
+    """The prompt's token count as the mock counts it (each word and each punctuation mark)."""
     return len(_WORD.findall(text))
 
 
@@ -558,6 +561,8 @@ async def _health(request: Request) -> Response:
 
 
 def create_app(config: MockConfig = MockConfig()) -> Starlette:
+    """The mock vLLM: OpenAI's chat, completions, embeddings and models routes, deterministic
+    answers, SSE streams."""
     server = _MockServer(config)
     return Starlette(
         routes=[

@@ -73,6 +73,8 @@ class SerializedDynamoDB:
 
 
 def main() -> None:
+    """Serve moto's AWS stand-in (DynamoDB, S3, SQS) on `--port` until stopped: DynamoDB
+    requests one at a time, its writes optionally throttled."""
     parser = argparse.ArgumentParser(prog="first_local.moto_server")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)

@@ -2,9 +2,9 @@
 does for the submitter on AWS (template.yaml, `SubmitterQueueMapping`), as a thread.
 
 It long-polls the queue on the moto server, collects what arrives within a short batching
-window (up to 100 messages), hands it to the submitter (`first_core.inference.queue`, the same code
-`app.submitter` runs), deletes the messages that were dealt with and leaves the others to come
-back after the queue's visibility timeout, as ReportBatchItemFailures does.
+window (up to 100 messages), hands it to the submitter (`first_core.inference.queue`, the same
+code `functions.submitter` runs), deletes the messages that were dealt with and leaves the
+others to come back after the queue's visibility timeout, as ReportBatchItemFailures does.
 
 `kill` (the stack's `--kill-submitter F`): a fraction of the submitter's batches dies right after
 Globus Compute received the batch and before any task id was written, deleting nothing: the
@@ -30,6 +30,8 @@ class SubmitterKilled(BaseException):
 
 
 class SubmitQueueSource:
+    """The SQS event source mapping of the submitter, as a thread on the local stack."""
+
     def __init__(self, queue_url: str, window: float = 0.25, kill: float = 0.0) -> None:
         from first_core.inference.queue import sqs
 

@@ -20,6 +20,8 @@ _NOT_FOUND = NotFoundError("Unknown route.", code="unknown_route")
 
 
 class GatewayServer:
+    """The gateway on one port (ASGI): inference POSTs to the proxy, the rest to the Chalice app."""
+
     def __init__(self) -> None:
         from app import app as control_plane
         from functions.proxy.app import app as proxy

@@ -37,6 +37,8 @@ async def _serve(args: argparse.Namespace) -> None:
 
 
 def main() -> None:
+    """Serve the Globus stand-in (and the mock vLLM, with `--vllm-port`) from one process until
+    stopped."""
     parser = argparse.ArgumentParser(prog="first_local.services")
     parser.add_argument("--auth-port", type=int, required=True)
     parser.add_argument("--vllm-port", type=int, default=0)

@@ -40,6 +40,9 @@ UNREGISTERED_FUNCTIONS = {name: "00000000-0000-0000-0000-000000000000" for name 
 
 @dataclass
 class StackOptions:
+    """How `first-gateway dev` runs the stack: ports, backend, registry, workers, and the fault
+    switches."""
+
     host: str = "127.0.0.1"
     port: int = 8000
     backend_url: str | None = None  # any OpenAI-compatible server instead of the mock
@@ -90,6 +93,7 @@ class StackOptions:
 
 
 def free_port() -> int:
+    """A free loopback port."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
@@ -122,6 +126,9 @@ def _wait_http(url: str, timeout: float = 60.0) -> None:
 
 
 class LocalStack:
+    """The whole local stack: starts moto, the stand-ins, the endpoints and the gateway, writes the
+    state file, and stops them all."""
+
     def __init__(self, options: StackOptions) -> None:
         self.options = options
         self.children: list[subprocess.Popen[bytes]] = []

@@ -94,10 +94,12 @@ class Caller:
 
 
 def token_hash(token: str) -> str:
+    """The SHA-256 of a token in hex: how a token is named in caches and logs, never in clear."""
     return hashlib.sha256(token.encode()).hexdigest()
 
 
 def bearer_token(authorization: str | None) -> str:
+    """The token of an `Authorization: Bearer` header; 401 if there is none."""
     if not authorization or not authorization.lower().startswith("bearer "):
         raise AuthenticationError(
             "Missing bearer token. Send a Globus access token as the API key "
@@ -408,6 +410,7 @@ _authenticator: Authenticator | None = None
 
 
 def get_authenticator() -> Authenticator:
+    """The process's Authenticator, made once (its caches live as long as the process)."""
     global _authenticator
     if _authenticator is None:
         _authenticator = Authenticator()

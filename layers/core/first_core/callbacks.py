@@ -22,6 +22,8 @@ class MissingCallbackSecret(RuntimeError):
 
 
 def callback_token(request_id: str) -> str:
+    """The request's callback token: the HMAC-SHA256 of its id under the callback secret, in hex;
+    only the cluster task sent for that request carries it."""
     secret = get_settings().callback_secret.get_secret_value().encode()
     if not secret:
         raise MissingCallbackSecret("FIRST_CALLBACK_SECRET is not set")
@@ -29,6 +31,8 @@ def callback_token(request_id: str) -> str:
 
 
 def verify_callback_token(request_id: str, authorization: str | None) -> None:
+    """Raise 401 unless the Authorization header is `Bearer` and this request's exact token,
+    compared in constant time."""
     scheme, _, presented = (authorization or "").partition(" ")
     if scheme.lower() != "bearer":
         presented = ""

@@ -52,6 +52,8 @@ class InvalidRequestError(GatewayError):
 
 
 class PayloadTooLargeError(InvalidRequestError):
+    """413: the body or a file is over its limit."""
+
     status = 413
     code = "payload_too_large"
 
@@ -81,12 +83,16 @@ class NotFoundError(GatewayError):
 
 
 class ConflictError(GatewayError):
+    """409: the object is not in a state that allows this."""
+
     status = 409
     type = "invalid_request_error"
     code = "conflict"
 
 
 class RateLimitError(GatewayError):
+    """429: a rate limit or a quota; Retry-After says when to come back."""
+
     status = 429
     type = "rate_limit_error"
     code = "rate_limit_exceeded"
@@ -101,6 +107,8 @@ class UpstreamError(GatewayError):
 
 
 class ServiceUnavailableError(GatewayError):
+    """503: a cluster, Globus or AWS cannot serve this now; Retry-After when known."""
+
     status = 503
     type = "server_error"
     code = "service_unavailable"

@@ -83,8 +83,10 @@ def _emit(name: str, unit: MetricUnit, value: float, dimensions: dict[str, Any])
 
 
 def count(name: str, value: float = 1, **dimensions: Any) -> None:
+    """Emit one count metric (EMF) with the given dimensions."""
     _emit(name, MetricUnit.Count, value, dimensions)
 
 
 def timing(name: str, milliseconds: float, **dimensions: Any) -> None:
+    """Emit one timing metric in milliseconds (EMF) with the given dimensions."""
     _emit(name, MetricUnit.Milliseconds, milliseconds, dimensions)

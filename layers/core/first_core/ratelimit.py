@@ -120,6 +120,8 @@ def used(key: str) -> int:
 
 @dataclass(frozen=True)
 class EffectiveLimits:
+    """The limits that apply to one caller on one endpoint."""
+
     requests_per_second_per_user: float | None
     tokens_per_minute_per_user: int | None
     tokens_per_minute: int | None

@@ -14,6 +14,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
 class Settings(BaseSettings):
+    """Every setting of the gateway, read once from `FIRST_*` environment variables."""
+
     model_config = SettingsConfigDict(env_prefix="FIRST_", extra="ignore")
 
     stage: str = "local"
@@ -123,4 +125,5 @@ class Settings(BaseSettings):
 
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
+    """The process's settings (read from the environment on first use)."""
     return Settings()

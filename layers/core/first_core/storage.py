@@ -15,6 +15,7 @@ from first_core.settings import get_settings
 
 @lru_cache(maxsize=1)
 def s3() -> Any:
+    """The S3 client (one per process)."""
     import boto3
     from botocore.config import Config
 
@@ -30,14 +31,17 @@ def s3() -> Any:
 
 
 def bucket() -> str:
+    """The results bucket's name."""
     return get_settings().results_bucket
 
 
 def put(key: str, body: bytes) -> None:
+    """Write an object to the results bucket."""
     s3().put_object(Bucket=bucket(), Key=key, Body=body)
 
 
 def get(key: str) -> bytes:
+    """Read an object from the results bucket."""
     return bytes(s3().get_object(Bucket=bucket(), Key=key)["Body"].read())
 
 
@@ -52,6 +56,7 @@ def get_if_present(key: str) -> bytes | None:
 
 
 def delete(key: str) -> None:
+    """Delete an object from the results bucket (no error if it is gone)."""
     s3().delete_object(Bucket=bucket(), Key=key)
 
 

@@ -49,6 +49,8 @@ TERMINAL_STATUSES = frozenset({"completed", "failed", "cancelled", "timed_out"})
 
 
 class RequestsByUser(GlobalSecondaryIndex["RequestRecord"]):
+    """A user's requests by creation time (the index behind their list)."""
+
     class Meta:
         index_name = "by_user"
         projection = AllProjection()
@@ -216,6 +218,8 @@ class UsageRecord(Model):
 
 
 class FilesByUser(GlobalSecondaryIndex["FileRecord"]):
+    """A user's files by creation time (the index behind their list)."""
+
     class Meta:
         index_name = "by_user"
         projection = AllProjection()
@@ -251,6 +255,8 @@ class FileRecord(Model):
 
 
 class BatchesByUser(GlobalSecondaryIndex["BatchRecord"]):
+    """A user's batches by creation time (the index behind their list)."""
+
     class Meta:
         index_name = "by_user"
         projection = AllProjection()
@@ -338,6 +344,7 @@ ALL_MODELS: tuple[type[Model], ...] = (
 
 
 def not_expired(expires_at: Any) -> bool:
+    """Whether a row with a TTL is still live (DynamoDB deletes expired rows late)."""
     if expires_at is None:
         return True
     ts = expires_at.timestamp() if hasattr(expires_at, "timestamp") else float(expires_at)
@@ -369,6 +376,7 @@ def connection() -> Connection:
 
 
 def iter_registry() -> Iterator[RegistryEntry]:
+    """Every registry row, read consistently."""
     return RegistryEntry.scan(consistent_read=True)
 
 

@@ -37,6 +37,8 @@ log = logging.getLogger("first.usage")
 
 @dataclass(frozen=True)
 class Usage:
+    """A request's token counts, as OpenAI's `usage` reports them."""
+
     prompt_tokens: int = 0
     completion_tokens: int = 0
     total_tokens: int = 0

@@ -30,6 +30,8 @@ def _exit_on_signal(signum: int, frame: object) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Serve the Globus Compute stand-in and its endpoints (from `--config`) on `--port` until
+    stopped."""
     parser = argparse.ArgumentParser(prog="first_local.compute_standin")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--config", type=Path, required=True)

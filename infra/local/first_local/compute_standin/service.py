@@ -326,6 +326,8 @@ class _ApiError(Exception):
 
 
 def create_app(service: ComputeService) -> Starlette:
+    """The Globus Compute web service's routes the SDK calls, over `service`: authenticated,
+    counted, limited, answering in the service's shapes."""
     def api(route: str, handler: Any) -> Any:
         """An API route: authenticated, counted, limited; errors in the service's shape."""
 

@@ -29,6 +29,9 @@ from first_core.tables import BatchRecord, update_if
 
 
 def accept_callback(batch_id: str, authorization: str | None, raw_body: bytes) -> dict[str, Any]:
+    """The batch callback route: verify the token, then apply the event once: `progress` records the
+    counts and answers whether to go on, `upload` answers presigned PUT urls for the outputs, `done`
+    ends the batch (409 for a batch that does not exist)."""
     event = read_callback(
         batch_id,
         authorization,

@@ -30,6 +30,8 @@ log = logging.getLogger("first.batches")
 
 @dataclass
 class DriveReport:
+    """What one batch-driver run did, batch ids by outcome."""
+
     checked: int = 0
     finalized: list[str] = field(default_factory=list)
     resubmitted: list[str] = field(default_factory=list)

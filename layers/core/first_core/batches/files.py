@@ -129,6 +129,8 @@ def check_batch_lines(content: bytes) -> BatchInput:
 
 @dataclass(frozen=True)
 class Upload:
+    """One uploaded file, as the multipart parser read it."""
+
     filename: str
     purpose: str
     content: bytes
@@ -239,6 +241,7 @@ def get_owned(file_id: str, caller: Caller) -> FileRecord:
 
 
 def view(record: FileRecord) -> dict[str, Any]:
+    """A file record as OpenAI's file object."""
     return {
         "id": record.file_id,
         "object": "file",
@@ -261,6 +264,8 @@ class Content:
 
 
 def content(record: FileRecord) -> Content:
+    """A file's content: its bytes, or a presigned url when it is larger than answers carry inline
+    (404 once the bucket has expired it)."""
     if int(record.bytes) > get_settings().file_inline_bytes:
         return Content(redirect_url=storage.presigned_url("GET", record.s3_key, record.filename))
     body = storage.get_if_present(record.s3_key)
@@ -270,6 +275,7 @@ def content(record: FileRecord) -> Content:
 
 
 def delete(record: FileRecord) -> dict[str, Any]:
+    """Delete the file's object and record; OpenAI's deletion answer."""
     storage.delete(record.s3_key)
     record.delete()
     return {"id": record.file_id, "object": "file", "deleted": True}

@@ -50,6 +50,7 @@ OUTPUT_NAMES = {"output": "output.jsonl", "errors": "errors.jsonl"}
 
 
 def new_batch_id() -> str:
+    """A new batch id: `batch_` and 32 hex digits."""
     return f"batch_{uuid.uuid4().hex}"
 
 
@@ -99,6 +100,10 @@ def _check_cluster_path(value: str | None, param: str) -> None:
 
 
 def create_openai(caller: Caller, raw_body: bytes) -> BatchRecord:
+    """Create an OpenAI batch from the caller's uploaded file: check the body, the file (the
+    caller's own, purpose `batch`, one model and the batch's endpoint), the model's batch endpoint
+    and the caller's slots, then submit it. Returns the record, `in_progress` once submitted; a
+    refused submit fails the batch and gives the slot back."""
     request: BatchCreate = _parse(BatchCreate, raw_body)
     for key, value in (request.metadata or {}).items():
         if len(key) > 64 or len(value) > 512:
@@ -260,6 +265,7 @@ def _give_back_slot(user_id: str) -> None:
 
 
 def slots_in_use(user_id: str) -> int:
+    """How many of the user's batches hold a slot now (one per batch not yet ended)."""
     return ratelimit.used(f"batches#{user_id}")
 
 
@@ -299,6 +305,8 @@ def submit(
     input_key: str | None,
     backend: ComputeBackend | None = None,
 ) -> str:
+    """Submit one attempt of the batch to its cluster's batch endpoint and return the task id; it
+    may wait for a unit of the Globus Compute API budget rather than fail under load."""
     if record.kind == "openai":
         key = input_key or f"files/{record.input_file_id}.jsonl"
         source: dict[str, Any] = {"url": storage.presigned_url("GET", key)}

@@ -85,6 +85,7 @@ _FIRST_STATUS = {
 
 
 def first_status(record: BatchRecord) -> str:
+    """FIRST's name for the batch's status."""
     return _FIRST_STATUS[record.status]
 
 
@@ -113,6 +114,8 @@ def first_summary(record: BatchRecord) -> dict[str, Any]:
 
 
 def first_list(caller: Caller, status: str | None) -> list[dict[str, Any]]:
+    """The caller's batches in FIRST's shape, newest first, optionally only those in one FIRST
+    status (400 for an unknown one)."""
     if status is not None and status not in set(_FIRST_STATUS.values()):
         raise InvalidRequestError(
             f"status must be one of {', '.join(sorted(set(_FIRST_STATUS.values())))}.",

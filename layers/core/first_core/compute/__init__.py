@@ -71,6 +71,8 @@ def set_backend(backend: ComputeBackend | None) -> None:
 
 
 def get_backend() -> ComputeBackend:
+    """The process's Globus Compute backend, made once; 503 with Retry-After when Globus Compute
+    cannot be reached."""
     global _backend
     with _backend_lock:
         if _backend is None:

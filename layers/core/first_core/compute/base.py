@@ -13,12 +13,19 @@ EndpointStatus = Literal["online", "starting", "offline"]
 
 @dataclass(frozen=True)
 class TaskState:
+    """A task's state as Globus Compute reports it: its status, and its result or error once it
+    ended."""
+
     status: TaskStatus
     result: Any = None
     error: str | None = None
 
 
 class ComputeBackend(Protocol):
+    """What the gateway needs from Globus Compute: submit a function to an endpoint, read tasks'
+    states, an endpoint's status. `GlobusComputeBackend` is the one implementation; tests script
+    their own."""
+
     def submit(self, endpoint_id: str, function_id: str, kwargs: dict[str, Any]) -> str:
         """Start the function on the endpoint; return the task id."""
         ...

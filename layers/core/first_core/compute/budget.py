@@ -38,6 +38,9 @@ from first_core.settings import get_settings
 
 
 class Priority(enum.Enum):
+    """Who is spending: a user's request, the submitter (which may dip into the reserve), or
+    background work."""
+
     SUBMITTER = "submitter"
     SUBMIT_NOW = "submit_now"
     BACKGROUND = "background"
@@ -86,6 +89,7 @@ def prepaid() -> Iterator[None]:
 
 
 def enabled() -> bool:
+    """Whether a budget is set (calls per window > 0)."""
     return get_settings().compute_api_calls_per_window > 0
 
 

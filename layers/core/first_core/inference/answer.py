@@ -24,12 +24,15 @@ from first_core.inference.wait import raise_for_result, wait_for_result
 
 @dataclass
 class Answer:
+    """What the proxy sends: its headers, and a JSON body or a stream of SSE events."""
+
     headers: dict[str, str]
     body: Any = None  # the JSON answer of a non-streamed request
     events: AsyncGenerator[bytes, None] | None = None  # the SSE body of a stream
 
 
 def request_headers(submission: Submission) -> dict[str, str]:
+    """The `x-first-*` headers that identify an accepted request on every answer."""
     return {
         "x-first-request-id": submission.request_id,
         "x-first-cluster": submission.endpoint.cluster,

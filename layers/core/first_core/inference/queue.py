@@ -50,6 +50,9 @@ MESSAGE_INLINE_BYTES = 200_000
 
 @dataclass(frozen=True)
 class QueuedRequest:
+    """A request waiting in the submit queue, as one SQS message; the payload spills to S3 when it
+    is too large for a message."""
+
     request_id: str
     endpoint_id: str
     function_id: str
@@ -88,6 +91,7 @@ def task_kwargs(
 
 @lru_cache(maxsize=1)
 def sqs() -> Any:
+    """The SQS client (one per process)."""
     import boto3
 
     s = get_settings()
@@ -109,6 +113,8 @@ def enqueue(request: QueuedRequest) -> None:
 
 @dataclass
 class SubmitReport:
+    """What one submitter run did with its messages, by request id."""
+
     submitted: list[str] = field(default_factory=list)
     # Held by another submitter, already sent, or ended: nothing to do.
     skipped: list[str] = field(default_factory=list)

@@ -37,6 +37,8 @@ log = logging.getLogger("first.reconciler")
 
 @dataclass
 class ReconcileReport:
+    """What one reconcile run did, request ids by outcome."""
+
     checked: int = 0
     completed: list[str] = field(default_factory=list)
     failed: list[str] = field(default_factory=list)
@@ -55,6 +57,11 @@ def reconcile(
     grace_seconds: float | None = None,
     backend: ComputeBackend | None = None,
 ) -> ReconcileReport:
+    """Settle every request still open after the grace period from what Globus Compute knows of its
+    task: a finished task's result is written as its callback would have, a failed or vanished task
+    fails the request, and one past the deadline times out. Each request ends once, however often
+    this runs or races a late callback; the lookups take what the users' requests leave of the API
+    budget (deferred when none is left)."""
     settings = get_settings()
     now = time.time() if now is None else now
     grace = settings.reconcile_grace_seconds if grace_seconds is None else grace_seconds

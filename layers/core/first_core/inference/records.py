@@ -15,6 +15,7 @@ from first_core.usage import Usage
 
 
 def new_request_id() -> str:
+    """A new request id: `req_` and 32 hex digits."""
     return f"req_{uuid.uuid4().hex}"
 
 
@@ -28,6 +29,8 @@ def create(
     rate_reservation: dict[str, Any] | None = None,
     queued: bool = False,
 ) -> None:
+    """Write the request record, `submitted` and open, with the caller, the endpoint and the route's
+    reason; the record is what the reconciler and `GET /v1/requests` read."""
     now = time.time()
     record = RequestRecord(
         request_id,

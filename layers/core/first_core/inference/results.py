@@ -30,6 +30,8 @@ from first_core.usage import Usage
 
 @dataclass(frozen=True)
 class Result:
+    """A request's result: the HTTP status the cluster answered with, and the body."""
+
     status_code: int
     body: Any
 
@@ -93,6 +95,7 @@ def _delete_body(row: ResultRecord) -> None:
 
 
 def load(request_id: str) -> Result | None:
+    """The recorded result of a request (its body fetched from S3 if it spilled there), or None."""
     try:
         row = ResultRecord.get(request_id, consistent_read=True)
     except DoesNotExist:
@@ -113,6 +116,7 @@ def accept_callback(request_id: str, authorization: str | None, raw_body: bytes)
 
 
 def error_message(body: Any) -> str:
+    """The message of an error body (OpenAI-shaped or not), for the request record."""
     if isinstance(body, dict):
         error = body.get("error", body)
         if isinstance(error, dict):

@@ -26,6 +26,9 @@ INFERENCE_PATHS = ("chat/completions", "completions", "embeddings")
 
 @dataclass(frozen=True)
 class Submission:
+    """An accepted request: its id, its task (None while queued), the endpoint and why it was
+    chosen, and the parsed body."""
+
     request_id: str
     task_id: str | None  # None while it waits in the submit queue
     endpoint: Endpoint
@@ -42,6 +45,11 @@ def submit(
     framework: str | None = None,
     exclude: frozenset[str] = frozenset(),
 ) -> Submission:
+    """Accept one inference request: check its size and body, route it to an endpoint the caller may
+    use, reserve the caller's rate limits, write the request record, and submit it to Globus
+    Compute, or put it on the submit queue when the API budget has no unit left. Over a limit
+    nothing is recorded; if an endpoint refuses the submit, that attempt ends failed and a federated
+    request tries the next endpoint (a named cluster answers 503)."""
     settings = get_settings()
     if len(raw_body) > settings.max_payload_bytes:
         raise PayloadTooLargeError(

@@ -54,6 +54,8 @@ class FunctionIds(_Strict):
 
 
 class Limits(_Strict):
+    """Per-model limits: max_tokens, the per-user rate limits and the model's tokens per minute."""
+
     max_tokens: int | None = None
     tokens_per_minute_per_user: int | None = None
     tokens_per_minute: int | None = None
@@ -61,6 +63,9 @@ class Limits(_Strict):
 
 
 class EndpointConfig(_Strict):
+    """One Globus Compute endpoint in the registry YAML: the models it serves, its function ids,
+    limits and access rules."""
+
     framework: str
     models: list[str] = Field(min_length=1)
     endpoint_id: str
@@ -97,6 +102,8 @@ class EndpointConfig(_Strict):
 
 
 class ClusterConfig(_Strict):
+    """One cluster in the registry YAML: its frameworks, access rules and endpoints."""
+
     frameworks: list[str] = Field(min_length=1)
     allowed_groups: list[str] = Field(default_factory=list)
     allowed_domains: list[str] = Field(default_factory=list)
@@ -105,6 +112,8 @@ class ClusterConfig(_Strict):
 
 
 class RegistryFile(_Strict):
+    """The registry YAML: clusters and their endpoints, validated."""
+
     clusters: dict[str, ClusterConfig] = Field(min_length=1)
 
     @model_validator(mode="after")
@@ -129,6 +138,8 @@ class RegistryFile(_Strict):
 
 
 class RegistryFileError(ValueError):
+    """The registry YAML is invalid; the message names each problem with its line."""
+
     pass
 
 

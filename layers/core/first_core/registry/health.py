@@ -27,6 +27,8 @@ MODEL_STATES = {"running", "starting", "queued", "stopped"}
 
 @dataclass
 class EndpointReport:
+    """One endpoint's poll: its status, qstat's answer or why there is none."""
+
     endpoint_id: str
     cluster: str
     status: str  # online | offline
@@ -37,6 +39,8 @@ class EndpointReport:
 
 @dataclass
 class HealthReport:
+    """One poll of every endpoint, and the cluster statuses written."""
+
     endpoints: dict[str, EndpointReport] = field(default_factory=dict)
     clusters: dict[str, str] = field(default_factory=dict)  # cluster -> status written
     free_nodes: dict[str, int | None] = field(default_factory=dict)

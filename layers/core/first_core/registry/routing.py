@@ -27,11 +27,14 @@ STARTING_RETRY_AFTER = "30"
 
 @dataclass(frozen=True)
 class Route:
+    """The chosen endpoint and why it was chosen (the `x-first-route-reason` header)."""
+
     endpoint: Endpoint
     reason: str
 
 
 def may_use(caller: Caller, registry: Registry, endpoint: Endpoint) -> bool:
+    """Whether the caller passes the cluster's and the endpoint's group and domain rules."""
     return refusal(caller, registry, endpoint) is None
 
 

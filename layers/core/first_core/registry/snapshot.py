@@ -40,6 +40,8 @@ class Endpoint(BaseModel):
 
 
 class Cluster(BaseModel):
+    """A cluster as routing sees it: its frameworks, access rules, status and free nodes."""
+
     model_config = ConfigDict(frozen=True)
 
     name: str

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from first_core.auth import Caller
 
 GROUP_A = "group-a"
@@ -17,15 +19,7 @@ CALLER = Caller(
     idp_name="Argonne",
 )
 # Alice as routing sees her: in GROUP_A.
-ALICE = Caller(
-    user_id="alice-id",
-    username="alice@anl.gov",
-    name="Alice",
-    email="alice@anl.gov",
-    idp_domain="anl.gov",
-    idp_name="Argonne",
-    groups=frozenset({GROUP_A}),
-)
+ALICE = replace(CALLER, groups=frozenset({GROUP_A}))
 BOB = Caller(
     user_id="bob-id",
     username="bob@uchicago.edu",

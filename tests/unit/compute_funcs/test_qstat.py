@@ -14,17 +14,9 @@ import pytest
 
 from compute_funcs.qstat import qstat
 from tests.support.registry import (
-    POLARIS_ENDPOINT,
-    REGISTERED_FUNCTIONS,
-    SOPHIA_ENDPOINT,
+    MODEL,
+    SMALL_MODEL,
 )
-
-MODEL = "meta-llama/Meta-Llama-3-8B-Instruct"
-SMALL = "meta-llama/Llama-3.2-1B-Instruct"
-EMBEDDING = "Salesforce/SFR-Embedding-Mistral"
-SOPHIA = SOPHIA_ENDPOINT
-POLARIS = POLARIS_ENDPOINT
-QSTAT = REGISTERED_FUNCTIONS["qstat"]
 
 
 # -- the qstat compute function ---------------------------------------------------------------
@@ -45,12 +37,12 @@ def test_qstat_without_pbs_reports_the_models_vllm_lists(monkeypatch: pytest.Mon
     try:
         monkeypatch.setenv("PATH", "/nonexistent")
         monkeypatch.setenv("VLLM_BASE_URL", f"http://127.0.0.1:{server.server_port}/v1")
-        answer = qstat([MODEL, SMALL])
+        answer = qstat([MODEL, SMALL_MODEL])
     finally:
         server.shutdown()
     assert answer == {
         "source": "vllm",
-        "models": {MODEL: "running", SMALL: "stopped"},
+        "models": {MODEL: "running", SMALL_MODEL: "stopped"},
         "free_nodes": None,
         "error": None,
     }
@@ -70,7 +62,11 @@ def test_qstat_reads_pbs_jobs_and_free_nodes(
     jobs = {
         "Jobs": {
             "1.pbs": {"Job_Name": f"vllm {MODEL}", "job_state": "R", "comment": "Job run"},
-            "2.pbs": {"Job_Name": "vllm", "Variable_List": f"MODEL={SMALL}", "job_state": "Q"},
+            "2.pbs": {
+                "Job_Name": "vllm",
+                "Variable_List": f"MODEL={SMALL_MODEL}",
+                "job_state": "Q",
+            },
             "3.pbs": {
                 "Job_Name": "vllm-70b",
                 "job_state": "R",
@@ -86,12 +82,12 @@ def test_qstat_reads_pbs_jobs_and_free_nodes(
         script.chmod(script.stat().st_mode | stat.S_IEXEC)
     monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
 
-    answer = qstat([MODEL, SMALL, "meta-llama/Meta-Llama-3.1-70B-Instruct", "absent"])
+    answer = qstat([MODEL, SMALL_MODEL, "meta-llama/Meta-Llama-3.1-70B-Instruct", "absent"])
 
     assert answer["source"] == "pbs"
     assert answer["models"] == {
         MODEL: "running",
-        SMALL: "queued",
+        SMALL_MODEL: "queued",
         "meta-llama/Meta-Llama-3.1-70B-Instruct": "starting",
         "absent": "stopped",
     }

@@ -15,9 +15,7 @@ for _name, _value in {
     os.environ.setdefault(_name, _value)
 
 import asyncio
-import contextlib
 import json
-import socket
 import threading
 import time
 import uuid
@@ -26,7 +24,6 @@ from typing import Any
 
 import boto3
 import pytest
-import uvicorn
 from moto import mock_aws
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -47,6 +44,7 @@ from first_core.settings import get_settings
 from first_core.tables import RequestRecord, StreamChunkBatch
 from first_local.mock_vllm import MockConfig, create_app, generate_text
 from first_local.provision import TEMPLATE, create_tables_from_template
+from tests.support.asgi import serve
 
 USAGE = {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}
 
@@ -348,24 +346,6 @@ def test_request_ended_elsewhere_ends_the_relay(monkeypatch: pytest.MonkeyPatch)
 
 
 # ---- end to end: the compute function, the callback over HTTP, the relay -----------------------
-
-
-@contextlib.contextmanager
-def serve(app: Any) -> Iterator[str]:
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    while not server.started:
-        assert thread.is_alive()
-        time.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
-        sock.close()
 
 
 @pytest.fixture(scope="module")

@@ -16,17 +16,10 @@ from first_core.tables import RegistryEntry, RequestRecord
 from tests.support.compute import FakeBackend
 from tests.support.identities import ALICE
 from tests.support.registry import (
+    MODEL,
     POLARIS_ENDPOINT,
-    REGISTERED_FUNCTIONS,
     SOPHIA_ENDPOINT,
 )
-
-MODEL = "meta-llama/Meta-Llama-3-8B-Instruct"
-SMALL = "meta-llama/Llama-3.2-1B-Instruct"
-EMBEDDING = "Salesforce/SFR-Embedding-Mistral"
-SOPHIA = SOPHIA_ENDPOINT
-POLARIS = POLARIS_ENDPOINT
-QSTAT = REGISTERED_FUNCTIONS["qstat"]
 
 
 # -- the submit fallback ----------------------------------------------------------------------
@@ -49,14 +42,14 @@ def test_endpoint_offline_between_status_read_and_submit_goes_to_the_other(
     """The registry says polaris runs the model (best), but its endpoint refuses the submit."""
     RegistryEntry("polaris", f"vllm#{MODEL}").update(actions=[RegistryEntry.status.set("running")])
     Registry.invalidate()
-    fake_backend.refuse.add(POLARIS)
+    fake_backend.refuse.add(POLARIS_ENDPOINT)
 
     submission = inference.submit(ALICE, "chat/completions", _body())
 
     assert submission.endpoint.cluster == "sophia"
     assert "after polaris refused the submit" in submission.route_reason
     submits = [c[1] for c in fake_backend.calls if c[0] == "submit"]
-    assert submits == [POLARIS, SOPHIA]
+    assert submits == [POLARIS_ENDPOINT, SOPHIA_ENDPOINT]
     records = {r.request_id: r for r in RequestRecord.scan(consistent_read=True)}
     assert len(records) == 2
     assert records[submission.request_id].status == "submitted"
@@ -65,18 +58,21 @@ def test_endpoint_offline_between_status_read_and_submit_goes_to_the_other(
 
 
 def test_a_named_cluster_that_refuses_the_submit_is_503(fake_backend: FakeBackend) -> None:
-    fake_backend.refuse.add(POLARIS)
+    fake_backend.refuse.add(POLARIS_ENDPOINT)
 
     with pytest.raises(ServiceUnavailableError):
         inference.submit(ALICE, "chat/completions", _body(), cluster="polaris", framework="vllm")
 
-    assert [c[1] for c in fake_backend.calls if c[0] == "submit"] == [POLARIS]
+    assert [c[1] for c in fake_backend.calls if c[0] == "submit"] == [POLARIS_ENDPOINT]
 
 
 def test_every_endpoint_refusing_is_503_after_trying_each_once(fake_backend: FakeBackend) -> None:
-    fake_backend.refuse |= {POLARIS, SOPHIA}
+    fake_backend.refuse |= {POLARIS_ENDPOINT, SOPHIA_ENDPOINT}
 
     with pytest.raises(ServiceUnavailableError, match="submit refused"):
         inference.submit(ALICE, "chat/completions", _body())
 
-    assert sorted(c[1] for c in fake_backend.calls if c[0] == "submit") == [POLARIS, SOPHIA]
+    assert sorted(c[1] for c in fake_backend.calls if c[0] == "submit") == [
+        POLARIS_ENDPOINT,
+        SOPHIA_ENDPOINT,
+    ]

@@ -14,17 +14,13 @@ from first_core.tables import RegistryEntry
 from tests.support.compute import FakeBackend, qstat_answer
 from tests.support.identities import ALICE
 from tests.support.registry import (
+    EMBEDDER,
+    MODEL,
     POLARIS_ENDPOINT,
     REGISTERED_FUNCTIONS,
+    SMALL_MODEL,
     SOPHIA_ENDPOINT,
 )
-
-MODEL = "meta-llama/Meta-Llama-3-8B-Instruct"
-SMALL = "meta-llama/Llama-3.2-1B-Instruct"
-EMBEDDING = "Salesforce/SFR-Embedding-Mistral"
-SOPHIA = SOPHIA_ENDPOINT
-POLARIS = POLARIS_ENDPOINT
-QSTAT = REGISTERED_FUNCTIONS["qstat"]
 
 
 def _rows() -> dict[tuple[str, str], RegistryEntry]:
@@ -34,8 +30,8 @@ def _rows() -> dict[tuple[str, str], RegistryEntry]:
 # -- the poller -------------------------------------------------------------------------------
 def test_poll_writes_endpoint_states_cluster_status_and_free_nodes(registry_table: None) -> None:
     backend = FakeBackend(
-        endpoints={SOPHIA: "online", POLARIS: "offline"},
-        qstat={SOPHIA: qstat_answer({MODEL: "running", EMBEDDING: "queued"}, 3)},
+        endpoints={SOPHIA_ENDPOINT: "online", POLARIS_ENDPOINT: "offline"},
+        qstat={SOPHIA_ENDPOINT: qstat_answer({MODEL: "running", EMBEDDER: "queued"}, 3)},
     )
 
     report = health.poll(backend)
@@ -48,12 +44,12 @@ def test_poll_writes_endpoint_states_cluster_status_and_free_nodes(registry_tabl
     assert rows[("sophia", CLUSTER_KEY)].status == "online"
     assert rows[("sophia", CLUSTER_KEY)].free_nodes == 3
     assert rows[("polaris", f"vllm#{MODEL}")].status == "offline"
-    assert rows[("polaris", f"vllm#{SMALL}")].status == "offline"
+    assert rows[("polaris", f"vllm#{SMALL_MODEL}")].status == "offline"
     assert rows[("polaris", CLUSTER_KEY)].status == "offline"
     assert report.clusters == {"sophia": "online", "polaris": "offline"}
     # qstat only where the endpoint is online; once per endpoint, with the qstat function id.
-    assert ("submit", SOPHIA, QSTAT) in backend.calls
-    assert not [c for c in backend.calls if c[0] == "submit" and c[1] == POLARIS]
+    assert ("submit", SOPHIA_ENDPOINT, REGISTERED_FUNCTIONS["qstat"]) in backend.calls
+    assert not [c for c in backend.calls if c[0] == "submit" and c[1] == POLARIS_ENDPOINT]
     snapshot = Registry.current()
     assert snapshot.clusters["sophia"].free_nodes == 3
     assert json.dumps(report.to_json())
@@ -61,7 +57,8 @@ def test_poll_writes_endpoint_states_cluster_status_and_free_nodes(registry_tabl
 
 def test_an_endpoint_without_workers_yet_makes_its_models_starting(registry_table: None) -> None:
     backend = FakeBackend(
-        endpoints={SOPHIA: "online", POLARIS: "starting"}, qstat={SOPHIA: qstat_answer({})}
+        endpoints={SOPHIA_ENDPOINT: "online", POLARIS_ENDPOINT: "starting"},
+        qstat={SOPHIA_ENDPOINT: qstat_answer({})},
     )
 
     report = health.poll(backend)
@@ -71,14 +68,14 @@ def test_an_endpoint_without_workers_yet_makes_its_models_starting(registry_tabl
     assert rows[("polaris", CLUSTER_KEY)].status == "online"
     assert report.clusters["polaris"] == "online"
     # No worker could run qstat there.
-    assert not [c for c in backend.calls if c[0] == "submit" and c[1] == POLARIS]
+    assert not [c for c in backend.calls if c[0] == "submit" and c[1] == POLARIS_ENDPOINT]
 
 
 def test_a_failed_or_silent_qstat_leaves_the_models_online(registry_table: None) -> None:
     backend = FakeBackend(
         qstat={
-            SOPHIA: TaskState("failed", error="qstat: command not found"),
-            POLARIS: TaskState("pending"),
+            SOPHIA_ENDPOINT: TaskState("failed", error="qstat: command not found"),
+            POLARIS_ENDPOINT: TaskState("pending"),
         },
     )
 
@@ -87,12 +84,12 @@ def test_a_failed_or_silent_qstat_leaves_the_models_online(registry_table: None)
     rows = _rows()
     assert rows[("sophia", f"vllm#{MODEL}")].status == "online"
     assert rows[("polaris", f"vllm#{MODEL}")].status == "online"
-    assert "failed" in (report.endpoints[SOPHIA].error or "")
-    assert "did not answer" in (report.endpoints[POLARIS].error or "")
+    assert "failed" in (report.endpoints[SOPHIA_ENDPOINT].error or "")
+    assert "did not answer" in (report.endpoints[POLARIS_ENDPOINT].error or "")
 
 
 def test_maintenance_is_kept_by_the_poller_until_switched_off(registry_table: None) -> None:
-    backend = FakeBackend(qstat={SOPHIA: qstat_answer({MODEL: "running"})})
+    backend = FakeBackend(qstat={SOPHIA_ENDPOINT: qstat_answer({MODEL: "running"})})
 
     health.set_maintenance("polaris", True)
     health.poll(backend)
@@ -100,7 +97,7 @@ def test_maintenance_is_kept_by_the_poller_until_switched_off(registry_table: No
     with pytest.raises(ServiceUnavailableError, match="maintenance"):
         from first_core.registry.routing import choose
 
-        choose(Registry.current(), ALICE, SMALL)
+        choose(Registry.current(), ALICE, SMALL_MODEL)
 
     health.set_maintenance("polaris", False)
     health.poll(backend)

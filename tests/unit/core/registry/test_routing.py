@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from first_core.auth import Caller
@@ -9,7 +11,7 @@ from first_core.errors import NotFoundError, PermissionDeniedError, ServiceUnava
 from first_core.registry import CLUSTER_KEY, Cluster, Endpoint, FunctionIds, Limits, Registry
 from first_core.registry.routing import choose, may_use, refusal
 from first_core.tables import RegistryEntry
-from tests.support.identities import ALICE, GROUP_A, GROUP_B
+from tests.support.identities import ALICE, BOB, GROUP_A, GROUP_B
 
 MODEL = "meta-llama/Meta-Llama-3-8B-Instruct"
 OTHER_MODEL = "Salesforce/SFR-Embedding-Mistral"
@@ -273,15 +275,7 @@ def test_caller_excluded_on_the_named_cluster_is_403_naming_it(how: str) -> None
 
 @pytest.mark.parametrize("how", sorted(EXCLUSIONS))
 def test_member_of_the_allowed_group_or_domain_is_let_in(how: str) -> None:
-    insider = Caller(
-        user_id="bob-id",
-        username="bob@uchicago.edu",
-        name="Bob",
-        email="bob@uchicago.edu",
-        idp_domain="uchicago.edu",
-        idp_name="UChicago",
-        groups=frozenset({GROUP_B}),
-    )
+    insider = replace(BOB, groups=frozenset({GROUP_B}))
 
     route = choose(excluding(("sophia", "polaris"), how), insider, MODEL)
 

@@ -9,23 +9,17 @@ from first_core.registry import Registry, health, views
 from tests.support.compute import FakeBackend, qstat_answer
 from tests.support.identities import ALICE
 from tests.support.registry import (
+    MODEL,
     POLARIS_ENDPOINT,
-    REGISTERED_FUNCTIONS,
     SOPHIA_ENDPOINT,
 )
-
-MODEL = "meta-llama/Meta-Llama-3-8B-Instruct"
-SMALL = "meta-llama/Llama-3.2-1B-Instruct"
-EMBEDDING = "Salesforce/SFR-Embedding-Mistral"
-SOPHIA = SOPHIA_ENDPOINT
-POLARIS = POLARIS_ENDPOINT
-QSTAT = REGISTERED_FUNCTIONS["qstat"]
 
 
 # -- the views --------------------------------------------------------------------------------
 def test_list_endpoints_jobs_and_status(registry_table: None) -> None:
     backend = FakeBackend(
-        endpoints={POLARIS: "offline"}, qstat={SOPHIA: qstat_answer({MODEL: "running"}, free=2)}
+        endpoints={POLARIS_ENDPOINT: "offline"},
+        qstat={SOPHIA_ENDPOINT: qstat_answer({MODEL: "running"}, free=2)},
     )
     health.poll(backend)
     snapshot = Registry.current()

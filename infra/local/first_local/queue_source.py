@@ -48,7 +48,11 @@ class SubmitQueueSource:
         return self
 
     def stop(self) -> None:
+        """Stop polling and wait for the poll in flight (at most a long poll), so that the stack
+        stops the moto server only after this thread is done with it."""
         self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=5)
 
     def _loop(self) -> None:
         while not self._stop.is_set():
@@ -57,6 +61,8 @@ class SubmitQueueSource:
                 if messages:
                     self._invoke(messages)
             except Exception:
+                if self._stop.is_set():
+                    return  # the stack is stopping: its moto server may already be gone
                 log.exception("the submitter failed")
                 time.sleep(1.0)
 

@@ -168,7 +168,8 @@ def test_long_core_modules_say_why() -> None:
     for path in CORE.rglob("*.py"):
         text = path.read_text()
         lines = len(text.splitlines())
-        reason = "Long because:" in (ast.get_docstring(ast.parse(text)) or "")
+        docstring = ast.get_docstring(ast.parse(text)) or ""
+        reason = any(line.startswith("Long because:") for line in docstring.splitlines())
         if lines > 600 or (lines > 350 and not reason):
             unexplained.add(str(path.relative_to(CORE)))
     assert unexplained == set()

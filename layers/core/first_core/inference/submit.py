@@ -126,8 +126,11 @@ def submit(
             )
         else:
             kwargs = queue.task_kwargs(request_id, openai_path, stream, payload)
+            # Made before the prepaid call: making it (once per process) spends its own unit,
+            # which must not use up the one this request took.
+            backend = get_backend()
             with budget.prepaid():
-                task_id = get_backend().submit(endpoint.endpoint_id, function_id, kwargs)
+                task_id = backend.submit(endpoint.endpoint_id, function_id, kwargs)
     except ServiceUnavailableError as error:
         # The endpoint went offline since the status was read: a federated request tries the
         # next cluster (this attempt ends failed, with its reservation settled).

@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
 import first_core.compute
 from first_core import inference
+from first_core.compute import budget
 from first_core.errors import ServiceUnavailableError
 from first_core.registry import Registry
+from first_core.settings import get_settings
 from first_core.tables import RegistryEntry, RequestRecord
 from tests.support.compute import FakeBackend
 from tests.support.identities import ALICE
@@ -76,3 +79,40 @@ def test_every_endpoint_refusing_is_503_after_trying_each_once(fake_backend: Fak
         POLARIS_ENDPOINT,
         SOPHIA_ENDPOINT,
     ]
+
+
+# -- the Globus Compute API budget ------------------------------------------------------------
+def test_the_unit_a_request_took_pays_for_its_submit_even_on_a_cold_start(
+    registry_table: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first request of a process makes the backend, whose version check spends a unit of
+    its own (background work): the request's submit still uses the unit the request took."""
+    settings = get_settings()
+    monkeypatch.setattr(settings, "compute_api_calls_per_window", 100)
+    monkeypatch.setattr(settings, "compute_api_window_seconds", 3600.0)
+    takes: list[budget.Priority] = []
+    take = budget.try_take
+
+    def recorded_take(now: float | None = None) -> float:
+        takes.append(budget._priority.get())
+        return take(now)
+
+    class ColdBackend(FakeBackend):
+        def __init__(self) -> None:
+            super().__init__()
+            with budget.priority(budget.Priority.BACKGROUND):
+                budget.spend()  # as GlobusComputeBackend's version check does
+
+        def submit(self, endpoint_id: str, function_id: str, kwargs: dict[str, Any]) -> str:
+            budget.spend()  # as GlobusComputeBackend.submit does
+            return super().submit(endpoint_id, function_id, kwargs)
+
+    monkeypatch.setattr(budget, "try_take", recorded_take)
+    monkeypatch.setattr(first_core.compute, "GlobusComputeBackend", ColdBackend)
+    monkeypatch.setattr(first_core.compute, "_backend", None)
+
+    submission = inference.submit(ALICE, "chat/completions", _body())
+
+    assert submission.task_id == "task-1"
+    # The request's own unit, then the version check's: the submit took nothing more.
+    assert takes == [budget.Priority.SUBMIT_NOW, budget.Priority.BACKGROUND]

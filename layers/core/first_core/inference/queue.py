@@ -157,9 +157,12 @@ def _send_group(
 ) -> None:
     batch_id = str(uuid.uuid4())
     claimed = []
+    # Whether each stale batch reached Globus Compute: a dead submitter's requests come back
+    # together, and one look at its task group answers for all of them.
+    reached: dict[str, bool] = {}
     with budget.priority(budget.Priority.SUBMITTER):
         for message_id, request in group:
-            outcome = _claim(request.request_id, batch_id, backend)
+            outcome = _claim(request.request_id, batch_id, backend, reached)
             if outcome == "claimed":
                 claimed.append((message_id, request))
             elif outcome == "later":
@@ -193,7 +196,9 @@ def _send_group(
         report.submitted.append(request.request_id)
 
 
-def _claim(request_id: str, batch_id: str, backend: ComputeBackend) -> str:
+def _claim(
+    request_id: str, batch_id: str, backend: ComputeBackend, reached: dict[str, bool]
+) -> str:
     """"claimed" (this batch sends it), "done" (sent, ended, or gone: nothing to do) or "later"
     (another submitter holds it and may still be sending it)."""
     if records.claim(request_id, batch_id):
@@ -204,12 +209,14 @@ def _claim(request_id: str, batch_id: str, backend: ComputeBackend) -> str:
         return "done"
     if record.task_id or not record.open_status or not record.batch_id:
         return "done"
-    held_for = time.time() - float(record.claimed_at or 0)
-    if held_for < get_settings().submit_claim_seconds:
+    if not records.claim_is_stale(record, time.time()):
         return "later"
     # The submitter that claimed it stopped: if its batch never reached Globus Compute, this
     # one sends the request; if it did, the tasks run and call back as usual.
-    if backend.task_group(record.batch_id) is not None:
+    stale_batch = record.batch_id
+    if stale_batch not in reached:
+        reached[stale_batch] = backend.task_group(stale_batch) is not None
+    if reached[stale_batch]:
         return "done"
     return "claimed" if records.take_over(request_id, record.batch_id, batch_id) else "later"
 

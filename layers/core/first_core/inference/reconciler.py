@@ -98,11 +98,8 @@ def _found_in_batches(
     """Task ids a submitter sent but did not live to write: the tasks of its batch's task
     group, matched to their requests by the request id each task returns (finished ones only;
     the others are looked for again next time). Keyed by the task id now on the record."""
-    claim_age = get_settings().submit_claim_seconds
     batches = {
-        r.batch_id
-        for r in stale
-        if r.batch_id and not r.task_id and now - float(r.claimed_at or 0) >= claim_age
+        r.batch_id for r in stale if r.batch_id and not r.task_id and records.claim_is_stale(r, now)
     }
     found: dict[str, TaskState] = {}
     for batch_id in sorted(batches):

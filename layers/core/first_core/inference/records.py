@@ -10,6 +10,7 @@ from first_core import usage as usage_module
 from first_core.auth import Caller
 from first_core.errors import NotFoundError
 from first_core.registry import Endpoint
+from first_core.settings import get_settings
 from first_core.tables import TERMINAL_STATUSES, RequestRecord, owned_item, update_if
 from first_core.usage import Usage
 
@@ -61,8 +62,7 @@ def set_task(request_id: str, task_id: str, batch_id: str | None = None) -> bool
     if batch_id is None:
         RequestRecord(request_id).update(actions=[RequestRecord.task_id.set(task_id)])
         return True
-    condition = (RequestRecord.batch_id == batch_id) & RequestRecord.task_id.does_not_exist()
-    return _update_if(request_id, [RequestRecord.task_id.set(task_id)], condition)
+    return _update_if(request_id, [RequestRecord.task_id.set(task_id)], _held_by(batch_id))
 
 
 # A queued request no submitter holds yet, that has not been sent and has not ended.
@@ -74,6 +74,11 @@ _UNCLAIMED = (
 )
 
 
+def _held_by(batch_id: str) -> Any:
+    """The request is claimed by this submitter's batch, and not sent yet."""
+    return (RequestRecord.batch_id == batch_id) & RequestRecord.task_id.does_not_exist()
+
+
 def claim(request_id: str, batch_id: str) -> bool:
     """A submitter takes a queued request for its batch; False if another has it, it was sent
     already, or it ended. Only the one claim that succeeds may send it: no request runs twice."""
@@ -83,16 +88,20 @@ def claim(request_id: str, batch_id: str) -> bool:
 
 def take_over(request_id: str, stale_batch_id: str, batch_id: str) -> bool:
     """Move a claim from a batch that never reached Globus Compute to another."""
-    condition = (RequestRecord.batch_id == stale_batch_id) & RequestRecord.task_id.does_not_exist()
     actions = [RequestRecord.batch_id.set(batch_id), RequestRecord.claimed_at.set(time.time())]
-    return _update_if(request_id, actions, condition)
+    return _update_if(request_id, actions, _held_by(stale_batch_id))
 
 
 def release(request_id: str, batch_id: str) -> bool:
     """Give a claim back (its batch was never sent), so the request can be sent again."""
-    condition = (RequestRecord.batch_id == batch_id) & RequestRecord.task_id.does_not_exist()
     actions = [RequestRecord.batch_id.remove(), RequestRecord.claimed_at.remove()]
-    return _update_if(request_id, actions, condition)
+    return _update_if(request_id, actions, _held_by(batch_id))
+
+
+def claim_is_stale(record: RequestRecord, now: float) -> bool:
+    """The submitter holding this claim has had its time (`FIRST_SUBMIT_CLAIM_SECONDS`): it
+    stopped, or its batch's outcome is unknown."""
+    return now - float(record.claimed_at or 0) >= get_settings().submit_claim_seconds
 
 
 def _update_if(request_id: str, actions: list[Any], condition: Any) -> bool:

@@ -53,18 +53,6 @@ def register_all(client: Any) -> dict[str, str]:
     }
 
 
-def write_ids(registry: dict[str, Any], ids: dict[str, str], clusters: list[str]) -> int:
-    """Put the ids on every endpoint of the named clusters (all if none); endpoints changed."""
-    changed = 0
-    for name, cluster in registry.get("clusters", {}).items():
-        if clusters and name not in clusters:
-            continue
-        for endpoint in cluster.get("endpoints", []):
-            endpoint["functions"] = {**endpoint.get("functions", {}), **ids}
-            changed += 1
-    return changed
-
-
 def main(argv: list[str] | None = None, client: Any = None) -> int:
     """Register every compute function and print the ids; with --registry and --write, put them into
     that registry file."""
@@ -75,12 +63,14 @@ def main(argv: list[str] | None = None, client: Any = None) -> int:
     args = parser.parse_args(argv)
     import yaml
 
+    from first_core.registry.config import put_functions
+
     ids = register_all(client if client is not None else make_client())
     if args.write:
         if args.registry is None:
             parser.error("--write needs --registry")
         registry = yaml.safe_load(args.registry.read_text())
-        changed = write_ids(registry, ids, args.cluster)
+        changed = put_functions(registry, ids, args.cluster)
         args.registry.write_text(yaml.safe_dump(registry, sort_keys=False))
         print(f"wrote function ids to {changed} endpoint(s) in {args.registry}", file=sys.stderr)
     print(yaml.safe_dump({"functions": ids}, sort_keys=False), end="")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -153,7 +153,7 @@ def load_file(path: str | Path, functions: Mapping[str, str] | None = None) -> R
     try:
         document = yaml.safe_load(text)
         if functions:
-            _put_functions(document, functions)
+            put_functions(document, functions)
         return RegistryFile.model_validate(document)
     except yaml.YAMLError as error:
         raise RegistryFileError(f"{path}: {error}") from None
@@ -167,12 +167,22 @@ def load_file(path: str | Path, functions: Mapping[str, str] | None = None) -> R
         raise RegistryFileError("\n".join(problems)) from None
 
 
-def _put_functions(document: Any, functions: Mapping[str, str]) -> None:
-    clusters = document.get("clusters") if isinstance(document, dict) else None
-    for cluster in (clusters or {}).values():
+def put_functions(
+    document: Any, functions: Mapping[str, str], clusters: Collection[str] = ()
+) -> int:
+    """Put the function ids on every endpoint of the named clusters (all if none) of a registry
+    document as YAML reads it; the number of endpoints changed. A malformed document is left
+    for validation to name."""
+    changed = 0
+    named = document.get("clusters") if isinstance(document, dict) else None
+    for name, cluster in (named or {}).items():
+        if clusters and name not in clusters:
+            continue
         for endpoint in (cluster or {}).get("endpoints") or []:
             if isinstance(endpoint, dict):
                 endpoint["functions"] = {**(endpoint.get("functions") or {}), **functions}
+                changed += 1
+    return changed
 
 
 def _line_of(node: yaml.Node | None, loc: tuple[int | str, ...]) -> int:

@@ -44,12 +44,12 @@ from typing import Any
 
 from globus_compute_common.messagepack.message_types import Result
 from globus_compute_sdk import __version__ as SDK_VERSION
-from globus_compute_sdk.serialize import ComputeSerializer, DillCodeSource
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from compute_funcs.register import code_serializer
 from first_local.compute_standin import worker
 from first_local.compute_standin.endpoints import LocalEndpoint, QueuedTask, pack_task
 from first_local.compute_standin.limits import ApiLimit, SlidingWindow
@@ -116,7 +116,7 @@ class ComputeService:
     def __post_init__(self) -> None:
         self._window = SlidingWindow(self.limit)
         self._lock = threading.Lock()
-        self._code = ComputeSerializer(strategy_code=DillCodeSource())
+        self._code = code_serializer()  # how the gateway registers them: as source
         self._fault_code = {
             name: self._function_code(function)
             for name, function in (

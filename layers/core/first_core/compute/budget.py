@@ -88,11 +88,6 @@ def prepaid() -> Iterator[None]:
         _prepaid.reset(token)
 
 
-def enabled() -> bool:
-    """Whether a budget is set (calls per window > 0)."""
-    return get_settings().compute_api_calls_per_window > 0
-
-
 def _limit_for(level: Priority, calls: int) -> int:
     """How many of a window's units a call of this priority may be among."""
     if level is Priority.SUBMITTER:

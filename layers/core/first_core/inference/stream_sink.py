@@ -165,6 +165,3 @@ def cancel(request_id: str) -> None:
 def compact(data: dict[str, Any]) -> str:
     """JSON without spaces, as the chunks are stored and relayed."""
     return json.dumps(data, separators=(",", ":"), ensure_ascii=False)
-
-
-# ---- the whole answer of a stream, for GET /v1/requests/{id} ------------------------------------

@@ -38,7 +38,6 @@ class SubmitQueueSource:
         self.queue_url = queue_url
         self.window = window
         self.kill = kill
-        self.killed = 0
         self._sqs = sqs()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="submitter", daemon=True)
@@ -92,7 +91,6 @@ class SubmitQueueSource:
 
         def after_send(request_ids: list[str]) -> None:
             if random.random() < self.kill:
-                self.killed += 1
                 raise SubmitterKilled(f"after sending {len(request_ids)} requests")
 
         started = time.perf_counter()
@@ -103,7 +101,8 @@ class SubmitQueueSource:
         except SubmitterKilled as killed:
             print(f"submitter: killed (injected) {killed}", flush=True)
             return
-        done = [m for m in messages.values() if m["MessageId"] not in set(report.retry)]
+        retry = set(report.retry)
+        done = [m for m in messages.values() if m["MessageId"] not in retry]
         for start in range(0, len(done), 10):
             entries = [
                 {"Id": str(i), "ReceiptHandle": m["ReceiptHandle"]}

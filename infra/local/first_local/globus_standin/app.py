@@ -84,7 +84,6 @@ def create_app(
     failing_policies: frozenset[str] = frozenset(),
     native_client_ids: frozenset[str] = NATIVE_CLIENT_IDS,
     access_token_lifetime_s: int = 48 * 3600,
-    confidential_clients: dict[str, str] | None = None,
 ) -> Starlette:
     """One app serving Auth under ``/auth`` and Groups under ``/groups``.
 
@@ -92,10 +91,7 @@ def create_app(
     login or refresh issues (Globus's default is 48 hours).
     """
     expected_basic = "Basic " + base64.b64encode(f"{client_id}:{client_secret}".encode()).decode()
-    confidential_clients = {
-        **(CONFIDENTIAL_CLIENTS if confidential_clients is None else confidential_clients),
-        client_id: client_secret,
-    }
+    confidential_clients = {**CONFIDENTIAL_CLIENTS, client_id: client_secret}
 
     def client_ok(request: Request) -> bool:
         given = request.headers.get("authorization", "")

@@ -56,12 +56,11 @@ def main() -> None:
             GLOBUS_COMPUTE_USER_DIR=tempfile.mkdtemp(prefix="bench-compute-"),
         )
         import globus_sdk
-        from globus_compute_sdk.serialize import DillCodeSource
         from globus_sdk.scopes import ComputeScopes
 
-        from first_core.compute import globus_client
+        from compute_funcs.register import make_client
 
-        client = globus_client(code_serialization_strategy=DillCodeSource())
+        client = make_client()
         endpoint = state["compute_endpoints"]["sophia"]
         function = client.register_function(noop)
         auth = globus_sdk.ConfidentialAppAuthClient(

@@ -17,9 +17,10 @@ from moto import mock_aws
 from moto.dynamodb.models import DynamoDBBackend
 
 import first_core.auth
+import first_core.compute
 import first_core.storage
 import first_core.tables
-from first_core.compute import SERVICE_URL_VARIABLE
+from first_core.compute import SERVICE_URL_VARIABLE, GlobusComputeBackend
 from first_core.registry import Registry
 from first_core.settings import get_settings
 from first_local.compute_standin import ApiLimit, ComputeService, Faults
@@ -28,7 +29,7 @@ from first_local.globus_standin import DEV_CLIENT_ID, DEV_CLIENT_SECRET
 from first_local.globus_standin import create_app as create_auth_app
 from first_local.provision import TEMPLATE, create_bucket, create_tables_from_template
 from tests.support.asgi import serve
-from tests.support.compute import TEST_ENDPOINT_ID, ComputeStandIn
+from tests.support.compute import TEST_ENDPOINT_ID, ComputeStandIn, FakeBackend
 from tests.support.registry import publish_local
 
 
@@ -103,6 +104,21 @@ def globus_compute(
     compute_standins.service.set_limit(ApiLimit(0, 0))
     if not compute_standins.endpoint.online:
         compute_standins.endpoint.start()
+
+
+@pytest.fixture
+def backend(globus_compute: ComputeStandIn) -> GlobusComputeBackend:
+    """The gateway's real backend, through the real SDK, against the stand-ins (the batch tests
+    override it with a `FakeBackend`: tests/unit/core/batches/conftest.py)."""
+    return GlobusComputeBackend()
+
+
+@pytest.fixture
+def fake_backend(monkeypatch: pytest.MonkeyPatch) -> FakeBackend:
+    """A scripted backend as the process's Globus Compute backend (what `get_backend` gives)."""
+    backend = FakeBackend()
+    monkeypatch.setattr(first_core.compute, "_backend", backend)
+    return backend
 
 
 @pytest.fixture

@@ -11,11 +11,10 @@ from typing import Any
 import httpx
 import pytest
 from globus_compute_sdk.errors import TaskExecutionFailed
-from globus_compute_sdk.serialize import DillCodeSource
 from globus_sdk import ComputeAPIError, ConfidentialAppAuthClient
 from globus_sdk.scopes import ComputeScopes
 
-from first_core.compute import globus_client
+from compute_funcs.register import make_client
 from first_local.compute_standin import ApiLimit, Faults
 from first_local.globus_standin import COMPUTE_SCOPE, DEV_CLIENT_ID, DEV_CLIENT_SECRET
 from tests.support.compute import TEST_ENDPOINT_ID, ComputeStandIn
@@ -37,7 +36,7 @@ def nap(seconds: float) -> str:
 
 
 def client() -> Any:
-    return globus_client(code_serialization_strategy=DillCodeSource())
+    return make_client()
 
 
 def wait_done(sdk: Any, task_id: str, timeout: float = 30.0) -> dict[str, Any]:

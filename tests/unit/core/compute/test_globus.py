@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import responses
 
-from compute_funcs.register import register_all
+from compute_funcs.register import make_client, register_all
 from first_core.compute import GlobusComputeBackend, TaskState, globus_client, traceback_summary
 from first_core.errors import ServiceUnavailableError
 from tests.support.compute import TEST_ENDPOINT_ID, ComputeStandIn
@@ -34,15 +34,8 @@ def settled(backend: GlobusComputeBackend, task_id: str, timeout: float = 30.0) 
 
 
 @pytest.fixture
-def backend(globus_compute: ComputeStandIn) -> GlobusComputeBackend:
-    return GlobusComputeBackend()
-
-
-@pytest.fixture
 def functions(globus_compute: ComputeStandIn) -> dict[str, str]:
-    from globus_compute_sdk.serialize import DillCodeSource
-
-    sdk = globus_client(code_serialization_strategy=DillCodeSource())
+    sdk = make_client()
     return {
         "answer": str(sdk.register_function(answer)),
         "fail": str(sdk.register_function(fail)),

@@ -14,6 +14,7 @@ import boto3
 import pytest
 
 import first_core.compute
+from compute_funcs.register import make_client
 from first_core import inference
 from first_core.compute import GlobusComputeBackend, TaskState
 from first_core.inference import queue as submit_queue
@@ -24,7 +25,7 @@ from first_core.tables import RequestRecord, ResultRecord
 from first_local.provision import TEMPLATE, create_queue
 from tests.support.compute import TEST_ENDPOINT_ID, ComputeStandIn, FakeBackend
 from tests.support.identities import ALICE, CALLER
-from tests.support.registry import ENDPOINT, publish_local
+from tests.support.registry import ENDPOINT
 
 SUBMIT = "POST /v3/endpoints/{endpoint_id}/submit"
 
@@ -61,17 +62,7 @@ def queue(aws: None, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
 
 @pytest.fixture
 def function_id(globus_compute: ComputeStandIn) -> str:
-    from globus_compute_sdk.serialize import DillCodeSource
-
-    from first_core.compute import globus_client
-
-    client = globus_client(code_serialization_strategy=DillCodeSource())
-    return str(client.register_function(answer_for))
-
-
-@pytest.fixture
-def backend(globus_compute: ComputeStandIn) -> GlobusComputeBackend:
-    return GlobusComputeBackend()
+    return str(make_client().register_function(answer_for))
 
 
 def queued_request(function_id: str, text: str = "hi", endpoint_id: str = TEST_ENDPOINT_ID) -> Any:
@@ -286,16 +277,15 @@ def test_the_reconciler_leaves_queued_requests_to_the_submitter(
 
 
 @pytest.fixture
-def proxy_path(queue: str, monkeypatch: pytest.MonkeyPatch) -> FakeBackend:
-    """The proxy's path with a backend that records what it submits at once."""
-    publish_local()
+def proxy_path(
+    queue: str, registry_table: None, fake_backend: FakeBackend, monkeypatch: pytest.MonkeyPatch
+) -> FakeBackend:
+    """The proxy's path, on a budget of 3 units, with a backend that records what it submits."""
     settings = get_settings()
     monkeypatch.setattr(settings, "compute_api_calls_per_window", 3)
     monkeypatch.setattr(settings, "compute_api_window_seconds", 3600.0)
     monkeypatch.setattr(settings, "compute_api_queue_reserve", 1)
-    backend = FakeBackend()
-    monkeypatch.setattr(first_core.compute, "_backend", backend)
-    return backend
+    return fake_backend
 
 
 def test_requests_submit_at_once_while_units_last_then_queue(

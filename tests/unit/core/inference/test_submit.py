@@ -4,7 +4,6 @@ endpoint, and 503 when none is left."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -24,15 +23,10 @@ from tests.support.registry import (
     SOPHIA_ENDPOINT,
 )
 
+pytestmark = pytest.mark.usefixtures("registry_table")
+
 
 # -- the submit fallback ----------------------------------------------------------------------
-@pytest.fixture
-def fake_backend(registry_table: None, monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeBackend]:
-    backend = FakeBackend()
-    monkeypatch.setattr(first_core.compute, "_backend", backend)
-    yield backend
-
-
 def _body(model: str = MODEL) -> bytes:
     return json.dumps(
         {"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5}
@@ -83,7 +77,7 @@ def test_every_endpoint_refusing_is_503_after_trying_each_once(fake_backend: Fak
 
 # -- the Globus Compute API budget ------------------------------------------------------------
 def test_the_unit_a_request_took_pays_for_its_submit_even_on_a_cold_start(
-    registry_table: None, monkeypatch: pytest.MonkeyPatch
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """The first request of a process makes the backend, whose version check spends a unit of
     its own (background work): the request's submit still uses the unit the request took."""

@@ -16,19 +16,21 @@ from first_core.registry import (
     publish,
 )
 from first_core.tables import RegistryEntry
-from tests.support.registry import LOCAL_REGISTRY, POLARIS_ENDPOINT, REGISTERED_FUNCTIONS
+from tests.support.registry import (
+    EMBEDDER,
+    LOCAL_REGISTRY,
+    MODEL,
+    POLARIS_ENDPOINT,
+    REGISTERED_FUNCTIONS,
+    SMALL_MODEL,
+    publish_local,
+)
 
-LOCAL_YAML = LOCAL_REGISTRY
-
-LLAMA_8B = "meta-llama/Meta-Llama-3-8B-Instruct"
 LLAMA_70B = "meta-llama/Meta-Llama-3.1-70B-Instruct"
-EMBEDDING = "Salesforce/SFR-Embedding-Mistral"
-LLAMA_1B = "meta-llama/Llama-3.2-1B-Instruct"
 
 EP_SOPHIA = "0c0ffee0-0000-4000-8000-0000000000a1"
 EP_SOPHIA_2 = "0c0ffee0-0000-4000-8000-0000000000a2"
 INFERENCE = REGISTERED_FUNCTIONS["inference"]
-REGISTERED = REGISTERED_FUNCTIONS  # what the local stack registers at start and loads with
 
 VALID = f"""\
 clusters:
@@ -51,14 +53,14 @@ def write(tmp_path: Path, text: str) -> Path:
 
 # -- load_file --------------------------------------------------------------------------------
 def test_local_registry_file_has_sophia_and_polaris() -> None:
-    registry = load_file(LOCAL_YAML, functions=REGISTERED)
+    registry = load_file(LOCAL_REGISTRY, functions=REGISTERED_FUNCTIONS)
 
     assert set(registry.clusters) == {"sophia", "polaris"}
     sophia, polaris = registry.clusters["sophia"], registry.clusters["polaris"]
     assert sophia.frameworks == ["vllm"]
     assert polaris.frameworks == ["vllm"]
-    assert [m for e in sophia.endpoints for m in e.models] == [LLAMA_8B, LLAMA_70B, EMBEDDING]
-    assert [m for e in polaris.endpoints for m in e.models] == [LLAMA_8B, LLAMA_1B]
+    assert [m for e in sophia.endpoints for m in e.models] == [MODEL, LLAMA_70B, EMBEDDER]
+    assert [m for e in polaris.endpoints for m in e.models] == [MODEL, SMALL_MODEL]
     # The small model's tight limits are what the rate-limit contract tests run into.
     assert polaris.endpoints[1].limits.requests_per_second_per_user == 2
     assert polaris.endpoints[1].limits.tokens_per_minute_per_user == 300
@@ -137,7 +139,7 @@ def test_empty_or_unparsable_file_is_a_registry_file_error(tmp_path: Path, text:
 
 # -- publish and read back --------------------------------------------------------------------
 def test_publish_then_current_round_trips_the_local_registry(aws: None) -> None:
-    rows = publish(load_file(LOCAL_YAML, functions=REGISTERED))
+    rows = publish(load_file(LOCAL_REGISTRY, functions=REGISTERED_FUNCTIONS))
 
     assert rows == 2 + 5  # two cluster rows, one row per (framework, model)
     snapshot = Registry.current()
@@ -145,14 +147,14 @@ def test_publish_then_current_round_trips_the_local_registry(aws: None) -> None:
     assert {c.status for c in snapshot.clusters.values()} == {"online"}
     assert snapshot.clusters["sophia"].frameworks == ["vllm"]
     assert sorted((e.cluster, e.framework, e.model) for e in snapshot.endpoints) == [
-        ("polaris", "vllm", LLAMA_1B),
-        ("polaris", "vllm", LLAMA_8B),
-        ("sophia", "vllm", EMBEDDING),
-        ("sophia", "vllm", LLAMA_8B),
+        ("polaris", "vllm", SMALL_MODEL),
+        ("polaris", "vllm", MODEL),
+        ("sophia", "vllm", EMBEDDER),
+        ("sophia", "vllm", MODEL),
         ("sophia", "vllm", LLAMA_70B),
     ]
-    assert snapshot.models() == sorted({LLAMA_8B, LLAMA_70B, EMBEDDING, LLAMA_1B})
-    polaris = next(e for e in snapshot.endpoints if e.cluster == "polaris" and e.model == LLAMA_8B)
+    assert snapshot.models() == sorted({MODEL, LLAMA_70B, EMBEDDER, SMALL_MODEL})
+    polaris = next(e for e in snapshot.endpoints if e.cluster == "polaris" and e.model == MODEL)
     assert polaris.endpoint_id == POLARIS_ENDPOINT
     assert polaris.functions.inference == INFERENCE
     assert polaris.limits.max_tokens == 8192
@@ -160,19 +162,19 @@ def test_publish_then_current_round_trips_the_local_registry(aws: None) -> None:
 
 
 def test_published_rows_use_the_cluster_and_framework_model_keys(aws: None) -> None:
-    publish(load_file(LOCAL_YAML, functions=REGISTERED))
+    publish_local()
 
     keys = sorted((row.cluster, row.key) for row in RegistryEntry.scan())
 
     assert keys == sorted(
         [
             ("polaris", CLUSTER_KEY),
-            ("polaris", f"vllm#{LLAMA_8B}"),
-            ("polaris", f"vllm#{LLAMA_1B}"),
+            ("polaris", f"vllm#{MODEL}"),
+            ("polaris", f"vllm#{SMALL_MODEL}"),
             ("sophia", CLUSTER_KEY),
-            ("sophia", f"vllm#{LLAMA_8B}"),
+            ("sophia", f"vllm#{MODEL}"),
             ("sophia", f"vllm#{LLAMA_70B}"),
-            ("sophia", f"vllm#{EMBEDDING}"),
+            ("sophia", f"vllm#{EMBEDDER}"),
         ]
     )
 
@@ -197,7 +199,7 @@ def test_current_is_cached_until_invalidated(aws: None, tmp_path: Path) -> None:
     first = Registry.current()
     assert Registry.current() is first
 
-    publish(load_file(LOCAL_YAML, functions=REGISTERED))
+    publish_local()
     assert Registry.current() is first  # within registry_cache_seconds
 
     Registry.invalidate()
@@ -243,12 +245,12 @@ def test_errors_give_the_line_of_the_offending_field(tmp_path: Path) -> None:
 def test_the_local_registry_needs_the_ids_registered_at_start() -> None:
     """It names no functions: they are the UUIDs the stand-in gives at each start."""
     with pytest.raises(RegistryFileError) as bad:
-        load_file(LOCAL_YAML)
+        load_file(LOCAL_REGISTRY)
     assert "functions: Field required" in str(bad.value)
 
 
 def test_registered_ids_replace_those_the_file_names(tmp_path: Path) -> None:
-    other = {**REGISTERED, "inference": "f0000000-0000-4000-8000-00000000000f"}
+    other = {**REGISTERED_FUNCTIONS, "inference": "f0000000-0000-4000-8000-00000000000f"}
 
     loaded = load_file(write(tmp_path, VALID), functions=other)
 

@@ -65,6 +65,12 @@ class Stack:
         with urllib.request.urlopen(self.state["standin_calls_url"]) as response:
             return dict(json.load(response))
 
+    def compute_standin(self, path: str, method: str = "GET") -> Any:
+        """A `/_standin/...` answer of the Globus Compute stand-in."""
+        url = self.state["globus_compute_url"] + path
+        with urllib.request.urlopen(urllib.request.Request(url, method=method), timeout=10) as r:
+            return json.load(r)
+
 
 @pytest.fixture(scope="session")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:

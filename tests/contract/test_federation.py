@@ -121,12 +121,6 @@ def test_models_carry_their_state_per_cluster(polaris_down: Stack) -> None:
     assert models[MODEL].model_extra["states"] == {"sophia": "running", "polaris": "offline"}
 
 
-def _standin(stack: Stack, path: str, method: str = "GET") -> Any:
-    request = urllib.request.Request(stack.state["globus_compute_url"] + path, method=method)
-    with urllib.request.urlopen(request, timeout=10) as response:
-        return json.load(response)
-
-
 def test_a_task_for_an_endpoint_that_went_down_waits_for_it(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> None:
@@ -151,7 +145,7 @@ def test_a_task_for_an_endpoint_that_went_down_waits_for_it(
     ) as state:
         stale = Stack(state["base_url"], state)
         polaris = state["compute_endpoints"]["polaris"]
-        assert _standin(stale, "/_standin/endpoints")[polaris]["status"] == "offline"
+        assert stale.compute_standin("/_standin/endpoints")[polaris]["status"] == "offline"
         assert (
             _get(stale, "/resource_server/v1/status", user=None)["clusters"]["polaris"]["status"]
             == "online"
@@ -163,13 +157,13 @@ def test_a_task_for_an_endpoint_that_went_down_waits_for_it(
         waiting.start()
         submits = "POST /v3/endpoints/{endpoint_id}/submit"
         deadline = time.monotonic() + 10
-        while not _standin(stale, "/_standin/calls")["routes"].get(submits):
+        while not stale.compute_standin("/_standin/calls")["routes"].get(submits):
             assert time.monotonic() < deadline, "the request was never submitted"
             time.sleep(0.1)
         time.sleep(1.0)
         assert waiting.is_alive()  # queued at Globus Compute, not refused
-        assert _standin(stale, "/_standin/endpoints")[polaris]["status"] == "offline"
-        _standin(stale, "/_standin/endpoints/polaris/start", method="POST")
+        assert stale.compute_standin("/_standin/endpoints")[polaris]["status"] == "offline"
+        stale.compute_standin("/_standin/endpoints/polaris/start", method="POST")
         waiting.join(30)
         [raw] = answers
         assert raw.headers["x-first-cluster"] == "polaris"

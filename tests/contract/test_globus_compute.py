@@ -4,9 +4,7 @@ endpoints that are up before their workers are)."""
 
 from __future__ import annotations
 
-import json
 import time
-import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -31,11 +29,6 @@ def where_am_i(greeting: str) -> dict[str, str]:
     return {"greeting": greeting, "vllm": os.environ.get("VLLM_BASE_URL", "")}
 
 
-def standin(stack: Stack, path: str) -> Any:
-    with urllib.request.urlopen(stack.state["globus_compute_url"] + path, timeout=10) as answer:
-        return json.load(answer)
-
-
 def chat(stack: Stack) -> Any:
     return stack.client().chat.completions.with_raw_response.create(
         model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=5
@@ -47,7 +40,7 @@ def test_the_state_file_names_the_service_its_client_and_endpoints(stack: Stack)
     assert state["globus_compute_url"].startswith("http://127.0.0.1:")
     assert state["compute_client_id"] and state["compute_client_secret"]
     assert set(state["compute_endpoints"]) == {"sophia", "polaris"}
-    endpoints = standin(stack, "/_standin/endpoints")
+    endpoints = stack.compute_standin("/_standin/endpoints")
     for cluster, endpoint_id in state["compute_endpoints"].items():
         assert isinstance(endpoint_id, str)
         assert endpoints[endpoint_id]["name"] == cluster
@@ -82,11 +75,11 @@ def test_the_real_sdk_runs_a_function_of_its_own_on_each_endpoint(
 
 
 def test_the_gateways_calls_are_counted_by_route_and_client(stack: Stack) -> None:
-    before = standin(stack, "/_standin/calls")
+    before = stack.compute_standin("/_standin/calls")
 
     assert chat(stack).parse().choices[0].message.content
 
-    after = standin(stack, "/_standin/calls")
+    after = stack.compute_standin("/_standin/calls")
     assert after["routes"][SUBMIT] >= before["routes"].get(SUBMIT, 0) + 1
     client = stack.state["compute_client_id"]
     assert after["clients"][client] > before["clients"].get(client, 0)
@@ -129,7 +122,7 @@ def test_past_the_budget_requests_queue_and_all_complete_once(at_the_limit: Stac
     batches (and dies after each); every request completes exactly once, the service never
     answered 429, and it ran exactly one task per request."""
     stack = at_the_limit
-    before = standin(stack, "/_standin/calls")
+    before = stack.compute_standin("/_standin/calls")
     client = stack.client()
 
     def one(index: int) -> str:
@@ -152,7 +145,7 @@ def test_past_the_budget_requests_queue_and_all_complete_once(at_the_limit: Stac
     with ThreadPoolExecutor(20) as pool:
         request_ids = list(pool.map(one, range(40)))
 
-    after = standin(stack, "/_standin/calls")
+    after = stack.compute_standin("/_standin/calls")
     assert after["throttled"] == before["throttled"] == 0
     assert after["tasks"] - before["tasks"] == 40  # one task per request: none sent twice
     assert after["routes"][SUBMIT] - before["routes"].get(SUBMIT, 0) < 40  # batched
@@ -187,7 +180,7 @@ def test_models_on_endpoints_without_workers_yet_are_starting_then_served(
     starting: Stack,
 ) -> None:
     sophia = starting.state["compute_endpoints"]["sophia"]
-    details = standin(starting, "/_standin/endpoints")[sophia]["details"]
+    details = starting.compute_standin("/_standin/endpoints")[sophia]["details"]
     assert details["total_workers"] == 0
 
     with pytest.raises(openai.InternalServerError) as refused:
@@ -208,4 +201,4 @@ def test_models_on_endpoints_without_workers_yet_are_starting_then_served(
             assert error.status_code == 503 and time.monotonic() < deadline, error
             time.sleep(0.5)
     assert reply.parse().choices[0].message.content
-    assert standin(starting, "/_standin/endpoints")[sophia]["details"]["total_workers"] == 1
+    assert starting.compute_standin("/_standin/endpoints")[sophia]["details"]["total_workers"] == 1

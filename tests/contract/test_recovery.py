@@ -240,7 +240,7 @@ def test_a_worker_killed_under_its_task_fails_that_request_once(tmp_path: Path) 
             assert isinstance(refused, openai.APIStatusError) and refused.status_code == 502
             opened.append(refused.response.headers["x-first-request-id"])
         assert_ended_once(stack, opened[0], "failed")
-        endpoints = httpx.get(f"{state['globus_compute_url']}/_standin/endpoints").json()
+        endpoints = stack.compute_standin("/_standin/endpoints")
         sophia = endpoints[state["compute_endpoints"]["sophia"]]
         assert sophia["details"]["total_workers"] == 2
 

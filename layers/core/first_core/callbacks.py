@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from typing import TypeVar
+from typing import Literal, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
@@ -19,6 +19,13 @@ from first_core.settings import get_settings
 
 class MissingCallbackSecret(RuntimeError):
     """An HMAC under an empty key is no secret: refuse to sign or verify without one."""
+
+
+def callback_url(object_id: str, sink: Literal["result", "stream", "batch"]) -> str:
+    """Where a compute function posts back for this request or batch (chalicelib/callbacks.py):
+    the gateway's public base URL, since the cluster reaches it from outside."""
+    url = f"{get_settings().public_base_url.rstrip('/')}/callbacks/{object_id}"
+    return url if sink == "result" else f"{url}/{sink}"
 
 
 def callback_token(request_id: str) -> str:

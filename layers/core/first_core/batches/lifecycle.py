@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from first_core import observability, ratelimit, schemas, storage, usage
 from first_core.auth import Caller
 from first_core.batches import files
-from first_core.callbacks import callback_token
+from first_core.callbacks import callback_token, callback_url
 from first_core.compute import ComputeBackend, budget, get_backend
 from first_core.errors import (
     ConflictError,
@@ -337,7 +337,7 @@ def _submit_task(
             "model": record.model,
             "input": source,
             "output": output,
-            "callback_url": f"{settings.public_base_url.rstrip('/')}/callbacks/{batch_id}/batch",
+            "callback_url": callback_url(batch_id, "batch"),
             "callback_token": callback_token(batch_id),
             "chunk_lines": settings.batch_chunk_lines,
             "attempt": attempt,

@@ -79,12 +79,11 @@ def task_kwargs(
     request_id: str, openai_path: str, stream: bool, payload: dict[str, Any]
 ) -> dict[str, Any]:
     """What the inference and streaming compute functions are called with."""
-    callback_url = f"{get_settings().public_base_url.rstrip('/')}/callbacks/{request_id}"
     return {
         "payload": payload,
         "openai_path": openai_path,
         "request_id": request_id,
-        "callback_url": f"{callback_url}/stream" if stream else callback_url,
+        "callback_url": callbacks.callback_url(request_id, "stream" if stream else "result"),
         "callback_token": callbacks.callback_token(request_id),
     }
 

@@ -104,6 +104,15 @@ def claim_is_stale(record: RequestRecord, now: float) -> bool:
     return now - float(record.claimed_at or 0) >= get_settings().submit_claim_seconds
 
 
+def usage_actions(usage: Usage) -> list[Any]:
+    """The writes that put a request's token counts on its record."""
+    return [
+        RequestRecord.prompt_tokens.set(usage.prompt_tokens),
+        RequestRecord.completion_tokens.set(usage.completion_tokens),
+        RequestRecord.total_tokens.set(usage.total_tokens),
+    ]
+
+
 def _update_if(request_id: str, actions: list[Any], condition: Any) -> bool:
     return update_if(RequestRecord(request_id), actions, condition)
 
@@ -119,11 +128,7 @@ def finish_actions(status: str, usage: Usage | None = None, error: str | None = 
         RequestRecord.completed_at.set(now),
     ]
     if usage is not None:
-        actions += [
-            RequestRecord.prompt_tokens.set(usage.prompt_tokens),
-            RequestRecord.completion_tokens.set(usage.completion_tokens),
-            RequestRecord.total_tokens.set(usage.total_tokens),
-        ]
+        actions += usage_actions(usage)
     if error is not None:
         actions.append(RequestRecord.error.set(error[:2000]))
     return actions

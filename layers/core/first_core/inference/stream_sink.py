@@ -147,13 +147,8 @@ def _record_usage_after_cancel(request_id: str, usage: Usage) -> None:
     """Set the usage of a cancelled request once, leaving its status alone (and on its usage
     record, and against its rate-limit windows)."""
     record = RequestRecord(request_id)
-    actions = [
-        RequestRecord.prompt_tokens.set(usage.prompt_tokens),
-        RequestRecord.completion_tokens.set(usage.completion_tokens),
-        RequestRecord.total_tokens.set(usage.total_tokens),
-    ]
     once = (RequestRecord.status == "cancelled") & RequestRecord.total_tokens.does_not_exist()
-    if update_if(record, actions, once):
+    if update_if(record, records.usage_actions(usage), once):
         late_usage(record)
 
 

@@ -36,6 +36,7 @@ from typing import Any
 import openai
 
 from bench.common import machine
+from first_local.moto_server import WRITE_OPERATIONS
 
 MODEL = "meta-llama/Meta-Llama-3-8B-Instruct"
 # A burst spreads over two users and two models: the per-user limit (20/s a model) is not its
@@ -59,9 +60,6 @@ PRICES = {
 PROXY_GB = 1.0  # template.yaml: ProxyFunction MemorySize 1024
 CONTROL_GB = 0.5  # ControlPlaneFunction and SubmitterFunction: 512
 READS = {"GetItem", "Query", "Scan", "BatchGetItem"}
-WRITES = {"PutItem", "UpdateItem", "DeleteItem", "BatchWriteItem", "TransactWriteItems"}
-
-
 @dataclass
 class Tally:
     """What one kind of work did, in all."""
@@ -85,7 +83,7 @@ class Tally:
     def costs(self) -> dict[str, float]:
         """USD per unit of work, by what is paid for."""
         reads = sum(n for op, n in self.dynamodb.items() if op in READS)
-        writes = sum(n for op, n in self.dynamodb.items() if op in WRITES)
+        writes = sum(n for op, n in self.dynamodb.items() if op in WRITE_OPERATIONS)
         gb_seconds = (
             self.proxy_seconds * PROXY_GB
             + (self.callback_ms + self.submitter_ms) / 1000 * CONTROL_GB
@@ -281,7 +279,7 @@ def main() -> None:
     print("|" + "---|" * (header.count("|") - 1))
     for kind, tally in tallies.items():
         reads = sum(n for op, n in tally.dynamodb.items() if op in READS)
-        writes = sum(n for op, n in tally.dynamodb.items() if op in WRITES)
+        writes = sum(n for op, n in tally.dynamodb.items() if op in WRITE_OPERATIONS)
         gb = (
             tally.proxy_seconds * PROXY_GB
             + (tally.callback_ms + tally.submitter_ms) / 1000 * CONTROL_GB

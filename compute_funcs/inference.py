@@ -20,11 +20,16 @@ def vllm_inference(
     request_id: str,
     callback_url: str,
     callback_token: str,
+    fitted_max_tokens: bool = False,
 ) -> dict[str, Any]:
     """Run one OpenAI request against the node's vLLM, POST the result to the callback url with the
-    callback token, and return it: `{request_id, status_code, body, timings}`."""
+    callback token, and return it: `{request_id, status_code, body, timings}`.
+
+    `fitted_max_tokens`: the gateway chose `max_tokens` (the caller named none); if vLLM refuses
+    it as too large for the model's context, it is sent once more lowered to the room left."""
     import json
     import os
+    import re
     import time
     import urllib.error
     import urllib.request
@@ -50,9 +55,29 @@ def vllm_inference(
             except ValueError:
                 return error.code, {"error": {"message": raw.decode(errors="replace")[:2000]}}
 
+    def room_in_context(status: int, body: Any) -> int | None:
+        """From vLLM's refusal of a max_tokens too large for the context, the largest that fits
+        (both wordings: "... and your request has M input tokens" and "(M in the messages")."""
+        if status != 400 or not fitted_max_tokens:
+            return None
+        error = body.get("error", body) if isinstance(body, dict) else {}
+        message = str(error.get("message") if isinstance(error, dict) else "")
+        found = re.search(
+            r"maximum context length is (\d+) tokens.*?(?:has (\d+) input tokens|\((\d+) in the)",
+            message,
+            re.S,
+        )
+        if not found:
+            return None
+        room = int(found[1]) - int(found[2] or found[3])
+        return room if 0 < room < int(payload.get("max_tokens") or 0) else None
+
     started = time.time()
     try:
         status_code, body = post(f"{base_url}/{openai_path}", payload, {}, timeout)
+        if (room := room_in_context(status_code, body)) is not None:
+            payload = {**payload, "max_tokens": room}
+            status_code, body = post(f"{base_url}/{openai_path}", payload, {}, timeout)
     except (urllib.error.URLError, OSError, ValueError) as error:
         status_code, body = (
             502,

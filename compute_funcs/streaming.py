@@ -24,13 +24,18 @@ def vllm_streaming(
     request_id: str,
     callback_url: str,
     callback_token: str,
+    fitted_max_tokens: bool = False,
 ) -> dict[str, Any]:
     """Stream one OpenAI request from the node's vLLM to the stream callback as numbered chunk
-    batches, stop when the gateway says the client left, and return the assembled answer."""
+    batches, stop when the gateway says the client left, and return the assembled answer.
+
+    `fitted_max_tokens`: the gateway chose `max_tokens` (the caller named none); if vLLM refuses
+    it as too large for the model's context, it is sent once more lowered to the room left."""
     import http.client
     import json
     import os
     import queue
+    import re
     import socket
     import threading
     import time
@@ -51,6 +56,24 @@ def vllm_streaming(
     # Usage is always asked for, so it can be billed; the gateway decides what the client sees.
     options = {**(payload.get("stream_options") or {}), "include_usage": True}
     request_body = json.dumps({**payload, "stream": True, "stream_options": options}).encode()
+
+    def room_in_context(status: int, body: Any) -> int | None:
+        """From vLLM's refusal of a max_tokens too large for the context, the largest that fits
+        (both wordings: "... and your request has M input tokens" and "(M in the messages").
+        The same reading as compute_funcs.inference's: each function ships on its own."""
+        if status != 400 or not fitted_max_tokens:
+            return None
+        error = body.get("error", body) if isinstance(body, dict) else {}
+        message = str(error.get("message") if isinstance(error, dict) else "")
+        found = re.search(
+            r"maximum context length is (\d+) tokens.*?(?:has (\d+) input tokens|\((\d+) in the)",
+            message,
+            re.S,
+        )
+        if not found:
+            return None
+        room = int(found[1]) - int(found[2] or found[3])
+        return room if 0 < room < int(payload.get("max_tokens") or 0) else None
 
     events: queue.Queue[tuple[Any, ...]] = queue.Queue()
     stop = threading.Event()
@@ -98,23 +121,34 @@ def vllm_streaming(
         kind = http.client.HTTPSConnection if secure else http.client.HTTPConnection
         connection = kind(target.hostname or "127.0.0.1", target.port, timeout=timeout)
         response = None
+        body_sent = request_body
         try:
             connection.connect()
             state["sock"] = connection.sock  # so a cancel can shut it from the other thread
             if stop.is_set():
                 return
             path = target.path + (f"?{target.query}" if target.query else "")
-            connection.request("POST", path, body=request_body, headers=headers)
+            connection.request("POST", path, body=body_sent, headers=headers)
             response = connection.getresponse()
-            if response.status >= 400:
+            for attempt in (1, 2):
+                if response.status < 400:
+                    break
                 raw = response.read()
                 try:
                     body: Any = json.loads(raw)
                 except ValueError:
                     body = raw.decode(errors="replace")[:2000]
-                message = f"vLLM answered HTTP {response.status}."
-                events.put(("error", response.status, openai_error(body, response.status, message)))
-                return
+                room = room_in_context(response.status, body) if attempt == 1 else None
+                if room is None:
+                    message = f"vLLM answered HTTP {response.status}."
+                    events.put(
+                        ("error", response.status, openai_error(body, response.status, message))
+                    )
+                    return
+                body_sent = json.dumps({**json.loads(body_sent), "max_tokens": room}).encode()
+                connection.request("POST", path, body=body_sent, headers=headers)
+                response = connection.getresponse()
+                state["sock"] = connection.sock  # a closed connection was opened anew
             lines: list[str] = []
             while not stop.is_set():
                 raw = response.readline()

@@ -13,10 +13,12 @@ exactly with any number of processes (an in-memory or read-then-write counter le
 take N times the limit). A refused take changes nothing.
 
 Tokens are reserved up front, before anything is submitted: the prompt's estimate (body bytes
-/ 4, an over-estimate for text) plus `max_tokens` (times `n`), or a default when the request
-names none. When the request ends, `settle` adds the difference between what was reserved and
-what was used to the same window's counters (best effort, unconditional, may be negative), so
-the next requests in that minute see the real use.
+/ 4, an over-estimate for text) plus `max_tokens` (times `n`). A request that names none gets
+one from the gateway, reserved and sent to vLLM so it cannot be overrun: the endpoint's cap, or
+less when the caller's budget has less left in this window. When the request ends, `settle`
+adds the difference between what was reserved and what was used to the same window's counters
+(best effort, unconditional, may be negative), so the next requests in that minute see the real
+use.
 
 Several counters are taken side by side; if one refuses, the token units the others took are
 given back. Between the take and the give-back a unit is held that was not used: limits err on
@@ -65,6 +67,9 @@ class Reservation:
 
     tokens: int = 0
     counters: list[Counter] = field(default_factory=list)
+    # Completion tokens per choice the gateway reserved for a request that named no max_tokens:
+    # what it sends as `max_tokens` (None when the caller named it).
+    max_tokens: int | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -165,22 +170,20 @@ def reserve(
     max_output_tokens: int | None,
     choices: int = 1,
     *,
+    fit: bool = False,
     now: float | None = None,
 ) -> Reservation:
     """Take one request and its token budget from every limit that applies, or raise
     `RateLimitError` (429, `Retry-After`) having taken nothing.
 
-    The budget is `prompt_tokens + max_output_tokens * choices`; a request that names no
-    `max_tokens` reserves the settings' default (capped by the endpoint's `max_tokens` and by
-    what its token limits allow at all), and the real use is settled when it ends."""
+    The budget is `prompt_tokens + max_output_tokens * choices`. With `fit` the caller left
+    `max_tokens` out and `max_output_tokens` is the most it may get (the endpoint's cap): the
+    gateway then reserves, and sends (`Reservation.max_tokens`), that or less, so that it fits
+    what the caller's token budget has left in this window. The real use is settled when the
+    request ends."""
     now = time.time() if now is None else now
     limits = limits_for(endpoint)
-    completion = max_output_tokens
-    if completion is None:
-        completion = get_settings().default_reserved_completion_tokens
-        if endpoint.limits.max_tokens is not None:
-            completion = min(completion, endpoint.limits.max_tokens)
-    tokens = prompt_tokens + completion * max(1, choices)
+    completion = max_output_tokens or 0
     minute = int(now // 60)
     counters: list[Counter] = []
     if limits.requests_per_second_per_user:
@@ -206,10 +209,12 @@ def reserve(
                 "tokens",
             )
         )
-    if max_output_tokens is None and token_counters:
-        tokens = min(tokens, max(prompt_tokens, min(c.limit for c in token_counters)))
+    choices = max(1, choices)
+    if fit and token_counters:
+        completion = min(completion, _completion_within(token_counters, 0, prompt_tokens, choices))
+    tokens = prompt_tokens + completion * choices
     for counter in token_counters:
-        if tokens > counter.limit:
+        if tokens > counter.limit or (fit and completion < 1):
             scope = "per user" if counter.key.startswith("tpm#") else "for this endpoint"
             raise RateLimitError(
                 f"Request too large for '{endpoint.model}': it may use up to {tokens} tokens "
@@ -217,32 +222,74 @@ def reserve(
                 f"tokens per minute {scope}. Lower max_tokens or shorten the prompt.",
                 code="request_too_large",
             )
-    # The counters are independent rows: take them side by side, one round trip in all.
     wanted = [(c, 1 if c.kind == "requests" else tokens) for c in counters + token_counters]
+    refused = _take_all(wanted)
+    # Without max_tokens, a request that does not fit takes what is left of the window (the
+    # counters are read only then, so the usual case costs no read).
+    for _ in range(_FIT_ATTEMPTS if fit else 0):
+        if not refused or any(c.kind == "requests" for c in refused):
+            break
+        _give_back_tokens(wanted, refused)
+        completion = min(completion, _completion_within(token_counters, 1, prompt_tokens, choices))
+        if completion < 1:  # nothing left of the window for this request
+            raise _limit_reached(endpoint, refused[0], prompt_tokens + choices, now)
+        tokens = prompt_tokens + completion * choices
+        wanted = [(c, tokens) for c in token_counters]
+        refused = _take_all(wanted)
+    if refused:
+        _give_back_tokens(wanted, refused)
+        raise _limit_reached(endpoint, refused[0], tokens, now)
+    return Reservation(tokens if token_counters else 0, token_counters, completion if fit else None)
+
+
+# Rounds of "read what is left, take it" before a request without max_tokens is refused (another
+# request may take the rest between the read and the take).
+_FIT_ATTEMPTS = 3
+
+
+def _completion_within(
+    token_counters: list[Counter], read: int, prompt_tokens: int, choices: int
+) -> int:
+    """Completion tokens per choice that fit every token counter: within its limit (`read` 0),
+    or within what is left of it now (`read` 1: one consistent read of each, side by side)."""
+    if read:
+        left = list(_TAKERS.map(lambda c: c.limit - used(c.key), token_counters))
+    else:
+        left = [c.limit for c in token_counters]
+    return (min(left) - prompt_tokens) // choices
+
+
+def _take_all(wanted: list[tuple[Counter, int]]) -> list[Counter]:
+    """Take each counter's units (independent rows: side by side, one round trip in all); the
+    counters that refused."""
     if len(wanted) > 1:
         outcomes = list(_TAKERS.map(lambda pair: take(*pair), wanted))
     else:
         outcomes = [take(*pair) for pair in wanted]
-    refused = [counter for (counter, _), ok in zip(wanted, outcomes, strict=True) if not ok]
-    if refused:
-        for (taken, units), ok in zip(wanted, outcomes, strict=True):
-            if ok and taken.kind == "tokens":  # a request unit stays taken: the request was made
-                _safe_give_back(taken.key, units, taken.window_end)
-        counter = refused[0]
-        wait = retry_after(counter.window_end, now=now)
-        if counter.kind == "requests":
-            message = (
-                f"Rate limit reached for '{endpoint.model}': {counter.limit} request(s) per "
-                f"{_window_words(counter)} per user. Retry after {wait} s."
-            )
-        else:
-            scope = "per user" if counter.key.startswith("tpm#") else "for this endpoint"
-            message = (
-                f"Rate limit reached for '{endpoint.model}': {counter.limit} tokens per minute "
-                f"{scope}; this request would reserve {tokens}. Retry after {wait} s."
-            )
-        raise RateLimitError(message, headers={"retry-after": str(wait)})
-    return Reservation(tokens if token_counters else 0, token_counters)
+    return [counter for (counter, _), ok in zip(wanted, outcomes, strict=True) if not ok]
+
+
+def _give_back_tokens(wanted: list[tuple[Counter, int]], refused: list[Counter]) -> None:
+    # A request unit stays taken: the request was made.
+    for taken, units in wanted:
+        if taken not in refused and taken.kind == "tokens":
+            _safe_give_back(taken.key, units, taken.window_end)
+
+
+def _limit_reached(endpoint: Endpoint, counter: Counter, tokens: int, now: float) -> RateLimitError:
+    wait = retry_after(counter.window_end, now=now)
+    if counter.kind == "requests":
+        message = (
+            f"Rate limit reached for '{endpoint.model}': {counter.limit} request(s) per "
+            f"{_window_words(counter)} per user. Retry after {wait} s."
+        )
+    else:
+        scope = "per user" if counter.key.startswith("tpm#") else "for this endpoint"
+        message = (
+            f"Rate limit reached for '{endpoint.model}': {counter.limit} tokens per minute "
+            f"{scope}; this request would reserve {tokens}. Retry after {wait} s."
+        )
+    return RateLimitError(message, headers={"retry-after": str(wait)})
 
 
 def _window_words(counter: Counter) -> str:

@@ -87,8 +87,9 @@ class Settings(BaseSettings):
     default_requests_per_second_per_user: float = 20.0
     default_tokens_per_minute_per_user: int = 200_000
     default_tokens_per_minute: int = 0
-    # Completion tokens reserved against the per-minute limits when a request names no max_tokens.
-    default_reserved_completion_tokens: int = 1024
+    # The max_tokens the gateway sends (and reserves) for a chat request that names none, on an
+    # endpoint without a `max_tokens` cap; less when the caller's token budget has less left.
+    default_max_tokens: int = 4096
     # Usage records (one per request) are kept this long.
     usage_retention_days: int = 400
     # GET /v1/usage covers at most this many days at once.

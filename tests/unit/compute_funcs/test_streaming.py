@@ -189,6 +189,21 @@ def test_bad_request_keeps_vllms_status(receiver: Receiver) -> None:
     assert "maximum context length" in receiver.batches()[0]["error"]["message"]
 
 
+def test_a_fitted_max_tokens_too_large_for_the_context_is_lowered_once(
+    receiver: Receiver,
+) -> None:
+    """The gateway filled in max_tokens (the caller named none): the model's 8,192-token context
+    has less room, so vLLM refuses it and it is sent again with the room left."""
+    payload = chat("hi [mock:tokens=5]", max_tokens=8192)
+    result = vllm_streaming(
+        payload, "chat/completions", "req_test", receiver.url, TOKEN, fitted_max_tokens=True
+    )
+    assert result["status_code"] == 200 and result["body"]["choices"][0]["message"]["content"]
+    assert receiver.batches()[-1]["usage"]["completion_tokens"] == 5
+    # A max_tokens the caller named is the caller's: vLLM's refusal reaches them as it is.
+    assert run(receiver, payload)["status_code"] == 400
+
+
 def test_continue_false_stops_reading_and_reports_usage(receiver: Receiver) -> None:
     receiver.stop_after = 2
     start = time.monotonic()

@@ -143,13 +143,58 @@ def test_a_request_larger_than_the_limit_is_refused_without_retry_after(aws: Non
     assert used(f"tpm#alice#{MODEL}#{int(T0) // 60}") == 0
 
 
-def test_without_max_tokens_the_default_reservation_is_capped_to_what_fits(aws: None) -> None:
+def test_without_max_tokens_the_cap_is_reserved_when_the_window_has_room(aws: None) -> None:
+    limited = endpoint(tokens_per_minute_per_user=10_000, requests_per_second_per_user=0)
+    reservation = reserve("alice", limited, 40, 2048, fit=True, now=T0)
+    assert (reservation.max_tokens, reservation.tokens) == (2048, 40 + 2048)
+    assert used(f"tpm#alice#{MODEL}#{int(T0) // 60}") == 40 + 2048
+
+
+def test_without_max_tokens_a_request_gets_what_the_window_has_left(aws: None) -> None:
     limited = endpoint(tokens_per_minute_per_user=300, requests_per_second_per_user=0)
-    assert get_settings().default_reserved_completion_tokens > 300
-    reservation = reserve("alice", limited, 40, None, now=T0)
-    assert reservation.tokens == 300
-    with pytest.raises(RateLimitError):
-        reserve("alice", limited, 40, None, now=T0 + 1)
+    key = f"tpm#alice#{MODEL}#{int(T0) // 60}"
+    # Never more than the limit allows at all (the prompt's estimate included), times n.
+    first = reserve("alice", limited, 40, 2048, choices=2, fit=True, now=T0)
+    assert (first.max_tokens, first.tokens) == (130, 300)
+    settle(first.to_json(), actual_tokens=100)  # it used less: 200 left
+    second = reserve("alice", limited, 40, 2048, fit=True, now=T0 + 1)
+    assert (second.max_tokens, second.tokens) == (160, 200)
+    assert used(key) == 300
+    with pytest.raises(RateLimitError) as refused:
+        reserve("alice", limited, 40, 2048, fit=True, now=T0 + 2)
+    assert refused.value.status == 429 and refused.value.headers["retry-after"] == "58"
+    assert used(key) == 300  # nothing taken by the refusal
+
+
+def test_without_max_tokens_a_prompt_over_the_limit_is_too_large(aws: None) -> None:
+    limited = endpoint(tokens_per_minute_per_user=300, requests_per_second_per_user=0)
+    with pytest.raises(RateLimitError) as refused:
+        reserve("alice", limited, 300, 2048, fit=True, now=T0)
+    assert refused.value.code == "request_too_large"
+
+
+def test_concurrent_requests_without_max_tokens_share_the_window_and_never_pass_it(
+    atomic_moto: None,
+) -> None:
+    limited = endpoint(tokens_per_minute_per_user=5_000, requests_per_second_per_user=0)
+    key = f"tpm#alice#{MODEL}#{int(T0) // 60}"
+    assert used(key) == 0
+    start = threading.Barrier(20)
+
+    def racer(_: int) -> int | None:
+        start.wait()
+        try:
+            reservation = reserve("alice", limited, 50, 1000, fit=True, now=T0)
+        except RateLimitError:
+            return None
+        assert reservation.max_tokens is not None and 1 <= reservation.max_tokens <= 1000
+        return reservation.tokens
+
+    with ThreadPoolExecutor(max_workers=20) as pool:
+        granted = [t for t in pool.map(racer, range(20)) if t is not None]
+
+    assert sum(granted) == used(key) <= 5_000
+    assert len(granted) >= 5  # at least the five full reservations fit
 
 
 def test_a_later_limit_refusing_gives_the_earlier_tokens_back(aws: None) -> None:

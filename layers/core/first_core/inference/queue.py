@@ -60,6 +60,7 @@ class QueuedRequest:
     stream: bool
     payload: dict[str, Any] | None = None
     payload_key: str | None = None
+    fitted_max_tokens: bool = False
 
     def to_message(self) -> str:
         return json.dumps({k: v for k, v in asdict(self).items() if v is not None})
@@ -72,20 +73,31 @@ class QueuedRequest:
         payload = self.payload
         if payload is None and self.payload_key is not None:
             payload = json.loads(storage.get(self.payload_key))
-        return task_kwargs(self.request_id, self.openai_path, self.stream, payload or {})
+        return task_kwargs(
+            self.request_id, self.openai_path, self.stream, payload or {}, self.fitted_max_tokens
+        )
 
 
 def task_kwargs(
-    request_id: str, openai_path: str, stream: bool, payload: dict[str, Any]
+    request_id: str,
+    openai_path: str,
+    stream: bool,
+    payload: dict[str, Any],
+    fitted_max_tokens: bool = False,
 ) -> dict[str, Any]:
-    """What the inference and streaming compute functions are called with."""
-    return {
+    """What the inference and streaming compute functions are called with. `fitted_max_tokens`:
+    the gateway chose the payload's max_tokens (the caller named none), so the function may
+    lower it to what the model's context has room for."""
+    kwargs: dict[str, Any] = {
         "payload": payload,
         "openai_path": openai_path,
         "request_id": request_id,
         "callback_url": callbacks.callback_url(request_id, "stream" if stream else "result"),
         "callback_token": callbacks.callback_token(request_id),
     }
+    if fitted_max_tokens:
+        kwargs["fitted_max_tokens"] = True
+    return kwargs
 
 
 @lru_cache(maxsize=1)

@@ -37,6 +37,20 @@ class Submission:
     deadline: float
 
 
+# vLLM's (and OpenAI's) own default for /v1/completions, kept when the caller names none.
+COMPLETIONS_DEFAULT_MAX_TOKENS = 16
+
+
+def max_tokens_ceiling(openai_path: str, endpoint: Endpoint) -> int:
+    """The most a generation that names no max_tokens may produce: the endpoint's cap (the
+    settings' default where it names none); for text completions, vLLM's default of 16 within
+    that cap."""
+    cap = endpoint.limits.max_tokens
+    if openai_path == "completions":
+        return min(cap or COMPLETIONS_DEFAULT_MAX_TOKENS, COMPLETIONS_DEFAULT_MAX_TOKENS)
+    return get_settings().default_max_tokens if cap is None else cap
+
+
 def submit(
     caller: Caller,
     openai_path: str,
@@ -78,13 +92,16 @@ def submit(
         )
 
     # The rate limits, before anything is written or submitted: over a limit this raises 429
-    # with nothing taken and nothing recorded.
+    # with nothing taken and nothing recorded. A generation that names no max_tokens gets one
+    # here, so what runs can never exceed the endpoint's cap or the caller's budget.
+    fit = asked is None and openai_path != "embeddings"
     reservation = ratelimit.reserve(
         caller.user_id,
         endpoint,
         ratelimit.prompt_estimate(len(raw_body)),
-        0 if openai_path == "embeddings" else asked,
+        max_tokens_ceiling(openai_path, endpoint) if fit else (asked or 0),
         int(getattr(request, "n", None) or 1),
+        fit=fit,
     )
     # Globus Compute's API budget (compute/budget.py): a unit now, or the submit queue, whose
     # submitter sends the waiting requests of an endpoint in one batch. (Without a queue, wait
@@ -113,6 +130,8 @@ def submit(
         ratelimit.settle(reservation.to_json(), 0)
         raise
     payload: dict[str, Any] = json.loads(raw_body)
+    if reservation.max_tokens is not None:
+        payload["max_tokens"] = reservation.max_tokens
     if not stream:
         # Nothing streams, so there is nothing to configure; vLLM would refuse the key.
         payload.pop("stream_options", None)
@@ -121,11 +140,17 @@ def submit(
         if queued:
             queue.enqueue(
                 queue.QueuedRequest(
-                    request_id, endpoint.endpoint_id, function_id, openai_path, stream, payload
+                    request_id,
+                    endpoint.endpoint_id,
+                    function_id,
+                    openai_path,
+                    stream,
+                    payload,
+                    fitted_max_tokens=fit,
                 )
             )
         else:
-            kwargs = queue.task_kwargs(request_id, openai_path, stream, payload)
+            kwargs = queue.task_kwargs(request_id, openai_path, stream, payload, fit)
             # Made before the prepaid call: making it (once per process) spends its own unit,
             # which must not use up the one this request took.
             backend = get_backend()

@@ -12,12 +12,15 @@ import first_core.compute
 from first_core import inference
 from first_core.compute import budget
 from first_core.errors import ServiceUnavailableError
+from first_core.inference.submit import max_tokens_ceiling
 from first_core.registry import Registry
 from first_core.settings import get_settings
 from first_core.tables import RegistryEntry, RequestRecord
 from tests.support.compute import FakeBackend
 from tests.support.identities import ALICE
 from tests.support.registry import (
+    EMBEDDER,
+    ENDPOINT,
     MODEL,
     POLARIS_ENDPOINT,
     SOPHIA_ENDPOINT,
@@ -110,3 +113,65 @@ def test_the_unit_a_request_took_pays_for_its_submit_even_on_a_cold_start(
     assert submission.task_id == "task-1"
     # The request's own unit, then the version check's: the submit took nothing more.
     assert takes == [budget.Priority.SUBMIT_NOW, budget.Priority.BACKGROUND]
+
+
+# -- max_tokens the gateway sends when the caller names none ------------------------------------
+def _sent(fake_backend: FakeBackend) -> dict[str, Any]:
+    [(_, _, kwargs)] = fake_backend.submits
+    return kwargs
+
+
+def test_a_chat_without_max_tokens_is_sent_the_endpoints_cap(fake_backend: FakeBackend) -> None:
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}
+    submission = inference.submit(ALICE, "chat/completions", json.dumps(body).encode())
+
+    kwargs = _sent(fake_backend)
+    cap = submission.endpoint.limits.max_tokens
+    assert cap is not None and kwargs["payload"]["max_tokens"] == cap
+    assert kwargs["fitted_max_tokens"] is True
+    record = RequestRecord.get(submission.request_id)
+    assert record.rate_reservation is not None
+    assert record.rate_reservation["tokens"] >= cap
+
+
+def test_a_named_max_tokens_is_sent_as_named_and_not_marked_fitted(
+    fake_backend: FakeBackend,
+) -> None:
+    inference.submit(ALICE, "chat/completions", _body())
+
+    kwargs = _sent(fake_backend)
+    assert kwargs["payload"]["max_tokens"] == 5 and "fitted_max_tokens" not in kwargs
+
+
+def test_a_completion_without_max_tokens_keeps_vllms_default_of_16(
+    fake_backend: FakeBackend,
+) -> None:
+    body = {"model": MODEL, "prompt": "Once upon a time"}
+    inference.submit(ALICE, "completions", json.dumps(body).encode())
+
+    assert _sent(fake_backend)["payload"]["max_tokens"] == 16
+
+
+def test_without_a_cap_the_settings_default_is_the_ceiling(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(get_settings(), "default_max_tokens", 777)
+    uncapped = ENDPOINT.model_copy(
+        update={"limits": ENDPOINT.limits.model_copy(update={"max_tokens": None})}
+    )
+    capped = ENDPOINT.model_copy(
+        update={"limits": ENDPOINT.limits.model_copy(update={"max_tokens": 10})}
+    )
+
+    assert max_tokens_ceiling("chat/completions", uncapped) == 777
+    assert max_tokens_ceiling("chat/completions", capped) == 10
+    assert max_tokens_ceiling("completions", uncapped) == 16
+    assert max_tokens_ceiling("completions", capped) == 10
+
+
+def test_embeddings_are_sent_no_max_tokens(fake_backend: FakeBackend) -> None:
+    body = {"model": EMBEDDER, "input": "hello"}
+    inference.submit(ALICE, "embeddings", json.dumps(body).encode())
+
+    kwargs = _sent(fake_backend)
+    assert "max_tokens" not in kwargs["payload"] and "fitted_max_tokens" not in kwargs

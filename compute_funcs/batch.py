@@ -5,7 +5,14 @@ the gateway and only the standard library, inside the function body.
 
 Call (keyword arguments):
     vllm_batch(batch_id, model, input, output, callback_url, callback_token,
-               chunk_lines=100, attempt=1) -> report
+               chunk_lines=100, attempt=1, owner="", max_tokens=None, token_budget=False)
+        -> report
+
+* `max_tokens`: sent as the `max_tokens` of every chat or completion line that names neither it
+  nor `max_completion_tokens` (text completions keep vLLM's default of 16 within it). Where vLLM
+  refuses such a line as too large for the model's context, it runs once more with the room left.
+* `token_budget`: lines take their tokens from the owner's per-minute budget (`tokens` below):
+  they run in groups the gateway granted, waiting while the minute has too few.
 
 * `input` is `{"url": <presigned GET url>}` or `{"path": <path on the cluster>}`; the
   file holds OpenAI batch lines, `{"custom_id", "method": "POST", "url", "body"}`, with `url` one
@@ -43,6 +50,13 @@ Callbacks: POSTed as JSON to `callback_url` with `Authorization: Bearer <callbac
     upload    {"batch_id", "event": "upload", "attempt"} (output {"upload": True} only). Reply
                `{"output_url", "error_url"}` (presigned PUT urls; optional "headers" to send with
                both PUTs) or `{"continue": false}` when the batch has ended meanwhile (no upload).
+    tokens    {"batch_id", "event": "tokens", "attempt", "want", "used"} (token_budget only):
+               before each group of lines, `want` = their prompts' estimates (bytes / 4) plus
+               max_tokens × n; `used` = what the last granted group used (null at first). Reply
+               `{"granted": want}` (run them), `{"granted": 0, "retry_in": s}` (wait, ask
+               again), `{"granted": 0, "limit": L}` (ask for fewer lines: a line alone over L
+               fails with "request_too_large"), or `{"continue": false}` (stop: cancelled).
+               After the last group, `want` 0 settles it.
     done      the final report, also the return value (the reconciler reads that when the
                callback is lost): {"batch_id", "event": "done", "attempt", "outcome":
                "completed" | "cancelled" | "failed", "completed", "failed", "total",
@@ -83,6 +97,8 @@ def vllm_batch(
     chunk_lines: int = 100,
     attempt: int = 1,
     owner: str = "",
+    max_tokens: int | None = None,
+    token_budget: bool = False,
 ) -> dict[str, Any]:
     """Run one batch attempt (resuming from its checkpoints), reporting progress to the batch
     callback, then deliver the outputs (upload or folder) and post the `done` report, which it
@@ -120,6 +136,9 @@ def vllm_batch(
         def __init__(self, code: str, message: str) -> None:
             super().__init__(message)
             self.code, self.message = code, message
+
+    class Stopped(Exception):
+        """The gateway said to stop (cancelled, expired, or this attempt was replaced)."""
 
     # -- files ------------------------------------------------------------------------------
 
@@ -327,12 +346,17 @@ def vllm_batch(
         if body.get("stream"):
             message = "stream is not supported in a batch"
             return {"failed": failure(custom_id, "invalid_request", message, number)}
-        return {
-            "number": number,
-            "custom_id": custom_id,
-            "url": url,
-            "body": {**body, "model": model},
-        }
+        body = {**body, "model": model}
+        # A line that names no max_tokens is sent the endpoint's cap (vLLM's own 16 for text
+        # completions within it), so no line can run past the cap or the owner's budget.
+        fitted = bool(max_tokens) and url != "/v1/embeddings"
+        fitted = fitted and body.get("max_tokens") is None
+        fitted = fitted and body.get("max_completion_tokens") is None
+        if fitted:
+            cap = int(max_tokens or 0)
+            body["max_tokens"] = min(cap, 16) if url == "/v1/completions" else cap
+        return {"number": number, "custom_id": custom_id, "url": url, "body": body,
+                "fitted": fitted, "size": len(text)}
 
     # -- runners ----------------------------------------------------------------------------
 
@@ -485,14 +509,121 @@ def vllm_batch(
                 file.seek(offset)
                 prepared.append(prepare(number, file.read(length)))
         requests = [p for p in prepared if "failed" not in p]
-        if not requests:
-            ran: list[dict[str, Any]] = []
-        elif runner == "http":
-            ran = run_http(requests)
-        else:
-            ran = run_vllm(k, requests)
-        answers = iter(ran)
-        return [p["failed"] if "failed" in p else next(answers) for p in prepared]
+        ran: dict[int, dict[str, Any]] = {}
+        while requests:
+            # Lines run in groups whose tokens the owner's budget grants (all at once without
+            # a budget); a line that no minute could hold fails as it would interactively.
+            group, limit = grant_for(requests)
+            if not group:
+                line = requests.pop(0)
+                message = (
+                    f"The line may use {need(line)} tokens (prompt estimate plus max_tokens), "
+                    f"more than the {limit} tokens per minute its owner may use"
+                )
+                ran[line["number"]] = failure(
+                    line["custom_id"], "request_too_large", message, line["number"]
+                )
+                continue
+            lines = fit_to_context(k, group, run_lines(k, group))
+            if token_budget:
+                budget["used"] = sum(tokens_used(line) for line in lines)
+            ran.update(zip((item["number"] for item in group), lines, strict=True))
+            requests = requests[len(group) :]
+        return [p["failed"] if "failed" in p else ran[p["number"]] for p in prepared]
+
+    def run_lines(k: int, requests: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return run_http(requests) if runner == "http" else run_vllm(k, requests)
+
+    # -- the owner's token budget -----------------------------------------------------------
+
+    budget: dict[str, Any] = {"used": None, "limit": None}
+
+    def need(item: dict[str, Any]) -> int:
+        """The most tokens a line may use: its prompt's estimate and its completions."""
+        body = item["body"]
+        completion = body.get("max_completion_tokens") or body.get("max_tokens") or 0
+        if item["url"] == "/v1/embeddings":
+            completion = 0
+        choices = body.get("n") if isinstance(body.get("n"), int) else 1
+        return -(-int(item["size"]) // 4) + int(completion) * max(1, choices)
+
+    def tokens_used(line: dict[str, Any]) -> int:
+        body = (line.get("response") or {}).get("body")
+        usage = body.get("usage") if isinstance(body, dict) else None
+        total = usage.get("total_tokens") if isinstance(usage, dict) else None
+        return total if isinstance(total, int) and total >= 0 else 0
+
+    def ask(want: int) -> dict[str, Any]:
+        """Ask the gateway for `want` tokens (settling the last grant with what it used)."""
+        used, budget["used"] = budget["used"], None
+        event = {"batch_id": batch_id, "event": "tokens", "attempt": attempt, "want": want}
+        status, reply = post({**event, "used": used})
+        if status is None or status >= 400 or not isinstance(reply, dict):
+            raise BatchError("callback_refused", f"The gateway refused tokens (HTTP {status}).")
+        if reply.get("continue") is False:
+            raise Stopped()
+        return reply
+
+    def grant_for(requests: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], Any]:
+        """The longest run of the next lines the owner's budget grants now, waiting for it as
+        long as it takes; [] when the first line alone is more than a minute allows."""
+        if not token_budget:
+            return list(requests), None
+        while True:
+            group: list[dict[str, Any]] = []
+            want = 0
+            for item in requests:
+                limit = budget["limit"]
+                if group and limit is not None and want + need(item) > limit:
+                    break
+                group.append(item)
+                want += need(item)
+            reply = ask(want)
+            if reply.get("granted"):
+                return group, reply.get("limit")
+            budget["limit"] = limit = reply.get("limit")
+            if isinstance(limit, int) and want > limit:
+                if len(group) == 1:
+                    return [], limit
+                continue  # fewer lines, now that the limit is known
+            time.sleep(min(60.0, max(0.5, float(reply.get("retry_in") or 1))))
+
+    # -- a max_tokens too large for the model's context ---------------------------------------
+
+    def room_in_context(line: dict[str, Any], sent: int) -> int | None:
+        """From vLLM's refusal of a max_tokens too large for the context, the largest that fits
+        (the same reading as compute_funcs.inference's: each function ships on its own)."""
+        response = line.get("response") or {}
+        body = response.get("body")
+        error = body.get("error", body) if isinstance(body, dict) else {}
+        message = str(error.get("message") if isinstance(error, dict) else "")
+        found = re.search(
+            r"maximum context length is (\d+) tokens.*?(?:has (\d+) input tokens|\((\d+) in the)",
+            message,
+            re.S,
+        )
+        if response.get("status_code") != 400 or not found:
+            return None
+        room = int(found[1]) - int(found[2] or found[3])
+        return room if 0 < room < sent else None
+
+    def fit_to_context(
+        k: int, requests: list[dict[str, Any]], lines: list[dict[str, Any]]
+    ) -> list[dict[str, Any]]:
+        """Lines sent the cap that vLLM refused as too large for the context run once more
+        with the room left."""
+        again: list[tuple[int, dict[str, Any]]] = []
+        for i, (item, line) in enumerate(zip(requests, lines, strict=True)):
+            sent = int(item["body"].get("max_tokens") or 0)
+            room = room_in_context(line, sent) if item["fitted"] else None
+            if room is not None:
+                again.append((i, {**item, "body": {**item["body"], "max_tokens": room}}))
+        if again:
+            lines = list(lines)
+            redone = run_lines(k, [item for _, item in again])
+            for (i, _), line in zip(again, redone, strict=True):
+                lines[i] = line
+        return lines
 
     # -- the run ----------------------------------------------------------------------------
 
@@ -589,6 +720,11 @@ def vllm_batch(
                 if not progress():
                     outcome = "cancelled"
                     break
+        if budget["used"] is not None:  # the last grant's use, so its unused tokens come back
+            with contextlib.suppress(Stopped, BatchError):
+                ask(0)
+    except Stopped:
+        outcome = "cancelled"
     except BatchError as problem:
         outcome, error_info = "failed", {"code": problem.code, "message": problem.message}
     except Exception as problem:  # a bug or a full disk: reported, not hidden

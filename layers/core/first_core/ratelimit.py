@@ -163,6 +163,43 @@ def prompt_estimate(raw_body_bytes: int) -> int:
     return math.ceil(raw_body_bytes / 4)
 
 
+def token_counters_for(user_id: str, endpoint: Endpoint, now: float) -> list[Counter]:
+    """The tokens-per-minute counters of this minute that apply to the user on the endpoint."""
+    limits = limits_for(endpoint)
+    minute = int(now // 60)
+    counters: list[Counter] = []
+    if limits.tokens_per_minute_per_user:
+        counters.append(
+            Counter(
+                f"tpm#{user_id}#{endpoint.model}#{minute}",
+                int(limits.tokens_per_minute_per_user),
+                (minute + 1) * 60,
+                "tokens",
+            )
+        )
+    if limits.tokens_per_minute:
+        counters.append(
+            Counter(
+                f"tpmm#{endpoint.cluster}#{endpoint.model}#{minute}",
+                int(limits.tokens_per_minute),
+                (minute + 1) * 60,
+                "tokens",
+            )
+        )
+    return counters
+
+
+def take_tokens(counters: list[Counter], tokens: int) -> Counter | None:
+    """Take `tokens` from every counter, or from none: the counter that refused (the others'
+    units given back), None when all were taken."""
+    wanted = [(c, tokens) for c in counters]
+    refused = _take_all(wanted)
+    if refused:
+        _give_back_tokens(wanted, refused)
+        return refused[0]
+    return None
+
+
 def reserve(
     user_id: str,
     endpoint: Endpoint,
@@ -184,31 +221,12 @@ def reserve(
     now = time.time() if now is None else now
     limits = limits_for(endpoint)
     completion = max_output_tokens or 0
-    minute = int(now // 60)
     counters: list[Counter] = []
     if limits.requests_per_second_per_user:
         counters.append(
             request_counter(user_id, endpoint.model, limits.requests_per_second_per_user, now)
         )
-    token_counters: list[Counter] = []
-    if limits.tokens_per_minute_per_user:
-        token_counters.append(
-            Counter(
-                f"tpm#{user_id}#{endpoint.model}#{minute}",
-                int(limits.tokens_per_minute_per_user),
-                (minute + 1) * 60,
-                "tokens",
-            )
-        )
-    if limits.tokens_per_minute:
-        token_counters.append(
-            Counter(
-                f"tpmm#{endpoint.cluster}#{endpoint.model}#{minute}",
-                int(limits.tokens_per_minute),
-                (minute + 1) * 60,
-                "tokens",
-            )
-        )
+    token_counters = token_counters_for(user_id, endpoint, now)
     choices = max(1, choices)
     if fit and token_counters:
         completion = min(completion, _completion_within(token_counters, 0, prompt_tokens, choices))

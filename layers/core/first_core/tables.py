@@ -313,6 +313,11 @@ class BatchRecord(Model):
     prompt_tokens = NumberAttribute(default=0)
     completion_tokens = NumberAttribute(default=0)
     total_tokens = NumberAttribute(default=0)
+    # The owner's token budget as the batch runs (first_core.batches.budget): every token taken
+    # from it, the grant its running lines hold now, since when it waits for the next one.
+    tokens_granted = NumberAttribute(default=0)
+    token_grant = JSONAttribute(null=True)
+    waiting_for_tokens_at = NumberAttribute(null=True)
     created_at = NumberAttribute()
     updated_at = NumberAttribute()
     expires_at = NumberAttribute()  # created_at + completion window (not a TTL)

@@ -78,11 +78,35 @@ class Gateway:
     puts: dict[str, bytes] = field(default_factory=dict)
     put_types: dict[str, str | None] = field(default_factory=dict)
     inputs: dict[str, bytes] = field(default_factory=dict)
+    # The owner's token budget, as first_core.batches.budget answers `tokens` events: a minute's
+    # limit, what is left of it, and how many asks are refused first (to be waited out).
+    token_limit: int = 10**9
+    tokens_left: int = 10**9
+    refuse_asks: int = 0
+
+    def tokens(self, event: dict[str, Any]) -> dict[str, Any]:
+        if event["used"] is not None:
+            self.tokens_left += self.granted[-1] - event["used"]
+        want = event["want"]
+        if want <= 0:
+            return {"continue": True, "granted": 0}
+        if want > self.token_limit:
+            return {"continue": True, "granted": 0, "limit": self.token_limit}
+        if self.refuse_asks or want > self.tokens_left:
+            self.refuse_asks = max(0, self.refuse_asks - 1)
+            return {"continue": True, "granted": 0, "limit": self.token_limit, "retry_in": 0.1}
+        self.tokens_left -= want
+        self.granted.append(want)
+        return {"continue": True, "granted": want, "limit": self.token_limit}
+
+    granted: list[int] = field(default_factory=list)
 
     async def callback(self, request: Request) -> Response:
         event = json.loads(await request.body())
         self.events.append(event)
         self.auth.append(request.headers.get("authorization"))
+        if event["event"] == "tokens":
+            return JSONResponse(self.tokens(event))
         if event["event"] == "progress":
             stop = self.stop_at_chunks is not None and event["chunks_done"] >= self.stop_at_chunks
             return JSONResponse({"continue": not stop})
@@ -630,3 +654,79 @@ def test_user_roots_keep_each_owner_to_their_own_directory(
     report = attempt("../alice@anl.gov", "in.jsonl", "u-climb")
     assert report["outcome"] == "failed" and report["completed"] == 0
     assert not (shared / "alice@anl.gov" / "out" / "u-climb_output.jsonl").exists()
+
+
+# -- the owner's token budget (first_core.batches.budget answers on the gateway) -----------------
+
+
+def test_lines_without_max_tokens_are_sent_the_cap(gateway: Gateway, recorder: Recorder) -> None:
+    lines = [chat_line(0), chat_line(1, max_tokens=7), chat_line(2, max_completion_tokens=9)]
+    completion = {
+        "custom_id": "c-3",
+        "url": "/v1/completions",
+        "body": {"model": MODEL, "prompt": "Once #3"},
+    }
+    embedding = {"custom_id": "e-4", "url": "/v1/embeddings", "body": {"input": "x #4"}}
+
+    report = run(gateway, jsonl([*lines, completion, embedding]), max_tokens=300)
+
+    assert report["outcome"] == "completed"
+    sent = {b.get("prompt") or json.dumps(b.get("messages") or b.get("input")): b
+            for b in recorder.bodies}
+    by_line = {int(re.findall(r"#(\d+)", key)[0]): body for key, body in sent.items()}
+    assert by_line[0]["max_tokens"] == 300
+    assert by_line[1]["max_tokens"] == 7
+    assert "max_tokens" not in by_line[2] and by_line[2]["max_completion_tokens"] == 9
+    assert by_line[3]["max_tokens"] == 16  # vLLM's own default for text completions, kept
+    assert "max_tokens" not in by_line[4]
+
+
+def test_lines_wait_for_the_budget_and_settle_what_they_used(
+    gateway: Gateway, recorder: Recorder
+) -> None:
+    gateway.refuse_asks = 2  # the minute is used up: the first two asks are to be waited out
+    report = run(gateway, jsonl([chat_line(n) for n in range(6)]), max_tokens=50,
+                 token_budget=True, chunk_lines=3)
+
+    assert report["outcome"] == "completed" and report["completed"] == 6
+    asks = gateway.of("tokens")
+    # Refused twice, then one grant per chunk, then the last grant settled.
+    assert [a["want"] > 0 for a in asks] == [True] * 4 + [False]
+    assert asks[0]["want"] == asks[1]["want"] == asks[2]["want"]
+    assert [a["used"] for a in asks[:3]] == [None, None, None]
+    used = [a["used"] for a in asks[3:]]
+    assert all(isinstance(u, int) and u > 0 for u in used)
+    assert sum(used) == report["usage"]["total_tokens"]
+    assert gateway.tokens_left == 10**9 - sum(used)  # what was granted and not used came back
+    assert all(b["max_tokens"] == 50 for b in recorder.bodies)
+
+
+def test_lines_are_grouped_to_fit_a_minute_and_a_line_that_never_fits_fails(
+    gateway: Gateway, recorder: Recorder
+) -> None:
+    gateway.token_limit = 400  # each line may use ~55 (its prompt's estimate) plus 100
+    lines = [chat_line(n, max_tokens=100) for n in range(4)]
+    lines.insert(2, chat_line(9, max_tokens=1000))
+    report = run(gateway, jsonl(lines), token_budget=True)
+
+    assert (report["completed"], report["failed"]) == (4, 1)
+    # Two lines to a grant (the first ask, for all five lines, learnt the limit).
+    assert len(gateway.granted) == 2 and all(250 < w <= 400 for w in gateway.granted)
+    [refused] = parse(gateway.puts["errors"])
+    assert refused["custom_id"] == "req-9"
+    assert refused["error"]["code"] == "request_too_large"
+    assert sorted(recorder.numbers()) == [0, 1, 2, 3]  # the line too large was never sent
+
+
+def test_a_stop_while_waiting_for_tokens_ends_the_run_cancelled(gateway: Gateway) -> None:
+    gateway.refuse_asks = 10**6
+    asked: list[int] = []
+
+    def stop_after_two(event: dict[str, Any]) -> dict[str, Any]:
+        asked.append(event["want"])
+        return {"continue": len(asked) < 2, "granted": 0, "retry_in": 0.1}
+
+    gateway.tokens = stop_after_two  # type: ignore[method-assign]
+    report = run(gateway, jsonl([chat_line(0)]), token_budget=True)
+
+    assert report["outcome"] == "cancelled" and len(asked) == 2

@@ -5,6 +5,7 @@ token of the batch as for requests), and the finalization of a batch.
   or to an attempt the driver has replaced);
 - `upload` answers fresh presigned PUT URLs for the output and error files (minted when the
   cluster is ready to write, so a batch that ran longer than any URL lives still delivers);
+- `tokens` takes the next lines' tokens from the owner's budget (first_core.batches.budget);
 - `done` finalizes: the batch moves to `finalizing`, its output files are recorded (ids fixed by
   the batch), then it ends once (first_core.batches.end). Every step may be repeated: a lost or
   repeated `done` changes nothing; the batch driver replays a lost one from the task's return.
@@ -19,7 +20,7 @@ from typing import Any
 from pynamodb.exceptions import DoesNotExist
 
 from first_core import storage
-from first_core.batches import files
+from first_core.batches import budget, files
 from first_core.batches.lifecycle import OPEN_STATES, OUTPUT_NAMES, end, error_entry
 from first_core.callbacks import read_callback
 from first_core.errors import ConflictError
@@ -48,6 +49,10 @@ def accept_callback(batch_id: str, authorization: str | None, raw_body: bytes) -
         return {"continue": progress(record, event)}
     if event.event == "upload":
         return upload_urls(record, event)
+    if event.event == "tokens":
+        if not _current(record, event):
+            return {"continue": False}
+        return budget.tokens(record, event, _running(event))
     return {"accepted": finalize(record, event)}
 
 
@@ -55,6 +60,13 @@ def _current(record: BatchRecord, event: BatchEvent) -> bool:
     """The batch is not over and the event is not from an attempt the driver replaced (a new
     attempt may call back before the driver has recorded its task)."""
     return record.status in OPEN_STATES and event.attempt >= int(record.attempt)
+
+
+def _running(event: BatchEvent) -> Any:
+    """The condition under which the batch's attempt may still run lines."""
+    return BatchRecord.status.is_in("validating", "in_progress") & (
+        BatchRecord.attempt <= event.attempt
+    )
 
 
 def progress(record: BatchRecord, event: BatchEvent) -> bool:

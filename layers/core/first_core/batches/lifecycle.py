@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from first_core import observability, ratelimit, schemas, storage, usage
 from first_core.auth import Caller
 from first_core.batches import files
+from first_core.batches.budget import line_max_tokens
 from first_core.callbacks import callback_token, callback_url
 from first_core.compute import ComputeBackend, budget, get_backend
 from first_core.errors import (
@@ -341,6 +342,9 @@ def _submit_task(
             "callback_token": callback_token(batch_id),
             "chunk_lines": settings.batch_chunk_lines,
             "attempt": attempt,
+            # Lines are capped and take their tokens from the owner's budget as they run.
+            "max_tokens": line_max_tokens(record),
+            "token_budget": True,
             # The cluster keeps each user to their own directories (`{user}` in its roots).
             "owner": record.username,
         },

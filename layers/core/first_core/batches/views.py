@@ -59,6 +59,10 @@ def view(record: BatchRecord) -> dict[str, Any]:
         "cluster": record.cluster or None,
         "attempts": int(record.attempt),
         "resumed_lines": int(record.resumed_lines),
+        # The owner's token budget it runs on: tokens taken so far, and since when it waits for
+        # the minute to have room for its next lines (first_core.batches.budget).
+        "tokens_granted": int(record.tokens_granted or 0),
+        "waiting_for_tokens_since": _int(record.waiting_for_tokens_at),
     }
 
 

@@ -93,8 +93,11 @@ class BatchEvent(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     batch_id: str
-    event: Literal["progress", "upload", "done"]
+    event: Literal["progress", "upload", "done", "tokens"]
     attempt: int = Field(ge=1)
+    # `tokens`: what the next lines may use at most, and what the lines of the last grant used.
+    want: int = Field(default=0, ge=0, le=2**31)
+    used: int | None = Field(default=None, ge=0, le=2**31)
     completed: int = Field(default=0, ge=0)
     failed: int = Field(default=0, ge=0)
     total: int = Field(default=0, ge=0)

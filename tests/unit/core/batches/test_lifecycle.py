@@ -66,6 +66,8 @@ def test_create_openai_submits_once_and_records_the_task(backend: FakeBackend) -
         "chunk_lines",
         "attempt",
         "owner",
+        "max_tokens",
+        "token_budget",
     }
     assert kwargs["batch_id"] == batch_id and kwargs["model"] == MODEL
     assert kwargs["owner"] == CALLER.username  # the cluster's `{user}` directories
@@ -78,6 +80,8 @@ def test_create_openai_submits_once_and_records_the_task(backend: FakeBackend) -
     assert kwargs["callback_token"] == callback_token(batch_id)
     assert kwargs["attempt"] == 1
     assert kwargs["chunk_lines"] == get_settings().batch_chunk_lines
+    # Lines without max_tokens are sent the endpoint's cap; all take tokens from alice's budget.
+    assert kwargs["max_tokens"] == MAX_TOKENS and kwargs["token_budget"] is True
 
     record = load(batch_id)
     assert (record.status, record.task_id, record.open_status) == ("in_progress", "task-1", "open")

@@ -52,7 +52,7 @@ Callbacks: POSTed as JSON to `callback_url` with `Authorization: Bearer <callbac
                both PUTs) or `{"continue": false}` when the batch has ended meanwhile (no upload).
     tokens    {"batch_id", "event": "tokens", "attempt", "want", "used"} (token_budget only):
                before each group of lines, `want` = their prompts' estimates (bytes / 4) plus
-               max_tokens × n; `used` = what the last granted group used (null at first). Reply
+               max_tokens * n; `used` = what the last granted group used (null at first). Reply
                `{"granted": want}` (run them), `{"granted": 0, "retry_in": s}` (wait, ask
                again), `{"granted": 0, "limit": L}` (ask for fewer lines: a line alone over L
                fails with "request_too_large"), or `{"continue": false}` (stop: cancelled).

@@ -586,7 +586,8 @@ def vllm_batch(
                 if len(group) == 1:
                     return [], limit
                 continue  # fewer lines, now that the limit is known
-            time.sleep(min(60.0, max(0.5, float(reply.get("retry_in") or 1))))
+            # Asked again every few seconds, not only at the next minute, so a cancel is seen.
+            time.sleep(min(5.0, max(0.5, float(reply.get("retry_in") or 1))))
 
     # -- a max_tokens too large for the model's context ---------------------------------------
 

@@ -3,11 +3,13 @@ endpoint's cap or the caller's tokens per minute: the gateway sends vLLM an expl
 the smaller of the cap and what the caller's budget has left, and reserves exactly that.
 
 Tried as an attacker would: 40 concurrent requests without max_tokens, each asking the mock for
-6,000 tokens, against a model capped at 400 tokens with 3,000 tokens per minute per user (a
-stack of its own, started with a registry where the small model has those limits)."""
+6,000 tokens, against a model capped at 400 tokens with 3,000 tokens per minute per user; and
+batches, which draw on the same minute as they run. A stack of its own, started with a registry
+where the small model (and sophia, which runs the batches) have tight limits."""
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections.abc import Iterator
@@ -22,10 +24,12 @@ import yaml
 from first_local.globus_standin import mint_token
 from first_local.stack import stack_process
 from tests.contract.conftest import STACK_ENV, Stack
+from tests.contract.test_batches import MODEL, line, rows, start, wait_for
 from tests.contract.test_limits_and_usage import SMALL, counter, user_id
 
 LOCAL_REGISTRY = Path(__file__).resolve().parents[2] / "infra" / "registry" / "local.yaml"
 CAP, TPM = 400, 3_000
+BATCH_CAP, BATCH_TPM = 1_000, 2_000  # sophia, where batches run
 LONG = [{"role": "user", "content": "Write at length [mock:tokens=6000]"}]
 
 
@@ -41,7 +45,14 @@ def tight_registry(path: Path) -> Path:
                     "tokens_per_minute_per_user": TPM,
                 }
                 found += 1
-    assert found, "the local registry no longer serves the small model"
+            if endpoint.get("batches"):
+                endpoint["limits"] = {
+                    "max_tokens": BATCH_CAP,
+                    "requests_per_second_per_user": 100,
+                    "tokens_per_minute_per_user": BATCH_TPM,
+                }
+                found += 1
+    assert found == 2, "the local registry no longer serves the small model or batches"
     path.write_text(yaml.safe_dump(registry))
     return path
 
@@ -125,3 +136,45 @@ def test_a_stream_without_max_tokens_is_cut_at_the_cap_too(tight: Stack) -> None
     assert usage is not None and usage.completion_tokens == CAP
     finished = [c.choices[0].finish_reason for c in chunks if c.choices]
     assert [reason for reason in finished if reason] == ["length"]
+
+
+def test_batches_draw_on_the_same_minute_and_wait_for_it(tight: Stack) -> None:
+    if time.time() % 60 > 35:  # the whole test inside one minute's window
+        time.sleep(61 - time.time() % 60)
+    minute = int(time.time() // 60)
+    key = f"tpm#{user_id(tight, 'alice')}#{MODEL}#{minute}"
+    sdk = client(tight, "alice")
+    on_sophia = openai.OpenAI(  # the model is on polaris too, with other limits
+        base_url=f"{tight.base_url}/resource_server/v1/sophia/vllm/v1",
+        api_key=mint_token("alice"),
+        max_retries=0,
+        timeout=60,
+    )
+    # Lines without max_tokens are sent the cap; what they use is taken from alice's minute.
+    unnamed = json.loads(line("u1", "Write at length [mock:tokens=3000]"))
+    del unnamed["body"]["max_tokens"]
+    first = start(sdk, [line("n1", "hi [mock:tokens=20]", max_tokens=20), json.dumps(unnamed)])
+    first = wait_for(sdk, first.id)
+    assert first.status == "completed"
+    answers = {r["custom_id"]: r["response"]["body"] for r in rows(sdk, first.output_file_id)}
+    assert answers["u1"]["usage"]["completion_tokens"] == BATCH_CAP
+    used = sum(body["usage"]["total_tokens"] for body in answers.values())
+    extra = first.model_extra or {}
+    assert extra["tokens_granted"] >= used
+    assert counter(tight, key) == used  # the grants were settled to the real use
+
+    # An interactive request takes most of what is left; a batch line that needs more waits.
+    on_sophia.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "[mock:tokens=5000] go"}]
+    )
+    before = counter(tight, key)
+    assert before > BATCH_TPM - BATCH_CAP
+    waiting = start(sdk, [json.dumps(unnamed)])
+    waiting = wait_for(
+        sdk, waiting.id, lambda b: (b.model_extra or {}).get("waiting_for_tokens_since")
+    )
+    assert waiting.status == "in_progress" and waiting.request_counts.completed == 0
+    assert counter(tight, key) == before <= BATCH_TPM  # nothing taken while it waits
+    sdk.batches.cancel(waiting.id)
+    assert wait_for(sdk, waiting.id).status == "cancelled"
+    assert int(time.time() // 60) == minute

@@ -33,6 +33,8 @@ def tokens(record: BatchRecord, event: BatchEvent, still_running: Any) -> dict[s
     when to ask again. `still_running`: the condition under which the batch may take more."""
     if event.used is not None:
         settle(record, event.used)
+    if record.status not in ("validating", "in_progress"):  # cancelling: stop, granted nothing
+        return {"continue": False}
     if event.want <= 0:
         return {"continue": True, "granted": 0}
     now = time.time()

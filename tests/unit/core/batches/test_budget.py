@@ -96,3 +96,11 @@ def test_an_old_attempt_is_granted_nothing(batch_id: str) -> None:
 
     assert call_back(batch_id, "tokens", attempt=1, want=10) == {"continue": False}
     assert call_back(batch_id, "tokens", attempt=2, want=10)["granted"] == 10
+
+
+def test_a_batch_being_cancelled_settles_its_grant_and_is_told_to_stop(batch_id: str) -> None:
+    call_back(batch_id, "tokens", want=500)
+    lifecycle.cancel(load(batch_id))
+
+    assert call_back(batch_id, "tokens", used=100, want=500) == {"continue": False}
+    assert used_now() == 100

@@ -43,7 +43,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, NoReturn, cast
 
 import globus_sdk
-import requests
+from globus_sdk.exc import GlobusTimeoutError, convert_request_exception
 from globus_sdk.transport import RequestsTransport, RetryCheckResult, RetryConfig, RetryContext
 from pynamodb.exceptions import DoesNotExist
 
@@ -402,7 +402,11 @@ def domain_groups(domain: str) -> list[str]:
 def _no_retry_after_timeout(context: RetryContext) -> RetryCheckResult:
     """A call that timed out is not tried again: a Globus that hangs would hang again, and
     the caller would wait `globus_retries` times the timeout for the same 503."""
-    if isinstance(context.exception, requests.Timeout):
+    failure = context.exception  # what `requests` raised, which the SDK classifies for us
+    timed_out = failure is not None and isinstance(
+        convert_request_exception(cast(Any, failure)), GlobusTimeoutError
+    )
+    if timed_out:
         return RetryCheckResult.do_not_retry
     return RetryCheckResult.no_decision
 

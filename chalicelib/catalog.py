@@ -7,7 +7,7 @@ from typing import Any
 
 from chalice import Blueprint
 
-from chalicelib.http import authorization, caller, route
+from chalicelib.http import authorization, caller, client_address, route
 from first_core.auth import get_authenticator
 from first_core.errors import NotFoundError
 from first_core.registry import Registry, views
@@ -45,7 +45,7 @@ def whoami() -> dict[str, Any]:
     refuses."""
     # Authenticated but not authorized: this is how a refused user learns who the gateway
     # thinks they are and which groups it saw.
-    who = get_authenticator().authenticate(authorization())
+    who = get_authenticator().authenticate(authorization(), client_address())
     return {
         "user_id": who.user_id,
         "username": who.username,

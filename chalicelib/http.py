@@ -17,6 +17,7 @@ from chalice.app import Request
 
 from first_core import observability
 from first_core.auth import Caller, get_authenticator
+from first_core.credentials import one_authorization, source_address
 from first_core.errors import GatewayError, internal_error_body
 
 log = logging.getLogger("first.control")
@@ -90,14 +91,30 @@ def raw_body() -> bytes:
 
 
 def authorization() -> str | None:
-    """The Authorization header, if any."""
-    value = current_request().headers.get("authorization")
-    return str(value) if value is not None else None
+    """The one Authorization header, if any; 400 if the request has several. API Gateway's
+    `headers` keeps only the last of a repeated header: its `multiValueHeaders` has them all
+    (under each spelling the client used)."""
+    request = current_request()
+    repeated = request.to_original_event().get("multiValueHeaders") or {}
+    values = [
+        str(value)
+        for name, values in repeated.items()
+        if name.lower() == "authorization"
+        for value in values or ()
+    ]
+    if not values and request.headers.get("authorization") is not None:
+        values = [str(request.headers["authorization"])]
+    return one_authorization(values)
+
+
+def client_address() -> str | None:
+    """The client's address: the sourceIp API Gateway puts in the request context."""
+    return source_address(current_request().context, None)
 
 
 def caller() -> Caller:
     """Who is calling (401 if that cannot be established), and that they may (403 if not)."""
     authenticator = get_authenticator()
-    who = authenticator.authenticate(authorization())
+    who = authenticator.authenticate(authorization(), client_address())
     authenticator.authorize(who)
     return who

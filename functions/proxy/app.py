@@ -19,6 +19,7 @@ from starlette.routing import Route
 
 from first_core import inference, observability
 from first_core.auth import get_authenticator
+from first_core.credentials import one_authorization, source_address
 from first_core.errors import GatewayError, NotFoundError, internal_error_body
 
 log = logging.getLogger("first.proxy")
@@ -58,9 +59,7 @@ async def _infer(request: Request) -> Response:
             raise NotFoundError(f"Unknown route POST {request.url.path}.")
         started = time.perf_counter()
         authenticator = get_authenticator()
-        caller = await asyncio.to_thread(
-            authenticator.authenticate, request.headers.get("authorization")
-        )
+        caller = await asyncio.to_thread(authenticator.authenticate, *credentials(request))
         authenticator.authorize(caller)
         body = await request.body()
         answer = await inference.answer(
@@ -81,6 +80,15 @@ async def _infer(request: Request) -> Response:
     except Exception:
         log.exception("inference request failed")
         return JSONResponse(internal_error_body(), status_code=500)
+
+
+def credentials(request: Request) -> tuple[str | None, str | None]:
+    """The request's one Authorization header (400 if several) and the client's address: API
+    Gateway's sourceIp in Lambda Web Adapter's `x-amzn-request-context`, else the TCP peer
+    (first_core.credentials)."""
+    authorization = one_authorization(request.headers.getlist("authorization"))
+    peer = request.client.host if request.client else None
+    return authorization, source_address(request.headers.get("x-amzn-request-context"), peer)
 
 
 def error_response(error: GatewayError) -> JSONResponse:

@@ -138,11 +138,18 @@ def test_missing_token_is_401(stack: Stack) -> None:
     assert response.json()["error"]["type"] == "authentication_error"
 
 
-def test_bad_token_is_authentication_error(stack: Stack) -> None:
-    client = openai.OpenAI(base_url=f"{stack.base_url}/v1", api_key="not-a-token", max_retries=0)
+@pytest.mark.parametrize(
+    ("token", "said"),
+    [
+        ("Ag" + "0" * 60, "inactive or expired"),  # the shape of a token: Globus refuses it
+        ("not-a-token", "malformed"),  # not even the shape: refused before Globus (issue 15)
+    ],
+)
+def test_bad_token_is_authentication_error(stack: Stack, token: str, said: str) -> None:
+    client = openai.OpenAI(base_url=f"{stack.base_url}/v1", api_key=token, max_retries=0)
     with pytest.raises(openai.AuthenticationError) as raised:
         client.chat.completions.create(model=MODEL, messages=MESSAGES)
-    assert "inactive or expired" in assert_openai_shaped(raised.value)["message"]
+    assert said in assert_openai_shaped(raised.value)["message"]
 
 
 def test_expired_token_is_authentication_error(stack: Stack) -> None:

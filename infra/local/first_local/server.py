@@ -7,16 +7,37 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextvars
 import json
 from typing import Any
 
 from chalice.config import Config
-from chalice.local import LocalGateway, LocalGatewayException
+from chalice.local import EventType, HeaderType, LocalGateway, LocalGatewayException
 from starlette.types import Receive, Scope, Send
 
 from first_core.errors import NotFoundError
 
 _NOT_FOUND = NotFoundError("Unknown route.", code="unknown_route")
+# What API Gateway adds to the event of the request at hand (set in the thread that handles it).
+_API_GATEWAY_FIELDS: contextvars.ContextVar[tuple[dict[str, list[str]], str | None]] = (
+    contextvars.ContextVar("api_gateway_fields")
+)
+
+
+class _ApiGateway(LocalGateway):
+    """Chalice's local gateway, with two fields of the event API Gateway's REST API fills and
+    Chalice's own leaves out: every value of a repeated header (`multiValueHeaders`; `headers`
+    keeps the last) and the caller's address (`identity.sourceIp`, not a fixed 127.0.0.1)."""
+
+    def _generate_lambda_event(
+        self, method: str, path: str, headers: HeaderType, body: bytes | None
+    ) -> EventType:
+        event = super()._generate_lambda_event(method, path, headers, body)
+        repeated, peer = _API_GATEWAY_FIELDS.get(({}, None))
+        event["multiValueHeaders"] = repeated
+        if peer:
+            event["requestContext"]["identity"]["sourceIp"] = peer
+        return event
 
 
 class GatewayServer:
@@ -27,7 +48,7 @@ class GatewayServer:
         from functions.proxy.app import app as proxy
 
         self._proxy = proxy
-        self._control_plane = LocalGateway(control_plane, Config())
+        self._control_plane = _ApiGateway(control_plane, Config())
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -38,7 +59,7 @@ class GatewayServer:
         from functions.proxy.app import is_inference
 
         if is_inference(scope["method"], scope["path"]):
-            await self._proxy(scope, receive, send)
+            await self._proxy(_as_lambda_web_adapter(scope), receive, send)
             return
         body = await _read_body(receive)
         status, headers, payload = await asyncio.to_thread(self._call_control_plane, scope, body)
@@ -50,6 +71,7 @@ class GatewayServer:
             f"?{scope['query_string'].decode()}" if scope["query_string"] else ""
         )
         headers = {k.decode().lower(): v.decode() for k, v in scope["headers"]}
+        _API_GATEWAY_FIELDS.set((_repeated_headers(scope), _peer(scope)))
         try:
             response = self._control_plane.handle_request(scope["method"], path, headers, body)
         except LocalGatewayException as error:
@@ -74,6 +96,27 @@ class GatewayServer:
         for k, values in (response.get("multiValueHeaders") or {}).items():
             out += [(k.lower().encode(), str(v).encode()) for v in values]
         return int(response["statusCode"]), out, payload
+
+
+def _peer(scope: Scope) -> str | None:
+    client = scope.get("client")
+    return str(client[0]) if client else None
+
+
+def _repeated_headers(scope: Scope) -> dict[str, list[str]]:
+    """Every header's values, in order, as API Gateway's `multiValueHeaders`."""
+    repeated: dict[str, list[str]] = {}
+    for name, value in scope["headers"]:
+        repeated.setdefault(name.decode("latin-1").lower(), []).append(value.decode("latin-1"))
+    return repeated
+
+
+def _as_lambda_web_adapter(scope: Scope) -> Scope:
+    """The request as the proxy gets it under Lambda Web Adapter: with the request context in
+    `x-amzn-request-context` (here just the caller's address), replacing any the client sent."""
+    context = json.dumps({"identity": {"sourceIp": _peer(scope)}}).encode()
+    headers = [(k, v) for k, v in scope["headers"] if k.lower() != b"x-amzn-request-context"]
+    return {**scope, "headers": [*headers, (b"x-amzn-request-context", context)]}
 
 
 async def _read_body(receive: Receive) -> bytes:

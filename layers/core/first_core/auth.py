@@ -17,44 +17,55 @@ does not call Globus again):
   `expires_at`) and a table of their own would mean another template resource for one item
   per user. Readers filter on `expires_at`, since DynamoDB's TTL deletes late and moto never.
 
-Refusals (inactive, expired, wrong scope, provider, policy) are remembered in memory for
-`_REFUSAL_CACHE_SECONDS`; outages of Globus (HTTP 5xx, 429, network) are never cached and
-answer 503 asking the client to retry.
+Both memory caches are bounded LRUs (`token_cache_entries`), so a flood of tokens cannot grow
+them without bound.
 
-Long because: introspection and the two caches that guard it share one lock and one expiry rule
-(a revoked token works at most `token_cache_seconds`); apart, that rule would be spread over
-several modules.
+Refusals are cheap (first_core.credentials, first_core.auth_failures): a token of the wrong
+shape is a 401 before any call; refusals by Globus (inactive, expired, wrong scope, provider,
+policy) are remembered in memory by token hash for `refused_token_cache_seconds` (a bounded
+LRU too); every refused bearer token counts against its client address, which past
+`auth_failures_per_address` gets 429 before any call to Globus unless its token is cached.
+Every Globus call has a connect and a read timeout (`globus_connect_timeout_seconds`,
+`globus_read_timeout_seconds`) and is not retried once timed out; outages of Globus (HTTP 5xx,
+429, network, timeout) are never cached and answer 503 asking the client to retry.
+
+Long because: introspection and the caches that guard it share one expiry rule (a revoked
+token works at most `token_cache_seconds`) and one order of refusals (shape, caches, address
+limit, Globus); apart, that rule and that order would be spread over several modules.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
-import threading
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, NoReturn
+from typing import Any, NoReturn, cast
 
 import globus_sdk
-from globus_sdk.transport import RetryConfig
+from globus_sdk.exc import GlobusTimeoutError, convert_request_exception
+from globus_sdk.transport import RequestsTransport, RetryCheckResult, RetryConfig, RetryContext
 from pynamodb.exceptions import DoesNotExist
 
+from first_core.auth_failures import FailedAuthentications
+from first_core.credentials import bearer_token, presents_bearer_token
 from first_core.errors import (
     AuthenticationError,
     GatewayError,
     PermissionDeniedError,
     ServiceUnavailableError,
 )
+from first_core.lru import ExpiringLRU
 from first_core.settings import get_settings
 from first_core.tables import TokenCacheEntry
+
+__all__ = ["Authenticator", "Caller", "bearer_token", "get_authenticator", "token_hash"]
 
 GROUPS_RESOURCE_SERVER = "groups.api.globus.org"
 # Globus client identities (confidential apps acting as themselves) have usernames
 # `<client_id>@clients.auth.globus.org`.
 CLIENT_IDENTITY_DOMAIN = "clients.auth.globus.org"
 GROUPS_KEY_PREFIX = "groups#"
-# A refusal is remembered briefly so a client retrying a bad token does not hammer Globus.
-_REFUSAL_CACHE_SECONDS = 10.0
 # What a client is told to wait when Globus itself is down.
 _OUTAGE_RETRY_AFTER = "5"
 
@@ -98,37 +109,40 @@ def token_hash(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
-def bearer_token(authorization: str | None) -> str:
-    """The token of an `Authorization: Bearer` header; 401 if there is none."""
-    if not authorization or not authorization.lower().startswith("bearer "):
-        raise AuthenticationError(
-            "Missing bearer token. Send a Globus access token as the API key "
-            "(Authorization: Bearer <token>); get one with `first-auth token`."
-        )
-    token = authorization[7:].strip()
-    if not token or len(token) > 4096:
-        raise AuthenticationError("The bearer token is empty or malformed.")
-    return token
-
-
 class Authenticator:
     """Turns a bearer token into a `Caller`, with the caches described above."""
 
     def __init__(self) -> None:
-        self._settings = get_settings()
-        self._memory: dict[str, tuple[float, Caller | AuthenticationError]] = {}
-        # user_id -> (groups, checked_at); valid while checked_at + groups_cache_seconds > now
-        self._user_groups: dict[str, tuple[frozenset[str], float]] = {}
-        self._lock = threading.Lock()
+        self._settings = s = get_settings()
+        self._verdicts: ExpiringLRU[Caller] = ExpiringLRU(s.token_cache_entries)
+        self._refused: ExpiringLRU[AuthenticationError] = ExpiringLRU(s.refused_token_cache_entries)
+        # user_id -> (groups, checked_at); trusted until checked_at + groups_cache_seconds
+        self._user_groups: ExpiringLRU[tuple[frozenset[str], float]] = ExpiringLRU(
+            s.token_cache_entries
+        )
+        self._failures = FailedAuthentications()
         self._client: globus_sdk.ConfidentialAppAuthClient | None = None
 
     # -- public -----------------------------------------------------------------------
-    def authenticate(self, authorization: str | None) -> Caller:
-        """Who the caller is (401 if that cannot be established). Does not authorize."""
-        token = bearer_token(authorization)
+    def authenticate(self, authorization: str | None, address: str | None = None) -> Caller:
+        """Who the caller is (401 if that cannot be established). Does not authorize.
+
+        `address` is the client's (first_core.credentials.source_address): a refused bearer
+        token counts against it, and past its limit a token that is not cached gets 429
+        before any call to Globus. None: no such limit (a caller that is not a client)."""
+        try:
+            return self._authenticate(authorization, address)
+        except AuthenticationError:
+            if presents_bearer_token(authorization):
+                self._failures.count(address)  # past the limit: 429 instead
+            raise
+
+    def _authenticate(self, authorization: str | None, address: str | None) -> Caller:
+        token = bearer_token(authorization)  # the shape, before anything else
         key = token_hash(token)
         caller = self._cached(key)
         if caller is None:
+            self._failures.check(address)
             return self._introspect_and_cache(token, key)
         if time.time() - caller.groups_checked_at > self._settings.groups_cache_seconds:
             caller = self._with_groups(caller, token)
@@ -156,12 +170,15 @@ class Authenticator:
 
     # -- caches -----------------------------------------------------------------------
     def _cached(self, key: str) -> Caller | None:
+        """The verdict on a token: from memory, a refusal (raised) or a caller; else from
+        the table; None if there is none."""
         now = time.time()
-        hit = self._memory.get(key)
-        if hit is not None and hit[0] > now:
-            if isinstance(hit[1], AuthenticationError):
-                raise hit[1]
-            return hit[1]
+        refusal = self._refused.get(key, now)
+        if refusal is not None:
+            raise refusal
+        hit = self._verdicts.get(key, now)
+        if hit is not None:
+            return hit
         try:
             entry = TokenCacheEntry.get(key, consistent_read=False)
         except DoesNotExist:
@@ -172,29 +189,27 @@ class Authenticator:
         caller = Caller.from_json(entry.verdict)
         if not caller.verdict_expires_at:  # written before the field existed
             caller = dataclasses.replace(caller, verdict_expires_at=until)
-        with self._lock:
-            self._memory[key] = (until, caller)
+        self._verdicts.put(key, caller, until)
         return caller
 
     def _remember(self, key: str, caller: Caller) -> None:
         # The instant was fixed at introspection: refreshing groups must not extend it,
         # or a revoked token would live on past token_cache_seconds.
         until = caller.verdict_expires_at
-        with self._lock:
-            self._memory[key] = (until, caller)
+        self._verdicts.put(key, caller, until)
         TokenCacheEntry(key, verdict=caller.to_json(), expires_at=_utc(until)).save()
 
     def _refuse(self, key: str, error: AuthenticationError) -> AuthenticationError:
-        with self._lock:
-            self._memory[key] = (time.time() + _REFUSAL_CACHE_SECONDS, error)
+        until = time.time() + self._settings.refused_token_cache_seconds
+        self._refused.put(key, error, until)
         return error
 
     def _cached_groups(self, user_id: str) -> tuple[frozenset[str], float] | None:
         """The user's groups if checked within groups_cache_seconds (memory, then table)."""
         now = time.time()
         ttl = self._settings.groups_cache_seconds
-        hit = self._user_groups.get(user_id)
-        if hit is not None and hit[1] + ttl > now:
+        hit = self._user_groups.get(user_id, now)
+        if hit is not None:
             return hit
         try:
             entry = TokenCacheEntry.get(GROUPS_KEY_PREFIX + user_id, consistent_read=False)
@@ -205,13 +220,12 @@ class Authenticator:
         if expires <= now or checked_at + ttl <= now:
             return None
         found = (frozenset(str(g) for g in entry.verdict.get("groups", ())), checked_at)
-        with self._lock:
-            self._user_groups[user_id] = found
+        self._user_groups.put(user_id, found, checked_at + ttl)
         return found
 
     def _remember_groups(self, user_id: str, groups: frozenset[str], checked_at: float) -> None:
-        with self._lock:
-            self._user_groups[user_id] = (groups, checked_at)
+        until = checked_at + self._settings.groups_cache_seconds
+        self._user_groups.put(user_id, (groups, checked_at), until)
         TokenCacheEntry(
             GROUPS_KEY_PREFIX + user_id,
             verdict={"user_id": user_id, "groups": sorted(groups), "checked_at": checked_at},
@@ -226,11 +240,26 @@ class Authenticator:
                 self._settings.globus_client_id,
                 self._settings.globus_client_secret.get_secret_value(),
                 retry_config=self._retry_config(),
+                transport=self._transport(),
             )
         return self._client
 
     def _retry_config(self) -> RetryConfig:
-        return RetryConfig(max_retries=self._settings.globus_retries, max_sleep=1.0)
+        config = RetryConfig(max_retries=self._settings.globus_retries, max_sleep=1.0)
+        # Registered before the SDK's own checks, so it decides first.
+        config.checks.register_check(_no_retry_after_timeout)
+        return config
+
+    def _transport(self) -> RequestsTransport:
+        """An HTTP transport whose every call gives up after the connect and read timeouts."""
+        transport = RequestsTransport()
+        # `requests` takes a (connect, read) pair; the SDK hands its value straight to it.
+        timeouts = (
+            self._settings.globus_connect_timeout_seconds,
+            self._settings.globus_read_timeout_seconds,
+        )
+        transport.http_timeout = cast(float, timeouts)
+        return transport
 
     def _introspect_and_cache(self, token: str, key: str) -> Caller:
         data = self._introspect(token)  # an outage raises here: nothing is cached
@@ -348,6 +377,7 @@ class Authenticator:
             groups_client = globus_sdk.GroupsClient(
                 authorizer=globus_sdk.AccessTokenAuthorizer(groups_token),
                 retry_config=self._retry_config(),
+                transport=self._transport(),
             )
             memberships = groups_client.get_my_groups()
         except globus_sdk.GlobusAPIError as error:
@@ -367,6 +397,18 @@ def domain_groups(domain: str) -> list[str]:
         if configured.lower() == domain.lower():
             return list(groups)
     return []
+
+
+def _no_retry_after_timeout(context: RetryContext) -> RetryCheckResult:
+    """A call that timed out is not tried again: a Globus that hangs would hang again, and
+    the caller would wait `globus_retries` times the timeout for the same 503."""
+    failure = context.exception  # what `requests` raised, which the SDK classifies for us
+    timed_out = failure is not None and isinstance(
+        convert_request_exception(cast(Any, failure)), GlobusTimeoutError
+    )
+    if timed_out:
+        return RetryCheckResult.do_not_retry
+    return RetryCheckResult.no_decision
 
 
 def _is_outage(error: globus_sdk.GlobusAPIError) -> bool:

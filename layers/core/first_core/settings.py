@@ -53,6 +53,23 @@ class Settings(BaseSettings):
     # Group memberships are cached per user (any token of that user) and looked up again
     # after this long.
     groups_cache_seconds: int = 300
+    # Verdicts (and users' groups) one instance keeps in memory, least recently used dropped
+    # first; the token_cache table keeps the rest.
+    token_cache_entries: int = 10_000
+    # Tokens Globus refused (inactive, expired, wrong scope, provider, policy) are refused from
+    # memory for this long, at most this many of them, without asking Globus again.
+    refused_token_cache_seconds: float = 10.0
+    refused_token_cache_entries: int = 10_000
+    # Failed authentications (a malformed bearer token, or one Globus refused) allowed per client
+    # address per window, counted in the rate_counters table across instances; past it, a
+    # token that is not already cached is answered 429 before any call to Globus (0 = no limit).
+    auth_failures_per_address: int = 100
+    auth_failure_window_seconds: int = 60
+    # Every call to Globus Auth and Groups gives up after these (then 503 asking to retry); a
+    # call that timed out is not retried, so a Globus that hangs costs a caller at most about
+    # connect + read seconds.
+    globus_connect_timeout_seconds: float = 3.0
+    globus_read_timeout_seconds: float = 5.0
 
     # Callbacks from the clusters come back to this URL, signed with this secret.
     public_base_url: str = "http://127.0.0.1:8000"

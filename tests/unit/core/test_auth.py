@@ -28,8 +28,10 @@ from first_core.errors import (
     AuthenticationError,
     GatewayError,
     PermissionDeniedError,
+    RateLimitError,
     ServiceUnavailableError,
 )
+from first_core.ratelimit import used
 from first_core.settings import get_settings
 from first_core.tables import TokenCacheEntry
 
@@ -834,7 +836,7 @@ def test_memory_and_table_entries_expire_at_the_same_instant(
     fake_globus(globus, introspection(exp=time.time() + 120))
     caller = authenticator.authenticate(bearer())
 
-    until, _ = authenticator._memory[token_hash(TOKEN)]
+    until = authenticator._verdicts.until(token_hash(TOKEN))
 
     assert until == caller.verdict_expires_at == caller.token_expires_at
     assert TokenCacheEntry.get(token_hash(TOKEN)).expires_at.timestamp() == pytest.approx(until)
@@ -1009,3 +1011,279 @@ def test_cached_verdicts_without_the_new_fields_are_still_read(
     assert caller.verdict_expires_at == pytest.approx(until)
     assert not caller.is_service_account
     assert len(globus.calls) == 0
+
+
+# -- cheap refusals (issue 15): shape, refusal cache, bounded memory, per-address limit, timeouts
+REAL_SHAPED = "AgQ1bJx5nWKDNKy6dEmR0bdWqkVjoPYJ7pmnz1jDlM9KqdXK3WUcgEe9G4zeBmYeDpl2ZrJXVm3lgCzJ5a"
+ADDRESS = "203.0.113.7"
+
+
+def random_token(i: int) -> str:
+    """A well-formed token nobody issued (the shape of a Globus access token)."""
+    return "Ag" + hashlib.sha256(str(i).encode()).hexdigest()[:60]
+
+
+@pytest.mark.parametrize(
+    "token",
+    [
+        "short",  # under 20 characters
+        "x" * 2049,  # over 2048
+        "has space in the middle of it ok",
+        'quote"in-the-token-0123456789',
+        "\u00e9" * 40,  # not ASCII
+        "tab\tinside-the-token-0123456789",
+        "semicolon;inside-the-token-0123456789",
+        "==leading-padding-0123456789",
+    ],
+    ids=["short", "long", "space", "quote", "non-ascii", "tab", "semicolon", "padding-first"],
+)
+def test_malformed_token_is_a_401_without_any_call_to_globus(
+    globus: responses.RequestsMock, authenticator: Authenticator, token: str
+) -> None:
+    fake_globus(globus, introspection())
+
+    with pytest.raises(AuthenticationError) as refused:
+        authenticator.authenticate(f"Bearer {token}", ADDRESS)
+
+    assert refused.value.status == 401
+    assert "malformed" in refused.value.message
+    assert len(globus.calls) == 0
+
+
+@pytest.mark.parametrize("token", [TOKEN, OTHER_TOKEN, REAL_SHAPED, "A" * 20, "A" * 2048])
+def test_well_formed_tokens_reach_globus(
+    globus: responses.RequestsMock, authenticator: Authenticator, token: str
+) -> None:
+    fake_globus(globus, introspection())
+
+    assert authenticator.authenticate(bearer(token), ADDRESS).user_id == ALICE_ANL
+    assert form(calls_to(globus, INTROSPECT_URL)[0])["token"] == [token]
+
+
+def test_refused_tokens_are_remembered_by_hash_for_the_setting(
+    globus: responses.RequestsMock, authenticator: Authenticator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(get_settings(), "refused_token_cache_seconds", 30.0)
+    fake_globus(globus, introspection(active=False))
+    for _ in range(3):
+        with pytest.raises(AuthenticationError):
+            authenticator.authenticate(bearer())
+    assert len(calls_to(globus, INTROSPECT_URL)) == 1
+
+    until = authenticator._refused.until(token_hash(TOKEN))
+    assert until == pytest.approx(time.time() + 30, abs=2)
+    assert authenticator._refused.until(TOKEN) is None  # keyed by hash, never by the token
+    later = time.time() + 31
+    monkeypatch.setattr(first_core.auth, "time", types.SimpleNamespace(time=lambda: later))
+    with pytest.raises(AuthenticationError):
+        authenticator.authenticate(bearer())
+    assert len(calls_to(globus, INTROSPECT_URL)) == 2
+
+
+def test_the_refusal_cache_is_bounded(
+    globus: responses.RequestsMock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(get_settings(), "refused_token_cache_entries", 5)
+    fake_globus(globus, introspection(active=False))
+    authenticator = Authenticator()
+    for i in range(40):
+        with pytest.raises(AuthenticationError):
+            authenticator.authenticate(bearer(random_token(i)))
+
+    assert len(authenticator._refused) == 5
+    # the most recent are the ones kept
+    assert authenticator._refused.until(token_hash(random_token(39))) is not None
+    assert authenticator._refused.until(token_hash(random_token(0))) is None
+
+
+def test_the_verdict_cache_is_a_bounded_lru(
+    globus: responses.RequestsMock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(get_settings(), "token_cache_entries", 3)
+    fake_globus(globus, introspection())
+    authenticator = Authenticator()
+    tokens = [random_token(i) for i in range(10)]
+    for token in tokens:
+        authenticator.authenticate(bearer(token))
+    authenticator.authenticate(bearer(tokens[7]))  # used again: the most recent
+    authenticator.authenticate(bearer(random_token(99)))
+
+    assert len(authenticator._verdicts) == 3
+    kept = {t for t in [*tokens, random_token(99)] if authenticator._verdicts.until(token_hash(t))}
+    assert kept == {tokens[7], tokens[9], random_token(99)}
+    # A verdict dropped from memory is still in the table: no new introspection.
+    introspections = len(calls_to(globus, INTROSPECT_URL))
+    assert authenticator.authenticate(bearer(tokens[0])).user_id == ALICE_ANL
+    assert len(calls_to(globus, INTROSPECT_URL)) == introspections
+
+
+@pytest.fixture
+def tight_limit(monkeypatch: pytest.MonkeyPatch) -> int:
+    monkeypatch.setattr(get_settings(), "auth_failures_per_address", 5)
+    monkeypatch.setattr(get_settings(), "auth_failure_window_seconds", 60)
+    return 5
+
+
+def test_past_the_failure_limit_an_address_gets_429_before_any_call_to_globus(
+    globus: responses.RequestsMock, authenticator: Authenticator, tight_limit: int
+) -> None:
+    fake_globus(globus, introspection(active=False))
+    for i in range(tight_limit):
+        with pytest.raises(AuthenticationError):
+            authenticator.authenticate(bearer(random_token(i)), ADDRESS)
+    assert len(calls_to(globus, INTROSPECT_URL)) == tight_limit
+
+    with pytest.raises(RateLimitError) as limited:
+        authenticator.authenticate(bearer(random_token(100)), ADDRESS)
+
+    assert limited.value.status == 429
+    assert limited.value.code == "too_many_failed_authentications"
+    assert 1 <= int(limited.value.headers["Retry-After"]) <= 60
+    assert len(calls_to(globus, INTROSPECT_URL)) == tight_limit  # Globus was not asked
+    # Another address is not affected.
+    with pytest.raises(AuthenticationError):
+        authenticator.authenticate(bearer(random_token(101)), "198.51.100.1")
+
+
+def test_malformed_tokens_count_against_the_address_too(
+    globus: responses.RequestsMock, authenticator: Authenticator, tight_limit: int
+) -> None:
+    fake_globus(globus, introspection())
+    for _ in range(tight_limit):
+        with pytest.raises(AuthenticationError):
+            authenticator.authenticate("Bearer garbage", ADDRESS)
+
+    with pytest.raises(RateLimitError):
+        authenticator.authenticate("Bearer garbage", ADDRESS)
+    with pytest.raises(RateLimitError):  # even a valid token, when it is not cached
+        authenticator.authenticate(bearer(), ADDRESS)
+    assert len(globus.calls) == 0
+    # No header, or another scheme, is not a failed authentication: still a 401.
+    with pytest.raises(AuthenticationError):
+        authenticator.authenticate(None, "198.51.100.2")
+    assert used("authfail#198.51.100.2#" + str(int(time.time() // 60) * 60)) == 0
+
+
+def test_a_cached_valid_token_is_never_refused_because_of_its_address(
+    globus: responses.RequestsMock, authenticator: Authenticator, tight_limit: int
+) -> None:
+    fake_globus(globus, introspection())
+    authenticator.authenticate(bearer(), ADDRESS)  # cached (memory and table)
+    for _ in range(tight_limit + 3):
+        with pytest.raises((AuthenticationError, RateLimitError)):
+            authenticator.authenticate("Bearer garbage", ADDRESS)
+
+    assert authenticator.authenticate(bearer(), ADDRESS).user_id == ALICE_ANL
+    # a cold instance, whose only cache is the table, lets it through too
+    assert Authenticator().authenticate(bearer(), ADDRESS).user_id == ALICE_ANL
+    assert len(calls_to(globus, INTROSPECT_URL)) == 1
+
+
+def test_the_failure_limit_holds_across_instances(
+    globus: responses.RequestsMock, tight_limit: int
+) -> None:
+    fake_globus(globus, introspection(active=False))
+    instances = [Authenticator() for _ in range(tight_limit)]
+    for i, instance in enumerate(instances):  # one failure on each instance
+        with pytest.raises(AuthenticationError):
+            instance.authenticate(bearer(random_token(i)), ADDRESS)
+
+    with pytest.raises(RateLimitError):
+        Authenticator().authenticate(bearer(random_token(50)), ADDRESS)
+    window = int(time.time() // 60) * 60
+    assert used(f"authfail#{ADDRESS}#{window}") == tight_limit
+    assert len(calls_to(globus, INTROSPECT_URL)) == tight_limit
+
+
+def test_an_ipv6_client_counts_by_its_64_network(
+    globus: responses.RequestsMock, authenticator: Authenticator, tight_limit: int
+) -> None:
+    fake_globus(globus, introspection(active=False))
+    for i in range(tight_limit):
+        with pytest.raises(AuthenticationError):
+            authenticator.authenticate(bearer(random_token(i)), f"2001:db8:1:2::{i + 1:x}")
+
+    with pytest.raises(RateLimitError):
+        authenticator.authenticate(bearer(random_token(77)), "2001:db8:1:2:ffff::1")
+
+
+def test_a_globus_call_that_times_out_is_a_quick_503_and_is_not_retried(
+    globus: responses.RequestsMock, authenticator: Authenticator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(get_settings(), "globus_retries", 3)
+    globus.add(responses.POST, INTROSPECT_URL, body=requests.ReadTimeout("read timed out"))
+
+    with pytest.raises(ServiceUnavailableError) as unavailable:
+        authenticator.authenticate(bearer(), ADDRESS)
+
+    assert unavailable.value.headers["Retry-After"] == "5"
+    assert len(calls_to(globus, INTROSPECT_URL)) == 1  # no retry of a timeout
+    assert TokenCacheEntry.count() == 0
+    assert authenticator._refused.until(token_hash(TOKEN)) is None  # an outage is not a refusal
+
+
+def test_every_globus_client_has_the_connect_and_read_timeouts_of_the_settings(
+    globus: responses.RequestsMock, authenticator: Authenticator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(get_settings(), "globus_connect_timeout_seconds", 1.5)
+    monkeypatch.setattr(get_settings(), "globus_read_timeout_seconds", 2.5)
+    seen: list[Any] = []
+    real_send = requests.Session.send
+
+    def send(self: requests.Session, request: Any, **kwargs: Any) -> Any:
+        seen.append(kwargs.get("timeout"))
+        return real_send(self, request, **kwargs)
+
+    monkeypatch.setattr(requests.Session, "send", send)
+    fake_globus(globus, introspection())
+
+    authenticator.authenticate(bearer())
+
+    assert len(seen) == 3  # introspection, dependent tokens, Groups
+    assert seen == [(1.5, 2.5)] * 3
+
+
+def test_a_globus_auth_that_hangs_answers_503_within_the_read_timeout(
+    aws: None, authenticator: Authenticator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A real socket that accepts and never answers (no mock in between)."""
+    import socket
+    import threading
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    held: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        listener.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                held.append(listener.accept()[0])  # read nothing, answer nothing
+            except OSError:
+                continue
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    port = listener.getsockname()[1]
+    monkeypatch.setenv("GLOBUS_SDK_SERVICE_URL_AUTH", f"http://127.0.0.1:{port}/")
+    s = get_settings()
+    monkeypatch.setattr(s, "globus_client_id", CLIENT_ID)
+    monkeypatch.setattr(s, "globus_client_secret", SecretStr(CLIENT_SECRET))
+    monkeypatch.setattr(s, "globus_retries", 2)
+    monkeypatch.setattr(s, "globus_read_timeout_seconds", 0.5)
+    try:
+        started = time.monotonic()
+        with pytest.raises(ServiceUnavailableError):
+            authenticator.authenticate(bearer(), ADDRESS)
+        elapsed = time.monotonic() - started
+    finally:
+        stop.set()
+        thread.join()
+        for each in held:
+            each.close()
+        listener.close()
+
+    assert elapsed < 2.0  # one read timeout, no retries of it
+    assert len(held) == 1

@@ -331,3 +331,33 @@ def test_the_gateway_serves_the_listed_service_account(
 
     assert caller.is_service_account and caller.user_id == DEV_SERVICE_CLIENT_ID
     assert ALLOWED_GROUP_ID in caller.groups
+
+
+def test_the_hang_switch_holds_globus_calls_until_turned_off(
+    standin: _Server, aws: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`POST /_standin/hang?seconds=S`: a Globus that hangs, which the gateway answers with a
+    quick 503 (its read timeout) rather than waiting."""
+    from first_core.auth import Authenticator
+    from first_core.errors import ServiceUnavailableError
+    from first_core.settings import get_settings
+
+    settings = get_settings()
+    monkeypatch.setattr(settings, "globus_client_id", DEV_CLIENT_ID)
+    monkeypatch.setattr(settings, "globus_client_secret", SecretStr(DEV_CLIENT_SECRET))
+    monkeypatch.setattr(settings, "gateway_scope", DEV_GATEWAY_SCOPE)
+    monkeypatch.setattr(settings, "allowed_domains", ["anl.gov", "uchicago.edu"])
+    monkeypatch.setattr(settings, "globus_read_timeout_seconds", 0.5)
+    assert httpx.post(f"{standin.base}/_standin/hang?seconds=30").json() == {"hang_seconds": 30}
+    try:
+        started = time.monotonic()
+        with pytest.raises(ServiceUnavailableError):
+            Authenticator().authenticate(f"Bearer {mint_token('alice')}")
+        assert time.monotonic() - started < 3
+        assert httpx.get(f"{standin.base}/_standin/calls").json()["introspect"] == 1
+    finally:
+        httpx.post(f"{standin.base}/_standin/hang?seconds=0")
+
+    assert httpx.get(f"{standin.base}/_standin/hang").json() == {"hang_seconds": 0}
+    assert Authenticator().authenticate(f"Bearer {mint_token('alice')}").username
+    assert httpx.post(f"{standin.base}/_standin/hang?seconds=x").status_code == 400

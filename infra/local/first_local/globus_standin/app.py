@@ -1,9 +1,12 @@
 """The routes: Globus Auth under `/auth` (introspection, dependent tokens, the native-app
-login, client credentials, revocation, userinfo, JWKS), Groups under `/groups`, and the
-call counts under `/_standin/calls`."""
+login, client credentials, revocation, userinfo, JWKS), Groups under `/groups`, the call
+counts under `/_standin/calls`, and a fault switch, `POST /_standin/hang?seconds=S`: while
+it is on, introspection, dependent tokens and Groups answer only after S seconds, as a Globus
+that hangs (`seconds=0` turns it off and lets the waiting calls answer)."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hmac
 import time
@@ -74,6 +77,14 @@ class _State:
     calls: Counter[str] = field(default_factory=Counter)
     revoked: set[str] = field(default_factory=set)
     used_codes: set[str] = field(default_factory=set)
+    # The hang switch: how long the Globus calls a gateway makes wait before answering.
+    hang_seconds: float = 0.0
+
+    async def hang(self) -> None:
+        """Wait while the hang switch is on (at most its seconds)."""
+        started = time.monotonic()
+        while self.hang_seconds and time.monotonic() - started < self.hang_seconds:
+            await asyncio.sleep(0.05)
 
 
 def create_app(
@@ -105,6 +116,7 @@ def create_app(
 
     async def introspect(request: Request) -> JSONResponse:
         request.app.state.calls["introspect"] += 1
+        await request_state.hang()
         if not client_ok(request):
             return invalid_client()
         form = await _form(request)
@@ -334,6 +346,7 @@ def create_app(
         if form.get("grant_type") == "client_credentials":
             return await client_credentials_grant(request, form)
         request.app.state.calls["dependent_tokens"] += 1
+        await request_state.hang()
         if not client_ok(request):
             return invalid_client()
         if form.get("grant_type") != DEPENDENT_TOKEN_GRANT:
@@ -369,6 +382,7 @@ def create_app(
 
     async def my_groups(request: Request) -> JSONResponse:
         request.app.state.calls["my_groups"] += 1
+        await request_state.hang()
         claims = _verify(_bearer(request), secret)
         if claims is None or claims["kind"] != "groups":
             return JSONResponse(
@@ -406,6 +420,15 @@ def create_app(
     async def calls(request: Request) -> JSONResponse:
         return JSONResponse(dict(request.app.state.calls))
 
+    async def hang(request: Request) -> JSONResponse:
+        if request.method == "POST":
+            try:
+                seconds = float(request.query_params.get("seconds", "0"))
+            except ValueError:
+                return JSONResponse({"error": "seconds must be a number"}, status_code=400)
+            request_state.hang_seconds = max(0.0, seconds)
+        return JSONResponse({"hang_seconds": request_state.hang_seconds})
+
     app = Starlette(
         routes=[
             Mount(
@@ -423,6 +446,7 @@ def create_app(
             ),
             Mount("/groups", routes=[Route("/v2/groups/my_groups", my_groups)]),
             Route("/_standin/calls", calls),
+            Route("/_standin/hang", hang, methods=["GET", "POST"]),
         ]
     )
     app.state.calls = request_state.calls

@@ -42,7 +42,10 @@ INFERENCE_PATHS = [
 
 @pytest.fixture(scope="module")
 def http(stack: Stack) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=stack.base_url, timeout=30) as client:
+    # From a loopback address of its own: its made-up tokens count against that address's
+    # failed-authentication limit, not against 127.0.0.1's, which the other tests share.
+    transport = httpx.HTTPTransport(local_address="127.0.0.3")
+    with httpx.Client(base_url=stack.base_url, timeout=30, transport=transport) as client:
         yield client
 
 

@@ -24,64 +24,17 @@ import pytest
 from first_local.globus_standin import mint_token
 from tests.conftest import CALLBACK_SECRET
 from tests.contract.conftest import Stack
+from tests.support.contract import (
+    MODEL,
+    jsonl,
+    line,
+    rows,
+    start,
+    upload,
+    wait_for,
+)
 
-MODEL = "meta-llama/Meta-Llama-3-8B-Instruct"
 FIXTURES = Path(__file__).resolve().parents[3] / "shared" / "conformance" / "first-fixtures"
-ENDED = ("completed", "failed", "cancelled", "expired")
-
-
-def line(custom_id: str, text: str, max_tokens: int = 8, **body: Any) -> str:
-    return json.dumps(
-        {
-            "custom_id": custom_id,
-            "method": "POST",
-            "url": "/v1/chat/completions",
-            "body": {
-                "model": MODEL,
-                "messages": [{"role": "user", "content": text}],
-                "max_tokens": max_tokens,
-                **body,
-            },
-        }
-    )
-
-
-def jsonl(lines: list[str]) -> bytes:
-    return ("\n".join(lines) + "\n").encode()
-
-
-def upload(client: openai.OpenAI, lines: list[str], name: str = "input.jsonl") -> Any:
-    return client.files.create(file=(name, jsonl(lines)), purpose="batch")
-
-
-def start(client: openai.OpenAI, lines: list[str], **options: Any) -> Any:
-    file = upload(client, lines)
-    return client.batches.create(
-        input_file_id=file.id,
-        endpoint="/v1/chat/completions",
-        completion_window="24h",
-        **options,
-    )
-
-
-def wait_for(
-    client: openai.OpenAI, batch_id: str, until: Any = None, timeout: float = 120.0
-) -> Any:
-    """Poll the batch until `until(batch)` (default: it ended)."""
-    until = until or (lambda b: b.status in ENDED)
-    deadline = time.monotonic() + timeout
-    while True:
-        batch = client.batches.retrieve(batch_id)
-        if until(batch):
-            return batch
-        assert time.monotonic() < deadline, f"{batch_id} stuck: {batch}"
-        time.sleep(0.25)
-
-
-def rows(client: openai.OpenAI, file_id: str | None) -> list[dict[str, Any]]:
-    if file_id is None:
-        return []
-    return [json.loads(x) for x in client.files.content(file_id).text.splitlines() if x]
 
 
 # ---- OpenAI batches ----------------------------------------------------------------------------

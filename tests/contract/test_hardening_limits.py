@@ -24,9 +24,9 @@ import yaml
 from first_local.globus_standin import mint_token
 from first_local.stack import stack_process
 from tests.contract.conftest import STACK_ENV, Stack
-from tests.contract.test_batches import MODEL, line, rows, start, wait_for
-from tests.contract.test_limits_and_usage import SMALL, counter, user_id
+from tests.support.contract import MODEL, counter, line, rows, start, user_id, wait_for
 
+SMALL = "meta-llama/Llama-3.2-1B-Instruct"  # the small model of infra/registry/local.yaml
 LOCAL_REGISTRY = Path(__file__).resolve().parents[2] / "infra" / "registry" / "local.yaml"
 CAP, TPM = 400, 3_000
 BATCH_CAP, BATCH_TPM = 1_000, 2_000  # sophia, where batches run

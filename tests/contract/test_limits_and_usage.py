@@ -25,19 +25,12 @@ from boto3.dynamodb.conditions import Attr
 from first_local.globus_standin import mint_token
 from first_local.stack import stack_process
 from tests.contract.conftest import STACK_ENV, Stack
+from tests.support.contract import counter, user_id
 
 SMALL = "meta-llama/Llama-3.2-1B-Instruct"
 RPS_LIMIT = 2
 TPM_LIMIT = 300
 HELLO = [{"role": "user", "content": "Hi"}]
-
-
-def user_id(stack: Stack, user: str) -> str:
-    response = httpx.get(
-        f"{stack.base_url}/resource_server/v1/whoami",
-        headers={"authorization": f"Bearer {mint_token(user)}"},
-    )
-    return str(response.json()["user_id"])
 
 
 def request_count(stack: Stack, uid: str) -> int:
@@ -52,11 +45,6 @@ def request_count(stack: Stack, uid: str) -> int:
         start = page.get("LastEvaluatedKey")
         if not start:
             return total
-
-
-def counter(stack: Stack, key: str) -> int:
-    item = stack.table("rate_counters").get_item(Key={"key": key}, ConsistentRead=True)
-    return int(item.get("Item", {}).get("used", 0))
 
 
 def eventually(check: Any, seconds: float = 3.0) -> bool:

@@ -1,0 +1,84 @@
+"""What the contract tests share: reading the local stack's tables and driving batches with the
+real `openai` package."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import httpx
+import openai
+
+from first_local.globus_standin import mint_token
+from tests.contract.conftest import Stack
+
+MODEL = "meta-llama/Meta-Llama-3-8B-Instruct"
+ENDED = ("completed", "failed", "cancelled", "expired")
+
+
+def line(custom_id: str, text: str, max_tokens: int = 8, **body: Any) -> str:
+    return json.dumps(
+        {
+            "custom_id": custom_id,
+            "method": "POST",
+            "url": "/v1/chat/completions",
+            "body": {
+                "model": MODEL,
+                "messages": [{"role": "user", "content": text}],
+                "max_tokens": max_tokens,
+                **body,
+            },
+        }
+    )
+
+
+def jsonl(lines: list[str]) -> bytes:
+    return ("\n".join(lines) + "\n").encode()
+
+
+def upload(client: openai.OpenAI, lines: list[str], name: str = "input.jsonl") -> Any:
+    return client.files.create(file=(name, jsonl(lines)), purpose="batch")
+
+
+def start(client: openai.OpenAI, lines: list[str], **options: Any) -> Any:
+    file = upload(client, lines)
+    return client.batches.create(
+        input_file_id=file.id,
+        endpoint="/v1/chat/completions",
+        completion_window="24h",
+        **options,
+    )
+
+
+def wait_for(
+    client: openai.OpenAI, batch_id: str, until: Any = None, timeout: float = 120.0
+) -> Any:
+    """Poll the batch until `until(batch)` (default: it ended)."""
+    until = until or (lambda b: b.status in ENDED)
+    deadline = time.monotonic() + timeout
+    while True:
+        batch = client.batches.retrieve(batch_id)
+        if until(batch):
+            return batch
+        assert time.monotonic() < deadline, f"{batch_id} stuck: {batch}"
+        time.sleep(0.25)
+
+
+def rows(client: openai.OpenAI, file_id: str | None) -> list[dict[str, Any]]:
+    if file_id is None:
+        return []
+    return [json.loads(x) for x in client.files.content(file_id).text.splitlines() if x]
+
+
+def user_id(stack: Stack, user: str) -> str:
+    response = httpx.get(
+        f"{stack.base_url}/resource_server/v1/whoami",
+        headers={"authorization": f"Bearer {mint_token(user)}"},
+    )
+    return str(response.json()["user_id"])
+
+
+def counter(stack: Stack, key: str) -> int:
+    item = stack.table("rate_counters").get_item(Key={"key": key}, ConsistentRead=True)
+    return int(item.get("Item", {}).get("used", 0))

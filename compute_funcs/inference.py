@@ -25,6 +25,7 @@ def vllm_inference(
     callback token, and return it: `{request_id, status_code, body, timings}`."""
     import json
     import os
+    import sys
     import time
     import urllib.error
     import urllib.request
@@ -54,11 +55,13 @@ def vllm_inference(
     try:
         status_code, body = post(f"{base_url}/{openai_path}", payload, {}, timeout)
     except (urllib.error.URLError, OSError, ValueError) as error:
+        # The address and the exception are for the endpoint's log; the client gets words.
+        print(f"vLLM at {base_url} could not be reached: {error!r}", file=sys.stderr)
         status_code, body = (
             502,
             {
                 "error": {
-                    "message": f"vLLM at {base_url} could not be reached: {error}",
+                    "message": "The model server could not be reached.",
                     "type": "server_error",
                     "param": None,
                     "code": "backend_unreachable",

@@ -16,7 +16,7 @@ from collections.abc import AsyncGenerator, Coroutine
 from typing import Any, TypeVar
 
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -96,7 +96,7 @@ async def _infer(request: Request) -> Response:
         return JSONResponse(answer.body, headers=answer.headers)
     except GatewayError as error:
         return error_response(error)
-    except ClientGone:
+    except (ClientGone, ClientDisconnect):  # ClientDisconnect: gone while sending its body
         return Response(status_code=CLIENT_CLOSED)
     except Exception:
         log.exception("inference request failed")

@@ -74,7 +74,7 @@ async def answer(
         if submission.request.wants_stream():
             events = await open_stream(submission)
             # Proxies must pass each event on at once, not buffer the stream.
-            streaming = {"cache-control": "no-cache", "x-accel-buffering": "no"}
+            streaming = {"cache-control": "no-store", "x-accel-buffering": "no"}
             return Answer({**headers, **streaming}, events=events)
         body = raise_for_result(await wait_for_result(submission))
     except GatewayError as error:

@@ -19,8 +19,8 @@ from chalicelib.callbacks import callbacks
 from chalicelib.catalog import catalog
 from chalicelib.files import file_routes
 from chalicelib.requests import requests
-from first_core import observability
-from first_core.errors import InvalidRequestError, internal_error_body
+from first_core import edge, observability
+from first_core.errors import GatewayError, InvalidRequestError, internal_error_body
 
 app = Chalice(app_name="first-gateway")
 # File uploads arrive as multipart/form-data: bytes, not text (template.yaml lists it too).
@@ -51,4 +51,20 @@ def openai_shaped_chalice_errors(event: Request, get_response: Callable[..., Any
             response.body = InvalidRequestError(
                 str(body["Message"]), code=_CHALICE_ERROR_CODES.get(response.status_code)
             ).to_body()
+    return response
+
+
+@app.middleware("http")
+def edge_guard(event: Request, get_response: Callable[..., Any]) -> Response:
+    """A header that is not UTF-8 text is a 400 before any view reads it (as in the proxy,
+    `first_core.edge`), and every answer carries `edge.SECURITY_HEADERS`: `nosniff` and
+    `no-store` on every authenticated answer, and on the few open routes too (harmless)."""
+    try:
+        edge.check_headers((event.headers or {}).items())
+    except GatewayError as error:
+        observability.count("Refused", Status=error.status, Code=error.code)
+        response = Response(error.to_body(), status_code=error.status)
+    else:
+        response = get_response(event)
+    response.headers = {**(response.headers or {}), **edge.SECURITY_HEADERS}
     return response

@@ -30,6 +30,7 @@ def vllm_inference(
     import json
     import os
     import re
+    import sys
     import time
     import urllib.error
     import urllib.request
@@ -79,11 +80,13 @@ def vllm_inference(
             payload = {**payload, "max_tokens": room}
             status_code, body = post(f"{base_url}/{openai_path}", payload, {}, timeout)
     except (urllib.error.URLError, OSError, ValueError) as error:
+        # The address and the exception are for the endpoint's log; the client gets words.
+        print(f"vLLM at {base_url} could not be reached: {error!r}", file=sys.stderr)
         status_code, body = (
             502,
             {
                 "error": {
-                    "message": f"vLLM at {base_url} could not be reached: {error}",
+                    "message": "The model server could not be reached.",
                     "type": "server_error",
                     "param": None,
                     "code": "backend_unreachable",

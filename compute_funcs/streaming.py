@@ -37,6 +37,7 @@ def vllm_streaming(
     import queue
     import re
     import socket
+    import sys
     import threading
     import time
     import urllib.error
@@ -176,7 +177,9 @@ def vllm_streaming(
                 )
         except (OSError, http.client.HTTPException, ValueError) as error:
             if not stop.is_set():
-                message = f"vLLM at {base_url} failed: {type(error).__name__}: {error}"
+                # The address and the exception are for the endpoint's log, not the client.
+                print(f"vLLM at {base_url} failed: {error!r}", file=sys.stderr)
+                message = "The model server failed while streaming."
                 code = "backend_unreachable" if response is None else "upstream_error"
                 events.put(("error", 502, openai_error(None, 502, message, code)))
         finally:

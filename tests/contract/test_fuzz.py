@@ -4,11 +4,16 @@ Properties, for every answer: no 5xx but the upstream ones (502/503/504), no sta
 server path in the body, and every refusal exactly OpenAI's error shape with a message.
 Fuzzed inference uses `dave` (served, like alice) so the token budget the other contract
 tests spend as alice is left alone; a few cases use no token or a garbage one.
+
+The values include lone UTF-16 surrogates (sent as JSON `\\udXXX` escapes), extreme numbers
+(huge integers, 1e308, -0, and the literals NaN, Infinity, 1e999 that Python's json reads), and
+the headers bytes that are not UTF-8: such a header must be exactly a 400 `invalid_header`.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from typing import Any
 from urllib.parse import quote, urlencode
@@ -73,17 +78,50 @@ def assert_well_behaved(response: httpx.Response) -> None:
 
 # -- strategies -------------------------------------------------------------------------------
 
+# A string starting with RAW is written into the JSON text as the literal after it (raw_body):
+# numbers JSON cannot spell through json.dumps(allow_nan=False), but Python's json reads.
+RAW = "\x00raw:"
+raw_numbers = st.sampled_from(
+    [
+        "NaN",
+        "Infinity",
+        "-Infinity",
+        "1e999",
+        "-1e999",
+        "-0",
+        "-0.0",
+        "1e308",
+        "-1e308",
+        "5e-324",
+        "1" + "0" * 400,
+        "-9223372036854775809",
+        "18446744073709551616",
+        "0e-999",
+    ]
+).map(lambda literal: RAW + literal)
+# Lone surrogates (json.dumps writes them as `\udXXX` escapes), alone or inside text.
+surrogates = st.characters(min_codepoint=0xD800, max_codepoint=0xDFFF)
+surrogate_text = st.builds(
+    lambda before, lone, after: before + lone + after,
+    st.text(max_size=8),
+    surrogates,
+    st.text(max_size=8),
+)
 scalars = (
     st.none()
     | st.booleans()
     | st.integers(min_value=-(2**70), max_value=2**70)
     | st.floats(allow_nan=False, allow_infinity=False)
+    | st.sampled_from([1e308, -1e308, -0.0, 5e-324, 2**63, -(2**63) - 1, 10**30])
+    | raw_numbers
     | st.text(max_size=40)
+    | surrogate_text
 )
 json_values = st.recursive(
     scalars,
     lambda children: (
-        st.lists(children, max_size=5) | st.dictionaries(st.text(max_size=12), children, max_size=5)
+        st.lists(children, max_size=5)
+        | st.dictionaries(st.text(max_size=12) | surrogate_text, children, max_size=5)
     ),
     max_leaves=25,
 )
@@ -152,8 +190,61 @@ def mutated_body(draw: st.DrawFn, kind: str) -> dict[str, Any]:
     return body
 
 
+_RAW_LITERAL = re.compile(r'"\\u0000raw:([^"]*)"')
+
+
 def raw_body(body: Any) -> bytes:
-    return json.dumps(body, allow_nan=False).encode()
+    """The JSON text (ASCII: a lone surrogate is a `\\udXXX` escape), with RAW literals put in."""
+    return _RAW_LITERAL.sub(r"\1", json.dumps(body, allow_nan=False)).encode()
+
+
+# Header value bytes h11 will send (visible ASCII and every byte from 0x80): most of them are not
+# UTF-8 text.
+header_bytes = st.lists(
+    st.sampled_from([*range(0x21, 0x7F), *range(0x80, 0x100)]), min_size=1, max_size=24
+).map(bytes)
+odd_headers = st.lists(
+    st.tuples(
+        st.sampled_from(
+            [b"x-odd", b"user-agent", b"accept", b"x-request-id", b"openai-organization"]
+        ),
+        header_bytes,
+    ),
+    max_size=2,
+    unique_by=lambda header: header[0],
+)
+
+
+def is_utf8(value: bytes) -> bool:
+    try:
+        value.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return "\ufffd" not in value.decode("utf-8")
+
+
+def send(
+    http: httpx.Client,
+    method: str,
+    path: str,
+    headers: dict[str, Any],
+    extra: list[tuple[bytes, bytes]],
+    **options: Any,
+) -> httpx.Response:
+    """The request with `extra` raw headers added; answered 400 `invalid_header` (on a route
+    that exists) when one of them is not UTF-8 text."""
+    raw = [
+        (k.lower().encode(), v if isinstance(v, bytes) else v.encode()) for k, v in headers.items()
+    ]
+    names = {name for name, _ in extra}
+    raw = [(k, v) for k, v in raw if k not in names] + extra
+    response = http.request(method, path, headers=raw, **options)
+    if not all(is_utf8(value) for _, value in raw):
+        # A route that does not exist is API Gateway's 404 before any function runs.
+        expected = {(400, "invalid_header"), (404, "unknown_route")}
+        answer = (response.status_code, response.json()["error"]["code"])
+        assert answer in expected, response.text
+    return response
 
 
 broken_bytes = st.sampled_from(
@@ -194,16 +285,24 @@ content_types = st.sampled_from(
 @given(
     path=st.sampled_from(INFERENCE_PATHS),
     data=st.data(),
+    extra=odd_headers,
 )
 def test_inference_with_one_field_mutated(
-    http: httpx.Client, token: str, path: str, data: st.DataObject
+    http: httpx.Client,
+    token: str,
+    path: str,
+    data: st.DataObject,
+    extra: list[tuple[bytes, bytes]],
 ) -> None:
     kind = path.rsplit("/v1/", 1)[1]
     body = data.draw(mutated_body(kind))
-    response = http.post(
+    response = send(
+        http,
+        "POST",
         path,
+        {"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
+        extra,
         content=raw_body(body),
-        headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
     )
     assert_well_behaved(response)
 
@@ -214,9 +313,16 @@ def test_inference_with_one_field_mutated(
     body=json_values.map(raw_body) | broken_bytes,
     content_type=content_types,
     auth=st.sampled_from(["dave", "dave", "dave", "dave", "none", "garbage", "bob", "carol"]),
+    extra=odd_headers,
 )
 def test_inference_with_any_body(
-    http: httpx.Client, token: str, path: str, body: bytes, content_type: str, auth: str
+    http: httpx.Client,
+    token: str,
+    path: str,
+    body: bytes,
+    content_type: str,
+    auth: str,
+    extra: list[tuple[bytes, bytes]],
 ) -> None:
     headers: dict[str, Any] = {"Content-Type": content_type}
     if auth == "dave":
@@ -225,7 +331,7 @@ def test_inference_with_any_body(
         headers["Authorization"] = "Bearer \u00e9\u00e9not-a-token".encode()  # not ASCII
     elif auth != "none":
         headers["Authorization"] = f"Bearer {mint_token(auth)}"
-    assert_well_behaved(http.post(path, content=body, headers=headers))
+    assert_well_behaved(send(http, "POST", path, headers, extra, content=body))
 
 
 # -- GET routes -------------------------------------------------------------------------------
@@ -241,7 +347,21 @@ query = st.dictionaries(
     st.one_of(
         st.text(max_size=30),
         st.sampled_from(
-            ["all", "2026-01-01", "2026-13-45", "9999-12-31", "-1", "0000-00-00", "asc", "1e9"]
+            [
+                "all",
+                "2026-01-01",
+                "2026-13-45",
+                "9999-12-31",
+                "-1",
+                "0000-00-00",
+                "asc",
+                "1e9",
+                "0001-01-01",
+                "0001-01-05",
+                "9999-12-30",
+                "2000-01-01",
+                "2999-12-31",
+            ]
         ),
     ),
     max_size=3,
@@ -281,9 +401,17 @@ GET_ROUTES += OBJECT_ROUTES
     b=segment,
     qs=query,
     auth=st.sampled_from(["dave", "dave", "dave", "none", "garbage"]),
+    extra=odd_headers,
 )
 def test_get_routes(
-    http: httpx.Client, token: str, route: str, a: str, b: str, qs: str, auth: str
+    http: httpx.Client,
+    token: str,
+    route: str,
+    a: str,
+    b: str,
+    qs: str,
+    auth: str,
+    extra: list[tuple[bytes, bytes]],
 ) -> None:
     path = route.format(a=a, b=b) + (f"?{qs}" if qs else "")
     headers = {}
@@ -291,7 +419,7 @@ def test_get_routes(
         headers["Authorization"] = f"Bearer {token}"
     elif auth == "garbage":
         headers["Authorization"] = "Basic Zm9vOmJhcg=="
-    assert_well_behaved(http.get(path, headers=headers))
+    assert_well_behaved(send(http, "GET", path, headers, extra))
 
 
 @FEW
@@ -405,7 +533,7 @@ def test_batch_creation_with_any_body(
     purpose=st.one_of(st.sampled_from(["batch", "fine-tune", ""]), st.text(max_size=20)),
     content=st.one_of(
         broken_bytes,
-        st.lists(json_values.map(lambda v: json.dumps(v)), max_size=5).map(
+        st.lists(json_values.map(lambda v: raw_body(v).decode()), max_size=5).map(
             lambda lines: "\n".join(lines).encode()
         ),
     ),

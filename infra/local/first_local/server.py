@@ -15,6 +15,7 @@ from chalice.config import Config
 from chalice.local import EventType, HeaderType, LocalGateway, LocalGatewayException
 from starlette.types import Receive, Scope, Send
 
+from first_core.edge import SECURITY_HEADERS
 from first_core.errors import NotFoundError
 
 _NOT_FOUND = NotFoundError("Unknown route.", code="unknown_route")
@@ -38,6 +39,10 @@ class _ApiGateway(LocalGateway):
         if peer:
             event["requestContext"]["identity"]["sourceIp"] = peer
         return event
+
+
+# The Chalice app adds them to its answers (app.edge_guard); these answers are the local gateway's.
+_SECURITY_HEADERS = [(k.encode(), v.encode()) for k, v in SECURITY_HEADERS.items()]
 
 
 class GatewayServer:
@@ -67,24 +72,25 @@ class GatewayServer:
         await send({"type": "http.response.body", "body": payload})
 
     def _call_control_plane(self, scope: Scope, body: bytes) -> tuple[int, list[Any], bytes]:
-        path = scope["path"] + (
-            f"?{scope['query_string'].decode()}" if scope["query_string"] else ""
-        )
-        headers = {k.decode().lower(): v.decode() for k, v in scope["headers"]}
+        # Bytes that are not UTF-8 become U+FFFD, as text in API Gateway's JSON event; the
+        # control plane refuses such headers itself (first_core.edge), a 400 rather than a 500.
+        query = scope["query_string"].decode("utf-8", "replace")
+        path = scope["path"] + (f"?{query}" if query else "")
+        headers = {
+            k.decode("utf-8", "replace").lower(): v.decode("utf-8", "replace")
+            for k, v in scope["headers"]
+        }
         _API_GATEWAY_FIELDS.set((_repeated_headers(scope), _peer(scope)))
         try:
             response = self._control_plane.handle_request(scope["method"], path, headers, body)
         except LocalGatewayException as error:
+            json_headers = [(b"content-type", b"application/json"), *_SECURITY_HEADERS]
             if error.CODE == 403:
                 # API Gateway's answer for a route that does not exist ("Missing Authentication
                 # Token", or with an Authorization header, a complaint about its SigV4
                 # parameters); the template maps it too.
-                return (
-                    404,
-                    [(b"content-type", b"application/json")],
-                    json.dumps(_NOT_FOUND.to_body()).encode(),
-                )
-            return error.CODE, [(b"content-type", b"application/json")], error.body or b""
+                return 404, json_headers, json.dumps(_NOT_FOUND.to_body()).encode()
+            return error.CODE, json_headers, error.body or b""
         raw = response.get("body") or b""
         if response.get("isBase64Encoded"):
             payload = base64.b64decode(raw)
@@ -107,7 +113,8 @@ def _repeated_headers(scope: Scope) -> dict[str, list[str]]:
     """Every header's values, in order, as API Gateway's `multiValueHeaders`."""
     repeated: dict[str, list[str]] = {}
     for name, value in scope["headers"]:
-        repeated.setdefault(name.decode("latin-1").lower(), []).append(value.decode("latin-1"))
+        text = name.decode("utf-8", "replace").lower()
+        repeated.setdefault(text, []).append(value.decode("utf-8", "replace"))
     return repeated
 
 

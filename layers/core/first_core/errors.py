@@ -8,6 +8,7 @@ OpenAI `type` come from the class, so the OpenAI SDK raises the matching excepti
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 
@@ -27,8 +28,10 @@ class GatewayError(Exception):
         headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(message)
-        self.message = message
-        self.param = param
+        # A message may quote what the client sent; a lone surrogate in it could not be encoded
+        # as UTF-8, and the answer itself would fail (a 500 instead of this refusal).
+        self.message = encodable(message)
+        self.param = encodable(param) if param is not None else None
         if code is not None:
             self.code = code
         self.headers: dict[str, str] = headers or {}
@@ -120,6 +123,40 @@ class ComputeTimeoutError(GatewayError):
     status = 504
     type = "timeout_error"
     code = "compute_timeout"
+
+
+def encodable(text: str) -> str:
+    """`text` with any lone surrogate (which UTF-8 cannot encode) replaced by U+FFFD."""
+    return _SURROGATE.sub("\ufffd", text)
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+# What must not reach a client in a message that came from an exception or a remote body:
+# exception class names (`ConnectError: `, `builtins.RuntimeError: `), addresses (URLs, IPs,
+# host:port), and traceback frames. The detail goes to the log where the message is made.
+_CLASS_NAME = re.compile(
+    r"\b(?:[A-Za-z_]\w*\.)*[A-Z]\w*(?:Error|Exception|Failed|Failure|Timeout|Pool|Exit)\b:?\s*"
+)
+_ADDRESS = re.compile(
+    r"\b[a-zA-Z][\w+.-]*://[^\s'\"<>]+"  # a URL
+    r"|\b\d{1,3}(?:\.\d{1,3}){3}(?::\d+)?\b"  # an IPv4 address, with its port
+    r"|\b(?:localhost|[\w-]+(?:\.[\w-]+)+):\d{2,5}\b"  # host:port
+)
+_FRAME = re.compile(r"Traceback \(most recent call last\)|File \"[^\"]*\", line \d+")
+
+
+def public_message(text: str, fallback: str = "The request failed.", limit: int = 1000) -> str:
+    """`text` (an exception's or a cluster's words) fit for a client: no class names, no
+    addresses, no traceback; `fallback` if nothing is left."""
+    if _FRAME.search(text):
+        lines = [line.strip() for line in text.splitlines() if line.strip()]
+        text = lines[-1] if lines else ""
+    text = _ADDRESS.sub("(address withheld)", text)
+    text = _CLASS_NAME.sub("", text).strip(" :")
+    text = encodable(text)[:limit]
+    return text or fallback
 
 
 def internal_error_body() -> dict[str, Any]:

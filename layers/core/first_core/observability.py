@@ -10,7 +10,8 @@
   `POWERTOOLS_METRICS_DISABLED=true` (the local stack, unless `first-gateway dev --metrics`).
 
 The metrics (see infra/OPERATOR.md for alarms):
-    Requests       inference requests answered, by Route and Outcome (ok, refused, error)
+    Requests       inference requests answered, by Route and Outcome (ok, refused, error,
+                   cancelled: the client left first); a stream is counted when it ends
     RequestMs      their time in the gateway until the answer (or the stream's headers)
     Refused        refusals by Status (401, 403, 429, ...) and Code
     Callbacks      callbacks by Kind (result, stream, batch) and Outcome

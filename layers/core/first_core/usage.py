@@ -194,15 +194,28 @@ def late_usage(record: RequestRecord) -> None:
 # ---- GET /v1/usage ------------------------------------------------------------------------------
 
 
+# The dates `GET /v1/usage` takes. No usage record is older than the gateway (2024) or dated
+# in the far future, and bounds well inside the calendar keep the report's date arithmetic
+# (the default start 29 days before the end, a day past the end) from leaving it: 0001-01-01
+# or 9999-12-31 are a 400 naming these bounds, never an overflow (a 500).
+USAGE_EARLIEST_DATE = date(2000, 1, 1)
+USAGE_LATEST_DATE = date(2999, 12, 31)
+
+
 def _parse_date(value: str | None, name: str, default: date) -> date:
     if not value:
         return default
     try:
-        return date.fromisoformat(value)
+        day = date.fromisoformat(value)
     except ValueError:
         raise InvalidRequestError(
-            f"{name} must be a date like 2026-11-28, not {value!r}.", param=name
+            f"{name} must be a date like 2026-11-28, not {value[:40]!r}.", param=name
         ) from None
+    if not USAGE_EARLIEST_DATE <= day <= USAGE_LATEST_DATE:
+        raise InvalidRequestError(
+            f"{name} must lie between {USAGE_EARLIEST_DATE} and {USAGE_LATEST_DATE}.", param=name
+        )
+    return day
 
 
 def _rows_of_user(user_id: str, start: date, end: date) -> Iterator[UsageRecord]:

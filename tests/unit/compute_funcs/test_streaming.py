@@ -245,3 +245,24 @@ def test_unreachable_vllm(receiver: Receiver, monkeypatch: pytest.MonkeyPatch) -
     (final,) = receiver.batches()
     assert final["done"] is True and final["error"]["code"] == "backend_unreachable"
     assert result["status_code"] == 502
+    # The client reads this message: vLLM's address and the exception stay on the endpoint.
+    assert final["error"]["message"] == "The model server failed while streaming."
+
+
+def test_unreachable_vllm_without_streaming_names_no_address(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from compute_funcs.inference import vllm_inference
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()  # nothing listens there now
+    monkeypatch.setenv("VLLM_BASE_URL", f"http://127.0.0.1:{port}/v1")
+    # The callback goes nowhere either (best effort); the return value is what counts here.
+    callback = f"http://127.0.0.1:{port}/cb"
+    result = vllm_inference(chat("hello"), "chat/completions", "req_test", callback, TOKEN)
+    error = result["body"]["error"]
+    assert result["status_code"] == 502 and error["code"] == "backend_unreachable"
+    assert error["message"] == "The model server could not be reached."
+    assert f"127.0.0.1:{port}" in capsys.readouterr().err  # the endpoint's own log has it

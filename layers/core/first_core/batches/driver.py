@@ -21,6 +21,7 @@ from pydantic import ValidationError
 from first_core.batches.callbacks import finalize
 from first_core.batches.lifecycle import OPEN_STATES, end, error_entry, submit
 from first_core.compute import ComputeBackend, TaskState, background_lookup, get_backend
+from first_core.errors import public_message
 from first_core.schemas.wire import BatchEvent
 from first_core.settings import get_settings
 from first_core.tables import BatchRecord, update_if
@@ -101,15 +102,18 @@ def _drive_one(
         if overdue and end(record, status):
             report.ended.append(batch_id)
         return
-    # failed or unknown: the task died (a killed worker, a lost node, a vanished task)
+    # failed or unknown: the task died (a killed worker, a lost node, a vanished task). Its
+    # reason (an exception line from the cluster) is logged whole and shown in the client's words.
+    log.warning("batch %s: task %s: %s", batch_id, state.status, state.error)
+    shown = public_message(state.error or "", "unknown")
     if record.status == "cancelling" or now > float(record.expires_at):
         status = "cancelled" if record.status == "cancelling" else "expired"
-        if end(record, status, errors=[error_entry("task_failed", state.error or "task failed")]):
+        if end(record, status, errors=[error_entry("task_failed", shown)]):
             report.ended.append(batch_id)
         return
     attempt = int(record.attempt)
     if attempt >= get_settings().batch_max_attempts:
-        reason = f"The batch task failed {attempt} times; last: {state.error or 'unknown'}"
+        reason = f"The batch task failed {attempt} times; last: {shown}"
         if end(record, "failed", errors=[error_entry("task_failed", reason)]):
             report.ended.append(batch_id)
         return

@@ -26,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from first_core import schemas, storage
 from first_core.auth import Caller
+from first_core.edge import check_unicode
 from first_core.errors import InvalidRequestError, NotFoundError, PayloadTooLargeError
 from first_core.schemas.errors import to_gateway_error
 from first_core.settings import get_settings
@@ -95,6 +96,10 @@ def check_batch_lines(content: bytes) -> BatchInput:
             data = json.loads(line)
         except (ValueError, RecursionError):
             raise _bad_line(number, "not valid JSON.") from None
+        try:
+            check_unicode(data, line)
+        except InvalidRequestError as error:
+            raise _bad_line(number, error.message) from None
         if not isinstance(data, dict):
             raise _bad_line(number, "the line must be a JSON object.")
         try:

@@ -81,7 +81,7 @@ def get_backend() -> ComputeBackend:
             except Exception as error:  # no token, service down: nothing can run now
                 log.warning("Globus Compute is unreachable: %r", error)
                 raise ServiceUnavailableError(
-                    f"Globus Compute is unreachable: {type(error).__name__}",
+                    "Globus Compute cannot be reached now; retry shortly.",
                     headers={"Retry-After": "30"},
                 ) from error
         return _backend

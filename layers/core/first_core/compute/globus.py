@@ -76,7 +76,7 @@ class GlobusComputeBackend:
         except Exception as error:  # the SDK raises many types; all mean "not submitted"
             log.warning("Globus Compute refused a submit to %s: %r", endpoint_id, error)
             raise ServiceUnavailableError(
-                f"Globus Compute did not accept the task: {type(error).__name__}",
+                "Globus Compute did not accept the task; retry shortly.",
                 headers={"Retry-After": "5"},
             ) from error
 

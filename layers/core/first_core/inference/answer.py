@@ -5,11 +5,16 @@ stream's SSE events, with the headers every answer carries.
 every error raised once the request was accepted (so a client that gets a 504 can come back
 for the request); a non-streamed answer also says where the gateway's time went
 (`server-timing`: auth, submit, wait).
+
+A client that disconnects before its answer (the proxy then cancels the task awaiting
+`answer`) is a `cancelled` request, as a stream's client that leaves is (stream_sink.cancel):
+the compute function's answer, if it comes, finds the request ended and is billed only.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
@@ -18,8 +23,11 @@ from typing import Any
 from first_core.auth import Caller
 from first_core.errors import GatewayError
 from first_core.inference.relay import open_stream
+from first_core.inference.stream_sink import cancel
 from first_core.inference.submit import Submission, submit
 from first_core.inference.wait import raise_for_result, wait_for_result
+
+log = logging.getLogger("first.inference")
 
 
 @dataclass
@@ -51,23 +59,44 @@ async def answer(
     """Submit the request (on a worker thread: it makes blocking calls) and wait for its
     answer; `auth_ms`, the time the caller's authentication took, for `server-timing`."""
     started = time.perf_counter()
-    submission = await asyncio.to_thread(
-        submit, caller, openai_path, raw_body, cluster, framework
+    submitting = asyncio.ensure_future(
+        asyncio.to_thread(submit, caller, openai_path, raw_body, cluster, framework)
     )
+    try:
+        # Shielded: the submit runs on (a thread cannot be stopped), and is cancelled once done.
+        submission = await asyncio.shield(submitting)
+    except asyncio.CancelledError:
+        submitting.add_done_callback(_cancel_once_submitted)
+        raise
     submitted = time.perf_counter()
     headers = request_headers(submission)
     try:
         if submission.request.wants_stream():
             events = await open_stream(submission)
             # Proxies must pass each event on at once, not buffer the stream.
-            streaming = {"cache-control": "no-cache", "x-accel-buffering": "no"}
+            streaming = {"cache-control": "no-store", "x-accel-buffering": "no"}
             return Answer({**headers, **streaming}, events=events)
         body = raise_for_result(await wait_for_result(submission))
     except GatewayError as error:
         error.headers.update(headers)
+        raise
+    except asyncio.CancelledError:
+        client_left(submission.request_id)
         raise
     headers["server-timing"] = (
         f"auth;dur={auth_ms:.1f}, submit;dur={(submitted - started) * 1000:.1f}, "
         f"wait;dur={(time.perf_counter() - submitted) * 1000:.1f}"
     )
     return Answer(headers, body=body)
+
+
+def client_left(request_id: str) -> None:
+    """The client disconnected before its answer: the request ends `cancelled` (once; a no-op
+    if it ended meanwhile). Synchronous: it runs in a task being cancelled."""
+    if cancel(request_id):
+        log.info("client disconnected: request cancelled", extra={"request_id": request_id})
+
+
+def _cancel_once_submitted(submitting: asyncio.Future[Submission]) -> None:
+    if not submitting.cancelled() and submitting.exception() is None:
+        client_left(submitting.result().request_id)

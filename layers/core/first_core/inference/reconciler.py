@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from first_core.compute import ComputeBackend, TaskState, background_lookup, get_backend
+from first_core.errors import public_message
 from first_core.inference import records, results, stream_sink
 from first_core.schemas import wire
 from first_core.settings import get_settings
@@ -158,7 +159,10 @@ def _error_body(message: str, code: str) -> dict[str, Any]:
 
 
 def _fail(record: RequestRecord, message: str, report: ReconcileReport) -> None:
-    body = _error_body(message, "compute_failed")
+    # The reason may be an exception line from the cluster: whole in the log, in the client's
+    # words in the answer.
+    log.warning("request failed: %s", message, extra={"request_id": record.request_id})
+    body = _error_body(public_message(message), "compute_failed")
     if record.stream:
         _end_stream(record.request_id, [], 502, body, None)
     else:

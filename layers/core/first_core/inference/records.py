@@ -8,7 +8,7 @@ from typing import Any
 
 from first_core import usage as usage_module
 from first_core.auth import Caller
-from first_core.errors import NotFoundError
+from first_core.errors import NotFoundError, public_message
 from first_core.registry import Endpoint
 from first_core.settings import get_settings
 from first_core.tables import TERMINAL_STATUSES, RequestRecord, owned_item, update_if
@@ -130,7 +130,9 @@ def finish_actions(status: str, usage: Usage | None = None, error: str | None = 
     if usage is not None:
         actions += usage_actions(usage)
     if error is not None:
-        actions.append(RequestRecord.error.set(error[:2000]))
+        # `GET /v1/requests/{id}` shows it: in the client's words (the detail is logged where
+        # the error was met).
+        actions.append(RequestRecord.error.set(public_message(error, limit=2000)))
     return actions
 
 
@@ -154,6 +156,16 @@ def finish(
         return False
     usage_module.request_ended(record)  # `update` left the whole new record in `record`
     return True
+
+
+def bill_after_cancel(request_id: str, usage: Usage) -> None:
+    """The usage of what was generated for a request whose client left (it is billed though
+    nobody read it): set once on the record, leaving its status alone, and on its usage record
+    and rate-limit windows."""
+    record = RequestRecord(request_id)
+    once = (RequestRecord.status == "cancelled") & RequestRecord.total_tokens.does_not_exist()
+    if update_if(record, usage_actions(usage), once):
+        usage_module.late_usage(record)
 
 
 def get_owned(request_id: str, caller: Caller) -> RequestRecord:

@@ -16,7 +16,7 @@ from typing import Any
 
 from pynamodb.exceptions import DoesNotExist
 
-from first_core.errors import ComputeTimeoutError, GatewayError
+from first_core.errors import ComputeTimeoutError, GatewayError, public_message
 from first_core.inference.stream_sink import cancel, compact
 from first_core.inference.submit import Submission
 from first_core.inference.wait import backend_error, remember_task
@@ -58,7 +58,11 @@ async def open_stream(submission: Submission) -> AsyncGenerator[bytes, None]:
     """
     events = stream_events(submission)
     first: asyncio.Future[bytes] = asyncio.ensure_future(anext(events))
-    await asyncio.wait({first}, timeout=get_settings().stream_error_wait_seconds)
+    try:
+        await asyncio.wait({first}, timeout=get_settings().stream_error_wait_seconds)
+    except asyncio.CancelledError:  # the client left before the stream began: stop relaying
+        first.cancel()
+        raise
     if first.done() and first.exception() is None:
         error = _error_before_any_token(first.result())
         if error is not None:
@@ -185,7 +189,7 @@ def _ended_record(request_id: str) -> RequestRecord | None:
 def _ended_error(record: RequestRecord) -> dict[str, Any]:
     if record.status == "timed_out":
         return _timeout_error(record.request_id)
-    reason = f": {record.error}" if record.error else "."
+    reason = f": {public_message(record.error)}" if record.error else "."
     return GatewayError(
         f"Request {record.request_id} ended ({record.status}) before its stream finished{reason}",
         code=f"request_{record.status}",
@@ -207,8 +211,11 @@ def _client_event(chunk: str, include_usage: bool) -> tuple[bytes | None, bool]:
         return None, False
     if not isinstance(data, dict):
         return None, False
-    if chunk_error(data) is not None:
-        return _event(data), True
+    error = chunk_error(data)
+    if error is not None:
+        # The cluster's words may name its exception classes or vLLM's address: not for clients.
+        message = public_message(str(error.get("message") or ""), "The stream failed.")
+        return _event({**data, "error": {**error, "message": message}}), True
     if not include_usage:
         # vLLM was always asked for usage; a client that was not gets what OpenAI would send it.
         if data.get("choices") == [] and data.get("usage") is not None:

@@ -75,9 +75,12 @@ def record(
         status = RequestRecord.get(request_id, consistent_read=True, attributes_to_get=["status"])
         ended_by_this_result = status.status == ("completed" if status_code < 400 else "failed")
     except DoesNotExist:
-        ended_by_this_result = False
+        status, ended_by_this_result = None, False
     if ended_by_this_result:  # a concurrent repeat of this callback ended it first
         return "written"
+    usage = Usage.from_body(body) if status_code < 400 else None
+    if status is not None and status.status == "cancelled" and usage is not None:
+        records.bill_after_cancel(request_id, usage)  # its client left; what ran is billed
     row.delete()
     _delete_body(row)
     return "refused"

@@ -31,7 +31,6 @@ from first_core.tables import (
     put_once,
     update_if,
 )
-from first_core.usage import Usage, late_usage
 
 
 def accept_stream_callback(
@@ -55,7 +54,7 @@ def accept_stream_callback(
         # The compute function stops on this reply; its final batch still carries the usage
         # of what was generated, which is billed even though nobody read it.
         if batch.done and batch.usage is not None:
-            _record_usage_after_cancel(request_id, batch.usage.to_usage())
+            records.bill_after_cancel(request_id, batch.usage.to_usage())
         return {"continue": False, "duplicate": False}
     ends_as = "failed" if batch.error else "completed"
     if record.status in TERMINAL_STATUSES and not _ended_by_this_stream(record.status, batch):
@@ -143,18 +142,10 @@ def put_batch(request_id: str, batch: StreamBatchBody) -> bool:
     return put_once(row, StreamChunkBatch.seq.does_not_exist())
 
 
-def _record_usage_after_cancel(request_id: str, usage: Usage) -> None:
-    """Set the usage of a cancelled request once, leaving its status alone (and on its usage
-    record, and against its rate-limit windows)."""
-    record = RequestRecord(request_id)
-    once = (RequestRecord.status == "cancelled") & RequestRecord.total_tokens.does_not_exist()
-    if update_if(record, records.usage_actions(usage), once):
-        late_usage(record)
-
-
-def cancel(request_id: str) -> None:
-    """The client went away: end the request; the compute function learns it at its next batch."""
-    records.finish(request_id, "cancelled")
+def cancel(request_id: str) -> bool:
+    """The client went away: end the request (False if it had ended); the compute function
+    learns it at its next batch, or finds it ended when it calls back."""
+    return records.finish(request_id, "cancelled")
 
 
 def compact(data: dict[str, Any]) -> str:

@@ -12,6 +12,7 @@ from first_core.errors import (
     GatewayError,
     InvalidRequestError,
     UpstreamError,
+    public_message,
 )
 from first_core.inference import records, results
 from first_core.inference.submit import Submission
@@ -68,8 +69,13 @@ def raise_for_result(result: results.Result) -> Any:
 
 def backend_error(status: int, message: str, param: str | None = None) -> GatewayError:
     """What the client gets when vLLM refused (4xx, passed on) or failed (502) a request."""
+    # The cluster's words may name its exception classes or vLLM's address: not for clients.
     if status < 500:
-        refused = InvalidRequestError(message, param=param, code="backend_rejected")
+        refused = InvalidRequestError(
+            public_message(message, "The model backend refused the request."),
+            param=param,
+            code="backend_rejected",
+        )
         refused.status = status
         return refused
-    return UpstreamError(f"The model backend failed: {message}")
+    return UpstreamError(f"The model backend failed: {public_message(message)}")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -15,6 +14,7 @@ from pydantic import (
     model_validator,
 )
 
+from first_core.edge import load_json
 from first_core.errors import InvalidRequestError
 from first_core.schemas._unions import (
     _TAG,
@@ -282,12 +282,7 @@ def parse_request(kind: Kind, body: bytes | str | dict[str, Any]) -> RequestBody
     if isinstance(body, dict):
         data: Any = body
     else:
-        try:
-            data = json.loads(body)
-        except (ValueError, RecursionError):
-            raise InvalidRequestError(
-                "The request body is not valid JSON.", code="invalid_json"
-            ) from None
+        data = load_json(body)  # 400 for bad JSON, and for a lone surrogate in any string
     if not isinstance(data, dict):
         raise InvalidRequestError("The request body must be a JSON object.", code="invalid_json")
     try:

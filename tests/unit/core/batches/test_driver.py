@@ -90,7 +90,7 @@ def test_drive_fails_a_batch_at_its_last_attempt(
     batch_id = create(upload().file_id)
     backend.states["task-1"] = TaskState("failed", error="WorkerLost")
     batch_driver.drive(backend=backend)
-    backend.states["task-2"] = TaskState("failed", error="OOM on node x")
+    backend.states["task-2"] = TaskState("failed", error="MemoryError: OOM on node x")
     report = batch_driver.drive(backend=backend)
     assert report.ended == [batch_id] and report.resubmitted == []
     assert len(backend.submits) == 2
@@ -99,6 +99,7 @@ def test_drive_fails_a_batch_at_its_last_attempt(
     assert record.errors[0]["code"] == "task_failed"
     assert "2 times" in record.errors[0]["message"]
     assert "OOM on node x" in record.errors[0]["message"]
+    assert "MemoryError" not in record.errors[0]["message"]  # the class is for the log
     assert slots() == 0 and len(usage_rows(batch_id)) == 1
 
 

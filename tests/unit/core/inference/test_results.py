@@ -120,15 +120,23 @@ def test_second_record_is_a_duplicate_and_changes_nothing(aws: None) -> None:
 
 
 def test_record_on_a_cancelled_request_is_refused_and_writes_no_result(aws: None) -> None:
+    """The client left (the request was cancelled): its answer is stored nowhere, but what ran
+    is billed once, as a cancelled stream's final usage is; the status stays `cancelled`."""
     open_request()
     assert records.finish(REQUEST_ID, "cancelled")
     request_before = raw_item(RequestRecord, REQUEST_ID)
+    assert request_before is not None
 
     assert record(REQUEST_ID, 200, completion()) == "refused"
+    assert record(REQUEST_ID, 200, completion(prompt=99)) == "refused"  # billed once
 
     assert raw_item(ResultRecord, REQUEST_ID) is None
     assert load(REQUEST_ID) is None
-    assert raw_item(RequestRecord, REQUEST_ID) == request_before
+    billed = {"prompt_tokens": "12", "completion_tokens": "3", "total_tokens": "15"}
+    assert raw_item(RequestRecord, REQUEST_ID) == {
+        **request_before,
+        **{name: {"N": count} for name, count in billed.items()},
+    }
     assert RequestRecord.get(REQUEST_ID).status == "cancelled"
 
 

@@ -19,7 +19,7 @@ class Caller:
 
 
 class Authenticator:
-    def authenticate(self, authorization: str | None) -> Caller:
+    def authenticate(self, authorization: str | None, address: str | None = None) -> Caller:
         return Caller()
 
     def authorize(self, caller: Caller) -> None:

@@ -14,18 +14,20 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal
 
+from pydantic import ValidationError
 from pynamodb.exceptions import DoesNotExist
 
 from first_core import storage
-from first_core.callbacks import read_callback
+from first_core.callbacks import BOUND_ATTRIBUTES, check_bounds, read_callback
 from first_core.errors import (
     ConflictError,
+    InvalidRequestError,
+    PayloadTooLargeError,
 )
 from first_core.inference import assemble, records
-from first_core.schemas.wire import CallbackBody
+from first_core.schemas.wire import CallbackBody, answer_usage
 from first_core.settings import get_settings
 from first_core.tables import RequestRecord, ResultRecord, put_once
-from first_core.usage import Usage
 
 
 @dataclass(frozen=True)
@@ -50,6 +52,9 @@ def record(
     """
     s = get_settings()
     text = json.dumps(body, separators=(",", ":"))
+    if len(text) > s.max_payload_bytes:  # every path that writes a result comes through here
+        status_code, body = too_large(len(text))
+        text = json.dumps(body, separators=(",", ":"))
     now = time.time()
     row = ResultRecord(
         request_id,
@@ -85,8 +90,50 @@ def record(
 
 def _end_request(request_id: str, status_code: int, body: Any) -> bool:
     if status_code < 400:
-        return records.finish(request_id, "completed", usage=Usage.from_body(body))
+        # The usage was checked before the result was written (accept_callback, the reconciler).
+        return records.finish(request_id, "completed", usage=answer_usage(body))
     return records.finish(request_id, "failed", error=error_message(body))
+
+
+def too_large(size: int | None = None) -> tuple[int, dict[str, Any]]:
+    """The status and OpenAI-shaped error a request ends with when the backend's answer is over
+    the cap (`max_payload_bytes`): it is not written, and the waiting client gets this."""
+    cap = get_settings().max_payload_bytes
+    size_words = f"is {size} bytes, more than" if size is not None else "is over"
+    message = (
+        f"The model's answer {size_words} the gateway's limit of {cap} bytes. "
+        "Ask for less in one request (fewer inputs, a smaller n or max_tokens)."
+    )
+    error = {"message": message, "type": "server_error", "param": None, "code": "result_too_large"}
+    return 502, {"error": error}
+
+
+def answer_problem(
+    request_id: str, status_code: int, body: Any, request: RequestRecord | None = None
+) -> str | None:
+    """Why a successful answer's usage cannot be what the backend produced for this request
+    (its schema, then its bounds: first_core.callbacks), or None. Reads the request's bounds
+    unless given its record."""
+    if status_code >= 400:
+        return None  # a failure is not billed: its usage is not read
+    try:
+        usage = answer_usage(body)
+    except ValidationError as error:
+        return validation_problem(error, "usage")
+    if usage is None:
+        return None
+    if request is None:
+        try:
+            request = RequestRecord.get(
+                request_id, consistent_read=True, attributes_to_get=BOUND_ATTRIBUTES
+            )
+        except DoesNotExist:
+            return None  # `record` refuses it
+    try:
+        check_bounds(request, usage=usage)
+    except InvalidRequestError as error:
+        return error.message
+    return None
 
 
 def _delete_body(row: ResultRecord) -> None:
@@ -105,14 +152,31 @@ def load(request_id: str) -> Result | None:
 
 
 def accept_callback(request_id: str, authorization: str | None, raw_body: bytes) -> dict[str, Any]:
-    """The callback route: verify the token, then record the result once."""
-    callback = read_callback(
-        request_id, authorization, raw_body, CallbackBody, get_settings().max_payload_bytes
-    )
+    """The callback route: verify the token, check the answer's counts against the request
+    (400, nothing written), then record the result once. An answer over the cap ends the request
+    failed (the client gets a clear error) and is refused with 413."""
+    try:
+        callback = read_callback(
+            request_id, authorization, raw_body, CallbackBody, get_settings().max_payload_bytes
+        )
+    except PayloadTooLargeError:
+        # Raised only once the token is verified: the request is this caller's to end.
+        record(request_id, *too_large(len(raw_body)))
+        raise
+    problem = answer_problem(request_id, callback.status_code, callback.body)
+    if problem is not None:
+        raise InvalidRequestError(problem, param="usage", code="invalid_callback_body")
     outcome = record(request_id, callback.status_code, callback.body)
     if outcome == "refused":
         raise ConflictError(f"Request {request_id} does not exist or has already ended.")
     return {"accepted": outcome == "written", "duplicate": outcome == "duplicate"}
+
+
+def validation_problem(error: ValidationError, prefix: str) -> str:
+    """The first problem pydantic found, in a few words: `usage.prompt_tokens: ...`."""
+    problem = error.errors(include_url=False)[0]
+    where = ".".join([prefix, *(str(part) for part in problem["loc"])])
+    return f"{where}: {problem['msg']}"
 
 
 def error_message(body: Any) -> str:

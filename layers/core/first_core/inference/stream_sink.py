@@ -19,7 +19,7 @@ from typing import Any
 
 from pynamodb.exceptions import DoesNotExist
 
-from first_core.callbacks import read_callback
+from first_core.callbacks import check_bounds, read_callback
 from first_core.errors import ConflictError
 from first_core.inference import records
 from first_core.schemas.wire import StreamBatchBody, StreamUsage, chunk_error
@@ -50,6 +50,8 @@ def accept_stream_callback(
         record = RequestRecord.get(request_id, consistent_read=True)
     except DoesNotExist:
         raise ConflictError(f"Request {request_id} does not exist.") from None
+    # Within what the backend could have produced, or a 400 that changes nothing.
+    check_bounds(record, usage=batch.usage.to_usage() if batch.usage else None, seq=batch.seq)
 
     if record.status == "cancelled":
         # The compute function stops on this reply; its final batch still carries the usage
@@ -110,10 +112,18 @@ def _finish_if_whole(request_id: str, done_seq: int) -> None:
 
 def _ended_by_this_stream(status: str, batch: StreamBatchBody) -> bool:
     """Whether a batch for an ended request belongs to the stream that ended it."""
-    if batch.done:  # a repeated final batch, finding the request ended by its first delivery
-        return status == ("failed" if batch.error else "completed")
     if status not in ("completed", "failed"):
         return False
+    if batch.done:
+        # Only a repeat of the final batch that ended it (found stored at its seq): any other
+        # final batch came after the end, and must not add to the answer.
+        try:
+            stored = StreamChunkBatch.get(
+                batch.request_id, batch.seq, consistent_read=True, attributes_to_get=["done"]
+            )
+        except DoesNotExist:
+            return False
+        return bool(stored.done)
     # A batch overtaken by its own stream's final batch still fills its gap (rare: only when
     # deliveries race), so look for that final batch after it.
     later = StreamChunkBatch.query(

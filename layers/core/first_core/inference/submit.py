@@ -108,6 +108,9 @@ def submit(
             route.reason,
             rate_reservation=reservation.to_json() if reservation.counters else None,
             queued=queued,
+            max_tokens=request.max_output_tokens(),
+            choices=request.sequences(),
+            prompt_bytes=len(raw_body),
         )
     except BaseException:
         ratelimit.settle(reservation.to_json(), 0)

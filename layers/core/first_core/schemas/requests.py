@@ -169,6 +169,10 @@ class RequestBody(_Strict):
     def max_output_tokens(self) -> int | None:
         return None
 
+    def sequences(self) -> int:
+        """How many sequences the backend generates, each up to `max_output_tokens()`."""
+        return 1
+
 
 class _GenerationRequest(RequestBody):
     """What chat and text completions share: streaming and sampling."""
@@ -197,6 +201,9 @@ class _GenerationRequest(RequestBody):
 
     def max_output_tokens(self) -> int | None:
         return self.max_tokens
+
+    def sequences(self) -> int:
+        return self.n or 1
 
 
 class ChatCompletionRequest(_GenerationRequest):
@@ -240,6 +247,13 @@ class CompletionRequest(_GenerationRequest):
     echo: bool | None = None
     logprobs: Annotated[int, Field(ge=0, le=5)] | None = None
     suffix: str | None = None
+
+    def sequences(self) -> int:
+        # vLLM, like OpenAI, answers `n` choices for each prompt of a list.
+        prompts = 1
+        if isinstance(self.prompt, list) and self.prompt and not isinstance(self.prompt[0], int):
+            prompts = len(self.prompt)
+        return (self.n or 1) * prompts
 
 
 class EmbeddingRequest(RequestBody):

@@ -303,7 +303,7 @@ def test_accept_callback_with_a_malformed_body_is_400(aws: None, raw: bytes) -> 
     assert load(REQUEST_ID) is None
 
 
-def test_accept_callback_with_an_oversize_body_is_413(
+def test_accept_callback_with_an_oversize_body_is_413_and_fails_the_request(
     aws: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(get_settings(), "max_payload_bytes", 200)
@@ -314,7 +314,28 @@ def test_accept_callback_with_an_oversize_body_is_413(
         accept_callback(REQUEST_ID, authorization(), raw)
 
     assert too_large.value.status == 413
+    # The answer is not kept; the client waiting on it gets a clear error instead.
+    stored = load(REQUEST_ID)
+    assert stored is not None and stored.status_code == 502
+    assert stored.body["error"]["code"] == "result_too_large"
+    assert "zzz" not in json.dumps(stored.body)
+    request = RequestRecord.get(REQUEST_ID)
+    assert request.status == "failed"
+    assert "limit of 200 bytes" in (request.error or "")
+
+
+def test_accept_callback_with_an_oversize_body_and_a_wrong_token_changes_nothing(
+    aws: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(get_settings(), "max_payload_bytes", 200)
+    open_request()
+    raw = callback_body(REQUEST_ID, 200, completion(text="z" * 500))
+
+    with pytest.raises(AuthenticationError):
+        accept_callback(REQUEST_ID, f"Bearer {callback_token(OTHER_ID)}", raw)
+
     assert load(REQUEST_ID) is None
+    assert RequestRecord.get(REQUEST_ID).status == "submitted"
 
 
 def test_accept_callback_for_a_cancelled_request_is_409(aws: None) -> None:

@@ -9,6 +9,8 @@ answer; an answer over the cap ends the request failed with a clear error.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import time
 from collections.abc import Iterator
@@ -17,24 +19,91 @@ from decimal import Decimal
 from typing import Any
 
 import httpx
+import openai
 import pytest
-from boto3.dynamodb.conditions import Attr
+from boto3.dynamodb.conditions import Attr, Key
 
 from first_local.globus_standin import DEV_IDENTITIES, mint_token
+from tests.conftest import CALLBACK_SECRET
 from tests.contract.conftest import Stack
-from tests.contract.test_batches import line, start, wait_for
-from tests.contract.test_hostile import (
-    MAX_PAYLOAD_BYTES,
-    MODEL,
-    callback_token,
-    error_of,
-    finished_request,
-    snapshot,
-)
 
+MODEL = "meta-llama/Meta-Llama-3-8B-Instruct"
+MAX_PAYLOAD_BYTES = 10 * 1024 * 1024  # settings.max_payload_bytes (default)
+ENDED = ("completed", "failed", "cancelled", "expired")
 SMALL = "meta-llama/Llama-3.2-1B-Instruct"  # 300 tokens per minute per user (local.yaml)
 # The mock vLLM answers after this long, so a forged callback can come before the real one.
 SLOW = "[mock:delay=2000] Tell me something."
+
+
+def callback_token(object_id: str) -> str:
+    return hmac.new(CALLBACK_SECRET.encode(), object_id.encode(), hashlib.sha256).hexdigest()
+
+
+def error_of(response: httpx.Response, status: int) -> dict[str, Any]:
+    """The OpenAI-shaped error of a response with this status."""
+    assert response.status_code == status, response.text[:300]
+    body = response.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}
+    assert body["error"]["message"]
+    return dict(body["error"])
+
+
+def finished_request(stack: Stack, *, stream: bool) -> str:
+    """A request of alice's, completed (its usage record written)."""
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 5}
+    with httpx.stream(
+        "POST",
+        f"{stack.base_url}/v1/chat/completions",
+        json={**body, "stream": stream},
+        headers={"Authorization": f"Bearer {mint_token('alice')}"},
+        timeout=30,
+    ) as response:
+        response.read()
+        assert response.status_code == 200, response.text
+        request_id = str(response.headers["x-first-request-id"])
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        if (stack.item("requests", request_id) or {}).get("status") == "completed" and usage_of(
+            stack, request_id
+        ):
+            return request_id
+        time.sleep(0.05)
+    raise AssertionError(f"{request_id} did not end: {stack.item('requests', request_id)}")
+
+
+def usage_of(stack: Stack, request_id: str) -> list[dict[str, Any]]:
+    return list(
+        stack.table("usage").scan(
+            FilterExpression=Attr("request_id").eq(request_id), ConsistentRead=True
+        )["Items"]
+    )
+
+
+def snapshot(stack: Stack, request_id: str) -> dict[str, Any]:
+    """Everything a request's callbacks could change."""
+    chunks = stack.table("stream_chunks").query(
+        KeyConditionExpression=Key("request_id").eq(request_id), ConsistentRead=True
+    )["Items"]
+    return {
+        "request": stack.item("requests", request_id),
+        "result": stack.item("results", request_id),
+        "chunks": chunks,
+        "usage": usage_of(stack, request_id),
+    }
+
+
+def batch_line(custom_id: str, text: str) -> str:
+    body = {"model": MODEL, "messages": [{"role": "user", "content": text}], "max_tokens": 8}
+    return json.dumps({"custom_id": custom_id, "method": "POST", "url": "/v1/chat/completions",
+                       "body": body})  # fmt: skip
+
+
+def wait_for_batch(client: openai.OpenAI, batch_id: str, until: Any) -> Any:
+    deadline = time.monotonic() + 120
+    while not until(batch := client.batches.retrieve(batch_id)):
+        assert time.monotonic() < deadline, f"{batch_id} stuck: {batch}"
+        time.sleep(0.25)
+    return batch
 
 
 @pytest.fixture
@@ -234,9 +303,12 @@ def test_a_done_batch_after_the_stream_completed_changes_nothing(stack: Stack) -
 
 def test_batch_progress_beyond_the_batchs_lines_is_400(stack: Stack) -> None:
     client = stack.client()
-    lines = [line(f"slow-{i}", f"[mock:delay=1500] line {i}") for i in range(2)]
-    batch = start(client, lines)
-    wait_for(client, batch.id, until=lambda b: b.status != "validating")
+    lines = [batch_line(f"slow-{i}", f"[mock:delay=1500] line {i}") for i in range(2)]
+    upload = client.files.create(file=("in.jsonl", "\n".join(lines).encode()), purpose="batch")
+    batch = client.batches.create(
+        input_file_id=upload.id, endpoint="/v1/chat/completions", completion_window="24h"
+    )
+    wait_for_batch(client, batch.id, until=lambda b: b.status != "validating")
     url_body = {"batch_id": batch.id, "attempt": 1}
     for forged in [
         {"event": "progress", "completed": 3, "failed": 0, "total": 3},
@@ -250,7 +322,7 @@ def test_batch_progress_beyond_the_batchs_lines_is_400(stack: Stack) -> None:
     ]:  # fmt: skip
         response = forge(stack, batch.id, {**url_body, **forged}, "/batch")
         assert error_of(response, 400)["type"] == "invalid_request_error", forged
-    ended = wait_for(client, batch.id)
+    ended = wait_for_batch(client, batch.id, until=lambda b: b.status in ENDED)
     assert ended.status == "completed", ended
     assert ended.request_counts is not None
     assert (ended.request_counts.total, ended.request_counts.completed) == (2, 2)

@@ -196,8 +196,9 @@ def _write_result(record: RequestRecord, value: dict[str, Any]) -> bool:
         problem = results.answer_problem(record.request_id, status_code, body, record)
         if problem is not None:
             return _refuse(record, problem)
-        if len(json.dumps(body, separators=(",", ":"))) > get_settings().max_payload_bytes:
-            results.record(record.request_id, *results.too_large())
+        size = len(json.dumps(body, separators=(",", ":")))
+        if size > get_settings().max_payload_bytes:
+            results.record(record.request_id, *results.too_large(size))
             return False
         results.record(record.request_id, status_code, body)
         return status_code < 400
@@ -210,8 +211,9 @@ def _write_result(record: RequestRecord, value: dict[str, Any]) -> bool:
         return _refuse(record, results.validation_problem(error, "usage"))
     except InvalidRequestError as error:
         return _refuse(record, error.message)
-    if sum(len(chunk) for chunk in chunks) > get_settings().max_payload_bytes:
-        _end_stream(record.request_id, [], *results.too_large(), None)
+    size = sum(len(chunk) for chunk in chunks)
+    if size > get_settings().max_payload_bytes:
+        _end_stream(record.request_id, [], *results.too_large(size), None)
         return False
     _end_stream(record.request_id, chunks, status_code, body, usage)
     return status_code < 400
@@ -261,10 +263,16 @@ def _end_stream(
             done = True
             break
     if not done:
+        # The rest, in batches that each fit in one item (all of a stream's batches may have
+        # been lost); the last is the done batch.
+        *before_done, last = _pieces(chunks[position:], get_settings().inline_result_bytes)
+        for piece in before_done:
+            _put(request_id, next_seq, piece)
+            next_seq += 1
         batch = wire.StreamBatchBody(
             request_id=request_id,
             seq=next_seq,
-            chunks=chunks[position:],
+            chunks=last,
             done=True,
             error=error,
             usage=stream_usage,
@@ -281,6 +289,21 @@ def _end_stream(
 def _put(request_id: str, seq: int, chunks: list[str]) -> None:
     batch = wire.StreamBatchBody(request_id=request_id, seq=seq, chunks=chunks)
     stream_sink.put_batch(request_id, batch)
+
+
+def _pieces(chunks: list[str], budget: int) -> list[list[str]]:
+    """The chunks in consecutive pieces of at most `budget` bytes as stored (one piece at least;
+    a chunk larger than the budget alone)."""
+    pieces: list[list[str]] = [[]]
+    size = 0
+    for chunk in chunks:
+        length = len(json.dumps(chunk, ensure_ascii=False)) + 2
+        if pieces[-1] and size + length > budget:
+            pieces.append([])
+            size = 0
+        pieces[-1].append(chunk)
+        size += length
+    return pieces
 
 
 def _find(chunks: list[str], part: list[str], start: int) -> int:

@@ -261,3 +261,17 @@ def test_a_stream_result_with_usage_out_of_range_ends_failed() -> None:
     assert report.failed == [request_id] and report.errors == []
     record = status(request_id)
     assert record.status == "failed" and record.total_tokens is None
+
+
+def test_a_whole_lost_stream_is_put_back_in_batches_that_fit_an_item() -> None:
+    request_id = new_request("t1", stream=True)
+    chunks = [chunk(f"{i:03d}" + "y" * 50_000) for i in range(20)]  # 1 MB, every batch lost
+    usage = {"prompt_tokens": 1, "completion_tokens": 20, "total_tokens": 21}
+    value = {"status_code": 200, "body": {}, "chunks": chunks, "usage": usage}
+    assert run(FakeBackend({"t1": TaskState("success", result=value)})).errors == []
+    rows = sorted(StreamChunkBatch.query(request_id), key=lambda r: int(r.seq))
+    assert len(rows) > 3
+    assert all(len(json.dumps(r.chunks)) <= get_settings().inline_result_bytes for r in rows)
+    assert [c for r in rows for c in r.chunks] == chunks
+    assert [bool(r.done) for r in rows] == [False] * (len(rows) - 1) + [True]
+    assert status(request_id).status == "completed"

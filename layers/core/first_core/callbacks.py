@@ -8,10 +8,11 @@ before anything else is looked at, and it is never stored.
 The token proves who sent a callback, not that what it says is sane: a cluster-side bug or a
 leaked token must not corrupt accounting. So each field's range is checked by its schema
 (first_core.schemas.wire) and the counts against what was sent, kept on the request record:
-completion tokens at most `max_tokens` x choices, prompt tokens at most the prompt's bytes, a
-stream's batch numbers at most one a generated token. These are sanity bounds, not the
-reservation: a request may use more than it reserved (a default reservation) and is charged for
-it. An out-of-range callback is a 400 and changes nothing.
+completion tokens at most `max_tokens` x choices, prompt tokens at most the prompt's bytes (plus
+the chat template's few; no bound when the prompt points at an image, audio or a file, which
+count many tokens in few bytes), a stream's batch numbers at most one a generated token. These
+are sanity bounds, not the reservation: a request may use more than it reserved (a default
+reservation) and is charged for it. An out-of-range callback is a 400 and changes nothing.
 """
 
 from __future__ import annotations
@@ -91,7 +92,10 @@ def read_callback(
 # ---- bounds: what the backend could have produced for this request ------------------------------
 
 # The record's attributes the bounds read (a callback that needs them reads only these).
-BOUND_ATTRIBUTES = ["status", "max_tokens", "choices", "prompt_bytes"]
+BOUND_ATTRIBUTES = ["max_tokens", "choices", "prompt_bytes"]
+# Prompt tokens the body does not carry: the chat template's own text (role headers, a model's
+# default system prompt). A sanity bound must never refuse a real answer.
+TEMPLATE_TOKENS = 512
 # A stream's chunks beyond its tokens: per choice a role chunk and a finish chunk (and some
 # slack), per stream the usage chunk and an error chunk.
 _CHUNKS_PER_CHOICE = 8
@@ -115,16 +119,13 @@ def usage_problem(record: RequestRecord, usage: Usage) -> str | None:
             f"completion_tokens is {usage.completion_tokens}, more than the {most} the request "
             "could generate (max_tokens x choices)."
         )
-    if record.prompt_bytes is not None and usage.prompt_tokens > int(record.prompt_bytes):
+    prompt = None if record.prompt_bytes is None else int(record.prompt_bytes) + TEMPLATE_TOKENS
+    if prompt is not None and usage.prompt_tokens > prompt:
         return (
             f"prompt_tokens is {usage.prompt_tokens}, more than the prompt's "
-            f"{int(record.prompt_bytes)} bytes."
+            f"{int(record.prompt_bytes)} bytes (and its template) could make."
         )
-    if (
-        most is not None
-        and record.prompt_bytes is not None
-        and usage.total_tokens > most + int(record.prompt_bytes)
-    ):
+    if most is not None and prompt is not None and usage.total_tokens > most + prompt:
         return f"total_tokens is {usage.total_tokens}, more than prompt and completion allow."
     return None
 

@@ -110,7 +110,7 @@ def submit(
             queued=queued,
             max_tokens=request.max_output_tokens(),
             choices=request.sequences(),
-            prompt_bytes=len(raw_body),
+            prompt_bytes=None if request.refers_to_media() else len(raw_body),
         )
     except BaseException:
         ratelimit.settle(reservation.to_json(), 0)

@@ -12,7 +12,7 @@ import pytest
 import first_core.callbacks
 import first_core.inference.results
 import first_core.storage
-from first_core.callbacks import callback_token
+from first_core.callbacks import TEMPLATE_TOKENS, callback_token
 from first_core.errors import (
     AuthenticationError,
     ConflictError,
@@ -400,7 +400,8 @@ def test_a_status_code_out_of_range_is_400_and_the_real_answer_still_lands(
         {"prompt_tokens": 12, "completion_tokens": -5, "total_tokens": 7},
         {"prompt_tokens": 12, "completion_tokens": 3, "total_tokens": -1},
         {"prompt_tokens": 12, "completion_tokens": 11, "total_tokens": 23},  # > 5 x 2
-        {"prompt_tokens": 101, "completion_tokens": 3, "total_tokens": 104},  # > 100 bytes
+        # More than 100 bytes (and the chat template's few) could make.
+        {"prompt_tokens": 100 + TEMPLATE_TOKENS + 1, "completion_tokens": 3},
         {"prompt_tokens": 12, "completion_tokens": 3, "total_tokens": 10**6},
         {"prompt_tokens": 10**40, "completion_tokens": 3},
         {"prompt_tokens": "12", "completion_tokens": 3},
@@ -436,15 +437,17 @@ def test_usage_out_of_range_is_400_and_changes_nothing(
 
 def test_usage_at_the_bounds_is_accepted(aws: None) -> None:
     bounded_request()
-    body = completion(prompt=100, completion_tokens=10)
+    most = 100 + TEMPLATE_TOKENS
+    body = completion(prompt=most, completion_tokens=10)
     assert accept_callback(REQUEST_ID, authorization(), raw_callback(REQUEST_ID, 200, body))
     stored = RequestRecord.get(REQUEST_ID)
-    assert (stored.status, stored.prompt_tokens, stored.completion_tokens) == ("completed", 100, 10)
+    assert (stored.status, stored.prompt_tokens) == ("completed", most)
+    assert stored.completion_tokens == 10
 
 
 def test_without_max_tokens_the_completion_bound_is_not_checked(aws: None) -> None:
     bounded_request(max_tokens=None)
-    body = completion(prompt=100, completion_tokens=5000)
+    body = completion(prompt=10, completion_tokens=5000)
     assert accept_callback(REQUEST_ID, authorization(), raw_callback(REQUEST_ID, 200, body))
     assert RequestRecord.get(REQUEST_ID).completion_tokens == 5000
 

@@ -198,7 +198,7 @@ def test_batch_for_an_ended_request_is_a_conflict() -> None:
 
 def bounded_request() -> str:
     """A stream sent with max_tokens 4 and n 1 (at most 4 completion tokens, so at most
-    4 + 8 + 8 batches) and a 50-byte prompt."""
+    4 + 8 + 8 batches) and a 50-byte prompt (at most 50 + 512 template tokens)."""
     request_id = new_request()
     RequestRecord(request_id).update(
         actions=[
@@ -239,7 +239,7 @@ def test_a_done_batch_after_the_stream_completed_changes_nothing() -> None:
         {"seq": 21},  # past 4 tokens + 8 + 8 chunks
         {"seq": 0, "done": True, "usage": {"prompt_tokens": -10, "completion_tokens": 1}},
         {"seq": 0, "done": True, "usage": {"prompt_tokens": 5, "completion_tokens": 5}},
-        {"seq": 0, "done": True, "usage": {"prompt_tokens": 51, "completion_tokens": 1}},
+        {"seq": 0, "done": True, "usage": {"prompt_tokens": 563, "completion_tokens": 1}},
         {"seq": 0, "done": True, "usage": {"prompt_tokens": 1, "total_tokens": 10**30}},
     ],
     ids=[

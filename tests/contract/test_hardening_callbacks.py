@@ -30,7 +30,6 @@ from tests.contract.conftest import Stack
 MODEL = "meta-llama/Meta-Llama-3-8B-Instruct"
 MAX_PAYLOAD_BYTES = 10 * 1024 * 1024  # settings.max_payload_bytes (default)
 ENDED = ("completed", "failed", "cancelled", "expired")
-SMALL = "meta-llama/Llama-3.2-1B-Instruct"  # 300 tokens per minute per user (local.yaml)
 # The mock vLLM answers after this long, so a forged callback can come before the real one.
 SLOW = "[mock:delay=2000] Tell me something."
 
@@ -198,16 +197,13 @@ def test_a_status_code_out_of_range_is_400_and_the_client_still_gets_its_answer(
 def test_negative_usage_never_credits_the_rate_counter(
     stack: Stack, pool: ThreadPoolExecutor
 ) -> None:
-    # dave: alice's requests on this model (other tests) stay out of his counter.
-    def key() -> str:
-        return f"tpm#{DEV_IDENTITIES['dave'].sub}#{SMALL}#{int(time.time() // 60)}"
-
-    # Inside one minute's window, with room in it for this request.
-    if time.time() % 60 > 45 or counter(stack, key()) > 150:
+    # dave's counter on MODEL: no other test's requests settle into it meanwhile (alice's do on
+    # MODEL, dave's on the rate-limit tests' small model).
+    if time.time() % 60 > 45:  # inside one minute's window
         time.sleep(61 - time.time() % 60)
-    minute = key()
+    minute = f"tpm#{DEV_IDENTITIES['dave'].sub}#{MODEL}#{int(time.time() // 60)}"
     before = counter(stack, minute)
-    future, request_id = pending_request(stack, pool, "dave", SMALL)
+    future, request_id = pending_request(stack, pool, "dave", MODEL)
     reserved = counter(stack, minute) - before
     assert reserved > 0
     for usage in [

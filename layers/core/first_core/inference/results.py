@@ -1,8 +1,9 @@
 """Results coming back from the clusters: the results table, and S3 spill-over.
 
 The result row is written with a conditional put, so a repeated callback is a no-op; bodies too
-large for a DynamoDB item go to the results bucket with a pointer in the row. (The callback's
-token and shape are checked first: first_core.callbacks.)
+large for a DynamoDB item go to the results bucket with a pointer in the row; a body over the
+cap (`max_payload_bytes`) is never written: the request ends failed, saying so. (The callback's
+token, shape and counts are checked first: first_core.callbacks.)
 """
 
 from __future__ import annotations
@@ -91,7 +92,11 @@ def record(
 def _end_request(request_id: str, status_code: int, body: Any) -> bool:
     if status_code < 400:
         # The usage was checked before the result was written (accept_callback, the reconciler).
-        return records.finish(request_id, "completed", usage=answer_usage(body))
+        try:
+            usage = answer_usage(body)
+        except ValidationError:  # only a result stored before usage was checked
+            usage = None
+        return records.finish(request_id, "completed", usage=usage)
     return records.finish(request_id, "failed", error=error_message(body))
 
 

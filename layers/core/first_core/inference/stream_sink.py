@@ -4,7 +4,10 @@ The streaming compute function posts numbered batches of vLLM's SSE `data:` payl
 (`compute_funcs.streaming`). Each batch is written once to `stream_chunks` under
 (request id, seq), a repeat changes nothing, and the done batch ends the request once the batches
 before it are all there. The callback's reply tells the compute function whether anyone is
-still listening (`cancel` is how the relay says no one is).
+still listening (`cancel` is how the relay says no one is). A batch beyond what the backend could
+have produced for the request (its `seq`, its usage: first_core.callbacks) is a 400, and a done
+batch for a stream that has ended, but the repeat of the one that ended it, a 409: neither
+changes the answer.
 
 A failed stream's error travels as the last chunk of the done row, `{"error": {...}}`, exactly
 the event the client gets, so the relay needs no second read to learn how the stream ended.

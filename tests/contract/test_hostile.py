@@ -102,7 +102,9 @@ def error_of(response: httpx.Response, status: int) -> dict[str, Any]:
 
 
 def callback_body(request_id: str, *, stream: bool, evil: str = "evil") -> dict[str, Any]:
-    usage = {"prompt_tokens": 999, "completion_tokens": 999, "total_tokens": 1998}
+    # Within the request's bounds (max_tokens 5), so a replay meets the ended request itself;
+    # out-of-range usage is refused before that (test_hardening_callbacks.py).
+    usage = {"prompt_tokens": 9, "completion_tokens": 5, "total_tokens": 14}
     if stream:
         return {"request_id": request_id, "seq": 0, "chunks": [evil], "done": True, "usage": usage}
     return {

@@ -270,7 +270,9 @@ def test_replayed_callback_changes_nothing(stack: Stack) -> None:
     replay = {
         "request_id": done,
         "status_code": 200,
-        "body": {"usage": {"prompt_tokens": 999, "completion_tokens": 999, "total_tokens": 1998}},
+        # Within the request's bounds (max_tokens 5): out-of-range usage is refused before the
+        # replay meets the ended request (test_hardening_callbacks.py).
+        "body": {"usage": {"prompt_tokens": 9, "completion_tokens": 5, "total_tokens": 14}},
     }
     response = post_callback(stack, done, callback_token(done), replay)
     assert response.status_code == 200

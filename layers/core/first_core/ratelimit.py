@@ -320,14 +320,15 @@ def settle(reservation: dict[str, Any] | None, actual_tokens: int) -> None:
     on the same window's counters. Best effort: a failure is logged, never raised."""
     if not reservation:
         return
-    difference = int(reservation.get("tokens", 0)) - int(actual_tokens)
+    # Usage is never negative (callbacks are checked): should one be, it credits nothing.
+    difference = int(reservation.get("tokens", 0)) - max(0, int(actual_tokens))
     for counter in reservation.get("counters", []):
         _safe_give_back(str(counter["key"]), difference, float(counter["window_end"]))
 
 
 def charge(reservation: dict[str, Any] | None, tokens: int) -> None:
     """Tokens used after the request was settled (a cancelled stream's late usage)."""
-    if not reservation:
+    if not reservation or int(tokens) <= 0:  # a charge never credits
         return
     for counter in reservation.get("counters", []):
         _safe_give_back(str(counter["key"]), -int(tokens), float(counter["window_end"]))

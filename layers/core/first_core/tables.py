@@ -107,6 +107,12 @@ class RequestRecord(Model):
     # it ends when the gap is filled, by the late batch or by the reconciler
     # (first_core.inference.stream_sink).
     stream_done_seq = NumberAttribute(null=True)
+    # What was sent to the backend, written with the record, so a callback's counts can be
+    # checked against what the backend could have produced (first_core.callbacks): the
+    # max_tokens per choice (None: no bound known), the number of choices, the body's bytes.
+    max_tokens = NumberAttribute(null=True)
+    choices = NumberAttribute(null=True)
+    prompt_bytes = NumberAttribute(null=True)
 
     by_user = RequestsByUser()
     by_open_status = RequestsByStatus()

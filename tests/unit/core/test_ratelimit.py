@@ -11,7 +11,7 @@ import pytest
 
 from first_core import ratelimit
 from first_core.errors import RateLimitError
-from first_core.ratelimit import Counter, reserve, retry_after, settle, take, used
+from first_core.ratelimit import Counter, charge, reserve, retry_after, settle, take, used
 from first_core.registry import Endpoint, FunctionIds, Limits
 from first_core.settings import get_settings
 
@@ -132,6 +132,22 @@ def test_tokens_per_minute_reserved_up_front_then_settled_to_the_real_use(aws: N
     # The next minute starts empty.
     reserve("alice", limited, 40, 200, now=T0 + 60)
     assert used(f"tpm#alice#{MODEL}#{int(T0) // 60 + 1}") == 240
+
+
+def test_negative_usage_never_credits_the_counter(aws: None) -> None:
+    limited = endpoint(tokens_per_minute_per_user=300, requests_per_second_per_user=0)
+    key = f"tpm#alice#{MODEL}#{int(T0) // 60}"
+    first = reserve("alice", limited, 40, 200, now=T0 + 1)
+    assert used(key) == 240
+    # Settled as if nothing was used: the reservation goes back, not a token more.
+    settle(first.to_json(), actual_tokens=-1000)
+    assert used(key) == 0
+    second = reserve("alice", limited, 40, 60, now=T0 + 2)
+    assert used(key) == 100
+    charge(second.to_json(), -1000)  # a late charge only ever adds
+    assert used(key) == 100
+    charge(second.to_json(), 5)
+    assert used(key) == 105
 
 
 def test_a_request_larger_than_the_limit_is_refused_without_retry_after(aws: None) -> None:

@@ -23,10 +23,10 @@ from first_core import storage
 from first_core.batches import budget, files
 from first_core.batches.lifecycle import OPEN_STATES, OUTPUT_NAMES, end, error_entry
 from first_core.callbacks import read_callback
-from first_core.errors import ConflictError
+from first_core.errors import ConflictError, InvalidRequestError
 from first_core.schemas.wire import BatchEvent
 from first_core.settings import get_settings
-from first_core.tables import BatchRecord, update_if
+from first_core.tables import BatchRecord, FileRecord, update_if
 
 
 def accept_callback(batch_id: str, authorization: str | None, raw_body: bytes) -> dict[str, Any]:
@@ -45,6 +45,9 @@ def accept_callback(batch_id: str, authorization: str | None, raw_body: bytes) -
         record = BatchRecord.get(batch_id, consistent_read=True)
     except DoesNotExist:
         raise ConflictError(f"Batch {batch_id} does not exist.") from None
+    problem = event_problem(record, event)
+    if problem is not None:  # a 400 that changes nothing
+        raise InvalidRequestError(problem, code="invalid_callback_body")
     if event.event == "progress":
         return {"continue": progress(record, event)}
     if event.event == "upload":
@@ -54,6 +57,33 @@ def accept_callback(batch_id: str, authorization: str | None, raw_body: bytes) -
             return {"continue": False}
         return budget.tokens(record, event, _running(event))
     return {"accepted": finalize(record, event)}
+
+
+def event_problem(record: BatchRecord, event: BatchEvent) -> str | None:
+    """Why the event's counts cannot be this batch's, or None: lines at most the batch's lines
+    (an OpenAI batch's input file was counted at upload; a FIRST batch's file is on the cluster,
+    so its own `total` bounds it), prompt tokens at most the input file's bytes (the schema
+    already refused negatives and numbers out of range: first_core.schemas.wire)."""
+    known = int(record.total or 0) if record.kind == "openai" else None
+    if known is not None and event.total > known:
+        return f"total is {event.total}; the batch has {known} lines."
+    lines = known if known is not None else event.total
+    for name, count in (
+        ("completed + failed", event.completed + event.failed),
+        ("resumed_lines", event.resumed_lines),
+        ("output.lines + errors.lines", event.output.lines + event.errors.lines),
+    ):
+        if count > lines:
+            return f"{name} is {count}; the batch has {lines} lines."
+    prompt = event.usage.get("prompt_tokens", 0)
+    if prompt and record.kind == "openai" and record.input_file_id:
+        try:
+            size = int(FileRecord.get(record.input_file_id, attributes_to_get=["bytes"]).bytes)
+        except DoesNotExist:  # the input file was deleted since: no bound known
+            return None
+        if prompt > size:
+            return f"usage.prompt_tokens is {prompt}, more than the input file's {size} bytes."
+    return None
 
 
 def _current(record: BatchRecord, event: BatchEvent) -> bool:

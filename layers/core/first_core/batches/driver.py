@@ -18,7 +18,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from first_core.batches.callbacks import finalize
+from first_core.batches.callbacks import event_problem, finalize
 from first_core.batches.lifecycle import OPEN_STATES, end, error_entry, submit
 from first_core.compute import ComputeBackend, TaskState, background_lookup, get_backend
 from first_core.errors import public_message
@@ -87,6 +87,12 @@ def _drive_one(
             event: BatchEvent | None = BatchEvent.model_validate(state.result)
         except ValidationError:
             event = None
+        problem = event_problem(record, event) if event is not None else None
+        if problem is not None:  # checked as its callback would have been
+            reason = f"The batch task's report is out of range: {problem}"
+            if end(record, "failed", errors=[error_entry("invalid_report", reason)]):
+                report.ended.append(batch_id)
+            return
         if event is not None and event.event == "done":
             if finalize(record, event):
                 report.finalized.append(batch_id)

@@ -87,7 +87,9 @@ def check_batch_lines(content: bytes) -> BatchInput:
     # JSONL lines end at "\n" only: str.splitlines() would also break at U+2028 and the like,
     # which JSON allows unescaped inside strings.
     for number, line in enumerate(text.split("\n"), start=1):
-        if not line.strip():
+        # Blank as the cluster's batch function counts it (ASCII whitespace, as bytes.strip()),
+        # so its line counts can be held to this one.
+        if not line.strip(" \t\n\r\x0b\x0c"):
             continue
         count += 1
         if count > limit:

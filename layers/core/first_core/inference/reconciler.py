@@ -8,6 +8,8 @@ Globus Compute call, at background priority of the API budget: first_core.comput
 - `success`: the task's return value is written through the callback's own idempotent path
   (`results.record` for a non-streamed request; for a streamed one the missing chunk batches are
   put with the stream callback's conditional put, in seq order, and the record ends);
+  the value is checked as a callback is (first_core.callbacks): a status or usage out of range,
+  or an answer over the cap, ends the request `failed` with the reason instead;
 - `failed`, `unknown` (the task vanished), or no task id at all: the request ends `failed` with
   the reason, through the same path (so a client still waiting gets the error at once);
 - `pending`: left alone, unless the request is past its deadline, when it ends `timed_out`;
@@ -21,13 +23,17 @@ callback racing the reconciler changes nothing.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from pydantic import ValidationError
+
+from first_core.callbacks import check_bounds
 from first_core.compute import ComputeBackend, TaskState, background_lookup, get_backend
-from first_core.errors import public_message
+from first_core.errors import InvalidRequestError, public_message
 from first_core.inference import records, results, stream_sink
 from first_core.schemas import wire
 from first_core.settings import get_settings
@@ -162,26 +168,65 @@ def _fail(record: RequestRecord, message: str, report: ReconcileReport) -> None:
     # The reason may be an exception line from the cluster: whole in the log, in the client's
     # words in the answer.
     log.warning("request failed: %s", message, extra={"request_id": record.request_id})
-    body = _error_body(public_message(message), "compute_failed")
-    if record.stream:
-        _end_stream(record.request_id, [], 502, body, None)
-    else:
-        results.record(record.request_id, 502, body)
+    _end_failed(record, 502, _error_body(public_message(message), "compute_failed"))
     report.failed.append(record.request_id)
 
 
+def _end_failed(record: RequestRecord, status_code: int, body: dict[str, Any]) -> None:
+    """End the request failed with this OpenAI-shaped error, as its callback would have."""
+    if record.stream:
+        _end_stream(record.request_id, [], status_code, body, None)
+    else:
+        results.record(record.request_id, status_code, body)
+
+
 def _write_result(record: RequestRecord, value: dict[str, Any]) -> bool:
-    """Write a finished task's return value as its callback would have; True if it succeeded."""
-    status_code = int(value.get("status_code") or 500)
+    """Write a finished task's return value as its callback would have; True if it succeeded.
+
+    It is checked as a callback is (first_core.callbacks): a status or usage out of range, or
+    an answer over the cap, ends the request failed with the reason instead."""
+    try:
+        checked = wire.CallbackBody.model_validate(
+            {"request_id": record.request_id, "status_code": value.get("status_code") or 500}
+        )
+    except ValidationError as error:
+        return _refuse(record, results.validation_problem(error, "result"))
+    status_code = checked.status_code
     body = value.get("body")
     if status_code >= 400 and not (isinstance(body, dict) and "error" in body):
         body = _error_body(results.error_message(body), "upstream_error")
     if not record.stream:
+        problem = results.answer_problem(record.request_id, status_code, body, record)
+        if problem is not None:
+            return _refuse(record, problem)
+        size = len(json.dumps(body, separators=(",", ":")))
+        if size > get_settings().max_payload_bytes:
+            results.record(record.request_id, *results.too_large(size))
+            return False
         results.record(record.request_id, status_code, body)
         return status_code < 400
     chunks = [str(c) for c in value.get("chunks") or []]
-    _end_stream(record.request_id, chunks, status_code, body, value.get("usage"))
+    usage = value.get("usage") if isinstance(value.get("usage"), dict) else None
+    try:
+        stream_usage = wire.StreamUsage.model_validate(usage) if usage is not None else None
+        check_bounds(record, usage=stream_usage.to_usage() if stream_usage else None)
+    except ValidationError as error:
+        return _refuse(record, results.validation_problem(error, "usage"))
+    except InvalidRequestError as error:
+        return _refuse(record, error.message)
+    size = sum(len(chunk) for chunk in chunks)
+    if size > get_settings().max_payload_bytes:
+        _end_stream(record.request_id, [], *results.too_large(size), None)
+        return False
+    _end_stream(record.request_id, chunks, status_code, body, usage)
     return status_code < 400
+
+
+def _refuse(record: RequestRecord, problem: str) -> bool:
+    """A task's return value out of range: the request ends failed, saying why."""
+    message = f"The compute task returned an answer the gateway cannot use: {problem}"
+    _end_failed(record, 502, _error_body(message, "invalid_result"))
+    return False
 
 
 def _end_stream(
@@ -221,10 +266,16 @@ def _end_stream(
             done = True
             break
     if not done:
+        # The rest, in batches that each fit in one item (all of a stream's batches may have
+        # been lost); the last is the done batch.
+        *before_done, last = _pieces(chunks[position:], get_settings().inline_result_bytes)
+        for piece in before_done:
+            _put(request_id, next_seq, piece)
+            next_seq += 1
         batch = wire.StreamBatchBody(
             request_id=request_id,
             seq=next_seq,
-            chunks=chunks[position:],
+            chunks=last,
             done=True,
             error=error,
             usage=stream_usage,
@@ -241,6 +292,21 @@ def _end_stream(
 def _put(request_id: str, seq: int, chunks: list[str]) -> None:
     batch = wire.StreamBatchBody(request_id=request_id, seq=seq, chunks=chunks)
     stream_sink.put_batch(request_id, batch)
+
+
+def _pieces(chunks: list[str], budget: int) -> list[list[str]]:
+    """The chunks in consecutive pieces of at most `budget` bytes as stored (one piece at least;
+    a chunk larger than the budget alone)."""
+    pieces: list[list[str]] = [[]]
+    size = 0
+    for chunk in chunks:
+        length = len(json.dumps(chunk, ensure_ascii=False)) + 2
+        if pieces[-1] and size + length > budget:
+            pieces.append([])
+            size = 0
+        pieces[-1].append(chunk)
+        size += length
+    return pieces
 
 
 def _find(chunks: list[str], part: list[str], start: int) -> int:

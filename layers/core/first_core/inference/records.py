@@ -29,9 +29,13 @@ def create(
     route_reason: str,
     rate_reservation: dict[str, Any] | None = None,
     queued: bool = False,
+    max_tokens: int | None = None,
+    choices: int = 1,
+    prompt_bytes: int | None = None,
 ) -> None:
     """Write the request record, `submitted` and open, with the caller, the endpoint and the route's
-    reason; the record is what the reconciler and `GET /v1/requests` read."""
+    reason; the record is what the reconciler and `GET /v1/requests` read. `max_tokens` (per
+    choice), `choices` and `prompt_bytes` are what was sent: the bounds of its callbacks."""
     now = time.time()
     record = RequestRecord(
         request_id,
@@ -50,6 +54,9 @@ def create(
         updated_at=now,
         rate_reservation=rate_reservation or None,
         queued_at=now if queued else None,
+        max_tokens=max_tokens,
+        choices=choices,
+        prompt_bytes=prompt_bytes,
     )
     record.save(condition=RequestRecord.request_id.does_not_exist())
 

@@ -1,8 +1,9 @@
 """Results coming back from the clusters: the results table, and S3 spill-over.
 
 The result row is written with a conditional put, so a repeated callback is a no-op; bodies too
-large for a DynamoDB item go to the results bucket with a pointer in the row. (The callback's
-token and shape are checked first: first_core.callbacks.)
+large for a DynamoDB item go to the results bucket with a pointer in the row; a body over the
+cap (`max_payload_bytes`) is never written: the request ends failed, saying so. (The callback's
+token, shape and counts are checked first: first_core.callbacks.)
 """
 
 from __future__ import annotations
@@ -14,18 +15,20 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal
 
+from pydantic import ValidationError
 from pynamodb.exceptions import DoesNotExist
 
 from first_core import storage
-from first_core.callbacks import read_callback
+from first_core.callbacks import BOUND_ATTRIBUTES, check_bounds, read_callback
 from first_core.errors import (
     ConflictError,
+    InvalidRequestError,
+    PayloadTooLargeError,
 )
 from first_core.inference import assemble, records
-from first_core.schemas.wire import CallbackBody
+from first_core.schemas.wire import CallbackBody, answer_usage
 from first_core.settings import get_settings
 from first_core.tables import RequestRecord, ResultRecord, put_once
-from first_core.usage import Usage
 
 
 @dataclass(frozen=True)
@@ -50,6 +53,9 @@ def record(
     """
     s = get_settings()
     text = json.dumps(body, separators=(",", ":"))
+    if len(text) > s.max_payload_bytes:  # every path that writes a result comes through here
+        status_code, body = too_large(len(text))
+        text = json.dumps(body, separators=(",", ":"))
     now = time.time()
     row = ResultRecord(
         request_id,
@@ -78,7 +84,10 @@ def record(
         status, ended_by_this_result = None, False
     if ended_by_this_result:  # a concurrent repeat of this callback ended it first
         return "written"
-    usage = Usage.from_body(body) if status_code < 400 else None
+    try:
+        usage = answer_usage(body) if status_code < 400 else None
+    except ValidationError:  # checked before it was written; nothing to bill if not
+        usage = None
     if status is not None and status.status == "cancelled" and usage is not None:
         records.bill_after_cancel(request_id, usage)  # its client left; what ran is billed
     row.delete()
@@ -88,8 +97,54 @@ def record(
 
 def _end_request(request_id: str, status_code: int, body: Any) -> bool:
     if status_code < 400:
-        return records.finish(request_id, "completed", usage=Usage.from_body(body))
+        # The usage was checked before the result was written (accept_callback, the reconciler).
+        try:
+            usage = answer_usage(body)
+        except ValidationError:  # only a result stored before usage was checked
+            usage = None
+        return records.finish(request_id, "completed", usage=usage)
     return records.finish(request_id, "failed", error=error_message(body))
+
+
+def too_large(size: int | None = None) -> tuple[int, dict[str, Any]]:
+    """The status and OpenAI-shaped error a request ends with when the backend's answer is over
+    the cap (`max_payload_bytes`): it is not written, and the waiting client gets this."""
+    cap = get_settings().max_payload_bytes
+    size_words = f"is {size} bytes, more than" if size is not None else "is over"
+    message = (
+        f"The model's answer {size_words} the gateway's limit of {cap} bytes. "
+        "Ask for less in one request (fewer inputs, a smaller n or max_tokens)."
+    )
+    error = {"message": message, "type": "server_error", "param": None, "code": "result_too_large"}
+    return 502, {"error": error}
+
+
+def answer_problem(
+    request_id: str, status_code: int, body: Any, request: RequestRecord | None = None
+) -> str | None:
+    """Why a successful answer's usage cannot be what the backend produced for this request
+    (its schema, then its bounds: first_core.callbacks), or None. Reads the request's bounds
+    unless given its record."""
+    if status_code >= 400:
+        return None  # a failure is not billed: its usage is not read
+    try:
+        usage = answer_usage(body)
+    except ValidationError as error:
+        return validation_problem(error, "usage")
+    if usage is None:
+        return None
+    if request is None:
+        try:
+            request = RequestRecord.get(
+                request_id, consistent_read=True, attributes_to_get=BOUND_ATTRIBUTES
+            )
+        except DoesNotExist:
+            return None  # `record` refuses it
+    try:
+        check_bounds(request, usage=usage)
+    except InvalidRequestError as error:
+        return error.message
+    return None
 
 
 def _delete_body(row: ResultRecord) -> None:
@@ -108,14 +163,31 @@ def load(request_id: str) -> Result | None:
 
 
 def accept_callback(request_id: str, authorization: str | None, raw_body: bytes) -> dict[str, Any]:
-    """The callback route: verify the token, then record the result once."""
-    callback = read_callback(
-        request_id, authorization, raw_body, CallbackBody, get_settings().max_payload_bytes
-    )
+    """The callback route: verify the token, check the answer's counts against the request
+    (400, nothing written), then record the result once. An answer over the cap ends the request
+    failed (the client gets a clear error) and is refused with 413."""
+    try:
+        callback = read_callback(
+            request_id, authorization, raw_body, CallbackBody, get_settings().max_payload_bytes
+        )
+    except PayloadTooLargeError:
+        # Raised only once the token is verified: the request is this caller's to end.
+        record(request_id, *too_large(len(raw_body)))
+        raise
+    problem = answer_problem(request_id, callback.status_code, callback.body)
+    if problem is not None:
+        raise InvalidRequestError(problem, param="usage", code="invalid_callback_body")
     outcome = record(request_id, callback.status_code, callback.body)
     if outcome == "refused":
         raise ConflictError(f"Request {request_id} does not exist or has already ended.")
     return {"accepted": outcome == "written", "duplicate": outcome == "duplicate"}
+
+
+def validation_problem(error: ValidationError, prefix: str) -> str:
+    """The first problem pydantic found, in a few words: `usage.prompt_tokens: ...`."""
+    problem = error.errors(include_url=False)[0]
+    where = ".".join([prefix, *(str(part) for part in problem["loc"])])
+    return f"{where}: {problem['msg']}"
 
 
 def error_message(body: Any) -> str:

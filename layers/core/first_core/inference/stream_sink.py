@@ -4,7 +4,10 @@ The streaming compute function posts numbered batches of vLLM's SSE `data:` payl
 (`compute_funcs.streaming`). Each batch is written once to `stream_chunks` under
 (request id, seq), a repeat changes nothing, and the done batch ends the request once the batches
 before it are all there. The callback's reply tells the compute function whether anyone is
-still listening (`cancel` is how the relay says no one is).
+still listening (`cancel` is how the relay says no one is). A batch beyond what the backend could
+have produced for the request (its `seq`, its usage: first_core.callbacks) is a 400, and a done
+batch for a stream that has ended, but the repeat of the one that ended it, a 409: neither
+changes the answer.
 
 A failed stream's error travels as the last chunk of the done row, `{"error": {...}}`, exactly
 the event the client gets, so the relay needs no second read to learn how the stream ended.
@@ -19,7 +22,7 @@ from typing import Any
 
 from pynamodb.exceptions import DoesNotExist
 
-from first_core.callbacks import read_callback
+from first_core.callbacks import check_bounds, read_callback
 from first_core.errors import ConflictError
 from first_core.inference import records
 from first_core.schemas.wire import StreamBatchBody, StreamUsage, chunk_error
@@ -49,6 +52,8 @@ def accept_stream_callback(
         record = RequestRecord.get(request_id, consistent_read=True)
     except DoesNotExist:
         raise ConflictError(f"Request {request_id} does not exist.") from None
+    # Within what the backend could have produced, or a 400 that changes nothing.
+    check_bounds(record, usage=batch.usage.to_usage() if batch.usage else None, seq=batch.seq)
 
     if record.status == "cancelled":
         # The compute function stops on this reply; its final batch still carries the usage
@@ -109,10 +114,18 @@ def _finish_if_whole(request_id: str, done_seq: int) -> None:
 
 def _ended_by_this_stream(status: str, batch: StreamBatchBody) -> bool:
     """Whether a batch for an ended request belongs to the stream that ended it."""
-    if batch.done:  # a repeated final batch, finding the request ended by its first delivery
-        return status == ("failed" if batch.error else "completed")
     if status not in ("completed", "failed"):
         return False
+    if batch.done:
+        # Only a repeat of the final batch that ended it (found stored at its seq): any other
+        # final batch came after the end, and must not add to the answer.
+        try:
+            stored = StreamChunkBatch.get(
+                batch.request_id, batch.seq, consistent_read=True, attributes_to_get=["done"]
+            )
+        except DoesNotExist:
+            return False
+        return bool(stored.done)
     # A batch overtaken by its own stream's final batch still fills its gap (rare: only when
     # deliveries race), so look for that final batch after it.
     later = StreamChunkBatch.query(

@@ -100,7 +100,7 @@ def submit(
         endpoint,
         ratelimit.prompt_estimate(len(raw_body)),
         max_tokens_ceiling(openai_path, endpoint) if fit else (asked or 0),
-        int(getattr(request, "n", None) or 1),
+        request.sequences(),
         fit=fit,
     )
     # Globus Compute's API budget (compute/budget.py): a unit now, or the submit queue, whose
@@ -125,6 +125,9 @@ def submit(
             route.reason,
             rate_reservation=reservation.to_json() if reservation.counters else None,
             queued=queued,
+            max_tokens=asked if asked is not None else reservation.max_tokens,
+            choices=request.sequences(),
+            prompt_bytes=None if request.refers_to_media() else len(raw_body),
         )
     except BaseException:
         ratelimit.settle(reservation.to_json(), 0)

@@ -169,6 +169,15 @@ class RequestBody(_Strict):
     def max_output_tokens(self) -> int | None:
         return None
 
+    def sequences(self) -> int:
+        """How many sequences the backend generates, each up to `max_output_tokens()`."""
+        return 1
+
+    def refers_to_media(self) -> bool:
+        """Whether the prompt points at an image, audio or a file: those count many prompt
+        tokens in few bytes (a URL, an id), so the body's size bounds no prompt."""
+        return False
+
 
 class _GenerationRequest(RequestBody):
     """What chat and text completions share: streaming and sampling."""
@@ -197,6 +206,9 @@ class _GenerationRequest(RequestBody):
 
     def max_output_tokens(self) -> int | None:
         return self.max_tokens
+
+    def sequences(self) -> int:
+        return self.n or 1
 
 
 class ChatCompletionRequest(_GenerationRequest):
@@ -227,6 +239,17 @@ class ChatCompletionRequest(_GenerationRequest):
             raise _invalid("'logprobs' must be true when 'top_logprobs' is set", "top_logprobs")
         return self
 
+    def refers_to_media(self) -> bool:
+        for message in self.messages:
+            if getattr(message, "audio", None) is not None:  # an earlier answer's audio
+                return True
+            content = getattr(message, "content", None)
+            if isinstance(content, list) and any(
+                getattr(part, "type", "text") not in ("text", "refusal") for part in content
+            ):
+                return True
+        return False
+
     def max_output_tokens(self) -> int | None:
         # vLLM, like OpenAI, prefers the newer name when both are given.
         if self.max_completion_tokens is not None:
@@ -240,6 +263,14 @@ class CompletionRequest(_GenerationRequest):
     echo: bool | None = None
     logprobs: Annotated[int, Field(ge=0, le=5)] | None = None
     suffix: str | None = None
+
+    def sequences(self) -> int:
+        # vLLM, like OpenAI, answers `n` choices for each prompt of a list.
+        prompts = 1
+        if isinstance(self.prompt, list) and self.prompt and not isinstance(self.prompt[0], int):
+            prompts = len(self.prompt)
+        # best_of candidates are generated too (at least n of them).
+        return max(self.n or 1, self.best_of or 1) * prompts
 
 
 class EmbeddingRequest(RequestBody):

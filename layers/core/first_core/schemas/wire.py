@@ -3,17 +3,32 @@
 The contract with `compute_funcs/` (inference.py, streaming.py, batch.py), which ship alone to
 the clusters and cannot import this: their module docstrings say the same from their side
 (`compute_funcs/batch.py`'s is the whole batch protocol). Unknown fields are ignored, so a newer
-function may add some; each field's range is checked.
+function may add some; each field's range is checked: to what a compute function could have
+sent (strict integers, no negatives, no number DynamoDB would refuse), so a cluster-side bug or
+a leaked callback token cannot corrupt accounting. What depends on the request (its max_tokens,
+its batch's lines) is checked against its record by the callback routes (first_core.callbacks).
 """
 
 from __future__ import annotations
 
 import json
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, Strict, field_validator
 
 from first_core.usage import Usage
+
+# No count a backend produces comes near this; DynamoDB numbers hold 38 digits, and a JSON
+# reader keeps integers exact up to 2**53.
+MAX_COUNT = 10**15
+# A stream's batches carry at least one chunk each but the last: a million is a stream no
+# model produces, and keeps the reconciler's gap filling bounded.
+MAX_SEQ = 1_000_000
+
+Count = Annotated[int, Strict(), Field(ge=0, le=MAX_COUNT)]
+Seq = Annotated[int, Strict(), Field(ge=0, le=MAX_SEQ)]
+# An HTTP status: a JSON integer, not "200", 200.5 or true.
+StatusCode = Annotated[int, Strict(), Field(ge=100, le=599)]
 
 
 class CallbackBody(BaseModel):
@@ -22,7 +37,7 @@ class CallbackBody(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     request_id: str
-    status_code: int
+    status_code: StatusCode
     body: Any = None
 
 
@@ -53,11 +68,19 @@ class StreamError(BaseModel):
 
 
 class StreamUsage(BaseModel):
+    """Token counts as vLLM reports them (a stream's done batch, an answer's `usage`); a count
+    given as null is 0, as it is when left out."""
+
     model_config = ConfigDict(extra="ignore")
 
-    prompt_tokens: int = Field(default=0, ge=0)
-    completion_tokens: int = Field(default=0, ge=0)
-    total_tokens: int | None = Field(default=None, ge=0)
+    prompt_tokens: Count = 0
+    completion_tokens: Count = 0
+    total_tokens: Count | None = None
+
+    @field_validator("prompt_tokens", "completion_tokens", mode="before")
+    @classmethod
+    def _null_is_zero(cls, value: Any) -> Any:
+        return 0 if value is None else value
 
     def to_usage(self) -> Usage:
         total = self.total_tokens
@@ -72,7 +95,7 @@ class StreamBatchBody(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     request_id: str
-    seq: int = Field(ge=0)
+    seq: Seq
     chunks: list[str] = Field(default_factory=list)
     done: bool = False
     error: StreamError | None = None
@@ -82,8 +105,8 @@ class StreamBatchBody(BaseModel):
 class Counts(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    lines: int = Field(default=0, ge=0)
-    bytes: int = Field(default=0, ge=0)
+    lines: Count = 0
+    bytes: Count = 0
     path: str | None = None
 
 
@@ -94,16 +117,25 @@ class BatchEvent(BaseModel):
 
     batch_id: str
     event: Literal["progress", "upload", "done", "tokens"]
-    attempt: int = Field(ge=1)
+    attempt: Annotated[int, Strict(), Field(ge=1, le=MAX_SEQ)]
     # `tokens`: what the next lines may use at most, and what the lines of the last grant used.
-    want: int = Field(default=0, ge=0, le=2**31)
-    used: int | None = Field(default=None, ge=0, le=2**31)
-    completed: int = Field(default=0, ge=0)
-    failed: int = Field(default=0, ge=0)
-    total: int = Field(default=0, ge=0)
-    resumed_lines: int = Field(default=0, ge=0)
+    want: Count = 0
+    used: Count | None = None
+    completed: Count = 0
+    failed: Count = 0
+    total: Count = 0
+    resumed_lines: Count = 0
     outcome: Literal["completed", "cancelled", "failed"] | None = None
-    usage: dict[str, int] = Field(default_factory=dict)
+    usage: dict[str, Count] = Field(default_factory=dict)
     output: Counts = Counts()
     errors: Counts = Counts()
     error: dict[str, Any] | None = None
+
+
+def answer_usage(body: Any) -> Usage | None:
+    """The `usage` of an OpenAI-shaped answer, checked as a stream's is (ValidationError if a
+    count is not a non-negative integer in range); None if the answer has none."""
+    usage = body.get("usage") if isinstance(body, dict) else None
+    if not isinstance(usage, dict):
+        return None
+    return StreamUsage.model_validate(usage).to_usage()

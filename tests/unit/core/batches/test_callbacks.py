@@ -192,3 +192,77 @@ def test_an_ended_batch_cannot_be_cancelled(backend: FakeBackend) -> None:
     send(batch_id, done_report(batch_id))
     with pytest.raises(ConflictError):
         lifecycle.cancel(load(batch_id))
+
+
+# ---- bounds: counts within the batch's lines, tokens non-negative -------------------------------
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"completed": 3, "failed": 1, "total": 3},  # 4 lines of 3
+        {"completed": 1, "total": 4},
+        {"resumed_lines": 4, "total": 3},
+        {"completed": -1, "total": 3},
+        {"failed": 10**40, "total": 3},
+        {"completed": "2", "total": 3},
+        {"completed": 1.5, "total": 3},
+        {"completed": True, "total": 3},
+        {"attempt": 10**30},
+    ],
+    ids=[
+        "more-lines-than-the-batch",
+        "total-over-the-file",
+        "resumed-over-the-file",
+        "negative",
+        "giant",
+        "string",
+        "fraction",
+        "boolean",
+        "giant-attempt",
+    ],
+)
+def test_progress_out_of_range_is_400_and_changes_nothing(
+    backend: FakeBackend, fields: dict[str, object]
+) -> None:
+    batch_id = create(upload(batch_file(3)).file_id)
+    before = load(batch_id).attribute_values
+    body = {**event(batch_id, "progress"), **fields}
+    with pytest.raises(InvalidRequestError) as invalid:
+        send(batch_id, body)
+    assert invalid.value.status == 400
+    assert load(batch_id).attribute_values == before
+    # The real progress still lands.
+    assert call_back(batch_id, "progress", completed=3, total=3) == {"continue": True}
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"usage": {"prompt_tokens": -30, "completion_tokens": 1, "total_tokens": -29}},
+        {"usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 10**40}},
+        {"usage": {"prompt_tokens": 100_000, "completion_tokens": 1}},  # > the file's bytes
+        {"output": {"lines": 4, "bytes": 10}},
+        {"errors": {"lines": 2, "bytes": 10}, "output": {"lines": 2, "bytes": 10}},
+    ],
+    ids=["negative-tokens", "giant-tokens", "prompt-over-the-file", "output-lines", "both-files"],
+)
+def test_a_done_report_out_of_range_is_400_and_the_batch_goes_on(
+    backend: FakeBackend, fields: dict[str, object]
+) -> None:
+    batch_id = create(upload(batch_file(3)).file_id)
+    report = done_report(batch_id, completed=2, failed=0, total=3, **fields)
+    with pytest.raises(InvalidRequestError):
+        send(batch_id, report)
+    record = load(batch_id)
+    assert record.status == "in_progress" and int(record.total_tokens) == 0
+    assert usage_rows(batch_id) == [] and slots() == 1
+
+
+def test_a_first_batch_is_held_to_its_own_total(backend: FakeBackend) -> None:
+    batch_id = create(upload(batch_file(3)).file_id)
+    BatchRecord(batch_id).update(actions=[BatchRecord.kind.set("first")])
+    with pytest.raises(InvalidRequestError):
+        call_back(batch_id, "progress", completed=5, failed=1, total=5)
+    # Its file is on the cluster: the cluster's count of lines is the bound.
+    assert call_back(batch_id, "progress", completed=5, failed=1, total=6) == {"continue": True}

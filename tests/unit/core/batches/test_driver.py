@@ -207,3 +207,15 @@ def test_drive_resubmits_through_the_backend_it_was_given(
     report = batch_driver.drive(backend=given)
     assert report.resubmitted == [batch_id]
     assert [kwargs["attempt"] for _, _, kwargs in given.submits] == [2]
+
+
+def test_drive_fails_a_batch_whose_report_is_out_of_range(backend: FakeBackend) -> None:
+    batch_id = create(upload().file_id)  # 3 lines
+    report = done_report(batch_id, completed=300, total=300)
+    backend.states["task-1"] = TaskState("success", result=report)
+    outcome = batch_driver.drive(backend=backend)
+    assert outcome.finalized == [] and outcome.ended == [batch_id] and outcome.errors == []
+    record = load(batch_id)
+    assert record.status == "failed" and int(record.completed) == 0
+    assert record.errors[0]["code"] == "invalid_report"
+    assert "the batch has 3 lines" in record.errors[0]["message"]

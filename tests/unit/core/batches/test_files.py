@@ -61,6 +61,8 @@ BAD_LINES = [
     pytest.param(chat_line("x", temperature=5), "body.temperature", id="temperature-too-high"),
     pytest.param(chat_line("x", stream=True), "body.stream", id="stream"),
     pytest.param(chat_line("r0"), "custom_id 'r0' is used twice", id="duplicate-custom-id"),
+    # Not blank to the cluster's batch function (bytes.strip()): a line it would count and run.
+    pytest.param("\u00a0\u2028", "not valid JSON", id="unicode-space-only"),
 ]
 
 

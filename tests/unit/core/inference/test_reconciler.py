@@ -176,3 +176,102 @@ def test_a_done_batch_after_a_lost_one_waits_for_the_reconciler_to_fill_the_gap(
     record = status(request_id)
     assert (record.status, record.total_tokens) == ("completed", 4)
     assert len(usage_rows()) == 1
+
+
+# -- a task's return value is checked as its callback would have been ---------------------------
+def bounded_request(task_id: str, *, stream: bool = False) -> str:
+    """Sent with max_tokens 5, n 1 and a 100-byte body."""
+    request_id = records.new_request_id()
+    records.create(
+        request_id,
+        CALLER,
+        ENDPOINT,
+        "chat/completions",
+        stream,
+        "test",
+        max_tokens=5,
+        prompt_bytes=100,
+    )
+    records.set_task(request_id, task_id)
+    return request_id
+
+
+def test_an_answer_over_the_cap_ends_the_request_failed(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(get_settings(), "max_payload_bytes", 1000)
+    request_id = bounded_request("t1")
+    huge = {**ANSWER, "data": [{"embedding": [0.125] * 500}]}  # a small request, a big answer
+    value = {"request_id": request_id, "status_code": 200, "body": huge}
+
+    report = run(FakeBackend({"t1": TaskState("success", result=value)}))
+
+    assert report.failed == [request_id] and report.completed == []
+    stored = results.load(request_id)  # the client still waiting gets a clear error
+    assert stored is not None and stored.status_code == 502
+    assert set(stored.body["error"]) == {"message", "type", "param", "code"}
+    assert stored.body["error"]["code"] == "result_too_large"
+    assert "limit of 1000 bytes" in stored.body["error"]["message"]
+    record = status(request_id)
+    assert record.status == "failed" and "limit of 1000 bytes" in (record.error or "")
+    [row] = usage_rows()  # settled as any failure
+    assert (row.status, row.total_tokens) == ("failed", 0)
+
+
+def test_a_stream_over_the_cap_ends_failed(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(get_settings(), "max_payload_bytes", 1000)
+    request_id = bounded_request("t1", stream=True)
+    chunks = [chunk("x" * 100) for _ in range(20)]
+    value = {"request_id": request_id, "status_code": 200, "body": {}, "chunks": chunks}
+
+    assert run(FakeBackend({"t1": TaskState("success", result=value)})).failed == [request_id]
+
+    [row] = list(StreamChunkBatch.query(request_id))
+    assert row.done and json.loads(row.chunks[-1])["error"]["code"] == "result_too_large"
+    assert status(request_id).status == "failed"
+
+
+@pytest.mark.parametrize(
+    ("value", "reason"),
+    [
+        ({"status_code": 600, "body": ANSWER}, "result.status_code"),
+        ({"status_code": "200", "body": ANSWER}, "result.status_code"),
+        ({"status_code": 200, "body": {**ANSWER, "usage": {"prompt_tokens": -3}}}, "usage"),
+        ({"status_code": 200, "body": {**ANSWER, "usage": {"completion_tokens": 6}}}, "max_tokens"),
+        ({"status_code": 200, "body": {**ANSWER, "usage": {"prompt_tokens": 10**40}}}, "usage"),
+    ],
+    ids=["status-600", "status-string", "negative-usage", "over-max-tokens", "giant-usage"],
+)
+def test_a_result_out_of_range_ends_the_request_failed_saying_why(
+    value: dict[str, object], reason: str
+) -> None:
+    request_id = bounded_request("t1")
+    report = run(FakeBackend({"t1": TaskState("success", result=value)}))
+    assert report.failed == [request_id] and report.errors == []
+    record = status(request_id)
+    assert record.status == "failed" and reason in (record.error or "")
+    assert record.total_tokens is None
+    stored = results.load(request_id)
+    assert stored is not None and stored.body["error"]["code"] == "invalid_result"
+
+
+def test_a_stream_result_with_usage_out_of_range_ends_failed() -> None:
+    request_id = bounded_request("t1", stream=True)
+    usage = {"prompt_tokens": 1, "completion_tokens": -6, "total_tokens": -5}
+    value = {"status_code": 200, "body": {}, "chunks": [chunk("a")], "usage": usage}
+    report = run(FakeBackend({"t1": TaskState("success", result=value)}))
+    assert report.failed == [request_id] and report.errors == []
+    record = status(request_id)
+    assert record.status == "failed" and record.total_tokens is None
+
+
+def test_a_whole_lost_stream_is_put_back_in_batches_that_fit_an_item() -> None:
+    request_id = new_request("t1", stream=True)
+    chunks = [chunk(f"{i:03d}" + "y" * 50_000) for i in range(20)]  # 1 MB, every batch lost
+    usage = {"prompt_tokens": 1, "completion_tokens": 20, "total_tokens": 21}
+    value = {"status_code": 200, "body": {}, "chunks": chunks, "usage": usage}
+    assert run(FakeBackend({"t1": TaskState("success", result=value)})).errors == []
+    rows = sorted(StreamChunkBatch.query(request_id), key=lambda r: int(r.seq))
+    assert len(rows) > 3
+    assert all(len(json.dumps(r.chunks)) <= get_settings().inline_result_bytes for r in rows)
+    assert [c for r in rows for c in r.chunks] == chunks
+    assert [bool(r.done) for r in rows] == [False] * (len(rows) - 1) + [True]
+    assert status(request_id).status == "completed"

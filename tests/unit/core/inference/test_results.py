@@ -12,7 +12,7 @@ import pytest
 import first_core.callbacks
 import first_core.inference.results
 import first_core.storage
-from first_core.callbacks import callback_token
+from first_core.callbacks import TEMPLATE_TOKENS, callback_token
 from first_core.errors import (
     AuthenticationError,
     ConflictError,
@@ -311,7 +311,7 @@ def test_accept_callback_with_a_malformed_body_is_400(aws: None, raw: bytes) -> 
     assert load(REQUEST_ID) is None
 
 
-def test_accept_callback_with_an_oversize_body_is_413(
+def test_accept_callback_with_an_oversize_body_is_413_and_fails_the_request(
     aws: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(get_settings(), "max_payload_bytes", 200)
@@ -322,7 +322,28 @@ def test_accept_callback_with_an_oversize_body_is_413(
         accept_callback(REQUEST_ID, authorization(), raw)
 
     assert too_large.value.status == 413
+    # The answer is not kept; the client waiting on it gets a clear error instead.
+    stored = load(REQUEST_ID)
+    assert stored is not None and stored.status_code == 502
+    assert stored.body["error"]["code"] == "result_too_large"
+    assert "zzz" not in json.dumps(stored.body)
+    request = RequestRecord.get(REQUEST_ID)
+    assert request.status == "failed"
+    assert "limit of 200 bytes" in (request.error or "")
+
+
+def test_accept_callback_with_an_oversize_body_and_a_wrong_token_changes_nothing(
+    aws: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(get_settings(), "max_payload_bytes", 200)
+    open_request()
+    raw = callback_body(REQUEST_ID, 200, completion(text="z" * 500))
+
+    with pytest.raises(AuthenticationError):
+        accept_callback(REQUEST_ID, f"Bearer {callback_token(OTHER_ID)}", raw)
+
     assert load(REQUEST_ID) is None
+    assert RequestRecord.get(REQUEST_ID).status == "submitted"
 
 
 def test_accept_callback_for_a_cancelled_request_is_409(aws: None) -> None:
@@ -334,3 +355,130 @@ def test_accept_callback_for_a_cancelled_request_is_409(aws: None) -> None:
 
     assert conflict.value.status == 409
     assert load(REQUEST_ID) is None
+
+
+# -- bounds: a callback is trusted only within what the backend could have produced ------------
+def bounded_request(request_id: str = REQUEST_ID, max_tokens: int | None = 5) -> str:
+    """A request sent with max_tokens 5 and n 2 (at most 10 completion tokens) and a 100-byte
+    prompt (at most 100 prompt tokens)."""
+    records.create(
+        request_id,
+        CALLER,
+        ENDPOINT,
+        "chat/completions",
+        False,
+        "sophia: test",
+        max_tokens=max_tokens,
+        choices=2,
+        prompt_bytes=100,
+    )
+    return request_id
+
+
+def raw_callback(request_id: str, status_code: Any, body: Any) -> bytes:
+    return json.dumps({"request_id": request_id, "status_code": status_code, "body": body}).encode()
+
+
+def test_the_record_keeps_what_was_sent(aws: None) -> None:
+    bounded_request()
+    stored = RequestRecord.get(REQUEST_ID)
+    assert (stored.max_tokens, stored.choices, stored.prompt_bytes) == (5, 2, 100)
+
+
+@pytest.mark.parametrize("status_code", [99, 600, "200", 1.5, True, None, -200, 10**40])
+def test_a_status_code_out_of_range_is_400_and_the_real_answer_still_lands(
+    aws: None, status_code: Any
+) -> None:
+    bounded_request()
+    with pytest.raises(InvalidRequestError) as invalid:
+        accept_callback(REQUEST_ID, authorization(), raw_callback(REQUEST_ID, status_code, {}))
+    assert invalid.value.status == 400
+    assert load(REQUEST_ID) is None
+    assert RequestRecord.get(REQUEST_ID).status == "submitted"
+
+    answer = completion(prompt=12, completion_tokens=3)
+    assert accept_callback(REQUEST_ID, authorization(), raw_callback(REQUEST_ID, 200, answer))
+    assert load(REQUEST_ID) == Result(200, answer)
+
+
+@pytest.mark.parametrize(
+    "usage",
+    [
+        {"prompt_tokens": -1000, "completion_tokens": 3, "total_tokens": -997},
+        {"prompt_tokens": 12, "completion_tokens": -5, "total_tokens": 7},
+        {"prompt_tokens": 12, "completion_tokens": 3, "total_tokens": -1},
+        {"prompt_tokens": 12, "completion_tokens": 11, "total_tokens": 23},  # > 5 x 2
+        # More than 100 bytes (and the chat template's few) could make.
+        {"prompt_tokens": 100 + TEMPLATE_TOKENS + 1, "completion_tokens": 3},
+        {"prompt_tokens": 12, "completion_tokens": 3, "total_tokens": 10**6},
+        {"prompt_tokens": 10**40, "completion_tokens": 3},
+        {"prompt_tokens": "12", "completion_tokens": 3},
+        {"prompt_tokens": 1.5, "completion_tokens": 3},
+        {"prompt_tokens": True, "completion_tokens": 3},
+    ],
+    ids=[
+        "negative-prompt",
+        "negative-completion",
+        "negative-total",
+        "completion-over-max-tokens-times-n",
+        "prompt-over-its-bytes",
+        "total-over-both",
+        "giant",
+        "string",
+        "fraction",
+        "boolean",
+    ],
+)
+def test_usage_out_of_range_is_400_and_changes_nothing(
+    aws: None, usage: dict[str, Any]
+) -> None:
+    bounded_request()
+    before = raw_item(RequestRecord, REQUEST_ID)
+    body = {**completion(), "usage": usage}
+    with pytest.raises(InvalidRequestError) as invalid:
+        accept_callback(REQUEST_ID, authorization(), raw_callback(REQUEST_ID, 200, body))
+    assert invalid.value.status == 400
+    assert invalid.value.param == "usage"
+    assert load(REQUEST_ID) is None
+    assert raw_item(RequestRecord, REQUEST_ID) == before
+
+
+def test_usage_at_the_bounds_is_accepted(aws: None) -> None:
+    bounded_request()
+    most = 100 + TEMPLATE_TOKENS
+    body = completion(prompt=most, completion_tokens=10)
+    assert accept_callback(REQUEST_ID, authorization(), raw_callback(REQUEST_ID, 200, body))
+    stored = RequestRecord.get(REQUEST_ID)
+    assert (stored.status, stored.prompt_tokens) == ("completed", most)
+    assert stored.completion_tokens == 10
+
+
+def test_without_max_tokens_the_completion_bound_is_not_checked(aws: None) -> None:
+    bounded_request(max_tokens=None)
+    body = completion(prompt=10, completion_tokens=5000)
+    assert accept_callback(REQUEST_ID, authorization(), raw_callback(REQUEST_ID, 200, body))
+    assert RequestRecord.get(REQUEST_ID).completion_tokens == 5000
+
+
+def test_a_failure_is_not_held_to_the_usage_bounds(aws: None) -> None:
+    bounded_request()
+    body = {"error": {"message": "boom"}, "usage": {"prompt_tokens": -5}}
+    assert accept_callback(REQUEST_ID, authorization(), raw_callback(REQUEST_ID, 500, body))
+    stored = RequestRecord.get(REQUEST_ID)
+    assert stored.status == "failed" and stored.total_tokens is None
+
+
+def test_record_refuses_an_answer_over_the_cap_on_any_path(
+    aws: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(get_settings(), "max_payload_bytes", 200)
+    open_request()
+
+    assert record(REQUEST_ID, 200, completion(text="z" * 500)) == "written"
+
+    stored = load(REQUEST_ID)
+    assert stored is not None and stored.status_code == 502
+    assert stored.body["error"]["code"] == "result_too_large"
+    assert s3_keys() == []
+    request = RequestRecord.get(REQUEST_ID)
+    assert request.status == "failed" and request.total_tokens is None

@@ -196,6 +196,87 @@ def test_batch_for_an_ended_request_is_a_conflict() -> None:
         post(f"req_{uuid.uuid4().hex}", 0, [chunk("x")])  # no such request
 
 
+def bounded_request() -> str:
+    """A stream sent with max_tokens 4 and n 1 (at most 4 completion tokens, so at most
+    4 + 8 + 8 batches) and a 50-byte prompt (at most 50 + 512 template tokens)."""
+    request_id = new_request()
+    RequestRecord(request_id).update(
+        actions=[
+            RequestRecord.max_tokens.set(4),
+            RequestRecord.choices.set(1),
+            RequestRecord.prompt_bytes.set(50),
+        ]
+    )
+    return request_id
+
+
+def test_a_done_batch_after_the_stream_completed_changes_nothing() -> None:
+    request_id = new_request()
+    post(request_id, 0, [chunk(None)])
+    post(request_id, 1, [chunk("Hi", finish="stop"), USAGE_CHUNK], done=True, usage=USAGE)
+    assert record(request_id).status == "completed"
+    before = [(int(r.seq), r.chunks, r.done) for r in rows(request_id)]
+    more = {"prompt_tokens": 5, "completion_tokens": 9, "total_tokens": 14}
+    for seq, error in ((2, None), (7, None), (2, {"message": "forged"})):
+        with pytest.raises(ConflictError):
+            post(request_id, seq, [chunk("forged")], done=True, usage=more, error=error)
+    assert [(int(r.seq), r.chunks, r.done) for r in rows(request_id)] == before
+    stored = record(request_id)
+    assert (stored.status, stored.total_tokens) == ("completed", 8)
+    # The final batch that ended it, repeated, is still a duplicate.
+    again = post(request_id, 1, [chunk("Hi", finish="stop"), USAGE_CHUNK], done=True, usage=USAGE)
+    assert again == {"continue": True, "duplicate": True}
+
+
+@pytest.mark.parametrize(
+    "batch",
+    [
+        {"seq": -1},
+        {"seq": 10**40},
+        {"seq": 1_000_001},
+        {"seq": "3"},
+        {"seq": 2.5},
+        {"seq": 21},  # past 4 tokens + 8 + 8 chunks
+        {"seq": 0, "done": True, "usage": {"prompt_tokens": -10, "completion_tokens": 1}},
+        {"seq": 0, "done": True, "usage": {"prompt_tokens": 5, "completion_tokens": 5}},
+        {"seq": 0, "done": True, "usage": {"prompt_tokens": 563, "completion_tokens": 1}},
+        {"seq": 0, "done": True, "usage": {"prompt_tokens": 1, "total_tokens": 10**30}},
+    ],
+    ids=[
+        "negative-seq", "giant-seq", "seq-over-the-maximum", "string-seq", "fraction-seq",
+        "seq-over-the-tokens", "negative-usage", "completion-over-max-tokens",
+        "prompt-over-its-bytes", "giant-total",
+    ],
+)
+def test_a_batch_out_of_range_is_400_and_changes_nothing(batch: dict[str, Any]) -> None:
+    request_id = bounded_request()
+    body = json.dumps({"request_id": request_id, "chunks": [chunk("x")], **batch}).encode()
+    token = f"Bearer {callback_token(request_id)}"
+    with pytest.raises(InvalidRequestError) as invalid:
+        stream_sink.accept_stream_callback(request_id, token, body)
+    assert invalid.value.status == 400
+    assert rows(request_id) == []
+    stored = record(request_id)
+    assert (stored.status, stored.total_tokens, stored.stream_done_seq) == ("submitted", None, None)
+    # The stream itself goes on.
+    assert post(request_id, 0, [chunk("Hi")], done=True, usage=USAGE)["continue"] is True
+    assert record(request_id).status == "completed"
+
+
+def test_a_cancelled_stream_is_not_credited_by_its_last_report() -> None:
+    request_id = bounded_request()
+    post(request_id, 0, [chunk(None)])
+    stream_sink.cancel(request_id)
+    negative = {"prompt_tokens": 0, "completion_tokens": -100, "total_tokens": -100}
+    with pytest.raises(InvalidRequestError):
+        post(request_id, 1, [], done=True, usage=negative)
+    assert record(request_id).total_tokens is None
+    # The real report is still billed.
+    generated = {"prompt_tokens": 0, "completion_tokens": 2, "total_tokens": 2}
+    assert post(request_id, 1, [], done=True, usage=generated)["continue"] is False
+    assert record(request_id).total_tokens == 2
+
+
 # ---- the relay ---------------------------------------------------------------------------------
 
 

@@ -78,6 +78,47 @@ def test_every_endpoint_refusing_is_503_after_trying_each_once(fake_backend: Fak
     ]
 
 
+# -- what was sent, kept for the callback's bounds ---------------------------------------------
+@pytest.mark.parametrize(
+    ("path", "body", "max_tokens", "choices"),
+    [
+        ("chat/completions", {"messages": [{"role": "user", "content": "hi"}], "n": 3}, 7, 3),
+        ("completions", {"prompt": ["a", "b"], "n": 2}, 7, 4),  # n choices per prompt
+        ("completions", {"prompt": [1, 2, 3]}, 7, 1),  # one prompt of token ids
+        ("completions", {"prompt": "a", "n": 2, "best_of": 3}, 7, 3),
+        ("embeddings", {"input": ["a", "b"]}, None, 1),
+    ],
+    ids=["chat-n", "completions-prompts", "completions-token-ids", "best-of", "embeddings"],
+)
+def test_the_record_keeps_the_bounds_of_what_was_sent(
+    fake_backend: FakeBackend,
+    path: str,
+    body: dict[str, Any],
+    max_tokens: int | None,
+    choices: int,
+) -> None:
+    if path != "embeddings":
+        body = {**body, "max_tokens": 7}
+    raw = json.dumps({"model": MODEL, **body}).encode()
+
+    submission = inference.submit(ALICE, path, raw)
+
+    record = RequestRecord.get(submission.request_id, consistent_read=True)
+    assert record.max_tokens == max_tokens
+    assert (record.choices, record.prompt_bytes) == (choices, len(raw))
+
+
+def test_a_prompt_pointing_at_an_image_has_no_prompt_bound(fake_backend: FakeBackend) -> None:
+    image = {"type": "image_url", "image_url": {"url": "https://example.org/cat.png"}}
+    message = {"role": "user", "content": [{"type": "text", "text": "What is it?"}, image]}
+    raw = json.dumps({"model": MODEL, "messages": [message], "max_tokens": 7}).encode()
+
+    submission = inference.submit(ALICE, "chat/completions", raw)
+
+    record = RequestRecord.get(submission.request_id, consistent_read=True)
+    assert (record.max_tokens, record.prompt_bytes) == (7, None)
+
+
 # -- the Globus Compute API budget ------------------------------------------------------------
 def test_the_unit_a_request_took_pays_for_its_submit_even_on_a_cold_start(
     monkeypatch: pytest.MonkeyPatch,

@@ -173,6 +173,7 @@ def test_a_chat_without_max_tokens_is_sent_the_endpoints_cap(fake_backend: FakeB
     record = RequestRecord.get(submission.request_id)
     assert record.rate_reservation is not None
     assert record.rate_reservation["tokens"] >= cap
+    assert record.max_tokens == cap  # what was sent bounds the callback's completion tokens
 
 
 def test_a_named_max_tokens_is_sent_as_named_and_not_marked_fitted(

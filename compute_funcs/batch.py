@@ -381,7 +381,10 @@ def vllm_batch(
                 reason = getattr(error, "reason", error)
                 timed_out = isinstance(error, TimeoutError) or isinstance(reason, TimeoutError)
                 code = "timeout" if timed_out else "backend_unreachable"
-                message = f"vLLM at {base_url} failed: {type(reason).__name__}: {reason}"
+                # The address and the exception are for the endpoint's log; users read words.
+                print(f"vLLM at {base_url} failed: {reason!r}", file=sys.stderr)
+                words = "did not answer in time" if timed_out else "could not be reached"
+                message = f"The model server {words}"
                 return failure(item["custom_id"], code, message, item["number"])
             try:
                 body = json.loads(raw)
@@ -730,7 +733,8 @@ def vllm_batch(
         outcome, error_info = "failed", {"code": problem.code, "message": problem.message}
     except Exception as problem:  # a bug or a full disk: reported, not hidden
         outcome = "failed"
-        error_info = {"code": "internal_error", "message": f"{type(problem).__name__}: {problem}"}
+        print(f"batch {batch_id} failed: {problem!r}", file=sys.stderr)
+        error_info = {"code": "internal_error", "message": "The batch function failed."}
 
     # -- finalize: merge what is done, deliver it (also partial results), report -------------
 
@@ -796,10 +800,8 @@ def vllm_batch(
             error_info = {"code": problem.code, "message": problem.message}
             outcome = "failed" if outcome == "completed" else outcome
         except Exception as problem:
-            error_info = {
-                "code": "internal_error",
-                "message": f"{type(problem).__name__}: {problem}",
-            }
+            print(f"batch {batch_id} failed to deliver: {problem!r}", file=sys.stderr)
+            error_info = {"code": "internal_error", "message": "The batch function failed."}
             outcome = "failed" if outcome == "completed" else outcome
 
     report = {

@@ -435,6 +435,9 @@ def test_unreachable_vllm_fails_the_batch_and_a_retry_resumes(
     assert report["outcome"] == "failed"
     assert report["error"]["code"] == "backend_unreachable"
     assert "Traceback" not in report["error"]["message"]
+    # Users read words: the address and the exception are in the endpoint's log only.
+    assert str(port) not in report["error"]["message"]
+    assert "Error" not in report["error"]["message"]
     assert not list(work_dir(tmp_path).glob("out-*.jsonl"))  # nothing checkpointed
 
     monkeypatch.setenv("VLLM_BASE_URL", vllm_url)

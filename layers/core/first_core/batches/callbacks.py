@@ -23,7 +23,7 @@ from first_core import storage
 from first_core.batches import budget, files
 from first_core.batches.lifecycle import OPEN_STATES, OUTPUT_NAMES, end, error_entry
 from first_core.callbacks import read_callback
-from first_core.errors import ConflictError, InvalidRequestError
+from first_core.errors import ConflictError, InvalidRequestError, public_message
 from first_core.schemas.wire import BatchEvent
 from first_core.settings import get_settings
 from first_core.tables import BatchRecord, FileRecord, update_if
@@ -157,7 +157,8 @@ def finalize(record: BatchRecord, event: BatchEvent) -> bool:
     problems: list[dict[str, Any]] = []
     if event.error:
         code = str(event.error.get("code", "batch_error"))
-        problems.append(error_entry(code, str(event.error.get("message"))))
+        # The cluster's words, without the class names or addresses they may carry.
+        problems.append(error_entry(code, public_message(str(event.error.get("message")))))
     for which, counts, attribute in (
         ("output", event.output, "output_file_id"),
         ("errors", event.errors, "error_file_id"),

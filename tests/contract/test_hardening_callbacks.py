@@ -21,11 +21,12 @@ from typing import Any
 import httpx
 import openai
 import pytest
-from boto3.dynamodb.conditions import Attr, Key
+from boto3.dynamodb.conditions import Attr
 
 from first_local.globus_standin import DEV_IDENTITIES, mint_token
 from tests.conftest import CALLBACK_SECRET
 from tests.contract.conftest import Stack
+from tests.support.contract import snapshot, usage_rows
 
 MODEL = "meta-llama/Meta-Llama-3-8B-Instruct"
 MAX_PAYLOAD_BYTES = 10 * 1024 * 1024  # settings.max_payload_bytes (default)
@@ -62,7 +63,7 @@ def finished_request(stack: Stack, *, stream: bool) -> str:
         request_id = str(response.headers["x-first-request-id"])
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
-        if (stack.item("requests", request_id) or {}).get("status") == "completed" and usage_of(
+        if (stack.item("requests", request_id) or {}).get("status") == "completed" and usage_rows(
             stack, request_id
         ):
             return request_id
@@ -70,25 +71,8 @@ def finished_request(stack: Stack, *, stream: bool) -> str:
     raise AssertionError(f"{request_id} did not end: {stack.item('requests', request_id)}")
 
 
-def usage_of(stack: Stack, request_id: str) -> list[dict[str, Any]]:
-    return list(
-        stack.table("usage").scan(
-            FilterExpression=Attr("request_id").eq(request_id), ConsistentRead=True
-        )["Items"]
-    )
 
 
-def snapshot(stack: Stack, request_id: str) -> dict[str, Any]:
-    """Everything a request's callbacks could change."""
-    chunks = stack.table("stream_chunks").query(
-        KeyConditionExpression=Key("request_id").eq(request_id), ConsistentRead=True
-    )["Items"]
-    return {
-        "request": stack.item("requests", request_id),
-        "result": stack.item("results", request_id),
-        "chunks": chunks,
-        "usage": usage_of(stack, request_id),
-    }
 
 
 def batch_line(custom_id: str, text: str) -> str:

@@ -19,7 +19,6 @@ import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
@@ -28,6 +27,7 @@ from first_local.globus_standin import mint_token
 from first_local.stack import stack_process
 from tests.conftest import CALLBACK_SECRET
 from tests.contract.conftest import STACK_ENV, Stack
+from tests.support.contract import usage_rows, wait_until_ended
 
 MODEL = "meta-llama/Meta-Llama-3-8B-Instruct"
 EMBEDDING_MODEL = "Salesforce/SFR-Embedding-Mistral"
@@ -56,14 +56,6 @@ def assert_no_leak(text: str) -> None:
     assert LEAKS.search(text) is None, text
 
 
-def wait_for_status(stack: Stack, request_id: str, timeout: float = 15.0) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while True:
-        item = stack.item("requests", request_id)
-        if item and item["status"] in ("completed", "failed", "cancelled", "timed_out"):
-            return item
-        assert time.monotonic() < deadline, f"{request_id} never ended: {item}"
-        time.sleep(0.2)
 
 
 @pytest.fixture(scope="module")
@@ -297,7 +289,7 @@ def test_a_failing_compute_task_is_told_in_user_words(tmp_path: Path) -> None:
         assert "injected fault" in message  # what happened, still said
         assert_no_leak(message)
         request_id = response.headers["x-first-request-id"]
-        item = wait_for_status(stack, request_id)
+        item = wait_until_ended(stack, request_id)
         assert item["status"] == "failed"
         assert_no_leak(item["error"])
         seen = httpx.get(f"{stack.base_url}/v1/requests/{request_id}", headers=bearer())
@@ -337,9 +329,6 @@ def hanging(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         yield Stack(state["base_url"], {**state, "log": str(log)})
 
 
-def usage_rows(stack: Stack, request_id: str) -> list[dict[str, Any]]:
-    rows = stack.table("usage").scan(ConsistentRead=True)["Items"]
-    return [row for row in rows if row["request_id"] == request_id]
 
 
 def proxy_lines(stack: Stack, request_id: str) -> list[str]:
@@ -374,7 +363,7 @@ def leave_after(stack: Stack, seconds: float, *, stream: bool) -> str:
 @pytest.mark.parametrize("stream", [False, True], ids=["waiting", "mid-stream"])
 def test_a_client_that_leaves_is_a_cancelled_request(hanging: Stack, stream: bool) -> None:
     request_id = leave_after(hanging, 2.5 if stream else 1.5, stream=stream)
-    item = wait_for_status(hanging, request_id)
+    item = wait_until_ended(hanging, request_id)
     assert item["status"] == "cancelled" and "error" not in item
     deadline = time.monotonic() + 10  # the usage record is written just after the record ends
     while not (usage := usage_rows(hanging, request_id)) and time.monotonic() < deadline:

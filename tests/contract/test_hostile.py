@@ -12,11 +12,11 @@ from typing import Any
 
 import httpx
 import pytest
-from boto3.dynamodb.conditions import Attr, Key
 
-from first_local.globus_standin import DEV_IDENTITIES, mint_token
+from first_local.globus_standin import mint_token
 from tests.conftest import CALLBACK_SECRET
 from tests.contract.conftest import Stack
+from tests.support.contract import snapshot, usage_rows
 
 MODEL = "meta-llama/Meta-Llama-3-8B-Instruct"
 MESSAGES = [{"role": "user", "content": "Say something hostile."}]
@@ -50,31 +50,8 @@ def finished_request(stack: Stack, *, stream: bool) -> str:
     raise AssertionError(f"{request_id} did not end: {stack.item('requests', request_id)}")
 
 
-def usage_rows(stack: Stack, request_id: str) -> list[dict[str, Any]]:
-    rows: list[dict[str, Any]] = []
-    options: dict[str, Any] = {
-        "KeyConditionExpression": Key("user_id").eq(DEV_IDENTITIES["alice"].sub),
-        "FilterExpression": Attr("request_id").eq(request_id),
-        "ConsistentRead": True,
-    }
-    while True:
-        page = stack.table("usage").query(**options)
-        rows += page["Items"]
-        if "LastEvaluatedKey" not in page:
-            return rows
-        options["ExclusiveStartKey"] = page["LastEvaluatedKey"]
 
 
-def snapshot(stack: Stack, request_id: str) -> dict[str, Any]:
-    chunks = stack.table("stream_chunks").query(
-        KeyConditionExpression=Key("request_id").eq(request_id), ConsistentRead=True
-    )["Items"]
-    return {
-        "request": stack.item("requests", request_id),
-        "result": stack.item("results", request_id),
-        "chunks": chunks,
-        "usage": usage_rows(stack, request_id),
-    }
 
 
 def post(

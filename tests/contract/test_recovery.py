@@ -24,6 +24,7 @@ from boto3.dynamodb.conditions import Attr
 from first_local.globus_standin import mint_token
 from first_local.stack import stack_process
 from tests.contract.conftest import STACK_ENV, Stack
+from tests.support.contract import wait_until_ended
 
 MODEL = "meta-llama/Meta-Llama-3-8B-Instruct"
 MESSAGES: Any = [{"role": "user", "content": "Tell me about recovery."}]
@@ -56,14 +57,6 @@ def drop_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         yield Stack(state["base_url"], state)
 
 
-def wait_terminal(stack: Stack, request_id: str, timeout: float = 15.0) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while True:
-        item = stack.item("requests", request_id)
-        if item and item["status"] in ("completed", "failed", "cancelled", "timed_out"):
-            return item
-        assert time.monotonic() < deadline, f"{request_id} never ended: {item}"
-        time.sleep(0.2)
 
 
 def usage_rows(stack: Stack, request_id: str) -> list[dict[str, Any]]:
@@ -97,7 +90,7 @@ def stream_text(stack: Stack) -> tuple[str, str]:
 def assert_ended_once(
     stack: Stack, request_id: str, status: str = "completed", timeout: float = 15.0
 ) -> dict[str, Any]:
-    item = wait_terminal(stack, request_id, timeout)
+    item = wait_until_ended(stack, request_id, timeout)
     assert item["status"] == status
     assert "open_status" not in item
     # The usage record is written right after the record ends.

@@ -9,6 +9,7 @@ from typing import Any
 
 import httpx
 import openai
+from boto3.dynamodb.conditions import Attr, Key
 
 from first_local.globus_standin import mint_token
 from tests.contract.conftest import Stack
@@ -82,3 +83,42 @@ def user_id(stack: Stack, user: str) -> str:
 def counter(stack: Stack, key: str) -> int:
     item = stack.table("rate_counters").get_item(Key={"key": key}, ConsistentRead=True)
     return int(item.get("Item", {}).get("used", 0))
+
+
+def usage_rows(stack: Stack, request_id: str) -> list[dict[str, Any]]:
+    """A request's usage records (exactly one once it has ended)."""
+    rows: list[dict[str, Any]] = []
+    options: dict[str, Any] = {
+        "FilterExpression": Attr("request_id").eq(request_id),
+        "ConsistentRead": True,
+    }
+    while True:
+        page = stack.table("usage").scan(**options)
+        rows += page["Items"]
+        if "LastEvaluatedKey" not in page:
+            return rows
+        options["ExclusiveStartKey"] = page["LastEvaluatedKey"]
+
+
+def snapshot(stack: Stack, request_id: str) -> dict[str, Any]:
+    """Everything a request's callbacks could change."""
+    chunks = stack.table("stream_chunks").query(
+        KeyConditionExpression=Key("request_id").eq(request_id), ConsistentRead=True
+    )["Items"]
+    return {
+        "request": stack.item("requests", request_id),
+        "result": stack.item("results", request_id),
+        "chunks": chunks,
+        "usage": usage_rows(stack, request_id),
+    }
+
+
+def wait_until_ended(stack: Stack, request_id: str, timeout: float = 15.0) -> dict[str, Any]:
+    """The request's record once it has ended."""
+    deadline = time.monotonic() + timeout
+    while True:
+        item = stack.item("requests", request_id)
+        if item and item["status"] in ("completed", "failed", "cancelled", "timed_out"):
+            return item
+        assert time.monotonic() < deadline, f"{request_id} never ended: {item}"
+        time.sleep(0.2)

@@ -121,8 +121,12 @@ def test_forty_concurrent_requests_without_max_tokens_stay_within_cap_and_budget
         assert error.response.json()["error"]["type"] == "rate_limit_error"
     used_tokens = sum(a.usage.total_tokens for a in served)
     assert used_tokens <= TPM
-    # The counter never passed its limit, and holds exactly the use once all were settled.
+    # The counter never passed its limit, and holds exactly the use once all were settled (just
+    # after each answered).
     assert highest[0] <= TPM
+    deadline = time.monotonic() + 10
+    while counter(tight, key) != used_tokens and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert counter(tight, key) == used_tokens
 
 
@@ -164,11 +168,16 @@ def test_batches_draw_on_the_same_minute_and_wait_for_it(tight: Stack) -> None:
     assert counter(tight, key) == used  # the grants were settled to the real use
 
     # An interactive request takes most of what is left; a batch line that needs more waits.
-    on_sophia.chat.completions.create(
+    answer = on_sophia.chat.completions.create(
         model=MODEL, messages=[{"role": "user", "content": "[mock:tokens=5000] go"}]
     )
-    before = counter(tight, key)
-    assert before > BATCH_TPM - BATCH_CAP
+    assert answer.usage is not None
+    before = used + answer.usage.total_tokens
+    # Its reservation is settled to its use just after it answered.
+    deadline = time.monotonic() + 10
+    while counter(tight, key) != before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert counter(tight, key) == before > BATCH_TPM - BATCH_CAP
     waiting = start(sdk, [json.dumps(unnamed)])
     waiting = wait_for(
         sdk, waiting.id, lambda b: (b.model_extra or {}).get("waiting_for_tokens_since")

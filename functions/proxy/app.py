@@ -25,6 +25,7 @@ from first_core import edge, inference, observability
 from first_core.auth import get_authenticator
 from first_core.credentials import one_authorization, source_address
 from first_core.errors import GatewayError, NotFoundError, internal_error_body
+from first_core.idempotency import check_key
 
 log = logging.getLogger("first.proxy")
 observability.configure_logging()
@@ -86,6 +87,7 @@ async def _infer(request: Request) -> Response:
             request.path_params.get("cluster"),
             request.path_params.get("framework"),
             auth_ms=(time.perf_counter() - started) * 1000,
+            idempotency_key=check_key(request.headers.get("idempotency-key")),
         )
         answer = await _unless_client_leaves(request, answering)
         if answer.events is not None:

@@ -41,6 +41,7 @@ TABLE_ACCESS = {
         "registry": "read",
         "rate_counters": "crud",
         "usage": "crud",
+        "idempotency_keys": "crud",
     },
     "ControlPlaneFunction": {
         "requests": "crud",

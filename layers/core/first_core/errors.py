@@ -117,12 +117,21 @@ class ServiceUnavailableError(GatewayError):
     code = "service_unavailable"
 
 
+# The OpenAI SDKs honour this header over their own rules: "false" where a retry would only
+# start another job (the first one still runs) or cannot succeed within their back-off.
+NO_RETRY = {"x-should-retry": "false"}
+
+
 class ComputeTimeoutError(GatewayError):
-    """The synchronous wait for a result ran out; the request id lets the client come back."""
+    """The synchronous wait for a result ran out; the request id lets the client come back.
+    Never retried: the request still runs, and a retry would run it a second time."""
 
     status = 504
     type = "timeout_error"
     code = "compute_timeout"
+
+    def __init__(self, message: str, *, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message, headers={**NO_RETRY, **(headers or {})})
 
 
 def encodable(text: str) -> str:

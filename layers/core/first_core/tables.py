@@ -179,6 +179,18 @@ class RateCounter(Model):
     expires_at = TTLAttribute()
 
 
+class IdempotencyKey(Model):
+    """A caller's `Idempotency-Key`, bound to the request it started (first_core.idempotency):
+    `{user_id}#{sha256 of the key}`, never the key itself."""
+
+    Meta = _meta("idempotency_keys")
+
+    key = UnicodeAttribute(hash_key=True)
+    request_id = UnicodeAttribute()
+    body_hash = UnicodeAttribute()  # the same key with another body is refused
+    expires_at = TTLAttribute()
+
+
 class UsageByDate(GlobalSecondaryIndex["UsageRecord"]):
     """Everyone's usage of one day, for admins (`GET /v1/usage?user=all`)."""
 

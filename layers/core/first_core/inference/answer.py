@@ -55,12 +55,22 @@ async def answer(
     cluster: str | None = None,
     framework: str | None = None,
     auth_ms: float = 0.0,
+    idempotency_key: str | None = None,
 ) -> Answer:
     """Submit the request (on a worker thread: it makes blocking calls) and wait for its
-    answer; `auth_ms`, the time the caller's authentication took, for `server-timing`."""
+    answer; `auth_ms`, the time the caller's authentication took, for `server-timing`; with an
+    `idempotency_key` used before, the request it started is answered again."""
     started = time.perf_counter()
     submitting = asyncio.ensure_future(
-        asyncio.to_thread(submit, caller, openai_path, raw_body, cluster, framework)
+        asyncio.to_thread(
+            submit,
+            caller,
+            openai_path,
+            raw_body,
+            cluster,
+            framework,
+            idempotency_key=idempotency_key,
+        )
     )
     try:
         # Shielded: the submit runs on (a thread cannot be stopped), and is cancelled once done.

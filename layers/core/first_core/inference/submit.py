@@ -8,12 +8,13 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from first_core import ratelimit, schemas
+from first_core import idempotency, ratelimit, schemas
 from first_core.auth import Caller
 from first_core.compute import budget, get_backend
 from first_core.errors import (
     GatewayError,
     InvalidRequestError,
+    NotFoundError,
     PayloadTooLargeError,
     ServiceUnavailableError,
 )
@@ -58,12 +59,16 @@ def submit(
     cluster: str | None = None,
     framework: str | None = None,
     exclude: frozenset[str] = frozenset(),
+    idempotency_key: str | None = None,
+    replacing: str | None = None,
 ) -> Submission:
     """Accept one inference request: check its size and body, route it to an endpoint the caller may
     use, reserve the caller's rate limits, write the request record, and submit it to Globus
     Compute, or put it on the submit queue when the API budget has no unit left. Over a limit
     nothing is recorded; if an endpoint refuses the submit, that attempt ends failed and a federated
-    request tries the next endpoint (a named cluster answers 503)."""
+    request tries the next endpoint (a named cluster answers 503). With an `idempotency_key`
+    the caller used before (first_core.idempotency), nothing new starts: the first request is
+    answered again."""
     settings = get_settings()
     if len(raw_body) > settings.max_payload_bytes:
         raise PayloadTooLargeError(
@@ -91,18 +96,30 @@ def submit(
             param="stream",
         )
 
+    request_id = records.new_request_id()
+    if idempotency_key is not None:
+        bound = idempotency.claim(
+            caller.user_id, idempotency_key, raw_body, request_id, replacing
+        )
+        if bound != request_id:  # a repeat: the first request, not a second job
+            return resume(caller, bound, request)
     # The rate limits, before anything is written or submitted: over a limit this raises 429
     # with nothing taken and nothing recorded. A generation that names no max_tokens gets one
     # here, so what runs can never exceed the endpoint's cap or the caller's budget.
     fit = asked is None and openai_path != "embeddings"
-    reservation = ratelimit.reserve(
-        caller.user_id,
-        endpoint,
-        ratelimit.prompt_estimate(len(raw_body)),
-        max_tokens_ceiling(openai_path, endpoint) if fit else (asked or 0),
-        request.sequences(),
-        fit=fit,
-    )
+    try:
+        reservation = ratelimit.reserve(
+            caller.user_id,
+            endpoint,
+            ratelimit.prompt_estimate(len(raw_body)),
+            max_tokens_ceiling(openai_path, endpoint) if fit else (asked or 0),
+            request.sequences(),
+            fit=fit,
+        )
+    except BaseException:
+        if idempotency_key is not None:  # refused before it was recorded: a repeat starts anew
+            idempotency.release(caller.user_id, idempotency_key, request_id)
+        raise
     # Globus Compute's API budget (compute/budget.py): a unit now, or the submit queue, whose
     # submitter sends the waiting requests of an endpoint in one batch. (Without a queue, wait
     # a few windows for a unit.)
@@ -112,9 +129,10 @@ def submit(
     except budget.BudgetExhausted:
         if not settings.submit_queue_url:
             ratelimit.settle(reservation.to_json(), 0)
+            if idempotency_key is not None:
+                idempotency.release(caller.user_id, idempotency_key, request_id)
             raise
         queued = True
-    request_id = records.new_request_id()
     try:
         records.create(
             request_id,
@@ -131,6 +149,8 @@ def submit(
         )
     except BaseException:
         ratelimit.settle(reservation.to_json(), 0)
+        if idempotency_key is not None:
+            idempotency.release(caller.user_id, idempotency_key, request_id)
         raise
     payload: dict[str, Any] = json.loads(raw_body)
     if reservation.max_tokens is not None:
@@ -166,7 +186,14 @@ def submit(
         if cluster is not None:
             raise
         return submit(
-            caller, openai_path, raw_body, cluster, framework, exclude | {endpoint.endpoint_id}
+            caller,
+            openai_path,
+            raw_body,
+            cluster,
+            framework,
+            exclude | {endpoint.endpoint_id},
+            idempotency_key,
+            replacing=request_id,  # the key moves to the attempt that goes on
         )
     except GatewayError as error:
         records.finish(request_id, "failed", error=error.message)
@@ -178,4 +205,38 @@ def submit(
         route.reason,
         request,
         time.monotonic() + settings.result_wait_seconds,
+    )
+
+
+def resume(caller: Caller, request_id: str, request: schemas.RequestBody) -> Submission:
+    """The request an earlier call with the same Idempotency-Key started, to be answered again
+    (its stored answer, or a wait on it). Its record may be a moment behind the key."""
+    deadline = time.monotonic() + 5.0
+    while True:
+        try:
+            record = records.get_owned(request_id, caller)
+            break
+        except NotFoundError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+    endpoint = next(
+        (
+            e
+            for e in Registry.current().endpoints
+            if (e.cluster, e.framework, e.model) == (record.cluster, record.framework, record.model)
+        ),
+        None,
+    )
+    if endpoint is None:
+        raise ServiceUnavailableError(
+            f"The cluster that ran request {request_id} no longer serves '{record.model}'."
+        )
+    return Submission(
+        request_id,
+        record.task_id,
+        endpoint,
+        f"repeat of {request_id} (Idempotency-Key)",
+        request,
+        time.monotonic() + get_settings().result_wait_seconds,
     )

@@ -8,6 +8,7 @@ import time
 from typing import Any
 
 from first_core.errors import (
+    NO_RETRY,
     ComputeTimeoutError,
     GatewayError,
     InvalidRequestError,
@@ -61,10 +62,21 @@ async def _poll(submission: Submission) -> results.Result:
 
 
 def raise_for_result(result: results.Result) -> Any:
-    """The body to send back, or the OpenAI-shaped error a failed result stands for."""
+    """The body to send back, or the OpenAI-shaped error a failed result stands for. A failure
+    after the model produced output is not to be retried: a retry would produce it again."""
     if result.status_code < 400:
         return result.body
-    raise backend_error(result.status_code, results.error_message(result.body))
+    error = backend_error(result.status_code, results.error_message(result.body))
+    if result.status_code >= 500 and _produced_output(result.body):
+        error.headers.update(NO_RETRY)
+    raise error
+
+
+def _produced_output(body: Any) -> bool:
+    usage = body.get("usage") if isinstance(body, dict) else None
+    tokens = usage.get("completion_tokens") if isinstance(usage, dict) else None
+    code = (body.get("error") or {}).get("code") if isinstance(body, dict) else None
+    return (isinstance(tokens, int) and tokens > 0) or code == "result_too_large"
 
 
 def backend_error(status: int, message: str, param: str | None = None) -> GatewayError:

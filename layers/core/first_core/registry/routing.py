@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from first_core.auth import Caller
 from first_core.errors import (
+    NO_RETRY,
     InvalidRequestError,
     NotFoundError,
     PermissionDeniedError,
@@ -139,9 +140,11 @@ def choose(
         states = ", ".join(f"{e.cluster}: {state(e)}" for e in permitted)
         raise ServiceUnavailableError(
             f"No cluster can serve '{model}' right now ({states}). Retry later.",
+            # Maintenance or every cluster offline: no retry within the SDK's back-off helps.
             headers={
                 "Retry-After": "60",
                 "x-first-route-reason": f"no cluster available: {states}",
+                **NO_RETRY,
             },
         )
     serving = [e for e in available if _status(registry, e) != "starting"]

@@ -9,9 +9,11 @@ from typing import Any
 import pytest
 
 import first_core.compute
+import first_core.ratelimit
 from first_core import inference
 from first_core.compute import budget
-from first_core.errors import ServiceUnavailableError
+from first_core.errors import InvalidRequestError, RateLimitError, ServiceUnavailableError
+from first_core.idempotency import check_key
 from first_core.inference.submit import max_tokens_ceiling
 from first_core.registry import Registry
 from first_core.settings import get_settings
@@ -217,3 +219,54 @@ def test_embeddings_are_sent_no_max_tokens(fake_backend: FakeBackend) -> None:
 
     kwargs = _sent(fake_backend)
     assert "max_tokens" not in kwargs["payload"] and "fitted_max_tokens" not in kwargs
+
+
+# -- Idempotency-Key: a repeat never starts a second job ----------------------------------------
+def test_a_repeat_with_the_same_key_is_the_same_request_and_one_job(
+    fake_backend: FakeBackend,
+) -> None:
+    first = inference.submit(ALICE, "chat/completions", _body(), idempotency_key="k-1")
+    again = inference.submit(ALICE, "chat/completions", _body(), idempotency_key="k-1")
+
+    assert again.request_id == first.request_id
+    assert len(fake_backend.submits) == 1
+    assert "Idempotency-Key" in again.route_reason
+    # Another key, or another user with the same key, is a new request.
+    other = inference.submit(ALICE, "chat/completions", _body(), idempotency_key="k-2")
+    assert other.request_id != first.request_id and len(fake_backend.submits) == 2
+
+
+def test_the_same_key_with_another_body_is_400(fake_backend: FakeBackend) -> None:
+    inference.submit(ALICE, "chat/completions", _body(), idempotency_key="k-1")
+    changed = json.dumps(
+        {"model": MODEL, "messages": [{"role": "user", "content": "bye"}], "max_tokens": 5}
+    ).encode()
+
+    with pytest.raises(InvalidRequestError) as refused:
+        inference.submit(ALICE, "chat/completions", changed, idempotency_key="k-1")
+
+    assert refused.value.param == "Idempotency-Key"
+    assert len(fake_backend.submits) == 1
+
+
+def test_a_key_refused_by_a_rate_limit_is_free_for_the_next_try(
+    fake_backend: FakeBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def refuse(*args: Any, **kwargs: Any) -> Any:
+        raise RateLimitError("over")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(first_core.ratelimit, "reserve", refuse)
+        with pytest.raises(RateLimitError):
+            inference.submit(ALICE, "chat/completions", _body(), idempotency_key="k-1")
+
+    accepted = inference.submit(ALICE, "chat/completions", _body(), idempotency_key="k-1")
+    assert accepted.task_id == "task-1" and len(fake_backend.submits) == 1
+
+
+def test_an_unusable_key_is_400() -> None:
+    with pytest.raises(InvalidRequestError):
+        check_key("x" * 256)
+    with pytest.raises(InvalidRequestError):
+        check_key("caf\u00e9")
+    assert check_key(None) is None and check_key("abc-123") == "abc-123"

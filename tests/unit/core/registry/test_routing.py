@@ -157,6 +157,8 @@ def test_nothing_available_is_503_with_retry_after(
     assert unavailable.value.headers.get("Retry-After", "").isdigit()
     assert "sophia" in unavailable.value.message
     assert "polaris" in unavailable.value.message
+    # No retry within the SDK's back-off can fix maintenance or offline clusters.
+    assert unavailable.value.headers["x-should-retry"] == "false"
 
 
 def test_named_cluster_down_is_503_even_if_another_cluster_could_serve() -> None:
@@ -469,6 +471,7 @@ def test_only_starting_left_is_503_starting_retry_with_retry_after(down: str) ->
     assert "sophia" in unavailable.value.message
     assert unavailable.value.code == "model_starting"
     assert unavailable.value.headers["Retry-After"].isdigit()
+    assert "x-should-retry" not in unavailable.value.headers  # starting: retrying soon helps
 
 
 def test_named_starting_cluster_is_503_starting_even_if_another_could_serve() -> None:

@@ -4,12 +4,14 @@
 from __future__ import annotations
 
 import json
+from functools import partial
 from typing import Any
 
 from chalice import Blueprint, Response
 
-from chalicelib.http import caller, query, raw_body, route
+from chalicelib.http import caller, header, query, raw_body, route
 from first_core.batches import files, lifecycle, views
+from first_core.idempotency import check_key
 
 batch_routes = Blueprint(__name__)
 JSON = ["application/json"]
@@ -18,7 +20,10 @@ JSON = ["application/json"]
 @route(batch_routes, "/v1/batches", methods=["POST"], content_types=JSON)
 def create_batch() -> dict[str, Any]:
     """OpenAI's batch create: the caller's batch file, run on its model's batch endpoint."""
-    return views.view(lifecycle.create_openai(caller(), raw_body()))
+    who, body = caller(), raw_body()
+    key = check_key(header("idempotency-key"))
+    create = partial(lifecycle.create_openai, who, body)
+    return views.view(lifecycle.created_once(who, body, key, create))
 
 
 @route(batch_routes, "/v1/batches", methods=["GET"])
@@ -50,7 +55,10 @@ def cancel_batch(batch_id: str) -> dict[str, Any]:
 )
 def create_first_batch(cluster: str, framework: str) -> dict[str, Any]:
     """FIRST's batch: `input_file` is a JSONL path on the cluster's file system."""
-    record = lifecycle.create_first(caller(), cluster, framework, raw_body())
+    who, body = caller(), raw_body()
+    key = check_key(header("idempotency-key"))
+    create = partial(lifecycle.create_first, who, cluster, framework, body)
+    record = lifecycle.created_once(who, body, key, create)
     return views.first_summary(record)
 
 

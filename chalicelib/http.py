@@ -90,6 +90,12 @@ def raw_body() -> bytes:
     return body.encode() if isinstance(body, str) else bytes(body or b"")
 
 
+def header(name: str) -> str | None:
+    """One request header's value (case-insensitive), if any."""
+    value = current_request().headers.get(name)
+    return None if value is None else str(value)
+
+
 def authorization() -> str | None:
     """The one Authorization header, if any; 400 if the request has several. API Gateway's
     `headers` keeps only the last of a repeated header: its `multiValueHeaders` has them all

@@ -53,6 +53,7 @@ TABLE_ACCESS = {
         "usage": "crud",
         "files": "crud",
         "batches": "crud",
+        "idempotency_keys": "crud",
     },
     "HealthPollerFunction": {"registry": "crud", "rate_counters": "crud"},
     "SubmitterFunction": {

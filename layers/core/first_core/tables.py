@@ -360,6 +360,7 @@ ALL_MODELS: tuple[type[Model], ...] = (
     TokenCacheEntry,
     RegistryEntry,
     RateCounter,
+    IdempotencyKey,
     UsageRecord,
     FileRecord,
     BatchRecord,

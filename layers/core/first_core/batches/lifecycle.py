@@ -16,11 +16,12 @@ import logging
 import os
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from first_core import observability, ratelimit, schemas, storage, usage
+from first_core import idempotency, observability, ratelimit, schemas, storage, usage
 from first_core.auth import Caller
 from first_core.batches import files
 from first_core.batches.budget import line_max_tokens
@@ -100,7 +101,7 @@ def _check_cluster_path(value: str | None, param: str) -> None:
 # ---- creating -----------------------------------------------------------------------------------
 
 
-def create_openai(caller: Caller, raw_body: bytes) -> BatchRecord:
+def create_openai(caller: Caller, raw_body: bytes, batch_id: str | None = None) -> BatchRecord:
     """Create an OpenAI batch from the caller's uploaded file: check the body, the file (the
     caller's own, purpose `batch`, one model and the batch's endpoint), the model's batch endpoint
     and the caller's slots, then submit it. Returns the record, `in_progress` once submitted; a
@@ -140,7 +141,7 @@ def create_openai(caller: Caller, raw_body: bytes) -> BatchRecord:
     model = models[0] if models else ""
     if problems:
         # As OpenAI does: the batch exists, and failed validation, with the reasons.
-        return _failed_at_validation(caller, request, model, problems)
+        return _failed_at_validation(caller, request, model, problems, batch_id)
     route = routing.choose(Registry.current(), caller, model, for_batches=True)
     limit = route.endpoint.limits.max_tokens
     asked = int(input_file.max_tokens) if input_file.max_tokens is not None else None
@@ -152,8 +153,8 @@ def create_openai(caller: Caller, raw_body: bytes) -> BatchRecord:
             param="body.max_tokens",
             line=line,
         )
-        return _failed_at_validation(caller, request, model, [problem])
-    record = _new_record(caller, "openai", request.endpoint, route.endpoint)
+        return _failed_at_validation(caller, request, model, [problem], batch_id)
+    record = _new_record(caller, "openai", request.endpoint, route.endpoint, batch_id)
     record.input_file_id = input_file.file_id
     record.total = int(input_file.line_count or 0)
     record.completion_window = request.completion_window
@@ -161,7 +162,39 @@ def create_openai(caller: Caller, raw_body: bytes) -> BatchRecord:
     return _start(record, input_file.s3_key)
 
 
-def create_first(caller: Caller, cluster: str, framework: str, raw_body: bytes) -> BatchRecord:
+def created_once(
+    caller: Caller,
+    raw_body: bytes,
+    idempotency_key: str | None,
+    create: Callable[[str | None], BatchRecord],
+) -> BatchRecord:
+    """`create(batch_id)`, or, with an Idempotency-Key the caller used before (in 24 h, with the
+    same body), the batch that call created: a repeat never starts a second batch."""
+    if idempotency_key is None:
+        return create(None)
+    batch_id = new_batch_id()
+    bound = idempotency.claim(caller.user_id, idempotency_key, raw_body, batch_id)
+    if bound != batch_id:
+        deadline = time.monotonic() + 5.0  # its record may be a moment behind the key
+        while True:
+            try:
+                return get_owned(bound, caller)
+            except NotFoundError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+    try:
+        return create(batch_id)
+    except Exception:
+        # Refused before its record was written (a bad body, no slot): a repeat starts afresh.
+        if owned_item(BatchRecord, batch_id, caller.user_id) is None:
+            idempotency.release(caller.user_id, idempotency_key, batch_id)
+        raise
+
+
+def create_first(
+    caller: Caller, cluster: str, framework: str, raw_body: bytes, batch_id: str | None = None
+) -> BatchRecord:
     """FIRST's batch: a JSONL file already on the cluster's file system."""
     if len(raw_body) > get_settings().max_payload_bytes:
         raise PayloadTooLargeError("Request body too large.")
@@ -172,7 +205,7 @@ def create_first(caller: Caller, cluster: str, framework: str, raw_body: bytes) 
     route = routing.choose(
         Registry.current(), caller, request.model, cluster, framework, for_batches=True
     )
-    record = _new_record(caller, "first", "/v1/chat/completions", route.endpoint)
+    record = _new_record(caller, "first", "/v1/chat/completions", route.endpoint, batch_id)
     record.input_path = request.input_file
     # FIRST writes results beside the input unless told where.
     record.output_folder_path = (
@@ -181,10 +214,12 @@ def create_first(caller: Caller, cluster: str, framework: str, raw_body: bytes) 
     return _start(record, None)
 
 
-def _new_record(caller: Caller, kind: str, endpoint: str, served_by: Endpoint) -> BatchRecord:
+def _new_record(
+    caller: Caller, kind: str, endpoint: str, served_by: Endpoint, batch_id: str | None
+) -> BatchRecord:
     now = time.time()
     return BatchRecord(
-        new_batch_id(),
+        batch_id or new_batch_id(),
         user_id=caller.user_id,
         username=caller.username,
         kind=kind,
@@ -203,11 +238,15 @@ def _new_record(caller: Caller, kind: str, endpoint: str, served_by: Endpoint) -
 
 
 def _failed_at_validation(
-    caller: Caller, request: BatchCreate, model: str, problems: list[dict[str, Any]]
+    caller: Caller,
+    request: BatchCreate,
+    model: str,
+    problems: list[dict[str, Any]],
+    batch_id: str | None,
 ) -> BatchRecord:
     now = time.time()
     record = BatchRecord(
-        new_batch_id(),
+        batch_id or new_batch_id(),
         user_id=caller.user_id,
         username=caller.username,
         kind="openai",

@@ -4,6 +4,7 @@ moto: OpenAI batches, the per-user slots, cancelling, and FIRST's own batches.""
 from __future__ import annotations
 
 import json
+from functools import partial
 from typing import Any
 
 import pytest
@@ -347,3 +348,43 @@ def test_a_bad_batch_request_is_refused_in_openais_words(body: Any, message: str
     with pytest.raises(InvalidRequestError) as raised:
         lifecycle.create_openai(CALLER, json.dumps(body).encode())
     assert raised.value.message == message
+
+
+# ---- Idempotency-Key ------------------------------------------------------------------------
+
+
+def test_a_repeat_with_the_same_key_is_the_same_batch(backend: FakeBackend) -> None:
+    body = json.dumps(
+        {"input_file_id": upload().file_id, "endpoint": "/v1/chat/completions",
+         "completion_window": "24h"}
+    ).encode()
+
+    def create_once() -> str:
+        create = partial(lifecycle.create_openai, CALLER, body)
+        return lifecycle.created_once(CALLER, body, "batch-key", create).batch_id
+
+    first, again = create_once(), create_once()
+
+    assert first == again and len(backend.submits) == 1 and slots() == 1
+
+
+def test_a_key_whose_batch_was_refused_before_it_existed_is_free_again(
+    backend: FakeBackend,
+) -> None:
+    missing = json.dumps(
+        {"input_file_id": "file-nope", "endpoint": "/v1/chat/completions",
+         "completion_window": "24h"}
+    ).encode()
+    with pytest.raises(NotFoundError):
+        lifecycle.created_once(
+            CALLER, missing, "batch-key", partial(lifecycle.create_openai, CALLER, missing)
+        )
+    # The key is not bound to a batch that never was: the same key with a good body works.
+    body = json.dumps(
+        {"input_file_id": upload().file_id, "endpoint": "/v1/chat/completions",
+         "completion_window": "24h"}
+    ).encode()
+    record = lifecycle.created_once(
+        CALLER, body, "batch-key", partial(lifecycle.create_openai, CALLER, body)
+    )
+    assert record.status == "in_progress"

@@ -6,6 +6,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import (
     AfterValidator,
+    Discriminator,
     Field,
     StringConstraints,
     Tag,
@@ -117,6 +118,8 @@ class WebSearchOptions(_Strict):
 
 class StreamOptions(_Strict):
     include_usage: bool = False
+    # vLLM's: usage on every chunk (the running count), not only in the last one.
+    continuous_usage_stats: bool = False
 
 
 class ExtraBody(_Strict):
@@ -157,6 +160,73 @@ Metadata = Annotated[
 ]
 
 
+# ---- vLLM's own parameters ---------------------------------------------------------------------
+# What vLLM's OpenAI server documents beyond OpenAI's parameters ("extra params" of
+# vllm/entrypoints/openai/protocol.py). They reach vLLM unchanged (the gateway forwards the body
+# it was sent); the types and ranges here are vLLM's, so a bad value is a 400 naming the param
+# before a cluster job is spent on it.
+
+GuidedJson = Annotated[
+    Annotated[str, Tag(_TAG + "string")] | Annotated[dict[str, Any], Tag(_TAG + "object")],
+    _by_shape("a JSON schema (an object, or a string holding one)"),
+]
+LogitsProcessor = Annotated[
+    Annotated[str, Tag(_TAG + "string")] | Annotated[dict[str, Any], Tag(_TAG + "object")],
+    _by_shape("a qualified name or an object with 'qualname'"),
+]
+XArg = Annotated[
+    Annotated[str, Tag(_TAG + "string")] | Annotated[float, Tag(_TAG + "number")],
+    Discriminator(
+        lambda v: _TAG + ("string" if isinstance(v, str) else "number"),
+        custom_error_type="first_shape",
+        custom_error_message="a string or a number",
+    ),
+]
+
+
+class _VllmCommon(_Strict):
+    """vLLM's parameters of every route: scheduling, tokenization and request identity."""
+
+    priority: Annotated[int, Field(ge=-(2**63), le=2**63 - 1)] | None = None
+    request_id: Annotated[str, StringConstraints(min_length=1, max_length=256)] | None = None
+    add_special_tokens: bool | None = None
+    mm_processor_kwargs: dict[str, Any] | None = None
+    cache_salt: Annotated[str, StringConstraints(min_length=1)] | None = None
+
+
+class _VllmGeneration(_VllmCommon):
+    """vLLM's sampling, structured-output and extension parameters (chat and completions)."""
+
+    use_beam_search: bool | None = None
+    top_k: Annotated[int, Field(ge=-1)] | None = None  # -1 (or 0): every token
+    min_p: Annotated[float, Field(ge=0, le=1)] | None = None
+    repetition_penalty: Annotated[float, Field(gt=0)] | None = None
+    length_penalty: float | None = None
+    stop_token_ids: list[TokenId] | None = None
+    include_stop_str_in_output: bool | None = None
+    ignore_eos: bool | None = None
+    min_tokens: Annotated[int, Field(ge=0)] | None = None
+    skip_special_tokens: bool | None = None
+    spaces_between_special_tokens: bool | None = None
+    truncate_prompt_tokens: Annotated[int, Field(ge=-1)] | None = None
+    prompt_logprobs: Annotated[int, Field(ge=-1)] | None = None  # -1: the whole vocabulary
+    allowed_token_ids: Annotated[list[TokenId], Field(min_length=1)] | None = None
+    bad_words: list[str] | None = None
+    structured_outputs: dict[str, Any] | None = None
+    guided_json: GuidedJson | None = None
+    guided_regex: str | None = None
+    guided_choice: Annotated[list[str], Field(min_length=1)] | None = None
+    guided_grammar: str | None = None
+    structural_tag: str | None = None
+    guided_decoding_backend: str | None = None
+    guided_whitespace_pattern: str | None = None
+    logits_processors: list[LogitsProcessor] | None = None
+    return_tokens_as_token_ids: bool | None = None
+    return_token_ids: bool | None = None
+    kv_transfer_params: dict[str, Any] | None = None
+    vllm_xargs: dict[str, XArg] | None = None
+
+
 # ---- request bodies ----------------------------------------------------------------------------
 
 
@@ -179,7 +249,7 @@ class RequestBody(_Strict):
         return False
 
 
-class _GenerationRequest(RequestBody):
+class _GenerationRequest(_VllmGeneration, RequestBody):
     """What chat and text completions share: streaming and sampling."""
 
     stream: bool = False
@@ -232,6 +302,15 @@ class ChatCompletionRequest(_GenerationRequest):
     prediction: Prediction | None = None
     web_search_options: WebSearchOptions | None = None
     extra_body: ExtraBody | None = None
+    # vLLM's, for chat only: the chat template and what it is given.
+    best_of: Annotated[int, Field(ge=0, le=20)] | None = None
+    echo: bool | None = None
+    add_generation_prompt: bool | None = None
+    continue_final_message: bool | None = None
+    documents: list[dict[str, str]] | None = None
+    chat_template: str | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    include_reasoning: bool | None = None
 
     @model_validator(mode="after")
     def _top_logprobs_needs_logprobs(self) -> ChatCompletionRequest:
@@ -256,6 +335,10 @@ class ChatCompletionRequest(_GenerationRequest):
             return self.max_completion_tokens
         return self.max_tokens
 
+    def sequences(self) -> int:
+        # best_of candidates are generated too (at least n of them).
+        return max(self.n or 1, self.best_of or 1)
+
 
 class CompletionRequest(_GenerationRequest):
     prompt: TextsOrTokens
@@ -263,6 +346,7 @@ class CompletionRequest(_GenerationRequest):
     echo: bool | None = None
     logprobs: Annotated[int, Field(ge=0, le=5)] | None = None
     suffix: str | None = None
+    response_format: ResponseFormat | None = None  # vLLM's, as in chat
 
     def sequences(self) -> int:
         # vLLM, like OpenAI, answers `n` choices for each prompt of a list.
@@ -273,11 +357,16 @@ class CompletionRequest(_GenerationRequest):
         return max(self.n or 1, self.best_of or 1) * prompts
 
 
-class EmbeddingRequest(RequestBody):
+class EmbeddingRequest(_VllmCommon, RequestBody):
     input: TextsOrTokens
     encoding_format: Literal["float", "base64"] | None = None
     dimensions: Annotated[int, Field(ge=1)] | None = None
     user: str | None = None
+    # vLLM's: pooling and its output.
+    truncate_prompt_tokens: Annotated[int, Field(ge=-1)] | None = None
+    normalize: bool | None = None
+    embed_dtype: Literal["float32", "float16", "bfloat16", "fp8_e4m3", "fp8_e5m2"] | None = None
+    additional_data: Any = None
 
     @field_validator("input")
     @classmethod

@@ -27,7 +27,7 @@ from first_core.schemas._unions import (
 )
 from first_core.schemas.errors import to_gateway_error
 from first_core.schemas.messages import Message, TextPart
-from first_core.schemas.vllm import VllmCommon, VllmGeneration
+from first_core.schemas.vllm import StructuralTagFormat, VllmCommon, VllmGeneration
 
 Kind = Literal["chat/completions", "completions", "embeddings", "batches"]
 
@@ -86,8 +86,9 @@ class JsonSchemaFormat(_Strict):
 ResponseFormat = Annotated[
     Annotated[TextFormat, Tag(_TAG + "text")]
     | Annotated[JsonObjectFormat, Tag(_TAG + "json_object")]
-    | Annotated[JsonSchemaFormat, Tag(_TAG + "json_schema")],
-    _by_key("type", "text", "json_object", "json_schema"),
+    | Annotated[JsonSchemaFormat, Tag(_TAG + "json_schema")]
+    | Annotated[StructuralTagFormat, Tag(_TAG + "structural_tag")],
+    _by_key("type", "text", "json_object", "json_schema", "structural_tag"),
 ]
 
 

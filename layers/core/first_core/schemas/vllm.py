@@ -4,11 +4,11 @@ of vllm/entrypoints/openai/protocol.py), as mixins of the request bodies in `req
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
-from pydantic import Discriminator, Field, StringConstraints, Tag
+from pydantic import Discriminator, Field, StringConstraints, Tag, model_validator
 
-from first_core.schemas._unions import _TAG, _by_shape, _Strict
+from first_core.schemas._unions import _TAG, _by_shape, _invalid, _Strict
 
 TokenId = Annotated[int, Field(ge=0)]
 
@@ -74,3 +74,24 @@ class VllmGeneration(VllmCommon):
     return_token_ids: bool | None = None
     kv_transfer_params: dict[str, Any] | None = None
     vllm_xargs: dict[str, XArg] | None = None
+
+
+class StructuralTag(_Strict):
+    begin: str
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    end: str
+
+
+class StructuralTagFormat(_Strict):
+    """vLLM's: the legacy `structures` + `triggers`, or the newer `format`."""
+
+    type: Literal["structural_tag"]
+    structures: list[StructuralTag] | None = None
+    triggers: list[str] | None = None
+    format: dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _one_form(self) -> StructuralTagFormat:
+        if self.format is None and (self.structures is None or self.triggers is None):
+            raise _invalid("needs 'format', or 'structures' and 'triggers'")
+        return self

@@ -315,6 +315,13 @@ def test_vllm_parameters_are_accepted_on_every_route() -> None:
     stream = {"stream": True, "stream_options": {"include_usage": True}}
     stream["stream_options"]["continuous_usage_stats"] = True
     parse_request("chat/completions", {**CHAT, **stream})
+    tag = {"begin": "<f>", "schema": {"type": "object"}, "end": "</f>"}
+    structural = {"type": "structural_tag", "structures": [tag], "triggers": ["<f"]}
+    parse_request("chat/completions", {**CHAT, "response_format": structural})
+    structural = {"type": "structural_tag", "format": {"type": "triggered_tags"}}
+    parse_request("completions", {"model": "m", "prompt": "x", "response_format": structural})
+    err = _refusal("chat/completions", {**CHAT, "response_format": {"type": "structural_tag"}})
+    assert err.param == "response_format"
     # FIRST's literal `extra_body` key stays accepted.
     parse_request("chat/completions", {**CHAT, "extra_body": {"use_beam_search": True}})
 

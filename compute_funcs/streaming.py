@@ -55,7 +55,13 @@ def vllm_streaming(
         headers["Authorization"] = f"Bearer {api_key}"
     timeout = float(os.environ.get("VLLM_TIMEOUT_SECONDS", "3600"))
     # Usage is always asked for, so it can be billed; the gateway decides what the client sees.
-    options = {**(payload.get("stream_options") or {}), "include_usage": True}
+    # On every chunk (the running count): a stream cut short by its client is billed its prompt
+    # too, which only vLLM knows.
+    options = {
+        **(payload.get("stream_options") or {}),
+        "include_usage": True,
+        "continuous_usage_stats": True,
+    }
     request_body = json.dumps({**payload, "stream": True, "stream_options": options}).encode()
 
     def room_in_context(status: int, body: Any) -> int | None:
@@ -199,7 +205,8 @@ def vllm_streaming(
             return dict(state["usage"])
         if not state["generated"]:
             return None
-        # Stopped early: vLLM never sent usage, so count what it generated (prompt unknown).
+        # Stopped before vLLM sent any usage (a vLLM without continuous usage): count what it
+        # generated (the prompt is unknown here).
         generated = state["generated"]
         return {"prompt_tokens": 0, "completion_tokens": generated, "total_tokens": generated}
 

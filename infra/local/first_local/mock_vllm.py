@@ -8,7 +8,11 @@ Output is deterministic: the words are a function of (model, prompt text) only, 
 non-streamed request with the same body give the same text, and `n` > 1 yields identical choices.
 Tests can trigger failures on a shared server with markers in the last user message / prompt:
 `[mock:error]`, `[mock:error-after=N]`, `[mock:delay=MS]`, `[mock:tokens=N]`,
-`[mock:rate=N]` (tokens per second for that request).
+`[mock:rate=N]` (tokens per second for that request), and `[mock:received]`: the answer's text
+is the JSON body the mock received (compact), so a test sees what reached vLLM.
+
+Like vLLM, parameters it does not act on (vLLM's sampling and structured-output extras) are
+accepted and ignored. `stream_options.continuous_usage_stats` puts the running usage on every chunk.
 """
 
 from __future__ import annotations
@@ -81,7 +85,7 @@ _MAX_MODEL_LEN = {
 }
 _DEFAULT_MAX_MODEL_LEN = 8192
 _COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # vLLM's (and OpenAI's) default for /v1/completions only
-_MARKER = re.compile(r"\[mock:(?:(error)|(error-after|delay|tokens|rate)=(\d+))\]")
+_MARKER = re.compile(r"\[mock:(?:(error|received)|(error-after|delay|tokens|rate)=(\d+))\]")
 _WORD = re.compile(r"\w+|[^\w\s]")
 # At full speed, coalescing SSE events into fewer socket writes is what keeps the rate high.
 _MAX_EVENTS_PER_WRITE = 64
@@ -110,6 +114,7 @@ class MockConfig:
 @dataclass
 class _Markers:
     error: bool = False
+    received: bool = False  # answer with the body received
     error_after: int | None = None
     delay_s: float = 0.0
     tokens: int | None = None
@@ -117,6 +122,7 @@ class _Markers:
 
     def merge(self, other: _Markers) -> None:
         self.error = self.error or other.error
+        self.received = self.received or other.received
         if other.error_after is not None:
             mine = self.error_after
             self.error_after = other.error_after if mine is None else min(mine, other.error_after)
@@ -159,7 +165,9 @@ def count_prompt_tokens(text: str) -> int:
 def _parse_markers(text: str) -> _Markers:
     markers = _Markers()
     for flag, name, value in _MARKER.findall(text):
-        if flag:
+        if flag == "received":
+            markers.received = True
+        elif flag:
             markers.error = True
         elif name == "error-after":
             markers.error_after = int(value)
@@ -257,8 +265,12 @@ def _check_context(model: str, prompt_tokens: int, max_tokens: int | None) -> No
         )
 
 
+def _compact(payload: object) -> str:
+    return json.dumps(payload, separators=(",", ":"))
+
+
 def _sse(payload: object) -> str:
-    return f"data: {json.dumps(payload, separators=(',', ':'))}\n\n"
+    return f"data: {_compact(payload)}\n\n"
 
 
 class _MockServer:
@@ -354,6 +366,8 @@ class _MockServer:
         tokens, finish = _generate(
             model, "\n".join(f"{r}: {t}" for r, t in texts), markers.tokens, max_tokens
         )
+        if markers.received:
+            tokens, finish = [_compact(body)], "stop"
         choices = [_Choice(i, tokens, finish) for i in range(n)]
         return await self._respond(request, body, True, model, choices, prompt_tokens, markers)
 
@@ -370,6 +384,8 @@ class _MockServer:
             _check_context(model, count, max_tokens)
             markers.merge(_parse_markers(text))
             tokens, finish = generate_text(model, text, max_tokens)
+            if markers.received:
+                tokens, finish = [_compact(body)], "stop"
             choices += [_Choice(i * n + j, tokens, finish) for j in range(n)]
         prompt_tokens = sum(count for _, count in prompts)
         return await self._respond(request, body, False, model, choices, prompt_tokens, markers)
@@ -409,8 +425,9 @@ class _MockServer:
         }
         if stream:
             include_usage = bool((options or {}).get("include_usage"))
+            continuous = include_usage and bool((options or {}).get("continuous_usage_stats"))
             events = self._events(
-                start, markers, chat, head, choices, usage if include_usage else None
+                start, markers, chat, head, choices, usage if include_usage else None, continuous
             )
             return StreamingResponse(events, media_type="text/event-stream")
         steps = requested if markers.error_after is None else min(markers.error_after, requested)
@@ -452,12 +469,16 @@ class _MockServer:
         head: dict[str, Any],
         choices: list[_Choice],
         usage: dict[str, Any] | None,
+        continuous: bool = False,
     ) -> AsyncIterator[str]:
         head = {**head, "object": "chat.completion.chunk" if chat else "text_completion"}
         if usage is not None:
             head["usage"] = None  # as vLLM 0.5/0.6 did; newer versions omit the key instead
+        generated = 0
 
         def chunk(index: int, delta: str | None, finish: str | None) -> str:
+            nonlocal generated
+            generated += delta is not None
             choice: dict[str, Any] = {"index": index}
             if chat:
                 choice["delta"] = (
@@ -468,6 +489,14 @@ class _MockServer:
             choice.update(logprobs=None, finish_reason=finish)
             if finish is not None:
                 choice["stop_reason"] = None
+            if continuous and usage is not None:
+                # vLLM's continuous_usage_stats: the running count on every chunk.
+                prompt = usage["prompt_tokens"]
+                head["usage"] = {
+                    "prompt_tokens": prompt,
+                    "total_tokens": prompt + generated,
+                    "completion_tokens": generated,
+                }
             return _sse({**head, "choices": [choice]})
 
         limit = markers.error_after

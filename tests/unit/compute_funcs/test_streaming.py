@@ -19,7 +19,7 @@ from starlette.routing import Route
 
 from compute_funcs.streaming import vllm_streaming
 from first_core.inference import assemble
-from first_local.mock_vllm import MockConfig, create_app
+from first_local.mock_vllm import MockConfig, count_prompt_tokens, create_app
 from tests.support.asgi import serve
 
 MODEL = "meta-llama/Meta-Llama-3-8B-Instruct"
@@ -95,7 +95,8 @@ def run(receiver: Receiver, payload: dict[str, Any], path: str = "chat/completio
 
 def direct_stream(vllm_url: str, path: str, payload: dict[str, Any]) -> list[dict[str, Any]]:
     """The mock's own SSE payloads for the same request, minus per-request ids and times."""
-    body = {**payload, "stream": True, "stream_options": {"include_usage": True}}
+    options = {"include_usage": True, "continuous_usage_stats": True}  # what the function asks
+    body = {**payload, "stream": True, "stream_options": options}
     with httpx.stream("POST", f"{vllm_url}/v1/{path}", json=body, timeout=30) as response:
         lines = [line[6:] for line in response.iter_lines() if line.startswith("data: ")]
     assert lines[-1] == "[DONE]"
@@ -169,7 +170,8 @@ def test_mid_stream_error_ends_with_the_error(receiver: Receiver) -> None:
     relayed = [json.loads(c) for b in batches for c in b["chunks"]]
     assert all("error" not in c for c in relayed)
     assert len(relayed) == 4  # the role chunk and three tokens
-    assert final["usage"]["completion_tokens"] == 3  # counted, since vLLM sent no usage
+    # vLLM's running usage of the last chunk: the prompt and the three tokens.
+    assert final["usage"]["completion_tokens"] == 3 and final["usage"]["prompt_tokens"] > 0
     assert result["status_code"] == 500 and result["body"] == {"error": final["error"]}
 
 
@@ -217,8 +219,11 @@ def test_continue_false_stops_reading_and_reports_usage(receiver: Receiver) -> N
     assert [b["done"] for b in batches] == [False, False, True]
     assert batches[2]["chunks"] == []
     generated = result["usage"]["completion_tokens"]
-    assert batches[2]["usage"] == {"prompt_tokens": 0, "completion_tokens": generated,
-                                   "total_tokens": generated}
+    # The running usage vLLM sent with the last chunk read: the prompt counts too.
+    prompt = result["usage"]["prompt_tokens"]
+    assert prompt == count_prompt_tokens("A long answer [mock:tokens=200]") > 0
+    assert batches[2]["usage"] == {"prompt_tokens": prompt, "completion_tokens": generated,
+                                   "total_tokens": prompt + generated}
     assert 0 < generated < 200
     time.sleep(0.1)
     assert len(receiver.posts) == 3  # nothing after the final batch

@@ -145,6 +145,31 @@ def test_chat_stream_wire_format(base_url: str) -> None:
             assert len(events) == 3 and all("usage" not in e for e in events)
 
 
+def test_continuous_usage_stats_puts_the_running_usage_on_every_chunk(base_url: str) -> None:
+    body = {"model": CHAT_MODEL, "messages": user("count me [mock:tokens=3]"), "stream": True,
+            "stream_options": {"include_usage": True, "continuous_usage_stats": True}}
+    response = httpx.post(f"{base_url}/v1/chat/completions", json=body)
+    events = [json.loads(e.removeprefix("data: ")) for e in response.text.split("\n\n")[:-2]]
+    prompt = count_prompt_tokens("Be brief.") + count_prompt_tokens("count me [mock:tokens=3]")
+    assert [e["usage"] for e in events[:-1]] == [
+        {"prompt_tokens": prompt, "completion_tokens": k, "total_tokens": prompt + k}
+        for k in range(4)
+    ]
+    assert events[-1]["choices"] == [] and events[-1]["usage"]["completion_tokens"] == 3
+
+
+def test_received_marker_answers_the_body_and_vllm_extras_are_accepted(base_url: str) -> None:
+    extras = {"top_k": 5, "min_p": 0.1, "guided_json": {"type": "object"}, "priority": 3,
+              "chat_template_kwargs": {"enable_thinking": False}, "unheard_of": [1]}
+    body = {"model": CHAT_MODEL, "messages": user("what did you get [mock:received]"), **extras}
+    response = httpx.post(f"{base_url}/v1/chat/completions", json=body)
+    assert response.status_code == 200  # like vLLM: unknown fields are ignored, not refused
+    assert json.loads(response.json()["choices"][0]["message"]["content"]) == body
+    prompt = {"model": CHAT_MODEL, "prompt": "echo [mock:received]", "max_tokens": 3, **extras}
+    response = httpx.post(f"{base_url}/v1/completions", json=prompt)
+    assert json.loads(response.json()["choices"][0]["text"]) == prompt
+
+
 def test_max_tokens_caps_and_reports_length(client: openai.OpenAI) -> None:
     for kwargs in ({"max_tokens": 5}, {"max_completion_tokens": 5}):
         result = client.chat.completions.create(model=CHAT_MODEL, messages=user("cap me"),

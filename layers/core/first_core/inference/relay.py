@@ -41,6 +41,7 @@ async def stream_events(submission: Submission) -> AsyncGenerator[bytes, None]:
         async for event in relay(
             submission.request_id,
             include_usage=bool(options and options.include_usage),
+            continuous_usage=bool(options and options.continuous_usage_stats),
             deadline=submission.deadline,
         ):
             yield event
@@ -109,6 +110,7 @@ async def relay(
     include_usage: bool,
     deadline: float,
     keepalive_seconds: float = 15.0,
+    continuous_usage: bool = False,
 ) -> AsyncIterator[bytes]:
     """The client's SSE body for a streaming request, until its done batch or `deadline`.
 
@@ -124,7 +126,9 @@ async def relay(
         while not finished:
             for row in await asyncio.to_thread(_rows_after, request_id, last_sent):
                 held.setdefault(int(row.seq), row)
-            events, last_sent, finished = _ready_events(held, last_sent, include_usage)
+            events, last_sent, finished = _ready_events(
+                held, last_sent, include_usage, continuous_usage
+            )
             for event in events:
                 yield event
             now = time.monotonic()
@@ -158,7 +162,10 @@ async def relay(
 
 
 def _ready_events(
-    held: dict[int, StreamChunkBatch], last_sent: int, include_usage: bool
+    held: dict[int, StreamChunkBatch],
+    last_sent: int,
+    include_usage: bool,
+    continuous_usage: bool = False,
 ) -> tuple[list[bytes], int, bool]:
     """The client events of the batches that are next in seq order, the new last seq, and
     whether the stream is over (OpenAI ends a failed stream without `[DONE]`)."""
@@ -167,7 +174,7 @@ def _ready_events(
         last_sent += 1
         row = held.pop(last_sent)
         for chunk in row.chunks:
-            event, failed = _client_event(chunk, include_usage)
+            event, failed = _client_event(chunk, include_usage, continuous_usage)
             if event is not None:
                 events.append(event)
             if failed:
@@ -203,7 +210,9 @@ def _rows_after(request_id: str, last_sent: int) -> list[StreamChunkBatch]:
     )
 
 
-def _client_event(chunk: str, include_usage: bool) -> tuple[bytes | None, bool]:
+def _client_event(
+    chunk: str, include_usage: bool, continuous_usage: bool = False
+) -> tuple[bytes | None, bool]:
     """The SSE event for one stored payload (None to drop it), and whether it is an error."""
     try:
         data = json.loads(chunk)
@@ -216,6 +225,13 @@ def _client_event(chunk: str, include_usage: bool) -> tuple[bytes | None, bool]:
         # The cluster's words may name its exception classes or vLLM's address: not for clients.
         message = public_message(str(error.get("message") or ""), "The stream failed.")
         return _event({**data, "error": {**error, "message": message}}), True
+    running = data.get("choices") and data.get("usage") is not None
+    if running and not (include_usage and continuous_usage):
+        # vLLM was asked for the running usage on every chunk (so a cancelled stream is billed
+        # its prompt too); a client that was not gets these chunks as OpenAI sends them.
+        data["usage"] = None
+        if include_usage:
+            return _event(data), False
     if not include_usage:
         # vLLM was always asked for usage; a client that was not gets what OpenAI would send it.
         if data.get("choices") == [] and data.get("usage") is not None:

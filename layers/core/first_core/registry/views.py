@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from first_core.auth import Caller
+from first_core.errors import NotFoundError
 from first_core.registry import Registry
 from first_core.registry.routing import may_use, state
 
@@ -117,3 +118,22 @@ def models(
             for model, clusters in sorted(served.items())
         ],
     }
+
+
+def model(
+    registry: Registry,
+    who: Caller,
+    model_id: str,
+    cluster: str | None = None,
+    framework: str | None = None,
+) -> dict[str, Any]:
+    """`GET /v1/models/{id}` (and a cluster's): the model's object as in `models`, or OpenAI's
+    404 for a model the caller may not use, worded as for one that does not exist (no leak)."""
+    for listed in models(registry, who, cluster, framework)["data"]:
+        if listed["id"] == model_id:
+            return dict(listed)
+    raise NotFoundError(
+        f"The model '{model_id}' does not exist or you do not have access to it.",
+        param="model",
+        code="model_not_found",
+    )

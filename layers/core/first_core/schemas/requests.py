@@ -27,6 +27,7 @@ from first_core.schemas._unions import (
 )
 from first_core.schemas.errors import to_gateway_error
 from first_core.schemas.messages import Message, TextPart
+from first_core.schemas.vllm import StructuralTagFormat, VllmCommon, VllmGeneration
 
 Kind = Literal["chat/completions", "completions", "embeddings", "batches"]
 
@@ -85,8 +86,9 @@ class JsonSchemaFormat(_Strict):
 ResponseFormat = Annotated[
     Annotated[TextFormat, Tag(_TAG + "text")]
     | Annotated[JsonObjectFormat, Tag(_TAG + "json_object")]
-    | Annotated[JsonSchemaFormat, Tag(_TAG + "json_schema")],
-    _by_key("type", "text", "json_object", "json_schema"),
+    | Annotated[JsonSchemaFormat, Tag(_TAG + "json_schema")]
+    | Annotated[StructuralTagFormat, Tag(_TAG + "structural_tag")],
+    _by_key("type", "text", "json_object", "json_schema", "structural_tag"),
 ]
 
 
@@ -117,6 +119,8 @@ class WebSearchOptions(_Strict):
 
 class StreamOptions(_Strict):
     include_usage: bool = False
+    # vLLM's: usage on every chunk (the running count), not only in the last one.
+    continuous_usage_stats: bool = False
 
 
 class ExtraBody(_Strict):
@@ -179,7 +183,7 @@ class RequestBody(_Strict):
         return False
 
 
-class _GenerationRequest(RequestBody):
+class _GenerationRequest(VllmGeneration, RequestBody):
     """What chat and text completions share: streaming and sampling."""
 
     stream: bool = False
@@ -232,6 +236,15 @@ class ChatCompletionRequest(_GenerationRequest):
     prediction: Prediction | None = None
     web_search_options: WebSearchOptions | None = None
     extra_body: ExtraBody | None = None
+    # vLLM's, for chat only: the chat template and what it is given.
+    best_of: Annotated[int, Field(ge=0, le=20)] | None = None
+    echo: bool | None = None
+    add_generation_prompt: bool | None = None
+    continue_final_message: bool | None = None
+    documents: list[dict[str, str]] | None = None
+    chat_template: str | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    include_reasoning: bool | None = None
 
     @model_validator(mode="after")
     def _top_logprobs_needs_logprobs(self) -> ChatCompletionRequest:
@@ -256,6 +269,10 @@ class ChatCompletionRequest(_GenerationRequest):
             return self.max_completion_tokens
         return self.max_tokens
 
+    def sequences(self) -> int:
+        # best_of candidates are generated too (at least n of them).
+        return max(self.n or 1, self.best_of or 1)
+
 
 class CompletionRequest(_GenerationRequest):
     prompt: TextsOrTokens
@@ -263,6 +280,7 @@ class CompletionRequest(_GenerationRequest):
     echo: bool | None = None
     logprobs: Annotated[int, Field(ge=0, le=5)] | None = None
     suffix: str | None = None
+    response_format: ResponseFormat | None = None  # vLLM's, as in chat
 
     def sequences(self) -> int:
         # vLLM, like OpenAI, answers `n` choices for each prompt of a list.
@@ -273,11 +291,16 @@ class CompletionRequest(_GenerationRequest):
         return max(self.n or 1, self.best_of or 1) * prompts
 
 
-class EmbeddingRequest(RequestBody):
+class EmbeddingRequest(VllmCommon, RequestBody):
     input: TextsOrTokens
     encoding_format: Literal["float", "base64"] | None = None
     dimensions: Annotated[int, Field(ge=1)] | None = None
     user: str | None = None
+    # vLLM's: pooling and its output.
+    truncate_prompt_tokens: Annotated[int, Field(ge=-1)] | None = None
+    normalize: bool | None = None
+    embed_dtype: Literal["float32", "float16", "bfloat16", "fp8_e4m3", "fp8_e5m2"] | None = None
+    additional_data: Any = None
 
     @field_validator("input")
     @classmethod

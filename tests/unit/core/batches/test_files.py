@@ -39,6 +39,15 @@ def test_a_valid_file_gives_its_lines_models_and_urls() -> None:
     assert checked.urls == ["/v1/chat/completions", "/v1/embeddings"]
 
 
+def test_batch_lines_take_vllms_parameters_as_requests_do() -> None:
+    extras = {"top_k": 20, "min_p": 0.1, "guided_choice": ["yes", "no"], "priority": 1}
+    extras["chat_template_kwargs"] = {"enable_thinking": False}
+    assert files.check_batch_lines(jsonl(chat_line("a", **extras))).lines == 1
+    with pytest.raises(InvalidRequestError) as raised:
+        files.check_batch_lines(jsonl(chat_line("a", top_k=-5)))
+    assert "body.top_k" in raised.value.message
+
+
 def test_crlf_line_endings_are_accepted() -> None:
     content = batch_file(3).replace(b"\n", b"\r\n")
     assert files.check_batch_lines(content).lines == 3

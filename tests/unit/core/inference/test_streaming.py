@@ -42,7 +42,7 @@ from first_core.errors import (
 from first_core.inference import records, relay, stream_sink
 from first_core.settings import get_settings
 from first_core.tables import RequestRecord, StreamChunkBatch
-from first_local.mock_vllm import MockConfig, create_app, generate_text
+from first_local.mock_vllm import MockConfig, count_prompt_tokens, create_app, generate_text
 from first_local.provision import TEMPLATE, create_tables_from_template
 from tests.support.asgi import serve
 
@@ -316,6 +316,30 @@ def test_usage_chunk_only_when_asked_for() -> None:
     assert with_usage == [f"data: {c}\n\n".encode() for c in stream] + [b"data: [DONE]\n\n"]
 
 
+def _running(text: str, completion: int) -> str:
+    """The chunk as vLLM sends it with `continuous_usage_stats` (what the function asks for)."""
+    parsed = json.loads(text)
+    parsed["usage"] = {"prompt_tokens": 5, "completion_tokens": completion,
+                       "total_tokens": 5 + completion}
+    return json.dumps(parsed, separators=(",", ":"))
+
+
+def test_running_usage_reaches_only_a_client_that_asked_for_it() -> None:
+    request_id = new_request()
+    stream = [_running(chunk(None), 0), _running(chunk("Hi", finish="stop"), 1), USAGE_CHUNK]
+    post(request_id, 0, stream, done=True, usage=USAGE)
+    without = relay_all(request_id)
+    assert [data(e) for e in without] == [_no_usage(stream[0]), _no_usage(stream[1]), "[DONE]"]
+    # include_usage alone: OpenAI's `"usage": null` on every chunk, the totals at the end.
+    with_usage = [data(e) for e in relay_all(request_id, include_usage=True)]
+    assert with_usage[:2] == [{**_no_usage(c), "usage": None} for c in stream[:2]]
+    assert with_usage[2:] == [json.loads(USAGE_CHUNK), "[DONE]"]
+    continuous = asyncio.run(collect(relay.relay(
+        request_id, include_usage=True, continuous_usage=True,
+        deadline=time.monotonic() + 5)))
+    assert continuous == [f"data: {c}\n\n".encode() for c in stream] + [b"data: [DONE]\n\n"]
+
+
 def test_error_batch_ends_without_done() -> None:
     request_id = new_request()
     error = {"message": "engine died", "type": "InternalServerError", "param": None, "code": 500}
@@ -513,4 +537,6 @@ def test_end_to_end_client_leaves(stack: tuple[str, str]) -> None:
     assert out["cancelled"] is True and time.monotonic() - start < 1.5  # not the full 4 s
     stored = record(request_id)
     assert stored.status == "cancelled"
-    assert 0 < stored.completion_tokens < 200 and stored.prompt_tokens == 0
+    # The prompt is billed too: vLLM's running usage came with every chunk read.
+    assert 0 < stored.completion_tokens < 200
+    assert stored.prompt_tokens == count_prompt_tokens("Long one [mock:tokens=200]") > 0

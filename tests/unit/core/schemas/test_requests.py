@@ -243,12 +243,123 @@ def test_stream_and_output_tokens_helpers() -> None:
         assert not body.wants_stream() and body.max_output_tokens() is None
 
 
-def test_vllm_extras_follow_first() -> None:
-    # FIRST forwards no vLLM sampling extras at the top level, only `extra_body.use_beam_search`.
-    for key in ("top_k", "min_p", "repetition_penalty", "guided_json", "chat_template_kwargs"):
-        err = _refusal("chat/completions", {**CHAT, key: 1})
-        assert (err.param, err.code) == (key, "unknown_parameter")
+# What vLLM documents beyond OpenAI's parameters, one valid value each (chat and completions).
+VLLM_GENERATION = {
+    "use_beam_search": False,
+    "top_k": -1,
+    "min_p": 0.05,
+    "repetition_penalty": 1.1,
+    "length_penalty": 1.0,
+    "stop_token_ids": [2],
+    "include_stop_str_in_output": True,
+    "ignore_eos": False,
+    "min_tokens": 1,
+    "skip_special_tokens": True,
+    "spaces_between_special_tokens": True,
+    "truncate_prompt_tokens": 512,
+    "prompt_logprobs": 1,
+    "allowed_token_ids": [1, 2, 3],
+    "bad_words": ["spam"],
+    "structured_outputs": {"choice": ["yes", "no"]},
+    "guided_json": {"type": "object"},
+    "guided_regex": "[a-z]+",
+    "guided_choice": ["yes", "no"],
+    "guided_grammar": "root ::= 'a'",
+    "structural_tag": "{}",
+    "guided_decoding_backend": "xgrammar",
+    "guided_whitespace_pattern": " ",
+    "logits_processors": ["pkg.Processor", {"qualname": "pkg.Other", "args": [1]}],
+    "return_tokens_as_token_ids": True,
+    "return_token_ids": True,
+    "kv_transfer_params": {"do_remote_decode": False},
+    "vllm_xargs": {"a": 1, "b": "x", "c": 0.5},
+    "priority": -1,
+    "request_id": "my-id",
+    "add_special_tokens": False,
+    "mm_processor_kwargs": {"num_crops": 4},
+    "cache_salt": "salt",
+}
+VLLM_CHAT_ONLY = {
+    "best_of": 2,
+    "echo": True,
+    "add_generation_prompt": False,
+    "continue_final_message": True,
+    "documents": [{"title": "t", "text": "x"}],
+    "chat_template": "{{ messages }}",
+    "chat_template_kwargs": {"enable_thinking": False},
+    "include_reasoning": False,
+}
+
+
+def test_vllm_parameters_are_accepted_on_every_route() -> None:
+    # Where FIRST refused vLLM's parameters, the gateway follows vLLM.
+    chat = parse_request("chat/completions", {**CHAT, **VLLM_GENERATION, **VLLM_CHAT_ONLY})
+    assert isinstance(chat, ChatCompletionRequest) and chat.sequences() == 2  # best_of counts
+    completion = {"model": "m", "prompt": "x", **VLLM_GENERATION, "echo": True}
+    parse_request("completions", {**completion, "response_format": {"type": "json_object"}})
+    parse_request(
+        "embeddings",
+        {
+            "model": "m",
+            "input": "x",
+            "truncate_prompt_tokens": -1,
+            "normalize": True,
+            "embed_dtype": "float16",
+            "additional_data": {"k": [1]},
+            "add_special_tokens": True,
+            "priority": 2,
+            "request_id": "r",
+        },
+    )
+    parse_request("chat/completions", {**CHAT, "guided_json": '{"type": "object"}'})
+    stream = {"stream": True, "stream_options": {"include_usage": True}}
+    stream["stream_options"]["continuous_usage_stats"] = True
+    parse_request("chat/completions", {**CHAT, **stream})
+    tag = {"begin": "<f>", "schema": {"type": "object"}, "end": "</f>"}
+    structural = {"type": "structural_tag", "structures": [tag], "triggers": ["<f"]}
+    parse_request("chat/completions", {**CHAT, "response_format": structural})
+    structural = {"type": "structural_tag", "format": {"type": "triggered_tags"}}
+    parse_request("completions", {"model": "m", "prompt": "x", "response_format": structural})
+    err = _refusal("chat/completions", {**CHAT, "response_format": {"type": "structural_tag"}})
+    assert err.param == "response_format"
+    # FIRST's literal `extra_body` key stays accepted.
     parse_request("chat/completions", {**CHAT, "extra_body": {"use_beam_search": True}})
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "param"),
+    [
+        ("top_k", -2, "top_k"),
+        ("top_k", 1.5, "top_k"),
+        ("min_p", 1.5, "min_p"),
+        ("repetition_penalty", 0, "repetition_penalty"),
+        ("priority", "high", "priority"),
+        ("min_tokens", -1, "min_tokens"),
+        ("stop_token_ids", [-1], "stop_token_ids.0"),
+        ("guided_json", 3, "guided_json"),
+        ("guided_choice", [], "guided_choice"),
+        ("chat_template_kwargs", "x", "chat_template_kwargs"),
+        ("vllm_xargs", {"a": [1]}, "vllm_xargs.a"),
+        ("cache_salt", "", "cache_salt"),
+        ("truncate_prompt_tokens", -2, "truncate_prompt_tokens"),
+    ],
+)
+def test_a_bad_vllm_value_names_its_param(key: str, value: Any, param: str) -> None:
+    err = _refusal("chat/completions", {**CHAT, key: value})
+    assert err.status == 400 and err.param == param and key in str(err)
+
+
+def test_unknown_keys_and_other_routes_params_stay_refused() -> None:
+    err = _refusal("chat/completions", {**CHAT, "top_kk": 1})
+    assert (err.param, err.code) == ("top_kk", "unknown_parameter")
+    assert "Unrecognized request argument supplied: top_kk" in str(err)
+    # Chat-template options mean nothing to a text completion, sampling nothing to embeddings.
+    err = _refusal("completions", {"model": "m", "prompt": "x", "chat_template": "t"})
+    assert err.param == "chat_template"
+    err = _refusal("embeddings", {"model": "m", "input": "x", "top_k": 5})
+    assert err.param == "top_k"
+    # OpenAI's own parameters keep OpenAI's ranges.
+    assert _refusal("chat/completions", {**CHAT, "temperature": 2.5}).param == "temperature"
 
 
 def test_embedding_array_limits() -> None:

@@ -24,6 +24,7 @@ from tests.contract.conftest import Stack
 from tests.support.contract import (
     MODEL,
     line,
+    scan_all,
     upload,
     usage_rows,
     user_id,
@@ -41,15 +42,9 @@ def sdk(stack: Stack) -> openai.OpenAI:
 
 def requests_since(stack: Stack, since: float) -> list[dict[str, Any]]:
     uid = user_id(stack, "alice")
-    condition = Attr("user_id").eq(uid) & Attr("created_at").gte(Decimal(str(since)))
-    rows: list[dict[str, Any]] = []
-    scan: dict[str, Any] = {"FilterExpression": condition, "ConsistentRead": True}
-    while True:
-        page = stack.table("requests").scan(**scan)
-        rows += page["Items"]
-        if "LastEvaluatedKey" not in page:
-            return rows
-        scan["ExclusiveStartKey"] = page["LastEvaluatedKey"]
+    return scan_all(
+        stack, "requests", Attr("user_id").eq(uid) & Attr("created_at").gte(Decimal(str(since)))
+    )
 
 
 def test_a_504_is_not_retried_by_the_sdk_and_is_one_job(stack: Stack) -> None:

@@ -85,19 +85,21 @@ def counter(stack: Stack, key: str) -> int:
     return int(item.get("Item", {}).get("used", 0))
 
 
-def usage_rows(stack: Stack, request_id: str) -> list[dict[str, Any]]:
-    """A request's usage records (exactly one once it has ended)."""
+def scan_all(stack: Stack, table: str, condition: Any) -> list[dict[str, Any]]:
+    """Every row of one of the stack's tables that meets `condition` (all pages)."""
     rows: list[dict[str, Any]] = []
-    options: dict[str, Any] = {
-        "FilterExpression": Attr("request_id").eq(request_id),
-        "ConsistentRead": True,
-    }
+    options: dict[str, Any] = {"FilterExpression": condition, "ConsistentRead": True}
     while True:
-        page = stack.table("usage").scan(**options)
+        page = stack.table(table).scan(**options)
         rows += page["Items"]
         if "LastEvaluatedKey" not in page:
             return rows
         options["ExclusiveStartKey"] = page["LastEvaluatedKey"]
+
+
+def usage_rows(stack: Stack, request_id: str) -> list[dict[str, Any]]:
+    """A request's usage records (exactly one once it has ended)."""
+    return scan_all(stack, "usage", Attr("request_id").eq(request_id))
 
 
 def snapshot(stack: Stack, request_id: str) -> dict[str, Any]:

@@ -54,6 +54,8 @@ def vllm_streaming(
     if api_key := os.environ.get("VLLM_API_KEY"):
         headers["Authorization"] = f"Bearer {api_key}"
     timeout = float(os.environ.get("VLLM_TIMEOUT_SECONDS", "3600"))
+    # The Responses API names the most tokens to generate `max_output_tokens`.
+    max_key = "max_output_tokens" if openai_path.strip("/") == "responses" else "max_tokens"
     # Usage is always asked for, so it can be billed; the gateway decides what the client sees.
     options = {**(payload.get("stream_options") or {}), "include_usage": True}
     request_body = json.dumps({**payload, "stream": True, "stream_options": options}).encode()
@@ -74,7 +76,7 @@ def vllm_streaming(
         if not found:
             return None
         room = int(found[1]) - int(found[2] or found[3])
-        return room if 0 < room < int(payload.get("max_tokens") or 0) else None
+        return room if 0 < room < int(payload.get(max_key) or 0) else None
 
     events: queue.Queue[tuple[Any, ...]] = queue.Queue()
     stop = threading.Event()
@@ -146,7 +148,7 @@ def vllm_streaming(
                         ("error", response.status, openai_error(body, response.status, message))
                     )
                     return
-                body_sent = json.dumps({**json.loads(body_sent), "max_tokens": room}).encode()
+                body_sent = json.dumps({**json.loads(body_sent), max_key: room}).encode()
                 connection.request("POST", path, body=body_sent, headers=headers)
                 response = connection.getresponse()
                 state["sock"] = connection.sock  # a closed connection was opened anew

@@ -35,7 +35,7 @@ T = TypeVar("T")
 FEDERATED_PREFIX = "/v1/"
 CLUSTER_PREFIX = "/resource_server/v1/{cluster}/{framework}/v1/"
 INFERENCE_PATH = re.compile(
-    r"^/(?:v1|resource_server/v1/[^/]+/[^/]+/v1)/(?:chat/completions|completions|embeddings)/?$"
+    r"^/(?:v1|resource_server/v1/[^/]+/[^/]+/v1)/(?:chat/completions|completions|embeddings|responses|messages)/?$"
 )
 # nginx's "client closed request": what the logs show for a client that left before its answer
 # (nobody receives it).

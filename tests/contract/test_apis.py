@@ -3,6 +3,9 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+import anthropic
 import httpx
 import openai
 import pytest
@@ -56,15 +59,13 @@ def test_responses_max_output_tokens_is_honoured_and_capped(stack: Stack) -> Non
     assert short.status == "incomplete"
     assert short.usage is not None and short.usage.output_tokens == 5
     with pytest.raises(openai.BadRequestError) as refused:
-        client.responses.create(model=MODEL, input=PROMPT, max_output_tokens=10**7)
+        client.responses.create(model=MODEL, input=PROMPT, max_output_tokens=9000)  # cap: 8192
     assert "max_output_tokens" in str(refused.value)
 
 
 def test_responses_unknown_key_is_refused_by_name(stack: Stack) -> None:
     with pytest.raises(openai.BadRequestError) as refused:
-        stack.client().responses.create(
-            model=MODEL, input=PROMPT, extra_body={"no_such_option": 1}
-        )
+        stack.client().responses.create(model=MODEL, input=PROMPT, extra_body={"no_such_option": 1})
     assert "no_such_option" in str(refused.value)
 
 
@@ -78,3 +79,75 @@ def test_get_response_by_request_id_for_its_owner(stack: Stack) -> None:
     assert mine.json()["id"] == raw.parse().id
     theirs = httpx.get(url, headers={"Authorization": f"Bearer {mint_token('dave')}"})
     assert theirs.status_code == 404
+
+
+# ---- Anthropic Messages -----------------------------------------------------------------------
+
+MESSAGES = [{"role": "user", "content": PROMPT}]
+
+
+def claude(stack: Stack, user: str = "alice", *, federated: bool = True, **auth: str) -> Any:
+    """An `anthropic.Anthropic` client on the gateway; the Globus token as `auth_token`
+    (Authorization: Bearer) unless `auth` says otherwise (`api_key=`: x-api-key)."""
+    base = stack.base_url if federated else f"{stack.base_url}/resource_server/v1/sophia/vllm"
+    return anthropic.Anthropic(
+        base_url=base, max_retries=0, **(auth or {"auth_token": mint_token(user)})
+    )
+
+
+def claude_direct(stack: Stack) -> Any:
+    return anthropic.Anthropic(
+        base_url=stack.state["backend_url"].removesuffix("/v1"), api_key="unused", max_retries=0
+    )
+
+
+@pytest.mark.parametrize(
+    ("federated", "auth"), [(True, "auth_token"), (False, "auth_token"), (True, "api_key")]
+)
+def test_messages_create_is_the_backends_answer(stack: Stack, federated: bool, auth: str) -> None:
+    client = claude(stack, federated=federated, **{auth: mint_token("alice")})
+    raw = client.messages.with_raw_response.create(
+        model=MODEL, max_tokens=64, messages=MESSAGES, system="Be brief."
+    )
+    message = raw.parse()
+    expected = claude_direct(stack).messages.create(
+        model=MODEL, max_tokens=64, messages=MESSAGES, system="Be brief."
+    )
+    assert message.type == "message" and message.role == "assistant"
+    assert message.content[0].text == expected.content[0].text
+    assert message.stop_reason == "end_turn"
+    row = one_usage(stack, raw.headers["x-first-request-id"])
+    assert int(row["prompt_tokens"]) == message.usage.input_tokens
+    assert int(row["completion_tokens"]) == message.usage.output_tokens > 0
+
+
+def test_messages_errors_are_anthropic_shaped(stack: Stack) -> None:
+    client = claude(stack)
+    with pytest.raises(anthropic.NotFoundError) as missing:
+        client.messages.create(model="no/such-model", max_tokens=8, messages=MESSAGES)
+    assert missing.value.body["type"] == "error"
+    assert missing.value.body["error"]["type"] == "not_found_error"
+    with pytest.raises(anthropic.BadRequestError) as too_many:
+        client.messages.create(model=MODEL, max_tokens=9000, messages=MESSAGES)  # cap: 8192
+    assert too_many.value.body["error"]["type"] == "invalid_request_error"
+    assert "max_tokens" in too_many.value.body["error"]["message"]
+    with pytest.raises(anthropic.AuthenticationError) as refused:
+        claude(stack, api_key="not-a-token").messages.create(
+            model=MODEL, max_tokens=8, messages=MESSAGES
+        )
+    assert refused.value.body["error"]["type"] == "authentication_error"
+    # Only this route speaks Anthropic's shape: chat keeps OpenAI's.
+    with pytest.raises(openai.NotFoundError) as chat_missing:
+        stack.client().chat.completions.create(model="no/such-model", messages=MESSAGES)
+    assert chat_missing.value.body["type"] != "error"  # type: ignore[index]
+
+
+def test_x_api_key_counts_only_on_the_messages_route(stack: Stack) -> None:
+    token = mint_token("alice")
+    body = {"model": MODEL, "messages": MESSAGES, "max_tokens": 8}
+    chat = httpx.post(
+        f"{stack.base_url}/v1/chat/completions", json=body, headers={"x-api-key": token}
+    )
+    assert chat.status_code == 401
+    messages = httpx.post(f"{stack.base_url}/v1/messages", json=body, headers={"x-api-key": token})
+    assert messages.status_code == 200, messages.text

@@ -151,3 +151,90 @@ def test_x_api_key_counts_only_on_the_messages_route(stack: Stack) -> None:
     assert chat.status_code == 401
     messages = httpx.post(f"{stack.base_url}/v1/messages", json=body, headers={"x-api-key": token})
     assert messages.status_code == 200, messages.text
+
+
+# ---- streaming ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("federated", [True, False])
+def test_responses_stream_events_in_order(stack: Stack, federated: bool) -> None:
+    client = stack.client(federated=federated)
+    whole = client.responses.create(model=MODEL, input=PROMPT)
+    raw = client.responses.with_raw_response.create(model=MODEL, input=PROMPT, stream=True)
+    request_id = raw.headers["x-first-request-id"]
+    events = list(raw.parse())
+    kinds = [event.type for event in events]
+    assert kinds[0] == "response.created" and kinds[-1] == "response.completed"
+    deltas = [event.delta for event in events if event.type == "response.output_text.delta"]
+    assert len(deltas) > 1 and "".join(deltas) == whole.output_text
+    assert kinds.index("response.output_text.delta") < kinds.index("response.output_text.done")
+    completed = events[-1].response
+    assert completed.output_text == whole.output_text
+    row = one_usage(stack, request_id)
+    assert completed.usage is not None
+    assert int(row["prompt_tokens"]) == completed.usage.input_tokens
+    assert int(row["completion_tokens"]) == completed.usage.output_tokens == len(deltas)
+    # The assembled answer of the stream is its final response.
+    stored = httpx.get(
+        f"{stack.base_url}/v1/responses/{request_id}",
+        headers={"Authorization": f"Bearer {mint_token('alice')}"},
+    )
+    assert stored.status_code == 200 and stored.json()["id"] == completed.id
+
+
+def test_responses_raw_stream_names_every_event_and_has_no_done(stack: Stack) -> None:
+    body = {"model": MODEL, "input": PROMPT, "stream": True}
+    with httpx.stream(
+        "POST",
+        f"{stack.base_url}/v1/responses",
+        json=body,
+        headers={"Authorization": f"Bearer {mint_token('alice')}"},
+    ) as response:
+        text = response.read().decode()
+    assert response.status_code == 200
+    events = [e for e in text.split("\n\n") if e.strip() and not e.startswith(":")]
+    for event in events:
+        name, data = event.split("\n", 1)
+        assert name.startswith("event: response.") and data.startswith("data: {")
+        assert f'"type":"{name.removeprefix("event: ")}"' in data
+    assert "[DONE]" not in text
+
+
+@pytest.mark.parametrize("auth", ["auth_token", "api_key"])
+def test_messages_stream_text_equals_the_whole_answer(stack: Stack, auth: str) -> None:
+    client = claude(stack, **{auth: mint_token("alice")})
+    whole = client.messages.create(model=MODEL, max_tokens=64, messages=MESSAGES)
+    with client.messages.stream(model=MODEL, max_tokens=64, messages=MESSAGES) as stream:
+        request_id = stream.response.headers["x-first-request-id"]
+        text = "".join(stream.text_stream)
+        final = stream.get_final_message()
+    assert text == whole.content[0].text
+    assert final.stop_reason == "end_turn"
+    assert final.usage.input_tokens == whole.usage.input_tokens
+    assert final.usage.output_tokens == whole.usage.output_tokens
+    row = one_usage(stack, request_id)
+    assert int(row["prompt_tokens"]) == final.usage.input_tokens
+    assert int(row["completion_tokens"]) == final.usage.output_tokens
+    # GET /v1/requests/{id} rebuilds the message from the stored events.
+    view = httpx.get(
+        f"{stack.base_url}/v1/requests/{request_id}",
+        headers={"Authorization": f"Bearer {mint_token('alice')}"},
+    ).json()
+    assert view["response"]["content"] == [{"type": "text", "text": text}]
+    assert view["response"]["stop_reason"] == "end_turn"
+
+
+def test_messages_stream_failure_is_an_anthropic_error(stack: Stack) -> None:
+    client = claude(stack)
+    failing = [{"role": "user", "content": PROMPT + " [mock:error-after=3]"}]
+    with (
+        pytest.raises(anthropic.APIStatusError) as failed,
+        client.messages.stream(model=MODEL, max_tokens=64, messages=failing) as stream,
+    ):
+        "".join(stream.text_stream)
+    assert failed.value.body["type"] == "error"  # type: ignore[index]
+    with (
+        pytest.raises(anthropic.NotFoundError),
+        client.messages.stream(model="no/such-model", max_tokens=8, messages=MESSAGES),
+    ):
+        pass

@@ -195,3 +195,10 @@ def anthropic_body(status: int, body: dict[str, Any]) -> dict[str, Any]:
     if kind is None:
         kind = "api_error" if status >= 500 else "invalid_request_error"
     return {"type": "error", "error": {"type": kind, "message": message}}
+
+
+def anthropic_status(kind: Any) -> int | None:
+    """The HTTP status an Anthropic error type stands for (None for `api_error`): how an error
+    event of a Messages stream becomes the status of a stream that failed before its first
+    token."""
+    return next((status for status, name in _ANTHROPIC_TYPES.items() if name == kind), None)

@@ -19,6 +19,14 @@ def get_request(request_id: str) -> dict[str, Any]:
     return results.request_view(records.get_owned(request_id, caller()))
 
 
+@route(requests, "/v1/responses/{request_id}", methods=["GET"])
+def get_response(request_id: str) -> Any:
+    """A Responses API request's stored `response` object, by the FIRST request id the answer's
+    `x-first-request-id` header named (owner only; 404 for anyone else, for another route's
+    request, or before it completed)."""
+    return results.stored_response(records.get_owned(request_id, caller()))
+
+
 @route(requests, "/v1/usage", methods=["GET"])
 def usage_report() -> dict[str, Any]:
     """The caller's own totals by day and model (`?start_date=&end_date=`, default the last 30

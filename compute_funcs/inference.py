@@ -41,6 +41,8 @@ def vllm_inference(
     if api_key:
         headers["Authorization"] = f"Bearer {api_key}"
     timeout = float(os.environ.get("VLLM_TIMEOUT_SECONDS", "3600"))
+    # The Responses API names the most tokens to generate `max_output_tokens`.
+    max_key = "max_output_tokens" if openai_path.strip("/") == "responses" else "max_tokens"
 
     def post(url: str, body: dict[str, Any], extra: dict[str, str], wait: float) -> tuple[int, Any]:
         request = urllib.request.Request(
@@ -71,13 +73,13 @@ def vllm_inference(
         if not found:
             return None
         room = int(found[1]) - int(found[2] or found[3])
-        return room if 0 < room < int(payload.get("max_tokens") or 0) else None
+        return room if 0 < room < int(payload.get(max_key) or 0) else None
 
     started = time.time()
     try:
         status_code, body = post(f"{base_url}/{openai_path}", payload, {}, timeout)
         if (room := room_in_context(status_code, body)) is not None:
-            payload = {**payload, "max_tokens": room}
+            payload = {**payload, max_key: room}
             status_code, body = post(f"{base_url}/{openai_path}", payload, {}, timeout)
     except (urllib.error.URLError, OSError, ValueError) as error:
         # The address and the exception are for the endpoint's log; the client gets words.

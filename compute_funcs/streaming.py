@@ -54,15 +54,30 @@ def vllm_streaming(
     if api_key := os.environ.get("VLLM_API_KEY"):
         headers["Authorization"] = f"Bearer {api_key}"
     timeout = float(os.environ.get("VLLM_TIMEOUT_SECONDS", "3600"))
-    # Usage is always asked for, so it can be billed; the gateway decides what the client sees.
-    # On every chunk (the running count): a stream cut short by its client is billed its prompt
-    # too, which only vLLM knows.
-    options = {
-        **(payload.get("stream_options") or {}),
-        "include_usage": True,
-        "continuous_usage_stats": True,
+    # The Responses API names the most tokens to generate `max_output_tokens`.
+    max_key = "max_output_tokens" if openai_path.strip("/") == "responses" else "max_tokens"
+    # The Responses and Messages APIs stream named events (`event:` + `data:` with a `type`),
+    # end with a terminal event rather than `[DONE]`, and always carry their usage.
+    route = openai_path.strip("/")
+    named_events = route in ("responses", "messages")
+    terminal = {
+        "response.completed",
+        "response.incomplete",
+        "response.failed",
+        "message_stop",
     }
-    request_body = json.dumps({**payload, "stream": True, "stream_options": options}).encode()
+    if named_events:
+        request_body = json.dumps({**payload, "stream": True}).encode()
+    else:
+        # Usage is always asked for, so it can be billed; the gateway decides what the client
+        # sees. On every chunk (the running count): a stream cut short by its client is billed
+        # its prompt too, which only vLLM knows.
+        options = {
+            **(payload.get("stream_options") or {}),
+            "include_usage": True,
+            "continuous_usage_stats": True,
+        }
+        request_body = json.dumps({**payload, "stream": True, "stream_options": options}).encode()
 
     def room_in_context(status: int, body: Any) -> int | None:
         """From vLLM's refusal of a max_tokens too large for the context, the largest that fits
@@ -80,11 +95,17 @@ def vllm_streaming(
         if not found:
             return None
         room = int(found[1]) - int(found[2] or found[3])
-        return room if 0 < room < int(payload.get("max_tokens") or 0) else None
+        return room if 0 < room < int(payload.get(max_key) or 0) else None
 
     events: queue.Queue[tuple[Any, ...]] = queue.Queue()
     stop = threading.Event()
-    state: dict[str, Any] = {"chunks": [], "usage": None, "generated": 0, "sock": None}
+    state: dict[str, Any] = {
+        "chunks": [],
+        "usage": None,
+        "generated": 0,
+        "sock": None,
+        "ended": False,  # the terminal event of a named-event stream came
+    }
 
     def openai_error(body: Any, status: int, fallback: str, code: Any = None) -> dict[str, Any]:
         error = body.get("error", body) if isinstance(body, dict) else body
@@ -106,12 +127,16 @@ def vllm_streaming(
             return True
         if not isinstance(chunk, dict):
             return True
-        if chunk.get("error") is not None:
-            code = chunk["error"].get("code") if isinstance(chunk["error"], dict) else None
+        if chunk.get("error") is not None or chunk.get("type") == "error":
+            failure = chunk.get("error") if chunk.get("error") is not None else chunk
+            code = failure.get("code") if isinstance(failure, dict) else None
             status = code if isinstance(code, int) and code >= 400 else 500
-            events.put(("error", status, openai_error(chunk, status, "vLLM failed mid-stream.")))
+            error = openai_error({"error": failure}, status, "vLLM failed mid-stream.")
+            events.put(("error", status, error))
             return False
-        if chunk.get("usage"):
+        if named_events:
+            named_event(chunk)
+        elif chunk.get("usage"):
             state["usage"] = chunk["usage"]
         for part in chunk.get("choices") or []:
             delta = part.get("delta") or {}
@@ -122,6 +147,24 @@ def vllm_streaming(
         state["chunks"].append(text)
         events.put(("data", text, time.monotonic()))
         return True
+
+    def named_event(chunk: dict[str, Any]) -> None:
+        """Usage, generated tokens and the end, from a Responses or Messages stream's event:
+        `response.completed` carries the whole usage; Anthropic's `message_start` the input
+        tokens and `message_delta` the output tokens so far."""
+        kind = str(chunk.get("type") or "")
+        usage = chunk.get("usage")
+        if kind.startswith("response.") and isinstance(chunk.get("response"), dict):
+            usage = chunk["response"].get("usage")
+        elif kind == "message_start" and isinstance(chunk.get("message"), dict):
+            usage = chunk["message"].get("usage")
+        if isinstance(usage, dict):
+            known = {k: v for k, v in usage.items() if v is not None}
+            state["usage"] = {**(state["usage"] or {}), **known}
+        if kind.endswith(".delta") or kind == "content_block_delta":
+            state["generated"] += 1  # about one token per delta event
+        if kind in terminal:
+            state["ended"] = True
 
     def read() -> None:
         secure = target.scheme == "https"
@@ -148,11 +191,11 @@ def vllm_streaming(
                 room = room_in_context(response.status, body) if attempt == 1 else None
                 if room is None:
                     message = f"vLLM answered HTTP {response.status}."
-                    events.put(
-                        ("error", response.status, openai_error(body, response.status, message))
-                    )
+                    # The status is the code where vLLM's body names none (Anthropic's shape).
+                    failure = openai_error(body, response.status, message, response.status)
+                    events.put(("error", response.status, failure))
                     return
-                body_sent = json.dumps({**json.loads(body_sent), "max_tokens": room}).encode()
+                body_sent = json.dumps({**json.loads(body_sent), max_key: room}).encode()
                 connection.request("POST", path, body=body_sent, headers=headers)
                 response = connection.getresponse()
                 state["sock"] = connection.sock  # a closed connection was opened anew
@@ -164,11 +207,11 @@ def vllm_streaming(
                     lines.append(line[5:].removeprefix(" "))
                 elif lines and not line:  # a blank line ends the event (so does the end of input)
                     text, lines = "\n".join(lines), []
-                    if text == "[DONE]" or not dispatch(text):
+                    if text == "[DONE]" or not dispatch(text) or state["ended"]:
                         return
                 if not raw:
                     break
-            if not stop.is_set():
+            if not stop.is_set() and not state["ended"]:
                 events.put(
                     (
                         "error",
@@ -201,6 +244,12 @@ def vllm_streaming(
             pass
 
     def usage_now() -> dict[str, Any] | None:
+        if named_events and state["usage"]:
+            usage = dict(state["usage"])
+            if not state["ended"]:  # stopped early: the output so far is what was generated
+                so_far = int(usage.get("output_tokens") or 0)
+                usage["output_tokens"] = max(so_far, state["generated"])
+            return usage
         if state["usage"]:
             return dict(state["usage"])
         if not state["generated"]:
@@ -250,7 +299,12 @@ def vllm_streaming(
         return "failed"
 
     def assemble(chunks: list[str]) -> dict[str, Any]:
-        """The non-streamed answer the chunks add up to (`chat.completion` or `text_completion`)."""
+        """The non-streamed answer the chunks add up to (`chat.completion` or `text_completion`,
+        a Responses API `response`, an Anthropic `message`)."""
+        if route == "responses":
+            return assemble_response(chunks)
+        if route == "messages":
+            return assemble_message(chunks)
         chat = openai_path.strip("/").endswith("chat/completions")
         head: dict[str, Any] = {}
         usage: Any = None
@@ -324,6 +378,50 @@ def vllm_streaming(
         kind = "chat.completion" if chat else "text_completion"
         return {**head, "object": kind, "choices": out, "usage": usage}
 
+    def assemble_response(chunks: list[str]) -> dict[str, Any]:
+        """The `response` of the stream's last `response.*` event that carries one (the terminal
+        event's is the whole answer)."""
+        response: dict[str, Any] = {"object": "response", "output": [], "usage": None}
+        for text in chunks:
+            chunk = json.loads(text)
+            if isinstance(chunk, dict) and isinstance(chunk.get("response"), dict):
+                response = chunk["response"]
+        return response
+
+    def assemble_message(chunks: list[str]) -> dict[str, Any]:
+        """Anthropic's `message`, rebuilt from `message_start`, the content blocks' events and
+        `message_delta`."""
+        message: dict[str, Any] = {"type": "message", "role": "assistant", "content": []}
+        blocks: dict[int, dict[str, Any]] = {}
+        for text in chunks:
+            chunk = json.loads(text)
+            kind = chunk.get("type") if isinstance(chunk, dict) else None
+            if kind == "message_start":
+                message = {**message, **chunk.get("message", {})}
+            elif kind == "content_block_start":
+                blocks[chunk.get("index", 0)] = dict(chunk.get("content_block") or {})
+            elif kind == "content_block_delta":
+                block = blocks.setdefault(chunk.get("index", 0), {"type": "text", "text": ""})
+                delta = chunk.get("delta") or {}
+                for key in ("text", "thinking", "partial_json", "signature"):
+                    if isinstance(delta.get(key), str):
+                        block[key] = block.get(key, "") + delta[key]
+            elif kind == "message_delta":
+                message.update(chunk.get("delta") or {})
+                usage = {k: v for k, v in (chunk.get("usage") or {}).items() if v is not None}
+                message["usage"] = {**(message.get("usage") or {}), **usage}
+        content = []
+        for _, block in sorted(blocks.items()):
+            partial = block.pop("partial_json", None)
+            if partial is not None:
+                try:
+                    block["input"] = json.loads(partial) if partial else {}
+                except ValueError:
+                    block["input"] = partial
+            content.append(block)
+        message["content"] = content
+        return message
+
     started = time.time()
     reader = threading.Thread(target=read, name=f"vllm-sse-{request_id}", daemon=True)
     reader.start()
@@ -332,7 +430,8 @@ def vllm_streaming(
     status, error, ended, outcome = 200, None, False, "continue"
     # The first token goes out alone, at once: time to first token is what a user feels. (Chat
     # streams open with a role-only chunk, so their first token is the second line.)
-    lines_due = 2 if openai_path.strip("/").endswith("chat/completions") else 1
+    # (Responses streams open with four events before the first delta, Messages with two.)
+    lines_due = {"chat/completions": 2, "responses": 5, "messages": 3}.get(route, 1)
     while not ended:
         wait = None if not pending else max(0.0, oldest + flush_after_s - time.monotonic())
         try:

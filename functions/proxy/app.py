@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import re
 import time
@@ -23,8 +24,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from first_core import edge, inference, observability
 from first_core.auth import get_authenticator
-from first_core.credentials import one_authorization, source_address
-from first_core.errors import GatewayError, NotFoundError, internal_error_body
+from first_core.credentials import authorization_or_api_key, one_authorization, source_address
+from first_core.errors import GatewayError, NotFoundError, anthropic_body, internal_error_body
 from first_core.idempotency import check_key
 
 log = logging.getLogger("first.proxy")
@@ -35,11 +36,14 @@ T = TypeVar("T")
 FEDERATED_PREFIX = "/v1/"
 CLUSTER_PREFIX = "/resource_server/v1/{cluster}/{framework}/v1/"
 INFERENCE_PATH = re.compile(
-    r"^/(?:v1|resource_server/v1/[^/]+/[^/]+/v1)/(?:chat/completions|completions|embeddings)/?$"
+    r"^/(?:v1|resource_server/v1/[^/]+/[^/]+/v1)/(?:chat/completions|completions|embeddings|responses|messages)/?$"
 )
 # nginx's "client closed request": what the logs show for a client that left before its answer
 # (nobody receives it).
 CLIENT_CLOSED = 499
+# Anthropic's Messages API: its SDK may send the token as `x-api-key`, and reads its errors in
+# Anthropic's shape (first_core.errors.anthropic_body).
+MESSAGES = "messages"
 
 
 class ClientGone(Exception):
@@ -71,8 +75,15 @@ def _outcome(status: int) -> str:
 
 
 async def _infer(request: Request) -> Response:
+    openai_path = request.path_params["openai_path"]
+    response = await _answer(request, openai_path)
+    if openai_path.strip("/") == MESSAGES and isinstance(response, JSONResponse):
+        return _in_anthropic_shape(response)
+    return response
+
+
+async def _answer(request: Request, openai_path: str) -> Response:
     try:
-        openai_path = request.path_params["openai_path"]
         if openai_path not in inference.INFERENCE_PATHS:
             raise NotFoundError(f"Unknown route POST {request.url.path}.")
         started = time.perf_counter()
@@ -105,10 +116,13 @@ async def _infer(request: Request) -> Response:
 
 
 def credentials(request: Request) -> tuple[str | None, str | None]:
-    """The request's one Authorization header (400 if several) and the client's address: API
-    Gateway's sourceIp in Lambda Web Adapter's `x-amzn-request-context`, else the TCP peer
-    (first_core.credentials)."""
+    """The request's one Authorization header (400 if several; on the Messages route, else its
+    one `x-api-key` as a bearer token) and the client's address: API Gateway's sourceIp in
+    Lambda Web Adapter's `x-amzn-request-context`, else the TCP peer (first_core.credentials)."""
     authorization = one_authorization(request.headers.getlist("authorization"))
+    if request.path_params.get("openai_path", "").strip("/") == MESSAGES:
+        api_keys = request.headers.getlist("x-api-key")
+        authorization = authorization_or_api_key(authorization, api_keys)
     peer = request.client.host if request.client else None
     return authorization, source_address(request.headers.get("x-amzn-request-context"), peer)
 
@@ -157,6 +171,23 @@ async def _counted(
                 extra={"request_id": request_id},
             )
         observability.count("Requests", Route=route, Outcome=outcome)
+
+
+def _in_anthropic_shape(response: JSONResponse) -> Response:
+    """An error answer of the Messages route, in Anthropic's shape, with the same status and
+    headers (the one place the Messages route's errors are converted)."""
+    if response.status_code < 400:
+        return response
+    try:
+        body = json.loads(bytes(response.body))
+    except ValueError:
+        return response
+    if not isinstance(body, dict) or not isinstance(body.get("error"), dict):
+        return response
+    headers = {k: v for k, v in response.headers.items() if k.lower() != "content-length"}
+    return JSONResponse(
+        anthropic_body(response.status_code, body), response.status_code, headers=headers
+    )
 
 
 def error_response(error: GatewayError) -> JSONResponse:

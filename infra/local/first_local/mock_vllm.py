@@ -590,9 +590,15 @@ async def _health(request: Request) -> Response:
 
 
 def create_app(config: MockConfig = MockConfig()) -> Starlette:
-    """The mock vLLM: OpenAI's chat, completions, embeddings and models routes, deterministic
-    answers, SSE streams."""
+    """The mock vLLM: OpenAI's chat, completions, embeddings, responses and models routes and
+    Anthropic's messages (first_local.mock_vllm_apis), deterministic answers, SSE streams."""
+    from first_local import mock_vllm_apis as apis  # it builds on this module
+
     server = _MockServer(config)
+
+    async def responses(request: Request) -> Response:
+        return await apis.responses(server, request)
+
     return Starlette(
         routes=[
             Route("/health", _health, methods=["GET"]),
@@ -600,5 +606,9 @@ def create_app(config: MockConfig = MockConfig()) -> Starlette:
             Route("/v1/chat/completions", server.endpoint(server.chat), methods=["POST"]),
             Route("/v1/completions", server.endpoint(server.completions), methods=["POST"]),
             Route("/v1/embeddings", server.endpoint(server.embeddings), methods=["POST"]),
+            Route("/v1/responses", server.endpoint(responses), methods=["POST"]),
+            Route(
+                "/v1/messages", apis.anthropic_errors(apis.messages, server), methods=["POST"]
+            ),
         ]
     )

@@ -50,6 +50,22 @@ def one_authorization(values: Iterable[str]) -> str | None:
     return found[0] if found else None
 
 
+def authorization_or_api_key(authorization: str | None, api_keys: Iterable[str]) -> str | None:
+    """The Authorization header, else Anthropic's `x-api-key` as a bearer token (the Messages
+    route: its SDK sends a key there). Several `x-api-key` headers are a 400, as several
+    Authorization headers are."""
+    if authorization is not None:
+        return authorization
+    keys = list(api_keys)
+    if len(keys) > 1:
+        raise InvalidRequestError(
+            "The request has more than one x-api-key header. Send exactly one.",
+            param="x-api-key",
+            code="duplicate_authorization_header",
+        )
+    return f"Bearer {keys[0]}" if keys else None
+
+
 def presents_bearer_token(authorization: str | None) -> bool:
     """Whether the header offers a bearer token at all (well-formed or not): what counts as
     a failed authentication when it is refused. No header, or another scheme, does not."""

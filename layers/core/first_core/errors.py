@@ -171,3 +171,34 @@ def public_message(text: str, fallback: str = "The request failed.", limit: int 
 def internal_error_body() -> dict[str, Any]:
     """The body for an unexpected exception: no detail, no stack trace leaves the gateway."""
     return GatewayError("The gateway hit an internal error. Please retry.").to_body()
+
+
+# Anthropic's error types by HTTP status (what its SDK maps): the Messages route's errors.
+_ANTHROPIC_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    503: "overloaded_error",
+    529: "overloaded_error",
+}
+
+
+def anthropic_body(status: int, body: dict[str, Any]) -> dict[str, Any]:
+    """An OpenAI-shaped error body in Anthropic's shape, `{"type": "error", "error": {"type",
+    "message"}}`, for the Messages API's route (its SDK reads that one)."""
+    error = body.get("error")
+    message = str(error.get("message", "")) if isinstance(error, dict) else ""
+    kind = _ANTHROPIC_TYPES.get(status)
+    if kind is None:
+        kind = "api_error" if status >= 500 else "invalid_request_error"
+    return {"type": "error", "error": {"type": kind, "message": message}}
+
+
+def anthropic_status(kind: Any) -> int | None:
+    """The HTTP status an Anthropic error type stands for (None for `api_error`): how an error
+    event of a Messages stream becomes the status of a stream that failed before its first
+    token."""
+    return next((status for status, name in _ANTHROPIC_TYPES.items() if name == kind), None)

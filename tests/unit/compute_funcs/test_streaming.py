@@ -271,3 +271,42 @@ def test_unreachable_vllm_without_streaming_names_no_address(
     assert result["status_code"] == 502 and error["code"] == "backend_unreachable"
     assert error["message"] == "The model server could not be reached."
     assert f"127.0.0.1:{port}" in capsys.readouterr().err  # the endpoint's own log has it
+
+
+def test_responses_stream_ends_at_its_completed_event(receiver: Receiver, vllm_url: str) -> None:
+    payload = {"model": MODEL, "input": "Tell me about queues [mock:tokens=9]"}
+    result = run(receiver, payload, "responses")
+    batches = receiver.batches()
+    assert result["status_code"] == 200 and batches[-1]["error"] is None  # EOF after the end
+    kinds = [json.loads(c)["type"] for b in batches for c in b["chunks"]]
+    assert kinds[0] == "response.created" and kinds[-1] == "response.completed"
+    plain = httpx.post(f"{vllm_url}/v1/responses", json=payload, timeout=30).json()
+    assert batches[-1]["usage"]["output_tokens"] == 9
+    assert batches[-1]["usage"]["input_tokens"] == plain["usage"]["input_tokens"]
+    body = result["body"]
+    assert body["object"] == "response" and body["status"] == "completed"
+    assert body["output"][0]["content"][0]["text"] == plain["output"][0]["content"][0]["text"]
+    assert assemble.assemble("responses", result["chunks"]) == body
+
+
+def test_messages_stream_is_rebuilt_as_a_message(receiver: Receiver, vllm_url: str) -> None:
+    payload = {"model": MODEL, "max_tokens": 6, "messages": [{"role": "user", "content": "Hi"}]}
+    result = run(receiver, payload, "messages")
+    batches = receiver.batches()
+    assert result["status_code"] == 200 and batches[-1]["error"] is None
+    plain = httpx.post(f"{vllm_url}/v1/messages", json=payload, timeout=30).json()
+    body = result["body"]
+    assert body["content"] == plain["content"] and body["stop_reason"] == plain["stop_reason"]
+    assert body["usage"] == plain["usage"]
+    assert batches[-1]["usage"] == plain["usage"]
+    assert assemble.assemble("messages", result["chunks"]) == body
+
+
+def test_messages_stream_stopped_early_counts_input_and_output(receiver: Receiver) -> None:
+    receiver.stop_after = 2
+    text = "Tell me a long story [mock:tokens=200] [mock:rate=100]"
+    payload = {"model": MODEL, "max_tokens": 300, "messages": [{"role": "user", "content": text}]}
+    result = run(receiver, payload, "messages")
+    assert result["cancelled"] is True
+    usage = receiver.batches()[-1]["usage"]
+    assert usage["input_tokens"] > 0 and 0 < usage["output_tokens"] < 200

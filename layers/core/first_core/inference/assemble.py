@@ -26,13 +26,19 @@ def answer(request_id: str, openai_path: str) -> dict[str, Any]:
 
 
 def assemble(openai_path: str, chunks: list[str]) -> dict[str, Any]:
-    """`chat.completion` or `text_completion` from a stream's `data:` payloads.
+    """`chat.completion` or `text_completion` from a stream's `data:` payloads (a Responses API
+    `response`, an Anthropic `message` for those routes' named events).
 
     compute_funcs/streaming.py assembles the same answer for its return value (it ships alone to
     the clusters and cannot import this); tests/unit/compute_funcs/test_streaming.py checks the two
     agree on the mock vLLM's streams.
     """
-    chat = openai_path.strip("/").endswith("chat/completions")
+    route = openai_path.strip("/")
+    if route == "responses":
+        return _response(chunks)
+    if route == "messages":
+        return _message(chunks)
+    chat = route.endswith("chat/completions")
     head: dict[str, Any] = {}
     usage: Any = None
     choices: dict[int, dict[str, Any]] = {}
@@ -107,3 +113,49 @@ def _choice_answer(index: int, choice: dict[str, Any], chat: bool) -> dict[str, 
         "finish_reason": choice["finish_reason"],
         "stop_reason": choice["stop_reason"],
     }
+
+
+def _response(chunks: list[str]) -> dict[str, Any]:
+    """The `response` of the stream's last `response.*` event that carries one: the terminal
+    event's (`response.completed`) is the whole answer."""
+    response: dict[str, Any] = {"object": "response", "output": [], "usage": None}
+    for text in chunks:
+        chunk = json.loads(text)
+        if isinstance(chunk, dict) and isinstance(chunk.get("response"), dict):
+            response = chunk["response"]
+    return response
+
+
+def _message(chunks: list[str]) -> dict[str, Any]:
+    """Anthropic's `message`, rebuilt from `message_start`, the content blocks' events and
+    `message_delta` (whose usage has the output tokens)."""
+    message: dict[str, Any] = {"type": "message", "role": "assistant", "content": []}
+    blocks: dict[int, dict[str, Any]] = {}
+    for text in chunks:
+        chunk = json.loads(text)
+        kind = chunk.get("type") if isinstance(chunk, dict) else None
+        if kind == "message_start":
+            message = {**message, **chunk.get("message", {})}
+        elif kind == "content_block_start":
+            blocks[chunk.get("index", 0)] = dict(chunk.get("content_block") or {})
+        elif kind == "content_block_delta":
+            block = blocks.setdefault(chunk.get("index", 0), {"type": "text", "text": ""})
+            delta = chunk.get("delta") or {}
+            for key in ("text", "thinking", "partial_json", "signature"):
+                if isinstance(delta.get(key), str):
+                    block[key] = block.get(key, "") + delta[key]
+        elif kind == "message_delta":
+            message.update(chunk.get("delta") or {})
+            usage = {k: v for k, v in (chunk.get("usage") or {}).items() if v is not None}
+            message["usage"] = {**(message.get("usage") or {}), **usage}
+    content = []
+    for _, block in sorted(blocks.items()):
+        partial = block.pop("partial_json", None)
+        if partial is not None:  # a tool call's input, streamed as JSON text
+            try:
+                block["input"] = json.loads(partial) if partial else {}
+            except ValueError:
+                block["input"] = partial
+        content.append(block)
+    message["content"] = content
+    return message

@@ -16,10 +16,17 @@ from typing import Any
 
 from pynamodb.exceptions import DoesNotExist
 
-from first_core.errors import ComputeTimeoutError, GatewayError, public_message
+from first_core.errors import (
+    ComputeTimeoutError,
+    GatewayError,
+    anthropic_body,
+    anthropic_status,
+    public_message,
+)
 from first_core.inference.stream_sink import cancel, compact
 from first_core.inference.submit import Submission
 from first_core.inference.wait import backend_error, remember_task
+from first_core.schemas.apis import MessagesRequest, ResponsesRequest
 from first_core.schemas.wire import chunk_error
 from first_core.settings import get_settings
 from first_core.tables import TERMINAL_STATUSES, RequestRecord, StreamChunkBatch
@@ -36,17 +43,27 @@ _STATUS_CHECK_S = 1.0
 async def stream_events(submission: Submission) -> AsyncGenerator[bytes, None]:
     """The client's SSE events, relayed from the chunk batches as they land."""
     remembering = remember_task(submission)
+    named = named_events(submission)
     options = getattr(submission.request, "stream_options", None)
     try:
         async for event in relay(
             submission.request_id,
-            include_usage=bool(options and options.include_usage),
+            include_usage=bool(options and not named and options.include_usage),
             continuous_usage=bool(options and options.continuous_usage_stats),
             deadline=submission.deadline,
+            named=named,
         ):
             yield event
     finally:
         await remembering
+
+
+def named_events(submission: Submission) -> str | None:
+    """The route whose stream is named events (`event: <type>` before each `data:`, no
+    `[DONE]`): "responses" or "messages"; None for chat and text completions."""
+    if isinstance(submission.request, ResponsesRequest):
+        return "responses"
+    return "messages" if isinstance(submission.request, MessagesRequest) else None
 
 
 async def open_stream(submission: Submission) -> AsyncGenerator[bytes, None]:
@@ -88,13 +105,15 @@ async def open_stream(submission: Submission) -> AsyncGenerator[bytes, None]:
 
 def _error_before_any_token(event: bytes) -> GatewayError | None:
     """The stream's first event as an HTTP error, if it is an error event."""
+    if event.startswith(b"event: "):  # a named event: its data is on the next line
+        event = event.partition(b"\n")[2]
     if not event.startswith(b"data: {"):
         return None
     error = chunk_error(event[len(b"data: ") :].decode(errors="replace"))
     if error is None:
         return None
     message = str(error.get("message") or "The model backend refused the request.")
-    code = error.get("code")
+    code = error.get("code", anthropic_status(error.get("type")))
     if code == "compute_timeout":
         return ComputeTimeoutError(message)
     # Stream errors carry no HTTP status, only vLLM's code and OpenAI's type.
@@ -111,8 +130,10 @@ async def relay(
     deadline: float,
     keepalive_seconds: float = 15.0,
     continuous_usage: bool = False,
+    named: str | None = None,
 ) -> AsyncIterator[bytes]:
-    """The client's SSE body for a streaming request, until its done batch or `deadline`.
+    """The client's SSE body for a streaming request, until its done batch or `deadline`;
+    `named`, the Responses or Messages route, whose events are named (`named_events`).
 
     If the relay stops before the stream ended (the client disconnected, the deadline passed),
     the request is cancelled, so the compute function stops generating for nobody.
@@ -127,7 +148,7 @@ async def relay(
             for row in await asyncio.to_thread(_rows_after, request_id, last_sent):
                 held.setdefault(int(row.seq), row)
             events, last_sent, finished = _ready_events(
-                held, last_sent, include_usage, continuous_usage
+                held, last_sent, include_usage, continuous_usage, named
             )
             for event in events:
                 yield event
@@ -140,13 +161,13 @@ async def relay(
             if ended_elsewhere is not None:
                 # The done row is written before the record ends, so this poll would have seen it.
                 finished = True
-                yield _event(_ended_error(ended_elsewhere))
+                yield _event(_ended_error(ended_elsewhere), named)
                 break
             if now - quiet_since >= keepalive_seconds:
                 yield b": keep-alive\n\n"
                 quiet_since = now
             if now >= deadline:
-                yield _event(_timeout_error(request_id))
+                yield _event(_timeout_error(request_id), named)
                 break
             if now - checked >= _STATUS_CHECK_S:
                 # A task that died without a final batch is ended by the reconciler (or the
@@ -166,21 +187,24 @@ def _ready_events(
     last_sent: int,
     include_usage: bool,
     continuous_usage: bool = False,
+    named: str | None = None,
 ) -> tuple[list[bytes], int, bool]:
     """The client events of the batches that are next in seq order, the new last seq, and
-    whether the stream is over (OpenAI ends a failed stream without `[DONE]`)."""
+    whether the stream is over (OpenAI ends a failed stream without `[DONE]`; named-event
+    streams end with their terminal event, never `[DONE]`)."""
     events: list[bytes] = []
     while last_sent + 1 in held:
         last_sent += 1
         row = held.pop(last_sent)
         for chunk in row.chunks:
-            event, failed = _client_event(chunk, include_usage, continuous_usage)
+            event, failed = _client_event(chunk, include_usage, continuous_usage, named)
             if event is not None:
                 events.append(event)
             if failed:
                 return events, last_sent, True
         if row.done:
-            events.append(b"data: [DONE]\n\n")
+            if named is None:
+                events.append(b"data: [DONE]\n\n")
             return events, last_sent, True
     return events, last_sent, False
 
@@ -211,7 +235,7 @@ def _rows_after(request_id: str, last_sent: int) -> list[StreamChunkBatch]:
 
 
 def _client_event(
-    chunk: str, include_usage: bool, continuous_usage: bool = False
+    chunk: str, include_usage: bool, continuous_usage: bool = False, named: str | None = None
 ) -> tuple[bytes | None, bool]:
     """The SSE event for one stored payload (None to drop it), and whether it is an error."""
     try:
@@ -224,7 +248,9 @@ def _client_event(
     if error is not None:
         # The cluster's words may name its exception classes or vLLM's address: not for clients.
         message = public_message(str(error.get("message") or ""), "The stream failed.")
-        return _event({**data, "error": {**error, "message": message}}), True
+        return _event({**data, "error": {**error, "message": message}}, named), True
+    if named is not None:
+        return _event_named(data.get("type"), chunk), False
     running = data.get("choices") and data.get("usage") is not None
     if running and not (include_usage and continuous_usage):
         # vLLM was asked for the running usage on every chunk (so a cancelled stream is billed
@@ -248,5 +274,19 @@ def _timeout_error(request_id: str) -> dict[str, Any]:
     ).to_body()
 
 
-def _event(data: dict[str, Any]) -> bytes:
-    return f"data: {compact(data)}\n\n".encode()
+def _event(data: dict[str, Any], named: str | None = None) -> bytes:
+    """One SSE event; on a named-event route an error is `event: error` (Anthropic's shape on
+    the Messages route, which its SDK raises)."""
+    if named is None:
+        return f"data: {compact(data)}\n\n".encode()
+    error = chunk_error(data)
+    if error is not None and named == "messages":
+        code = error.get("code")
+        status = code if isinstance(code, int) and 400 <= code < 600 else 500
+        data = anthropic_body(status, data)
+    return _event_named("error" if error is not None else data.get("type"), compact(data))
+
+
+def _event_named(kind: Any, data: str) -> bytes:
+    name = f"event: {kind}\n" if isinstance(kind, str) and kind and "\n" not in kind else ""
+    return f"{name}data: {data}\n\n".encode()

@@ -23,6 +23,7 @@ from first_core.callbacks import BOUND_ATTRIBUTES, check_bounds, read_callback
 from first_core.errors import (
     ConflictError,
     InvalidRequestError,
+    NotFoundError,
     PayloadTooLargeError,
 )
 from first_core.inference import assemble, records
@@ -198,6 +199,20 @@ def error_message(body: Any) -> str:
             return str(error.get("message", error))
         return str(body.get("message", error))
     return str(body)
+
+
+def stored_response(request: RequestRecord) -> Any:
+    """`GET /v1/responses/{request_id}`: the `response` object a completed Responses API
+    request answered (a stream's is its `response.completed` event's)."""
+    if request.openai_path != "responses":
+        raise NotFoundError(f"Request {request.request_id} is not a Responses API request.")
+    response = request_view(request)["response"]
+    if response is None:
+        raise NotFoundError(
+            f"Request {request.request_id} has no stored response ({request.status}); "
+            f"GET /v1/requests/{request.request_id} shows its state."
+        )
+    return response
 
 
 def request_view(request: RequestRecord) -> dict[str, Any]:

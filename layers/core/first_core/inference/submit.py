@@ -22,7 +22,7 @@ from first_core.inference import queue, records
 from first_core.registry import Endpoint, Registry, routing
 from first_core.settings import get_settings
 
-INFERENCE_PATHS = ("chat/completions", "completions", "embeddings")
+INFERENCE_PATHS = ("chat/completions", "completions", "embeddings", "responses", "messages")
 
 
 @dataclass(frozen=True)
@@ -84,8 +84,8 @@ def submit(
     asked = request.max_output_tokens()
     if limit is not None and asked is not None and asked > limit:
         raise InvalidRequestError(
-            f"max_tokens is {asked}; '{endpoint.model}' allows at most {limit}.",
-            param="max_tokens",
+            f"{request.max_tokens_key} is {asked}; '{endpoint.model}' allows at most {limit}.",
+            param=request.max_tokens_key,
             code="invalid_value",
         )
 
@@ -154,7 +154,7 @@ def submit(
         raise
     payload: dict[str, Any] = json.loads(raw_body)
     if reservation.max_tokens is not None:
-        payload["max_tokens"] = reservation.max_tokens
+        payload[request.max_tokens_key] = reservation.max_tokens
     if not stream:
         # Nothing streams, so there is nothing to configure; vLLM would refuse the key.
         payload.pop("stream_options", None)

@@ -74,7 +74,11 @@ def raise_for_result(result: results.Result) -> Any:
 
 def _produced_output(body: Any) -> bool:
     usage = body.get("usage") if isinstance(body, dict) else None
-    tokens = usage.get("completion_tokens") if isinstance(usage, dict) else None
+    tokens = (
+        usage.get("completion_tokens", usage.get("output_tokens"))
+        if isinstance(usage, dict)
+        else None
+    )
     code = (body.get("error") or {}).get("code") if isinstance(body, dict) else None
     return (isinstance(tokens, int) and tokens > 0) or code == "result_too_large"
 

@@ -10,11 +10,14 @@ yields one error on the branch the client meant instead of one per branch. Those
 tags starting with `_TAG`, which are dropped again when an error location becomes a `param`.
 
 - `requests`: the bodies and `parse_request`; `messages`: chat messages and their parts;
+- `apis`: the bodies of the Responses and Messages APIs;
 - `errors`: pydantic's errors in OpenAI's words;
 - `wire`: what the compute functions post to the callbacks and return (the contract with
   `compute_funcs`, which ships alone and cannot import it).
 """
 
+from first_core.schemas import requests as _requests
+from first_core.schemas.apis import MessagesRequest, ResponsesRequest
 from first_core.schemas.requests import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -26,13 +29,18 @@ from first_core.schemas.requests import (
     parse_request,
 )
 
+# The Responses and Messages bodies build on `requests`, so they join its table here.
+_requests._MODELS.update(responses=ResponsesRequest, messages=MessagesRequest)
+
 __all__ = [
     "ChatCompletionRequest",
     "CompletionRequest",
     "EmbeddingRequest",
     "FirstBatchRequest",
     "Kind",
+    "MessagesRequest",
     "RequestBody",
+    "ResponsesRequest",
     "StreamOptions",
     "parse_request",
 ]

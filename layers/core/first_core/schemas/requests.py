@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import (
     AfterValidator,
@@ -29,7 +29,9 @@ from first_core.schemas.errors import to_gateway_error
 from first_core.schemas.messages import Message, TextPart
 from first_core.schemas.vllm import StructuralTagFormat, VllmCommon, VllmGeneration
 
-Kind = Literal["chat/completions", "completions", "embeddings", "batches"]
+Kind = Literal[
+    "chat/completions", "completions", "embeddings", "responses", "messages", "batches"
+]
 
 # ---- tools, output formats and options ----------------------------------------------------------
 
@@ -165,6 +167,9 @@ Metadata = Annotated[
 
 
 class RequestBody(_Strict):
+    # The body's key for the most tokens to generate: the gateway fills it in when left out.
+    max_tokens_key: ClassVar[str] = "max_tokens"
+
     model: Annotated[str, StringConstraints(min_length=1)]
 
     def wants_stream(self) -> bool:
@@ -328,6 +333,7 @@ _MODELS: dict[str, type[RequestBody]] = {
     "embeddings": EmbeddingRequest,
     "batches": FirstBatchRequest,
 }
+# "responses" and "messages": schemas/apis.py, which builds on this module (the package adds them).
 
 
 def parse_request(kind: Kind, body: bytes | str | dict[str, Any]) -> RequestBody:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, Strict, field_validator
+from pydantic import BaseModel, ConfigDict, Field, Strict, field_validator, model_validator
 
 from first_core.usage import Usage
 
@@ -69,13 +69,27 @@ class StreamError(BaseModel):
 
 class StreamUsage(BaseModel):
     """Token counts as vLLM reports them (a stream's done batch, an answer's `usage`); a count
-    given as null is 0, as it is when left out."""
+    given as null is 0, as it is when left out. The Responses and Messages APIs say
+    `input_tokens` and `output_tokens`: read as prompt and completion tokens."""
 
     model_config = ConfigDict(extra="ignore")
 
     prompt_tokens: Count = 0
     completion_tokens: Count = 0
     total_tokens: Count | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _input_output_names(cls, value: Any) -> Any:
+        if isinstance(value, dict) and "prompt_tokens" not in value and (
+            "input_tokens" in value or "output_tokens" in value
+        ):
+            return {
+                "prompt_tokens": value.get("input_tokens"),
+                "completion_tokens": value.get("output_tokens"),
+                "total_tokens": value.get("total_tokens"),
+            }
+        return value
 
     @field_validator("prompt_tokens", "completion_tokens", mode="before")
     @classmethod

@@ -1,4 +1,8 @@
-"""The request bodies of the inference routes and of FIRST's batches, and `parse_request`."""
+"""The request bodies of the inference routes and of FIRST's batches, and `parse_request`.
+
+Long because: every field OpenAI documents for chat, completions and embeddings is spelled out
+with its range (vLLM's own are in `schemas.vllm`, the Responses and Messages APIs in
+`schemas.apis`), so a mistake is answered naming the field."""
 
 from __future__ import annotations
 

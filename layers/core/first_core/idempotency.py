@@ -13,9 +13,11 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
+from typing import TypeVar
 
-from first_core.errors import InvalidRequestError
+from first_core.errors import InvalidRequestError, NotFoundError
 from first_core.tables import IdempotencyKey, put_once
 
 HEADER = "Idempotency-Key"
@@ -68,6 +70,22 @@ def claim(
             code="idempotency_key_reused",
         )
     return str(bound.request_id)
+
+
+T = TypeVar("T")
+
+
+def first_made(load: Callable[[], T], seconds: float = 5.0) -> T:
+    """What the first call with a key made, by `load`: its record may be a moment behind the
+    key (written just after the claim), so a NotFoundError is tried again for `seconds`."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            return load()
+        except NotFoundError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
 
 
 def release(user_id: str, key: str, request_id: str) -> None:

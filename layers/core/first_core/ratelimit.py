@@ -229,7 +229,9 @@ def reserve(
     token_counters = token_counters_for(user_id, endpoint, now)
     choices = max(1, choices)
     if fit and token_counters:
-        completion = min(completion, _completion_within(token_counters, 0, prompt_tokens, choices))
+        completion = min(
+            completion, _completion_within(token_counters, False, prompt_tokens, choices)
+        )
     tokens = prompt_tokens + completion * choices
     for counter in token_counters:
         if tokens > counter.limit or (fit and completion < 1):
@@ -248,7 +250,9 @@ def reserve(
         if not refused or any(c.kind == "requests" for c in refused):
             break
         _give_back_tokens(wanted, refused)
-        completion = min(completion, _completion_within(token_counters, 1, prompt_tokens, choices))
+        completion = min(
+            completion, _completion_within(token_counters, True, prompt_tokens, choices)
+        )
         if completion < 1:  # nothing left of the window for this request
             raise _limit_reached(endpoint, refused[0], prompt_tokens + choices, now)
         tokens = prompt_tokens + completion * choices
@@ -266,10 +270,10 @@ _FIT_ATTEMPTS = 3
 
 
 def _completion_within(
-    token_counters: list[Counter], read: int, prompt_tokens: int, choices: int
+    token_counters: list[Counter], read: bool, prompt_tokens: int, choices: int
 ) -> int:
-    """Completion tokens per choice that fit every token counter: within its limit (`read` 0),
-    or within what is left of it now (`read` 1: one consistent read of each, side by side)."""
+    """Completion tokens per choice that fit every token counter: within its limit, or with
+    `read` within what is left of it now (one consistent read of each, side by side)."""
     if read:
         left = list(_TAKERS.map(lambda c: c.limit - used(c.key), token_counters))
     else:

@@ -82,13 +82,9 @@ def line_max_tokens(record: BatchRecord) -> int:
 def _endpoint(record: BatchRecord) -> Endpoint:
     """The registry's endpoint the batch was routed to, for its limits (the settings' defaults
     when it has left the registry since)."""
-    for endpoint in Registry.current().endpoints:
-        if (endpoint.cluster, endpoint.framework, endpoint.model) == (
-            record.cluster,
-            record.framework,
-            record.model,
-        ):
-            return endpoint
+    endpoint = Registry.current().endpoint(record.cluster, record.framework, record.model)
+    if endpoint is not None:
+        return endpoint
     return Endpoint(
         cluster=record.cluster,
         framework=record.framework,

@@ -175,14 +175,7 @@ def created_once(
     batch_id = new_batch_id()
     bound = idempotency.claim(caller.user_id, idempotency_key, raw_body, batch_id)
     if bound != batch_id:
-        deadline = time.monotonic() + 5.0  # its record may be a moment behind the key
-        while True:
-            try:
-                return get_owned(bound, caller)
-            except NotFoundError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
+        return idempotency.first_made(lambda: get_owned(bound, caller))
     try:
         return create(batch_id)
     except Exception:

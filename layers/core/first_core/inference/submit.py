@@ -14,7 +14,6 @@ from first_core.compute import budget, get_backend
 from first_core.errors import (
     GatewayError,
     InvalidRequestError,
-    NotFoundError,
     PayloadTooLargeError,
     ServiceUnavailableError,
 )
@@ -210,24 +209,9 @@ def submit(
 
 def resume(caller: Caller, request_id: str, request: schemas.RequestBody) -> Submission:
     """The request an earlier call with the same Idempotency-Key started, to be answered again
-    (its stored answer, or a wait on it). Its record may be a moment behind the key."""
-    deadline = time.monotonic() + 5.0
-    while True:
-        try:
-            record = records.get_owned(request_id, caller)
-            break
-        except NotFoundError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.05)
-    endpoint = next(
-        (
-            e
-            for e in Registry.current().endpoints
-            if (e.cluster, e.framework, e.model) == (record.cluster, record.framework, record.model)
-        ),
-        None,
-    )
+    (its stored answer, or a wait on it)."""
+    record = idempotency.first_made(lambda: records.get_owned(request_id, caller))
+    endpoint = Registry.current().endpoint(record.cluster, record.framework, record.model)
     if endpoint is None:
         raise ServiceUnavailableError(
             f"The cluster that ran request {request_id} no longer serves '{record.model}'."

@@ -132,5 +132,17 @@ class Registry:
             )
         return known
 
+    def endpoint(self, cluster: str, framework: str, model: str) -> Endpoint | None:
+        """The endpoint that serves `model` with `framework` on `cluster`, if the registry still
+        has it (a request or batch records these three)."""
+        for endpoint in self.endpoints:
+            if (endpoint.cluster, endpoint.framework, endpoint.model) == (
+                cluster,
+                framework,
+                model,
+            ):
+                return endpoint
+        return None
+
     def models(self) -> list[str]:
         return sorted({e.model for e in self.endpoints})

@@ -35,6 +35,9 @@ alice's access token (valid 48 h; others: first-gateway token --user bob|carol|d
         messages=[{{"role": "user", "content": "Hello"}}])
     print(reply.choices[0].message.content)
 
+Operator commands find this stack with nothing exported (its state: {state}):
+    first-gateway registry maintenance polaris on        first-auth login
+
 Batches: client.files.create(file=open("in.jsonl", "rb"), purpose="batch") then
 client.batches.create(...); FIRST batches read and write paths on the clusters' file system,
 each user under their own directory (relative paths start there), alice's:
@@ -84,6 +87,7 @@ def _dev(args: argparse.Namespace) -> int:
                 backend=args.backend_url or "built-in mock vLLM",
                 token=mint_token("alice"),
                 cluster_fs=stack.cluster_fs,
+                state=", ".join(str(p) for p in stack.state_paths()),
             ),
             flush=True,
         )
@@ -130,11 +134,12 @@ def _registry(args: argparse.Namespace) -> int:
     try:
         return _registry_action(args)
     except Exception as error:  # AWS's own failures are told in one line; bugs re-raised
-        message = _aws_failure(error)
-        if message is None:
+        failure = _aws_failure(error)
+        if failure is None:
             raise
+        status, message = failure
         print(f"first-gateway: {message}", file=sys.stderr)
-        return 1
+        return status
 
 
 def _registry_action(args: argparse.Namespace) -> int:
@@ -179,22 +184,33 @@ def _refuse(message: str) -> int:
     return 2
 
 
-def _aws_failure(error: Exception) -> str | None:
-    """One line for a failure of AWS (or moto) itself: no credentials, no table, no network;
-    None for anything else, which is a bug and keeps its traceback."""
+def _aws_failure(error: Exception) -> tuple[int, str] | None:
+    """Exit status and one line for a failure of AWS (or moto) itself: a table that does not
+    exist (a stage not deployed there: a mistake, 2), a refusal or no network (1); None for
+    anything else, which is a bug and keeps its traceback."""
     from botocore.exceptions import BotoCoreError, ClientError
     from pynamodb.exceptions import PynamoDBException
 
-    cause: BaseException = error
-    if isinstance(error, PynamoDBException) and error.__cause__ is not None:
-        cause = error.__cause__
-    if isinstance(cause, ClientError):
-        detail = cause.response.get("Error", {})
-        return f"AWS refused: {detail.get('Code', '?')}: {detail.get('Message', '')}".strip()
-    if isinstance(cause, (BotoCoreError, PynamoDBException)):
-        text = str(cause).splitlines()
-        return f"AWS call failed: {text[0] if text else type(cause).__name__}"
-    return None
+    from first_core.settings import get_settings
+
+    if isinstance(error, ClientError):
+        code = error.response.get("Error", {}).get("Code", "")
+        detail = error.response.get("Error", {}).get("Message", "")
+    elif isinstance(error, PynamoDBException):
+        code, detail = error.cause_response_code or "", error.cause_response_message or ""
+        if not code:  # no answer from AWS at all: pynamodb's message names the cause
+            detail = (str(error).splitlines() or [type(error).__name__])[0]
+    elif isinstance(error, BotoCoreError):
+        code, detail = "", (str(error).splitlines() or [type(error).__name__])[0]
+    else:
+        return None
+    settings = get_settings()
+    if code == "ResourceNotFoundException":
+        return 2, (
+            f"no table {settings.table_prefix}registry in {settings.aws_region}: is stage "
+            f"{settings.stage} deployed there? (--stage, --region)"
+        )
+    return 1, f"AWS call failed: {code + ': ' if code else ''}{detail}"
 
 
 def _api_limit(text: str) -> str:

@@ -345,3 +345,30 @@ def test_a_joining_gateway_leaves_the_default_state_alone(
     joined = tmp_path / "second.json"
     LocalStack(StackOptions(port=8001, join=first, state_file=joined)).write_state()
     assert joined.exists() and not (tmp_path / "default" / "stack.json").exists()
+
+
+def test_failures_of_aws_itself_are_one_line() -> None:
+    from botocore.exceptions import ClientError, EndpointConnectionError
+    from pynamodb.exceptions import ScanError
+
+    from first_core.settings import get_settings
+    from first_local.cli import _aws_failure
+
+    missing = ClientError(
+        {"Error": {"Code": "ResourceNotFoundException", "Message": "Requested resource not found"}},
+        "Scan",
+    )
+    status, message = _aws_failure(missing) or (0, "")
+    prefix = get_settings().table_prefix
+    assert status == 2 and message.startswith(f"no table {prefix}registry in ")
+    refused = ClientError({"Error": {"Code": "AccessDeniedException", "Message": "no"}}, "Scan")
+    assert _aws_failure(refused) == (1, "AWS call failed: AccessDeniedException: no")
+    unreachable = EndpointConnectionError(endpoint_url="http://127.0.0.1:1/")
+    assert _aws_failure(unreachable) == (
+        1,
+        'AWS call failed: Could not connect to the endpoint URL: "http://127.0.0.1:1/"',
+    )
+    wrapped = ScanError("Failed to scan table: Could not connect", cause=unreachable)
+    assert _aws_failure(wrapped) == (1, "AWS call failed: Failed to scan table: Could not connect")
+    # Anything else is a bug: no message, so the traceback stays.
+    assert _aws_failure(KeyError("x")) is None

@@ -177,9 +177,16 @@ def aws_target(
     variables = {
         "FIRST_STAGE": stage,
         "FIRST_AWS_REGION": region,
-        "FIRST_TABLE_PREFIX": f"first-{stage}-",
+        "FIRST_TABLE_PREFIX": stage_table_prefix(stage),
     }
     return Target(f"AWS stage {stage} ({region})", variables, ("FIRST_AWS_ENDPOINT_URL",))
+
+
+def stage_table_prefix(stage: str) -> str:
+    """The table prefix template.yaml gives a stage's functions (`first-${Stage}-`)."""
+    from first_local.provision import TEMPLATE, load_template, table_prefix_expression
+
+    return table_prefix_expression(load_template(TEMPLATE)).replace("${Stage}", stage)
 
 
 def _config_region() -> str | None:

@@ -204,7 +204,8 @@ def _load_registry(args: argparse.Namespace) -> int:
     os.environ.pop("FIRST_AWS_ENDPOINT_URL", None)
     from first_local.cli import main
 
-    return main(["registry", "load", str(registry)])
+    on_aws = ["--aws", "--stage", args.stage, "--region", region]
+    return main(["registry", "load", *on_aws, str(registry)])
 
 
 def _stage(args: argparse.Namespace) -> int:

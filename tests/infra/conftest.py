@@ -138,6 +138,7 @@ STACK_PARAMETERS = {
     "GlobusClientId": "0e1c2a5b-8a3d-4c51-9b6e-2f7d4c3b1a00",
     "GatewayScope": "https://auth.globus.org/scopes/0e1c2a5b-8a3d-4c51-9b6e-2f7d4c3b1a00/action_all",
     "AllowedDomains": "anl.gov,uchicago.edu",
+    "AllowedGroups": "5b0f3a1c-2d4e-4f60-8a7b-9c0d1e2f3a4b",
     "AdminGroups": "a3c1f0e2-6b7d-4e8f-9a0b-1c2d3e4f5a6b",
     "CallbackSecretVersionId": "v-callback-2",
 }

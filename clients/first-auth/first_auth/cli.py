@@ -10,10 +10,12 @@ A Globus native-app login (authorization code with PKCE, refresh tokens) through
 (``~/.config/first/tokens.json``), mode 0600, in globus-sdk's JSON token storage format.
 ``first-auth token`` refreshes the access token when it has less than a minute left.
 
-The defaults talk to the local Globus stand-in of the FIRST project; for a real
-deployment set ``FIRST_AUTH_CLIENT_ID`` (your native app) and ``FIRST_AUTH_SCOPE`` (the
-gateway's scope). globus-sdk's own ``GLOBUS_SDK_SERVICE_URL_AUTH`` (or ``--auth-url``)
-says where Globus Auth is.
+The defaults talk to the local Globus stand-in of the FIRST project: the running local
+stack's, found through the state file ``first-gateway dev`` writes by default (one line and
+exit status 2 when none runs). For a real deployment set ``FIRST_AUTH_CLIENT_ID`` (your
+native app) and ``FIRST_AUTH_SCOPE`` (the gateway's scope). globus-sdk's own
+``GLOBUS_SDK_SERVICE_URL_AUTH`` (or ``--auth-url``, or ``--stack-state FILE``) says where
+Globus Auth is.
 """
 
 from __future__ import annotations
@@ -56,6 +58,10 @@ LOGIN_HINT = "run `first-auth login`"
 
 class CommandError(Exception):
     """A failure to report on stderr as ``first-auth: <message>``, with exit status 1."""
+
+
+class UsageError(CommandError):
+    """A user mistake (no running local stack, an unreadable state file): exit status 2."""
 
 
 @dataclass(frozen=True)
@@ -371,6 +377,78 @@ def _describe(err: globus_sdk.GlobusAPIError) -> str:
     return f"HTTP {err.http_status}: {detail}"
 
 
+# The local stack's default state file, as `first-gateway dev` writes it (its target module;
+# copied, so that this package installs on its own; a unit test keeps the two equal).
+STATE_DIR_VARIABLE = "FIRST_STATE_DIR"
+
+
+def default_state_path() -> Path:
+    """``$FIRST_STATE_DIR/stack.json``, else ``$XDG_RUNTIME_DIR/first/stack.json``, else
+    ``~/.cache/first/stack.json``."""
+    override = os.environ.get(STATE_DIR_VARIABLE, "")
+    if override:
+        return Path(override) / "stack.json"
+    runtime = os.environ.get("XDG_RUNTIME_DIR", "")
+    if runtime and os.path.isabs(runtime):
+        return Path(runtime) / "first" / "stack.json"
+    return Path.home() / ".cache" / "first" / "stack.json"
+
+
+def _read_stack_state(path: Path) -> dict[str, Any]:
+    try:
+        state = json.loads(path.read_text())
+        str(state["globus_auth_url"])
+    except FileNotFoundError:
+        raise UsageError(f"no state file at {path}") from None
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise UsageError(f"cannot read {path}: {err.__class__.__name__}: {err}") from None
+    return dict(state)
+
+
+def _stack_runs(state: dict[str, Any]) -> bool:
+    """The stack that wrote `state` is alive (its pid) and its gateway answers HTTP."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        os.kill(int(state["pid"]), 0)
+    except PermissionError:
+        pass  # another user's process, alive
+    except (OSError, KeyError, TypeError, ValueError):
+        return False
+    try:
+        with urllib.request.urlopen(f"{state['base_url']}/health", timeout=3):
+            return True
+    except urllib.error.HTTPError:
+        return True
+    except (OSError, ValueError, KeyError):
+        return False
+
+
+def _auth_url(args: argparse.Namespace) -> str | None:
+    """Globus Auth's address: ``--auth-url``, ``--stack-state``, globus-sdk's own variable, or,
+    for the stand-in's native app (the default client id), the running local stack's."""
+    if args.auth_url:
+        return str(args.auth_url)
+    if args.stack_state is not None:
+        return str(_read_stack_state(args.stack_state)["globus_auth_url"])
+    if os.environ.get("GLOBUS_SDK_SERVICE_URL_AUTH") or args.client_id != DEV_NATIVE_CLIENT_ID:
+        return None  # globus-sdk's choice: that variable, or Globus Auth itself
+    path = default_state_path()
+    hint = (
+        "start one with `first-gateway dev`, or, for a deployed gateway, set "
+        "FIRST_AUTH_CLIENT_ID (your native app) and FIRST_AUTH_SCOPE"
+    )
+    try:
+        state = _read_stack_state(path)
+    except UsageError as err:
+        raise UsageError(f"no running local stack ({err}): {hint}") from None
+    if not _stack_runs(state):
+        raise UsageError(f"the local stack in {path} is not running: {hint}")
+    print(f"acting on the local stack at {state.get('base_url')}", file=sys.stderr)
+    return str(state["globus_auth_url"])
+
+
 def _parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
@@ -396,7 +474,8 @@ def _parser() -> argparse.ArgumentParser:
     common.add_argument(
         "--stack-state",
         type=Path,
-        help="the local stack's --state-file: use its Globus stand-in",
+        help="the local stack's --state-file: use its Globus stand-in (default, with the "
+        "stand-in's client id: the running stack's default state file)",
     )
 
     parser = argparse.ArgumentParser(
@@ -436,15 +515,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """The `first-auth` command; the exit status says whether it worked."""
     args = _parser().parse_args(argv)
     try:
-        if args.stack_state is not None:
-            try:
-                os.environ["GLOBUS_SDK_SERVICE_URL_AUTH"] = json.loads(
-                    args.stack_state.read_text()
-                )["globus_auth_url"]
-            except (OSError, ValueError, KeyError) as err:
-                raise CommandError(f"cannot read {args.stack_state}: {err}") from err
-        if args.auth_url:
-            os.environ["GLOBUS_SDK_SERVICE_URL_AUTH"] = args.auth_url
+        auth_url = _auth_url(args)
+        if auth_url:
+            os.environ["GLOBUS_SDK_SERVICE_URL_AUTH"] = auth_url
         settings = Settings(
             client_id=args.client_id,
             scope=args.scope,
@@ -455,7 +528,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return result
     except CommandError as err:
         print(f"first-auth: {err}", file=sys.stderr)
-        return 1
+        return 2 if isinstance(err, UsageError) else 1
     except globus_sdk.NetworkError as err:
         print(f"first-auth: cannot reach Globus Auth: {err}", file=sys.stderr)
         return 1

@@ -6,6 +6,11 @@ first-gateway token --user alice [--expired]          a dev access token for a d
 first-gateway token --service-account                 the dev pipeline's (a service account)
 first-gateway registry load FILE | show               validate and publish / print the registry
 first-gateway registry maintenance CLUSTER on|off     an operator's maintenance switch
+
+`registry` acts on the running local stack (the state file `dev` writes by default) with moto's
+address and dummy keys, whatever AWS variables are exported; on a deployment only with
+`--aws --stage STAGE [--region R]`. It says on stderr which one it acts on. A mistake (no running
+stack, an unknown cluster, an unreadable state file) is one line on stderr and exit status 2.
 """
 
 from __future__ import annotations
@@ -29,6 +34,9 @@ alice's access token (valid 48 h; others: first-gateway token --user bob|carol|d
     reply = client.chat.completions.create(model="meta-llama/Meta-Llama-3-8B-Instruct",
         messages=[{{"role": "user", "content": "Hello"}}])
     print(reply.choices[0].message.content)
+
+Operator commands find this stack with nothing exported (its state: {state}):
+    first-gateway registry maintenance polaris on        first-auth login
 
 Batches: client.files.create(file=open("in.jsonl", "rb"), purpose="batch") then
 client.batches.create(...); FIRST batches read and write paths on the clusters' file system,
@@ -79,6 +87,7 @@ def _dev(args: argparse.Namespace) -> int:
                 backend=args.backend_url or "built-in mock vLLM",
                 token=mint_token("alice"),
                 cluster_fs=stack.cluster_fs,
+                state=", ".join(str(p) for p in stack.state_paths()),
             ),
             flush=True,
         )
@@ -105,14 +114,45 @@ def _token(args: argparse.Namespace) -> int:
 
 
 def _registry(args: argparse.Namespace) -> int:
+    """`first-gateway registry ...` on the running local stack, or on AWS with `--aws`."""
+    from first_local.target import TargetError, check_aws_credentials, resolve
+
+    try:
+        target = resolve(
+            aws=args.aws,
+            stage=args.stage,
+            region=args.region,
+            state_file=Path(args.state_file) if args.state_file else None,
+        )
+        # Before first_core is imported: its settings (tables, endpoint) are read once.
+        target.apply()
+        if args.aws:
+            check_aws_credentials()
+    except TargetError as error:
+        return _refuse(str(error))
+    print(f"acting on {target.description}", file=sys.stderr)
+    try:
+        return _registry_action(args)
+    except Exception as error:  # AWS's own failures are told in one line; bugs re-raised
+        failure = _aws_failure(error)
+        if failure is None:
+            raise
+        status, message = failure
+        print(f"first-gateway: {message}", file=sys.stderr)
+        return status
+
+
+def _registry_action(args: argparse.Namespace) -> int:
     from first_core.registry import Registry, RegistryFileError, load_file, publish
 
     if args.action == "load":
         try:
             registry = load_file(args.file)
+        except OSError as error:
+            return _refuse(f"cannot read {args.file}: {error.strerror or error}")
         except RegistryFileError as error:
             print(error, file=sys.stderr)
-            return 1
+            return 2
         print(f"wrote {publish(registry)} registry rows")
         return 0
     if args.action == "maintenance":
@@ -121,8 +161,8 @@ def _registry(args: argparse.Namespace) -> int:
         try:
             set_maintenance(args.cluster, args.state == "on")
         except KeyError:
-            print(f"no cluster {args.cluster!r} in the registry", file=sys.stderr)
-            return 1
+            known = ", ".join(sorted(Registry.current().clusters)) or "none"
+            return _refuse(f"no cluster {args.cluster!r} in the registry (clusters: {known})")
         print(f"{args.cluster}: maintenance {args.state}")
         return 0
     snapshot = Registry.current()
@@ -136,6 +176,41 @@ def _registry(args: argparse.Namespace) -> int:
         )
     )
     return 0
+
+
+def _refuse(message: str) -> int:
+    """A user mistake: one line on stderr, exit status 2."""
+    print(f"first-gateway: {message}", file=sys.stderr)
+    return 2
+
+
+def _aws_failure(error: Exception) -> tuple[int, str] | None:
+    """Exit status and one line for a failure of AWS (or moto) itself: a table that does not
+    exist (a stage not deployed there: a mistake, 2), a refusal or no network (1); None for
+    anything else, which is a bug and keeps its traceback."""
+    from botocore.exceptions import BotoCoreError, ClientError
+    from pynamodb.exceptions import PynamoDBException
+
+    from first_core.settings import get_settings
+
+    if isinstance(error, ClientError):
+        code = error.response.get("Error", {}).get("Code", "")
+        detail = error.response.get("Error", {}).get("Message", "")
+    elif isinstance(error, PynamoDBException):
+        code, detail = error.cause_response_code or "", error.cause_response_message or ""
+        if not code:  # no answer from AWS at all: pynamodb's message names the cause
+            detail = (str(error).splitlines() or [type(error).__name__])[0]
+    elif isinstance(error, BotoCoreError):
+        code, detail = "", (str(error).splitlines() or [type(error).__name__])[0]
+    else:
+        return None
+    settings = get_settings()
+    if code == "ResourceNotFoundException":
+        return 2, (
+            f"no table {settings.table_prefix}registry in {settings.aws_region}: is stage "
+            f"{settings.stage} deployed there? (--stage, --region)"
+        )
+    return 1, f"AWS call failed: {code + ': ' if code else ''}{detail}"
 
 
 def _api_limit(text: str) -> str:
@@ -280,13 +355,33 @@ def main(argv: list[str] | None = None) -> int:
     )
     token.set_defaults(run=_token)
 
-    registry = commands.add_parser("registry", help="load or show the registry")
+    registry = commands.add_parser(
+        "registry",
+        help="load, show or switch the registry: of the running local stack, or with --aws of "
+        "a deployed stage",
+    )
     registry_commands = registry.add_subparsers(dest="action", required=True)
-    load = registry_commands.add_parser("load")
+    where = argparse.ArgumentParser(add_help=False)
+    where.add_argument(
+        "--aws",
+        action="store_true",
+        help="act on a deployed stage (needs --stage) with your AWS credentials, not on the "
+        "local stack",
+    )
+    where.add_argument("--stage", help="with --aws: the stage whose tables to use (dev, prod)")
+    where.add_argument("--region", help="with --aws: the stage's region (default: AWS config)")
+    where.add_argument(
+        "--state-file",
+        help="the local stack's state file (default: the one `first-gateway dev` writes, "
+        "$XDG_RUNTIME_DIR/first/stack.json or ~/.cache/first/stack.json)",
+    )
+    load = registry_commands.add_parser("load", parents=[where], help="validate and publish")
     load.add_argument("file")
-    registry_commands.add_parser("show")
+    registry_commands.add_parser("show", parents=[where], help="print the published registry")
     maintenance = registry_commands.add_parser(
-        "maintenance", help="put a cluster in maintenance (on) or take it out (off)"
+        "maintenance",
+        parents=[where],
+        help="put a cluster in maintenance (on) or take it out (off)",
     )
     maintenance.add_argument("cluster")
     maintenance.add_argument("state", choices=["on", "off"])

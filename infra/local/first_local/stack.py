@@ -505,34 +505,66 @@ class LocalStack:
 
         threading.Thread(target=wait_then_tell, name="workers-arrive", daemon=True).start()
 
+    def state_paths(self) -> list[Path]:
+        """Where this stack writes its state: `--state-file`, and the default place operator
+        commands look (first_local.target) unless this is a second gateway joining a stack."""
+        from first_local.target import default_state_path
+
+        paths = [self.options.state_file] if self.options.state_file else []
+        if self.options.join is None and default_state_path() not in paths:
+            paths.append(default_state_path())
+        return paths
+
     def write_state(self) -> None:
-        if self.options.state_file is None:
-            return
+        from first_core.settings import get_settings
         from first_local.globus_standin import DEV_CLIENT_ID, DEV_CLIENT_SECRET
 
-        self.options.state_file.parent.mkdir(parents=True, exist_ok=True)
-        self.options.state_file.write_text(
-            json.dumps(
-                {
-                    "base_url": self.base_url,
-                    "aws_endpoint_url": f"http://127.0.0.1:{self.moto_port}",
-                    "globus_auth_url": f"http://127.0.0.1:{self.auth_port}/auth/",
-                    "globus_groups_url": f"http://127.0.0.1:{self.auth_port}/groups/",
-                    "standin_calls_url": f"http://127.0.0.1:{self.auth_port}/_standin/calls",
-                    "globus_compute_url": self.compute_url,
-                    "compute_client_id": DEV_CLIENT_ID,
-                    "compute_client_secret": DEV_CLIENT_SECRET,
-                    "compute_endpoints": self.compute_endpoints,
-                    "compute_api_limit": self.options.compute_api_limit,
-                    "backend_url": self.backend_url,
-                    "cluster_fs": str(self.cluster_fs),
-                    "pid": os.getpid(),
-                },
-                indent=2,
-            )
+        text = json.dumps(
+            {
+                "base_url": self.base_url,
+                "aws_endpoint_url": f"http://127.0.0.1:{self.moto_port}",
+                "globus_auth_url": f"http://127.0.0.1:{self.auth_port}/auth/",
+                "globus_groups_url": f"http://127.0.0.1:{self.auth_port}/groups/",
+                "standin_calls_url": f"http://127.0.0.1:{self.auth_port}/_standin/calls",
+                "globus_compute_url": self.compute_url,
+                "compute_client_id": DEV_CLIENT_ID,
+                "compute_client_secret": DEV_CLIENT_SECRET,
+                "compute_endpoints": self.compute_endpoints,
+                "compute_api_limit": self.options.compute_api_limit,
+                "backend_url": self.backend_url,
+                "cluster_fs": str(self.cluster_fs),
+                "table_prefix": get_settings().table_prefix,
+                "pid": os.getpid(),
+            },
+            indent=2,
         )
+        for path in self.state_paths():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            # Written whole, then renamed: a command reading it never sees half a file. 0600:
+            # it holds the dev client's secret.
+            partial = path.with_name(f".{path.name}.{os.getpid()}")
+            fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as handle:
+                handle.write(text)
+            partial.replace(path)
+        self._state_written = True
+
+    def remove_state(self) -> None:
+        """Remove the default state file when it is still this stack's: a newer stack may have
+        taken it over since. `--state-file` stays, as a record of the run for its caller."""
+        from first_local.target import default_state_path
+
+        if self.options.join is not None or not getattr(self, "_state_written", False):
+            return
+        path = default_state_path()
+        try:
+            if json.loads(path.read_text()).get("pid") == os.getpid():
+                path.unlink()
+        except (OSError, ValueError, AttributeError):
+            pass
 
     def stop(self) -> None:
+        self.remove_state()
         reconciler_stop = getattr(self, "_reconciler_stop", None)
         if reconciler_stop is not None:
             reconciler_stop.set()
@@ -564,7 +596,8 @@ def stack_process(
     benchmarks: waits until it answers, yields its state (addresses of every piece), and ends
     it with all its children."""
     port = free_port()
-    state_file = Path(tempfile.mkdtemp(prefix="first-stack-")) / "stack.json"
+    state_dir = Path(tempfile.mkdtemp(prefix="first-stack-"))
+    state_file = state_dir / "stack.json"
     command = [
         str(Path(sys.executable).with_name("first-gateway")),
         "dev",
@@ -578,7 +611,9 @@ def stack_process(
     process = subprocess.Popen(
         command,
         cwd=PROJECT_ROOT,
-        env={**os.environ, **(env or {})},
+        # Its default state file goes to its own directory (first_local.target), not the
+        # developer's ~/.cache/first/stack.json: stacks of parallel tests stay apart.
+        env={**os.environ, "FIRST_STATE_DIR": str(state_dir), **(env or {})},
         stdout=output,
         stderr=subprocess.STDOUT,
         start_new_session=True,

@@ -29,6 +29,8 @@ class Settings(BaseSettings):
     globus_client_id: str = ""
     globus_client_secret: SecretStr = SecretStr("")
     gateway_scope: str = ""
+    # The Globus native app users log in with (first-auth; the dashboard's sign-in), if any.
+    native_client_id: str = ""
     allowed_domains: list[str] = Field(default_factory=list)
     allowed_groups: list[str] = Field(default_factory=list)
     admin_groups: list[str] = Field(default_factory=list)

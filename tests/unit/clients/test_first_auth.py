@@ -522,7 +522,60 @@ def test_stack_state_file_selects_the_standin(
     rc, url, _ = _run(["login", "--start", "--stack-state", str(state)], capsys)
     assert rc == 0 and url.startswith(standin.auth_url)
     rc, _, err = _run(["token", "--stack-state", str(tmp_path / "missing.json")], capsys)
-    assert rc == 1 and "cannot read" in err
+    assert rc == 2 and f"no state file at {tmp_path / 'missing.json'}" in err
+
+
+def test_the_running_local_stack_is_found_with_nothing_exported(
+    standin: _Server,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:
+    """With the stand-in's native app (the default) and no Globus address given, first-auth
+    uses the stack `first-gateway dev` wrote to the default state file."""
+    monkeypatch.delenv("GLOBUS_SDK_SERVICE_URL_AUTH")
+    monkeypatch.delenv("FIRST_STATE_DIR", raising=False)
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path / "run"))
+    state = {
+        "base_url": standin.base,  # answers HTTP, as the gateway would
+        "globus_auth_url": standin.auth_url,
+        "pid": os.getpid(),  # alive
+    }
+    (tmp_path / "run" / "first").mkdir(parents=True)
+    (tmp_path / "run" / "first" / "stack.json").write_text(json.dumps(state))
+    rc, url, err = _run(["login", "--start"], capsys)
+    assert rc == 0 and url.startswith(f"{standin.auth_url}v2/oauth2/authorize?")
+    assert f"acting on the local stack at {standin.base}" in err
+    code, _ = _code_from(url.strip())
+    rc, _, _ = _run(["login", "--code", code], capsys)
+    assert rc == 0
+    rc, token, _ = _run(["token"], capsys)
+    assert rc == 0 and globus_standin.tokens._verify(token.strip(), None) is not None
+
+
+def test_no_running_local_stack_is_one_line_and_exit_2(standin: _Server, tmp_path: Path) -> None:
+    env = {
+        "PATH": os.environ["PATH"],
+        "HOME": str(tmp_path),
+        "XDG_CONFIG_HOME": str(tmp_path / "config"),
+    }
+    first_auth_bin = str(Path(sys.executable).with_name("first-auth"))
+    stale = tmp_path / ".cache" / "first" / "stack.json"
+    for setup in ("none", "stale"):
+        if setup == "stale":  # a stack that has stopped without removing its file
+            stale.parent.mkdir(parents=True)
+            child = subprocess.Popen(["true"])
+            child.wait()
+            gone = {"base_url": standin.base, "globus_auth_url": standin.auth_url, "pid": child.pid}
+            stale.write_text(json.dumps(gone))
+        result = subprocess.run(
+            [first_auth_bin, "token"], capture_output=True, text=True, env=env, timeout=60
+        )
+        assert result.returncode == 2, result.stderr
+        assert "Traceback" not in result.stderr and result.stdout == ""
+        [line] = result.stderr.strip().splitlines()
+        assert line.startswith("first-auth: ")
+        assert "first-gateway dev" in line and "FIRST_AUTH_CLIENT_ID" in line
 
 
 def test_console_script_is_installed() -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from first_core.registry import CLUSTER_KEY
@@ -14,12 +16,22 @@ def _rows() -> dict[tuple[str, str], RegistryEntry]:
 
 
 def test_operator_maintenance_command(
-    registry_table: None, capsys: pytest.CaptureFixture[str]
+    registry_table: None, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    assert main(["registry", "maintenance", "sophia", "on"]) == 0
+    # In process, first_core's settings are already read (in-process moto, table prefix
+    # first-local-): `--aws --stage local` names those tables; what the target sets in the
+    # environment is undone after the test.
+    for name in ("FIRST_STAGE", "FIRST_AWS_REGION", "FIRST_TABLE_PREFIX"):
+        monkeypatch.setenv(name, os.environ.get(name, ""))
+    aws = ["--aws", "--stage", "local", "--region", "us-east-1"]
+    assert main(["registry", "maintenance", "sophia", "on", *aws]) == 0
+    assert "acting on AWS stage local (us-east-1)" in capsys.readouterr().err
     assert _rows()[("sophia", CLUSTER_KEY)].status == "maintenance"
     assert _rows()[("sophia", CLUSTER_KEY)].config["maintenance"] is True
-    assert main(["registry", "maintenance", "sophia", "off"]) == 0
+    assert main(["registry", "maintenance", "sophia", "off", *aws]) == 0
     assert _rows()[("sophia", CLUSTER_KEY)].status == "online"
-    assert main(["registry", "maintenance", "metis", "on"]) == 1
-    assert "no cluster 'metis'" in capsys.readouterr().err
+    assert main(["registry", "maintenance", "metis", "on", *aws]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err[-1] == (
+        "first-gateway: no cluster 'metis' in the registry (clusters: polaris, sophia)"
+    )

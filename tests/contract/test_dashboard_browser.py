@@ -6,6 +6,7 @@ local stack. One browser for the module; a screenshot of each page goes to
 from __future__ import annotations
 
 import json
+import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -84,6 +85,22 @@ def _view(page: Any, view: str, shot: str) -> None:
 def test_alice_sees_her_own_numbers_and_nobody_elses(browser: Any, stack: Stack) -> None:
     mine = [_chat(stack, "alice"), _chat(stack, "alice", OTHER_MODEL)]
     daves = _chat(stack, "dave")
+    alice = stack.client("alice")
+    lines = [
+        {"custom_id": f"r{i}", "method": "POST", "url": "/v1/chat/completions",
+         "body": {"model": MODEL, "messages": [{"role": "user", "content": f"q{i}"}]}}
+        for i in range(2)
+    ]  # fmt: skip
+    content = "\n".join(json.dumps(line) for line in lines).encode()
+    upload = alice.files.create(file=("in.jsonl", content), purpose="batch")
+    batch = alice.batches.create(
+        input_file_id=upload.id, endpoint="/v1/chat/completions", completion_window="24h"
+    )
+    # Its usage row is written when it ends: wait, so the chart and /v1/usage see the same rows.
+    deadline = time.monotonic() + 30
+    while alice.batches.retrieve(batch.id).status != "completed":
+        assert time.monotonic() < deadline, "the batch did not complete"
+        time.sleep(0.2)
     page = _open(browser, stack, viewport=PHONE)
     _view(page, "usage", "usage-alice-phone")
 
@@ -112,6 +129,10 @@ def test_alice_sees_her_own_numbers_and_nobody_elses(browser: Any, stack: Stack)
     page.wait_for_selector("#request-detail:not([hidden])")
     assert '"status": "completed"' in (page.locator("#request-detail-body").text_content() or "")
     _view(page, "batches", "batches-alice-phone")
+    assert batch.id in (page.locator("#batches-table").text_content() or "")
+    download = page.locator(f"#files-table tr:has-text('{upload.id}') a")
+    fetched = page.request.get(f"{stack.base_url}/{download.get_attribute('href')}")
+    assert fetched.status == 200 and fetched.body() == content
     _view(page, "models", "models-alice-phone")
     assert MODEL in (page.locator("#models-table").text_content() or "")
 

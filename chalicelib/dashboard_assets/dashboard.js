@@ -172,6 +172,7 @@
     $("kpi-requests").textContent = fmt(activity.totals.requests);
     $("kpi-errors").textContent = `${(activity.outcomes.error_rate * 100).toFixed(1)}%`;
     $("kpi-cancels").textContent = `${(activity.outcomes.cancel_rate * 100).toFixed(1)}%`;
+    renderRefusals(activity.refusals);
     const series = Object.entries(activity.series.models);
     chart("admin-series", {
       type: "line",
@@ -200,6 +201,22 @@
     fill("admin-batches", activity.batches.recent.map((b) =>
       row([b.id, b.username, b.model, b.status, progress(b.completed + b.failed, b.total)])), "No batches.");
     await loadLog(false);
+  }
+
+  function renderRefusals(refusals) {
+    if (!refusals.available) {
+      $("kpi-refusals").textContent = "–";
+      $("refusals-note").textContent = "The gateway's metrics cannot be read here (locally: first-gateway dev --metrics).";
+      fill("admin-refusals", [], "No metrics.");
+      return;
+    }
+    $("kpi-refusals").textContent = `${(refusals.refusal_rate * 100).toFixed(1)}%`;
+    $("refusals-note").textContent = `${fmt(refusals.refused)} refused in the window; inference requests by outcome: ` +
+      (Object.entries(refusals.requests_by_outcome).map(([o, n]) => `${n} ${o}`).join(", ") || "none") + ".";
+    fill("admin-refusals", [
+      ...Object.entries(refusals.by_status).map(([s, n]) => row([`HTTP ${s}`, fmt(n)])),
+      ...Object.entries(refusals.by_code).map(([c, n]) => row([c, fmt(n)])),
+    ], "No refusals in this window.");
   }
 
   function renderClusters(status, models) {

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import openai
 import pytest
 
 from first_local.globus_standin import mint_token
@@ -154,8 +155,16 @@ def test_dave_sees_every_user_and_the_maintenance_switch_takes_effect(
 ) -> None:
     _chat(stack, "alice")
     _chat(stack, "dave")
+    with pytest.raises(openai.PermissionDeniedError):
+        _chat(stack, "bob")  # a refusal: in the metrics, not in any row
+    deadline = time.monotonic() + 10
+    while "403" not in _get(stack, "/v1/admin/activity?hours=1", "dave")["refusals"]["by_status"]:
+        assert time.monotonic() < deadline, "the refusal never reached the metrics"
+        time.sleep(0.2)
     page = _open(browser, stack, "?user=dave#admin")
     _view(page, "admin", "admin-dave")
+    assert "HTTP 403" in (page.locator("#admin-refusals").text_content() or "")
+    assert page.locator("#kpi-refusals").text_content() != "–"
     users = page.locator("#admin-users").text_content() or ""
     assert "alice@anl.gov" in users and "dave@anl.gov" in users
     drawn = page.evaluate(

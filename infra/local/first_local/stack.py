@@ -461,6 +461,11 @@ class LocalStack:
                 raise SystemExit(str(error)) from None
         # Log and metric lines reach a file (tests, --state-file users) as they are written.
         sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
+        if self.options.metrics:
+            # The metric lines go to moto's CloudWatch too, as Lambda sends them to CloudWatch.
+            from first_local.metrics import mirror_to_cloudwatch
+
+            mirror_to_cloudwatch(f"http://127.0.0.1:{self.moto_port}")
         # A plain SIGTERM would skip `finally` and leave the children running.
         signal.signal(signal.SIGTERM, _exit_on_signal)
         try:

@@ -8,8 +8,8 @@ status, tokens, latency), the open requests (`by_open_status`), the batch record
 - outcomes: ended requests by status, the error rate (failed, timed out) and the cancel rate;
 - batches: counts by status and the most recent ones.
 
-Refusals answered before a request record exists (401, 403, 429) are not in any row; they are
-the `Refused` metric in CloudWatch (infra/OPERATOR.md), not shown here.
+- refusals: answered before any request record exists (401, 403, 429, ...), so they are read
+  from the `Refused` and `Requests` metrics (first_core.dashboard.refusals).
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from typing import Any
 
 from first_core.auth import Caller
 from first_core.dashboard.history import require_admin, rows_since, window_hours
+from first_core.dashboard.refusals import refusals
 from first_core.tables import BatchRecord, RequestRecord, UsageRecord
 
 LIVE_SECONDS = 300
@@ -57,6 +58,7 @@ def activity(caller: Caller, hours_param: str | None, now: float) -> dict[str, A
             "error_rate": _rate(sum(statuses[s] for s in ERROR_STATUSES), ended),
             "cancel_rate": _rate(statuses["cancelled"], ended),
         },
+        "refusals": refusals(since, now),
         "models": _per_model(rows),
         "users": _per_user(rows),
         "series": _series(rows, since, now, 3600 if hours <= 48 else 86400),

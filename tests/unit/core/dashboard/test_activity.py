@@ -3,6 +3,7 @@ figures and request log from the usage rows (first_core.dashboard.history, .acti
 
 from __future__ import annotations
 
+import json
 import time
 
 import pytest
@@ -117,3 +118,42 @@ def test_the_admins_request_log_filters_and_pages(aws: None) -> None:
     assert [r["id"] for r in rest["data"]] == ["req_a0"]
     failed = history.request_log(DAVE, {"status": "failed"}, 10, now)
     assert [r["id"] for r in failed["data"]] == ["req_d0"]
+
+
+def test_refusals_come_from_the_gateways_metrics_of_this_stage(aws: None) -> None:
+    import boto3
+
+    from first_local.metrics import metric_data
+
+    settings = get_settings()
+    cloudwatch = boto3.client("cloudwatch", region_name=settings.aws_region)
+    now = time.time()
+    stamp = int(now * 1000) - 1000
+
+    def emf(stage: str, name: str, **dimensions: str) -> str:
+        names = ["service", "stage", *dimensions]
+        meta = {"Namespace": settings.metrics_namespace, "Dimensions": [names],
+                "Metrics": [{"Name": name, "Unit": "Count"}]}  # fmt: skip
+        line = {"_aws": {"Timestamp": stamp, "CloudWatchMetrics": [meta]},
+                "service": "first-gateway", "stage": stage, **dimensions, name: [1.0]}  # fmt: skip
+        return json.dumps(line)
+
+    lines = [
+        emf(settings.stage, "Refused", Status="403", Code="permission_denied"),
+        emf(settings.stage, "Refused", Status="403", Code="permission_denied"),
+        emf(settings.stage, "Refused", Status="429", Code="rate_limit_exceeded"),
+        emf("prod", "Refused", Status="401", Code="invalid_token"),  # another stage's
+        emf(settings.stage, "Requests", Route="chat", Outcome="ok"),
+        emf(settings.stage, "Requests", Route="chat", Outcome="ok"),
+        emf(settings.stage, "Requests", Route="chat", Outcome="ok"),
+        emf(settings.stage, "Requests", Route="chat", Outcome="refused"),
+    ]
+    for line in lines:
+        for namespace, datum in metric_data(line):
+            cloudwatch.put_metric_data(Namespace=namespace, MetricData=[datum])
+    seen = activity.activity(DAVE, "1", now)["refusals"]
+    assert seen["available"] is True
+    assert seen["by_status"] == {"403": 2, "429": 1}
+    assert seen["by_code"] == {"permission_denied": 2, "rate_limit_exceeded": 1}
+    assert seen["requests_by_outcome"] == {"ok": 3, "refused": 1}
+    assert seen["refusal_rate"] == 0.25

@@ -164,7 +164,7 @@ def test_dave_sees_every_user_and_the_maintenance_switch_takes_effect(
     page = _open(browser, stack, "?user=dave#admin")
     _view(page, "admin", "admin-dave")
     assert "HTTP 403" in (page.locator("#admin-refusals").text_content() or "")
-    assert page.locator("#kpi-refusals").text_content() != "–"
+    assert page.locator("#kpi-refusals").text_content() != "\u2013"
     users = page.locator("#admin-users").text_content() or ""
     assert "alice@anl.gov" in users and "dave@anl.gov" in users
     drawn = page.evaluate(

@@ -188,7 +188,7 @@ class LocalStack:
             "FIRST_GLOBUS_CLIENT_SECRET": DEV_CLIENT_SECRET,
             "FIRST_GATEWAY_SCOPE": DEV_GATEWAY_SCOPE,
             # The dashboard signs in through the stand-in's dev native app (as first-auth does).
-            "FIRST_DASHBOARD_CLIENT_ID": DEV_NATIVE_CLIENT_ID,
+            "FIRST_NATIVE_CLIENT_ID": DEV_NATIVE_CLIENT_ID,
             "FIRST_ALLOWED_DOMAINS": json.dumps(["anl.gov", "uchicago.edu"]),
             "FIRST_ALLOWED_GROUPS": json.dumps([ALLOWED_GROUP_ID]),
             "FIRST_ADMIN_GROUPS": json.dumps([ADMIN_GROUP_ID]),

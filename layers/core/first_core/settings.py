@@ -29,6 +29,8 @@ class Settings(BaseSettings):
     globus_client_id: str = ""
     globus_client_secret: SecretStr = SecretStr("")
     gateway_scope: str = ""
+    # The Globus native app users log in with (first-auth; the dashboard's sign-in), if any.
+    native_client_id: str = ""
     allowed_domains: list[str] = Field(default_factory=list)
     allowed_groups: list[str] = Field(default_factory=list)
     admin_groups: list[str] = Field(default_factory=list)
@@ -71,12 +73,10 @@ class Settings(BaseSettings):
     globus_connect_timeout_seconds: float = 3.0
     globus_read_timeout_seconds: float = 5.0
 
-    # The dashboard (/dashboard): its sign-in is a Globus native app's authorization code with
-    # PKCE (the app registered with the redirect URI <base URL>/dashboard/callback; empty: the
-    # dashboard says sign-in is not set up). Its session cookie is signed with
+    # The dashboard (/dashboard) signs in with `native_client_id`'s authorization code with PKCE
+    # (its redirect URI <base URL>/dashboard/callback). Its session cookie is signed with
     # `dashboard_session_secret` (HMAC-SHA256), or, when that is empty, with a key derived from
     # `callback_secret` (so a deploy needs no further secret), and lasts this long.
-    dashboard_client_id: str = ""
     dashboard_session_secret: SecretStr = SecretStr("")
     dashboard_session_seconds: int = 45 * 60
 

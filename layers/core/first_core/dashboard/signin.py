@@ -2,11 +2,12 @@
 native-app flow (`NativeAppAuthClient.oauth2_start_flow` / `oauth2_get_authorize_url` /
 `oauth2_exchange_code_for_tokens`).
 
-The native app is `FIRST_DASHBOARD_CLIENT_ID` (registered at Globus with the redirect URI
-`<base URL>/dashboard/callback`); locally the Globus Auth stand-in's dev native app, whose
-authorize page signs in `alice` at once (another dev user with `?user=`). The token the code
-buys is checked exactly as a bearer token is (`first_core.auth`: introspection, identity
-provider, groups, the gateway's gates), then dropped: only the session cookie remains.
+The native app is `FIRST_NATIVE_CLIENT_ID` (the one `first-auth` uses, registered at Globus
+with the redirect URI `<base URL>/dashboard/callback`); locally the Globus Auth stand-in's dev
+native app, whose authorize page signs in `alice` at once (another dev user with `?user=`).
+The token the code buys is checked exactly as a bearer token is (`first_core.auth`:
+introspection, identity provider, groups, the gateway's gates), then dropped: only the session
+cookie remains.
 """
 
 from __future__ import annotations
@@ -32,11 +33,11 @@ def redirect_uri(base_url: str) -> str:
 def _flow(base_url: str, state: str) -> globus_sdk.NativeAppAuthClient:
     """The native app's client with the flow of the sign-in named by `state` started."""
     s = get_settings()
-    if not s.dashboard_client_id or not s.gateway_scope:
+    if not s.native_client_id or not s.gateway_scope:
         raise ServiceUnavailableError(
-            "Dashboard sign-in is not set up: FIRST_DASHBOARD_CLIENT_ID names no Globus native app."
+            "Dashboard sign-in is not set up: FIRST_NATIVE_CLIENT_ID names no Globus native app."
         )
-    client = globus_sdk.NativeAppAuthClient(s.dashboard_client_id)
+    client = globus_sdk.NativeAppAuthClient(s.native_client_id)
     client.oauth2_start_flow(
         redirect_uri=redirect_uri(base_url),
         requested_scopes=s.gateway_scope,

@@ -244,10 +244,13 @@
   async function confirmMaintenance() {
     const { cluster, on } = state.pending;
     $("confirm").hidden = true;
-    await api(`v1/admin/clusters/${encodeURIComponent(cluster)}/maintenance`, {
+    const switched = await api(`v1/admin/clusters/${encodeURIComponent(cluster)}/maintenance`, {
       method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify({ maintenance: on }),
     });
     const [status, models] = await Promise.all([api("resource_server/v1/status"), api("v1/models")]);
+    // The switch's own answer: a health poll that was under way may still write the old status
+    // once (the next poll keeps the switch).
+    if (status.clusters[cluster]) status.clusters[cluster].status = switched.status;
     renderClusters(status, models);
   }
 

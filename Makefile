@@ -4,6 +4,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 PORT ?= 8000
 STAMP := $(VENV)/.installed
+# The dashboard's browser tests drive Debian's chromium (Playwright's own download is not reachable).
+CHROMIUM := /usr/bin/chromium
 
 .PHONY: dev test lint lint-template deploy bench clean
 
@@ -14,10 +16,21 @@ $(STAMP): requirements.txt requirements-dev.txt pyproject.toml layers/core/pypro
 	$(BIN)/python -m pip install --quiet --no-deps -e layers/core -e clients/first-auth -e .
 	touch $(STAMP)
 
+# Installed when missing: as root (CI on a fresh Debian machine) or through sudo; elsewhere the
+# browser tests are skipped, saying so.
+$(CHROMIUM):
+	@if [ "$$(id -u)" = 0 ]; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; \
+	elif command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then \
+		sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; \
+	else \
+		echo "make: no $(CHROMIUM) and no root: the browser tests will be skipped (apt-get install chromium)" >&2; \
+	fi
+
 dev: $(STAMP)
 	$(BIN)/first-gateway dev --port $(PORT) $(ARGS)
 
-test: $(STAMP)
+test: $(STAMP) $(CHROMIUM)
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)

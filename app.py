@@ -14,9 +14,11 @@ from typing import Any
 from chalice import Chalice, Response
 from chalice.app import Request
 
+from chalicelib.admin import admin
 from chalicelib.batches import batch_routes
 from chalicelib.callbacks import callbacks
 from chalicelib.catalog import catalog
+from chalicelib.dashboard import dashboard
 from chalicelib.files import file_routes
 from chalicelib.requests import requests
 from first_core import edge, observability
@@ -32,6 +34,8 @@ app.register_blueprint(requests)  # a caller's requests and usage
 app.register_blueprint(callbacks)  # the callback sink: results, stream chunks, batch reports
 app.register_blueprint(file_routes)  # OpenAI Files
 app.register_blueprint(batch_routes)  # OpenAI's and FIRST's batches
+app.register_blueprint(dashboard)  # the dashboard's page, sign-in and session
+app.register_blueprint(admin)  # admins' figures, request log and maintenance switch
 
 # Chalice answers a few refusals itself, before any view runs (405 for a method a route does not
 # take, 415 for a content type it does not accept), as `{"Code", "Message"}`: put them in OpenAI's

@@ -1,6 +1,6 @@
 """What every control-plane view shares: `route`, which answers any `GatewayError` in OpenAI's
 error shape and counts callbacks and refusals (first_core.observability), and the request at
-hand (`current_request`, `query`, `raw_body`, `caller`).
+hand (`current_request`, `query`, `raw_body`, `caller`, `base_url`).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from chalice.app import Request
 from first_core import observability
 from first_core.auth import Caller, get_authenticator
 from first_core.credentials import one_authorization, source_address
+from first_core.dashboard import sessions
 from first_core.errors import GatewayError, internal_error_body
 
 log = logging.getLogger("first.control")
@@ -119,8 +120,35 @@ def client_address() -> str | None:
 
 
 def caller() -> Caller:
-    """Who is calling (401 if that cannot be established), and that they may (403 if not)."""
+    """Who is calling (401 if that cannot be established), and that they may (403 if not).
+
+    A bearer token, or, with no Authorization header, the dashboard's session cookie; a
+    session's request that is not a GET must carry its CSRF header too (403 otherwise)."""
     authenticator = get_authenticator()
-    who = authenticator.authenticate(authorization(), client_address())
+    given = authorization()
+    session = sessions.read(header("cookie")) if given is None else None
+    if session is not None:
+        if current_request().method not in ("GET", "HEAD"):
+            sessions.check_csrf(session, header(sessions.CSRF_HEADER))
+        who = session.caller
+    else:
+        who = authenticator.authenticate(given, client_address())
     authenticator.authorize(who)
     return who
+
+
+def base_url() -> str:
+    """The base URL the browser used: scheme (API Gateway's `X-Forwarded-Proto`), host, and
+    the stage's path prefix (`/dev` on an execute-api address; none locally or on a custom
+    domain without a base path)."""
+    request = current_request()
+    proto = header("x-forwarded-proto") or "http"
+    full = str((request.context or {}).get("path") or "")
+    path = str(request.to_original_event().get("path") or "")
+    prefix = full[: len(full) - len(path)] if path and full.endswith(path) else ""
+    return f"{proto}://{header('host') or 'localhost'}{prefix}"
+
+
+def is_https() -> bool:
+    """Whether the browser reached the gateway over https (cookies are then `Secure`)."""
+    return base_url().startswith("https://")

@@ -8,9 +8,20 @@ from chalice import Blueprint
 
 from chalicelib.http import caller, query, route
 from first_core import usage
+from first_core.batches.files import page_params
+from first_core.dashboard import history
 from first_core.inference import records, results
 
 requests = Blueprint(__name__)
+
+
+@route(requests, "/v1/requests", methods=["GET"])
+def list_requests() -> dict[str, Any]:
+    """The caller's requests, newest first (status, model, cluster, latency, tokens), as
+    OpenAI's cursor page (`limit`, `after`)."""
+    who, params = caller(), query()
+    limit, _ = page_params(params, default_limit=20, max_limit=100)
+    return history.own_requests(who, limit, params.get("after"))
 
 
 @route(requests, "/v1/requests/{request_id}", methods=["GET"])

@@ -342,7 +342,20 @@ segment = st.one_of(
 ).map(lambda s: quote(s, safe=""))
 query = st.dictionaries(
     st.sampled_from(
-        ["start_date", "end_date", "user", "x", "limit", "after", "order", "purpose", "status"]
+        [
+            "start_date",
+            "end_date",
+            "user",
+            "x",
+            "limit",
+            "after",
+            "order",
+            "purpose",
+            "status",
+            "hours",
+            "model",
+            "cluster",
+        ]
     ),
     st.one_of(
         st.text(max_size=30),
@@ -392,6 +405,14 @@ OBJECT_ROUTES = [
     "/resource_server/v1/batches/{a}/result",
 ]
 GET_ROUTES += OBJECT_ROUTES
+# The dashboard's JSON routes (issue 16); its sign-in pages answer a browser in HTML.
+GET_ROUTES += [
+    "/v1/requests",
+    "/v1/admin/activity",
+    "/v1/admin/requests",
+    "/dashboard/session",
+    "/dashboard/assets/{a}",
+]
 
 
 @FUZZ

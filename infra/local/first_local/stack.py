@@ -172,6 +172,7 @@ class LocalStack:
             DEV_CLIENT_ID,
             DEV_CLIENT_SECRET,
             DEV_GATEWAY_SCOPE,
+            DEV_NATIVE_CLIENT_ID,
             DEV_SERVICE_CLIENT_ID,
         )
 
@@ -186,6 +187,8 @@ class LocalStack:
             "FIRST_GLOBUS_CLIENT_ID": DEV_CLIENT_ID,
             "FIRST_GLOBUS_CLIENT_SECRET": DEV_CLIENT_SECRET,
             "FIRST_GATEWAY_SCOPE": DEV_GATEWAY_SCOPE,
+            # The dashboard signs in through the stand-in's dev native app (as first-auth does).
+            "FIRST_NATIVE_CLIENT_ID": DEV_NATIVE_CLIENT_ID,
             "FIRST_ALLOWED_DOMAINS": json.dumps(["anl.gov", "uchicago.edu"]),
             "FIRST_ALLOWED_GROUPS": json.dumps([ALLOWED_GROUP_ID]),
             "FIRST_ADMIN_GROUPS": json.dumps([ADMIN_GROUP_ID]),
@@ -458,6 +461,11 @@ class LocalStack:
                 raise SystemExit(str(error)) from None
         # Log and metric lines reach a file (tests, --state-file users) as they are written.
         sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
+        if self.options.metrics:
+            # The metric lines go to moto's CloudWatch too, as Lambda sends them to CloudWatch.
+            from first_local.metrics import mirror_to_cloudwatch
+
+            mirror_to_cloudwatch(f"http://127.0.0.1:{self.moto_port}")
         # A plain SIGTERM would skip `finally` and leave the children running.
         signal.signal(signal.SIGTERM, _exit_on_signal)
         try:

@@ -73,6 +73,13 @@ class Settings(BaseSettings):
     globus_connect_timeout_seconds: float = 3.0
     globus_read_timeout_seconds: float = 5.0
 
+    # The dashboard (/dashboard) signs in with `native_client_id`'s authorization code with PKCE
+    # (its redirect URI <base URL>/dashboard/callback). Its session cookie is signed with
+    # `dashboard_session_secret` (HMAC-SHA256), or, when that is empty, with a key derived from
+    # `callback_secret` (so a deploy needs no further secret), and lasts this long.
+    dashboard_session_secret: SecretStr = SecretStr("")
+    dashboard_session_seconds: int = 45 * 60
+
     # Callbacks from the clusters come back to this URL, signed with this secret.
     public_base_url: str = "http://127.0.0.1:8000"
     callback_secret: SecretStr = SecretStr("")

@@ -6,6 +6,7 @@ local stack. One browser for the module; a screenshot of each page goes to
 from __future__ import annotations
 
 import json
+import os
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -20,7 +21,12 @@ from tests.conftest import PROJECT_ROOT
 from tests.contract.conftest import Stack
 
 pytestmark = pytest.mark.contract
-sync_api = pytest.importorskip("playwright.sync_api")
+# In CI the browser tests must run: a missing chromium or playwright fails there, not skips.
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+if IN_CI:
+    import playwright.sync_api as sync_api
+else:
+    sync_api = pytest.importorskip("playwright.sync_api")
 
 CHROMIUM = Path("/usr/bin/chromium")
 # Playwright's own browser download is not reachable: Debian's chromium, with these flags.
@@ -44,6 +50,8 @@ DESKTOP = {"width": 1280, "height": 900}
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
     if not CHROMIUM.exists():
+        if IN_CI:
+            pytest.fail("no /usr/bin/chromium in CI: `make test` should have installed it")
         pytest.skip("no /usr/bin/chromium: `make test` installs it (apt-get install chromium)")
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     with sync_api.sync_playwright() as playwright:

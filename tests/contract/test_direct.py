@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import anthropic
 import httpx
 import openai
 import pytest
@@ -227,3 +228,35 @@ def test_a_client_that_leaves_mid_stream_closes_the_upstream_stream(stack: Stack
     assert after["disconnected"] == before["disconnected"] + 1
     assert after["open"] == 0
     assert record(stack, request_id, "cancelled")["status"] == "cancelled"
+
+
+def test_responses_and_messages_streamed_and_not(stack: Stack) -> None:
+    client = stack.client()
+    expected = upstream_client(stack).responses.create(model=DIRECT_MODEL, input="Hello there")
+
+    raw = client.responses.with_raw_response.create(model=DIRECT_MODEL, input="Hello there")
+    response = raw.parse()
+    assert response.output_text == expected.output_text
+    item = record(stack, raw.headers["x-first-request-id"])
+    assert item["completion_tokens"] == response.usage.output_tokens
+    events = list(client.responses.create(model=DIRECT_MODEL, input="Hello there", stream=True))
+    assert events[-1].type == "response.completed"
+    assert events[-1].response.output_text == expected.output_text
+
+    claude = anthropic.Anthropic(
+        base_url=stack.base_url, auth_token=mint_token("alice"), max_retries=0
+    )
+    messages = [{"role": "user", "content": "Hello there"}]
+    message = claude.messages.with_raw_response.create(
+        model=DIRECT_MODEL, max_tokens=16, messages=messages
+    )
+    parsed = message.parse()
+    assert parsed.type == "message" and parsed.content[0].text
+    usage = usage_rows(stack, message.headers["x-first-request-id"])[0]
+    assert int(usage["completion_tokens"]) == parsed.usage.output_tokens
+    with claude.messages.stream(model=DIRECT_MODEL, max_tokens=16, messages=messages) as stream:
+        request_id = stream.response.headers["x-first-request-id"]
+        text = "".join(stream.text_stream)
+    assert text == parsed.content[0].text
+    streamed = record(stack, request_id)
+    assert streamed["completion_tokens"] == parsed.usage.output_tokens

@@ -126,7 +126,11 @@ def submit(
             idempotency.release(caller.user_id, idempotency_key, request_id)
         raise
     if endpoint.direct is not None:
-        call = upstream.prepare(endpoint, openai_path, request, raw_body, reservation)
+        try:
+            call = upstream.prepare(endpoint, openai_path, request, raw_body, reservation)
+        except BaseException:  # no key to call it with: nothing was sent, nothing is held
+            ratelimit.settle(reservation.to_json(), 0)
+            raise
         deadline = time.monotonic() + call.timeout
         return Submission(request_id, None, endpoint, route.reason, request, deadline, call)
     assert function_id is not None  # a Globus Compute endpoint's, checked above

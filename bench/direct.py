@@ -22,6 +22,7 @@ from bench.common import local_stack, machine, summary
 
 MODEL = "openai/gpt-oss-20b"
 MESSAGES = [{"role": "user", "content": "Give me one sentence about HPC."}]
+USERS = ("alice", "dave")  # dev identities the local stack serves
 
 
 def non_streamed(client: openai.OpenAI, phases: list[dict[str, float]] | None = None) -> float:
@@ -72,23 +73,27 @@ def main() -> None:
         upstream = openai.OpenAI(
             base_url=state["direct_url"], api_key=DIRECT_DEV_KEY, max_retries=0
         )
-        gateway = openai.OpenAI(
-            base_url=f"{state['base_url']}/v1", api_key=mint_token("alice"), max_retries=0
-        )
-        for _ in range(args.warmup):
+        # Two users in turn: back to back, one user would pass the default 20 requests/s.
+        gateways = [
+            openai.OpenAI(
+                base_url=f"{state['base_url']}/v1", api_key=mint_token(user), max_retries=0
+            )
+            for user in USERS
+        ]
+        for i in range(args.warmup):
             non_streamed(upstream)
-            non_streamed(gateway)
+            non_streamed(gateways[i % 2])
             streamed(upstream, args.stream_tokens)
-            streamed(gateway, args.stream_tokens)
+            streamed(gateways[i % 2], args.stream_tokens)
         upstream_times, gateway_times = [], []
         phases: list[dict[str, float]] = []
-        for _ in range(args.requests):
+        for i in range(args.requests):
             upstream_times.append(non_streamed(upstream))
-            gateway_times.append(non_streamed(gateway, phases))
+            gateway_times.append(non_streamed(gateways[i % 2], phases))
         upstream_streams, gateway_streams = [], []
-        for _ in range(args.requests):
+        for i in range(args.requests):
             upstream_streams.append(streamed(upstream, args.stream_tokens))
-            gateway_streams.append(streamed(gateway, args.stream_tokens))
+            gateway_streams.append(streamed(gateways[i % 2], args.stream_tokens))
 
     u, g = summary(upstream_times), summary(gateway_times)
     print(f"machine: {machine()}")

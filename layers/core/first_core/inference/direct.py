@@ -9,8 +9,8 @@ reused across the invocations of a warm Lambda. A non-streamed answer is returne
 upstream sent it (its `model` put back to the gateway's name); a stream is relayed event by
 event, with keep-alives, the usage chunk only for a client that asked for it, and the upstream
 response closed when the client leaves. When it ends, the request is written once: its record
-(already ended, with the answer and usage), its usage record, and its reservation settled, side
-by side.
+(already ended, with the answer and usage) and its usage record, side by side, awaited; its
+reservation is settled beside the answer.
 
 Long because: it is the whole direct path after the reservation, the call and its error
 mapping, the stream relay and the one write at the end, kept together to read in one place.
@@ -73,6 +73,7 @@ async def answer(submission: Submission, caller: Caller, headers: dict[str, str]
             headers.update({"cache-control": "no-store", "x-accel-buffering": "no"})
             return None, events
         response = await _send(call, stream=False)
+        end.first_contact = time.time()
         body = _renamed(_json(response.content), call)
     except GatewayError as error:
         await end.write("timed_out" if error.status == 504 else "failed", error=error.message)
@@ -80,9 +81,12 @@ async def answer(submission: Submission, caller: Caller, headers: dict[str, str]
     except asyncio.CancelledError:  # the client left while the upstream was answering
         end.later("cancelled")
         raise
-    usage = _usage(body)
-    await end.write("completed", usage=usage, response=body)
-    headers["server-timing"] = f"upstream;dur={(time.perf_counter() - started) * 1000:.1f}"
+    answered = time.perf_counter()
+    await end.write("completed", usage=_usage(body), response=body)
+    headers["server-timing"] = (
+        f"upstream;dur={(answered - started) * 1000:.1f}, "
+        f"record;dur={(time.perf_counter() - answered) * 1000:.1f}"
+    )
     return body, None
 
 
@@ -249,13 +253,20 @@ class _Ending:
         error: str | None = None,
         response: Any = None,
     ) -> None:
-        """The three writes side by side (each its own item), awaited."""
+        """The record and the usage record side by side (each its own item), awaited: the
+        answer goes out once they are durable. The reservation's settle (a correction of the
+        rate counters, best effort on every path) is not waited for."""
         if self.done:
             return
         self.done = True
-        writes = self._writes(status, usage, error, response)
+        *durable, settle = self._writes(status, usage, error, response)
         results = await asyncio.gather(
-            *(asyncio.to_thread(*write) for write in writes), return_exceptions=True
+            *(asyncio.to_thread(*write) for write in durable), return_exceptions=True
+        )
+        # After the durable writes, not beside them: they would queue behind it (moto serves
+        # one call at a time locally; on DynamoDB it only saves a thread).
+        asyncio.get_running_loop().run_in_executor(
+            None, _logged, self.submission.request_id, *settle
         )
         for outcome in results:
             if isinstance(outcome, BaseException):

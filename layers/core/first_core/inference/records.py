@@ -106,8 +106,9 @@ def ended(
 
 
 def save_ended(record: RequestRecord) -> None:
-    """Write an ended request's record (`ended`) once: a second put of the same id fails."""
-    record.save(condition=RequestRecord.request_id.does_not_exist())
+    """Write an ended request's record (`ended`), its only write: its id is new (`new_request_id`)
+    and only the request that made it writes it, so the put needs no condition."""
+    record.save()
 
 
 def set_task(request_id: str, task_id: str, batch_id: str | None = None) -> bool:

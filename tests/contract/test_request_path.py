@@ -101,7 +101,8 @@ def test_embeddings(stack: Stack, options: dict[str, Any]) -> None:
 
 def test_models_federated_and_per_cluster(stack: Stack) -> None:
     everywhere = {m.id for m in stack.client().models.list()}
-    assert everywhere == {MODEL, BIG_MODEL, EMBEDDING_MODEL, SMALL_MODEL}
+    # ... and the local direct backend's (tests/contract/test_direct.py).
+    assert everywhere == {MODEL, BIG_MODEL, EMBEDDING_MODEL, SMALL_MODEL, "openai/gpt-oss-20b"}
     polaris = {m.id for m in stack.client(federated=False, cluster="polaris").models.list()}
     assert polaris == {MODEL, SMALL_MODEL}
 

@@ -7,12 +7,26 @@ from pathlib import Path
 
 import pytest
 
-from first_core.registry import Registry, RegistryFileError, health, load_file, publish
+from first_core.auth import Caller
+from first_core.registry import (
+    Cluster,
+    DirectBackend,
+    Endpoint,
+    FunctionIds,
+    Limits,
+    Registry,
+    RegistryFileError,
+    health,
+    load_file,
+    publish,
+    routing,
+)
 from first_core.registry.config import DIRECT_FRAMEWORK
 from first_core.tables import RegistryEntry
 from first_local.mock_vllm import MockConfig, create_app
 from tests.support.asgi import serve
 from tests.support.compute import FakeBackend
+from tests.support.identities import ALICE, BOB, GROUP_A
 from tests.support.registry import LOCAL_REGISTRY, REGISTERED_FUNCTIONS
 
 COMPUTE_ID = "f5ddf440-2b40-56af-bcff-c720b49fb2e4"
@@ -203,3 +217,46 @@ def test_maintenance_holds_for_a_direct_backend(aws: None, tmp_path: Path) -> No
         health.poll(FakeBackend(endpoints={"f5ddf440-2b40-56af-bcff-c720b49fb2e4": "online"}))
 
     assert _direct_status()[0] == "maintenance"
+
+
+# -- federation: a model on a cluster and on a direct backend ----------------------------------
+def _federated(cluster_status: str, direct_status: str, groups: list[str]) -> Registry:
+    """`m1` on cluster `sophia` (Globus Compute) and on `cloud` (direct, open to `groups`)."""
+
+    def on(name: str, status: str, direct: DirectBackend | None) -> Endpoint:
+        return Endpoint(
+            cluster=name,
+            framework="vllm",
+            model="m1",
+            endpoint_id=f"direct:{direct.base_url}" if direct else COMPUTE_ID,
+            functions=FunctionIds(inference="" if direct else COMPUTE_ID),
+            limits=Limits(),
+            allowed_groups=groups if direct else [],
+            status=status,
+            direct=direct,
+        )
+
+    clusters = {
+        name: Cluster(
+            name=name, frameworks=["vllm"], allowed_groups=[], allowed_domains=[], status="online"
+        )
+        for name in ("sophia", "cloud")
+    }
+    backend = DirectBackend(base_url="https://api.example.org/v1", upstream_model="m1")
+    return Registry(
+        clusters, [on("sophia", cluster_status, None), on("cloud", direct_status, backend)]
+    )
+
+
+def _chosen(registry: Registry, who: Caller) -> str:
+    return routing.choose(registry, who, "m1").endpoint.cluster
+
+
+def test_federation_routes_a_model_on_a_cluster_and_a_direct_backend_by_the_same_rules() -> None:
+    # A running model on a cluster comes before an online one (a direct backend says online).
+    assert _chosen(_federated("running", "online", []), ALICE) == "sophia"
+    # The cluster down: the direct backend serves.
+    assert _chosen(_federated("offline", "online", []), ALICE) == "cloud"
+    # Its own groups hold as any endpoint's: bob is not in them, so only the cluster serves him.
+    assert _chosen(_federated("online", "running", [GROUP_A]), BOB) == "sophia"
+    assert _chosen(_federated("stopped", "online", [GROUP_A]), ALICE) == "cloud"

@@ -7,12 +7,16 @@ interleaved so machine noise falls on both alike (median, p95); then N streamed 
 (time to first token and total). Every gateway request is authenticated, rate limited and written
 (its record, its usage record, its reservation settled) before its answer is sent.
 
-    .venv/bin/python -m bench.direct [--requests 200] [--stream-tokens 32]
+    .venv/bin/python -m bench.direct [--requests 200] [--stream-tokens 32] [--no-rate-limits]
+
+`--no-rate-limits` turns the default per-user limits off (FIRST_DEFAULT_*=0: no counter is
+taken or settled), to show what the rate-limit counters cost on the local moto.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 
@@ -63,7 +67,11 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=200)
     parser.add_argument("--warmup", type=int, default=20)
     parser.add_argument("--stream-tokens", type=int, default=32)
+    parser.add_argument("--no-rate-limits", action="store_true")
     args = parser.parse_args()
+    if args.no_rate_limits:  # the stack's gateway inherits this process's environment
+        os.environ["FIRST_DEFAULT_REQUESTS_PER_SECOND_PER_USER"] = "0"
+        os.environ["FIRST_DEFAULT_TOKENS_PER_MINUTE_PER_USER"] = "0"
 
     from first_local.globus_standin import mint_token
     from first_local.stack import DIRECT_DEV_KEY
@@ -98,6 +106,8 @@ def main() -> None:
     u, g = summary(upstream_times), summary(gateway_times)
     print(f"machine: {machine()}")
     print(f"requests: {args.requests} each way, interleaved, after {args.warmup} warm-up each")
+    if args.no_rate_limits:
+        print("rate limits: off (no counter taken or settled)")
     print("non-streamed chat (max_tokens 32):")
     print(f"  upstream directly : median {u['median_ms']:7.2f} ms   p95 {u['p95_ms']:7.2f} ms")
     print(f"  through the gateway: median {g['median_ms']:7.2f} ms   p95 {g['p95_ms']:7.2f} ms")

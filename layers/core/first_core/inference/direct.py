@@ -123,7 +123,7 @@ def upstream_error(status: int, content: bytes, call: DirectCall) -> GatewayErro
     """What the client gets for an upstream's refusal: its 4xx about the request passed on with
     the upstream's words (cleaned); the gateway's credentials refused, a 502 that says nothing
     of the key; the upstream busy (429) or down, 503 or 502."""
-    message = _message(content)
+    message = _redacted(_message(content), call)
     log.warning("direct backend %s answered %d: %s", call.url, status, message[:300])
     if status in (401, 403):
         return UpstreamError(
@@ -147,6 +147,12 @@ def upstream_error(status: int, content: bytes, call: DirectCall) -> GatewayErro
             f"The backend of '{call.gateway_model}' failed: {public_message(message)}"
         )
     return backend_error(status, message.replace(call.upstream_model, call.gateway_model))
+
+
+def _redacted(text: str, call: DirectCall) -> str:
+    """`text` without the gateway's key, should the upstream quote it back."""
+    key = call.headers.get("authorization", "").removeprefix("Bearer ")
+    return text.replace(key, "(key withheld)") if key else text
 
 
 def _message(content: bytes) -> str:

@@ -19,6 +19,8 @@ from first_core.errors import (
 )
 from first_core.inference import direct, upstream
 from first_core.registry import DirectBackend, Endpoint, FunctionIds, Limits
+from first_local.mock_vllm import MockConfig, create_app
+from tests.support.asgi import serve
 
 KEY = "sk-the-providers-key"
 
@@ -173,3 +175,48 @@ def test_a_timeout_is_the_compute_paths_504() -> None:
 
     assert failure[0] == "timed_out"
     assert failure[1]["error"]["code"] == ComputeTimeoutError.code
+
+
+class _Recorded:
+    """Stands for the request's end (`direct._Ending`): what the relay ended it with."""
+
+    def __init__(self) -> None:
+        self.first_contact: float | None = None
+        self.ended: tuple[str, object, object, object] | None = None
+
+    async def write(self, status: str, usage: object, error: object, answer: object) -> None:
+        self.ended = (status, usage, error, answer)
+
+    def later(self, status: str, usage: object = None, error: object = None) -> None:
+        self.ended = (status, usage, error, None)
+
+
+def test_a_silent_upstream_gets_keep_alives_then_its_events_and_the_usage_is_kept(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(direct, "KEEPALIVE_SECONDS", 0.05)
+    body = {
+        "model": "gpt-x",
+        "messages": [{"role": "user", "content": "late [mock:delay=400] [mock:tokens=3]"}],
+        "stream": True,
+    }
+    ended = _Recorded()
+
+    async def relayed(url: str) -> list[bytes]:
+        call = prepared(body, upstream_model="gpt-x")
+        call = upstream.DirectCall(**{**call.__dict__, "url": f"{url}/v1/chat/completions"})
+        response = await direct._send(call, stream=True)
+        return [event async for event in direct._relay(response, call, ended)]  # type: ignore[arg-type]
+
+    with serve(create_app(MockConfig(models=("gpt-x",)))) as url:
+        events = asyncio.run(relayed(url))
+
+    assert events[0] == b": keep-alive\n\n"  # while the upstream said nothing
+    data = [e for e in events if e.startswith(b"data: {")]
+    assert len(data) == 4 and events[-1] == b"data: [DONE]\n\n"  # role, 3 tokens; no usage chunk
+    assert all(b'"usage"' not in e for e in data)
+    assert ended.ended is not None
+    status, usage, _, answer = ended.ended
+    assert status == "completed"
+    assert usage is not None and usage.completion_tokens == 3  # type: ignore[attr-defined]
+    assert answer["object"] == "chat.completion"  # type: ignore[index]

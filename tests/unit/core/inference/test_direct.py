@@ -220,3 +220,31 @@ def test_a_silent_upstream_gets_keep_alives_then_its_events_and_the_usage_is_kep
     assert status == "completed"
     assert usage is not None and usage.completion_tokens == 3  # type: ignore[attr-defined]
     assert answer["object"] == "chat.completion"  # type: ignore[index]
+
+
+def test_a_key_from_secrets_manager_is_read_once_and_a_missing_one_named_nowhere(
+    aws: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import boto3
+
+    monkeypatch.setattr(upstream, "_secrets", {})
+    manager = boto3.client("secretsmanager", region_name="us-east-1")
+    manager.create_secret(Name="first/dev/direct/cloud", SecretString=KEY)
+    reads = []
+    original = boto3.client
+
+    def counted(*args: object, **kwargs: object) -> object:
+        reads.append(args)
+        return original(*args, **kwargs)  # type: ignore[call-overload]
+
+    monkeypatch.setattr(boto3, "client", counted)
+
+    call = prepared(CHAT, api_key_secret="first/dev/direct/cloud")
+    again = prepared(CHAT, api_key_secret="first/dev/direct/cloud")
+
+    assert call.headers["authorization"] == again.headers["authorization"] == f"Bearer {KEY}"
+    assert len(reads) == 1  # cached for SECRET_CACHE_SECONDS
+    with pytest.raises(UpstreamError) as missing:
+        prepared(CHAT, api_key_secret="first/dev/direct/absent")
+    assert missing.value.status == 502
+    assert "first/dev/direct" not in missing.value.message

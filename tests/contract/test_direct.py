@@ -19,7 +19,7 @@ import pytest
 from first_local.globus_standin import mint_token
 from first_local.stack import DIRECT_DEV_KEY, DIRECT_KEY_VARIABLE
 from tests.contract.conftest import Stack
-from tests.support.contract import usage_rows
+from tests.support.contract import rows, usage_rows, wait_for
 
 pytestmark = pytest.mark.contract
 
@@ -260,3 +260,42 @@ def test_responses_and_messages_streamed_and_not(stack: Stack) -> None:
     assert text == parsed.content[0].text
     streamed = record(stack, request_id)
     assert streamed["completion_tokens"] == parsed.usage.output_tokens
+
+
+def test_a_batch_on_the_direct_backend_runs_from_the_batch_driver(stack: Stack) -> None:
+    client = stack.client()
+    lines = [
+        json.dumps(
+            {
+                "custom_id": f"line-{i}",
+                "method": "POST",
+                "url": "/v1/chat/completions",
+                "body": {"model": DIRECT_MODEL, "messages": CHAT, "max_tokens": 4 + i},
+            }
+        )
+        for i in range(5)
+    ]
+    file = client.files.create(file=("direct.jsonl", "\n".join(lines).encode()), purpose="batch")
+    batch = client.batches.create(
+        input_file_id=file.id, endpoint="/v1/chat/completions", completion_window="24h"
+    )
+
+    ended = wait_for(client, batch.id, timeout=60)
+
+    assert ended.status == "completed", ended
+    assert ended.request_counts.completed == 5 and ended.request_counts.failed == 0
+    output = rows(client, ended.output_file_id)
+    by_id = {row["custom_id"]: row["response"] for row in output}
+    assert sorted(by_id) == [f"line-{i}" for i in range(5)]
+    for i in range(5):
+        body = by_id[f"line-{i}"]["body"]
+        assert by_id[f"line-{i}"]["status_code"] == 200
+        assert body["model"] == DIRECT_MODEL
+        assert body["usage"]["completion_tokens"] == 4 + i
+    record = stack.table("batches").get_item(Key={"batch_id": batch.id}, ConsistentRead=True)
+    item = record["Item"]
+    assert item["task_id"] == "direct"  # no Globus Compute task: the driver ran it
+    completion = sum(4 + i for i in range(5))
+    assert int(item["completion_tokens"]) == completion
+    usage = usage_rows(stack, batch.id)
+    assert len(usage) == 1 and int(usage[0]["completion_tokens"]) == completion

@@ -74,6 +74,7 @@ TABLE_ACCESS = {
         "files": "crud",
         "rate_counters": "crud",
         "usage": "crud",
+        "registry": "read",  # a direct backend's batches: its URL and key
     },
 }
 # What each function may do in each prefix of the bucket. A presigned URL carries its signer's
@@ -94,18 +95,20 @@ S3_ACCESS: dict[str, dict[str, set[str]]] = {
     },
     "BatchDriverFunction": {
         "files/*": {"s3:GetObject"},
-        "batches/*": {"s3:GetObject"},
+        # A direct backend's batch: the driver writes its output parts and files itself.
+        "batches/*": {"s3:GetObject", "s3:PutObject"},
         "list": {"files/*", "batches/*"},
     },
 }
-# What each function may do with the submit queue: the proxy sends, the submitter's event
-# source (SAM's SQS poller policy) receives and deletes.
 # Secrets each function may read: only the direct backends' keys, under the stage's prefix.
 DIRECT_KEYS = r"arn:aws:secretsmanager:us-east-1:\d{12}:secret:first/dev/direct/\*"
 SECRETS_ACCESS = {
     "ProxyFunction": {DIRECT_KEYS: {"secretsmanager:GetSecretValue"}},
     "HealthPollerFunction": {DIRECT_KEYS: {"secretsmanager:GetSecretValue"}},
+    "BatchDriverFunction": {DIRECT_KEYS: {"secretsmanager:GetSecretValue"}},
 }
+# What each function may do with the submit queue: the proxy sends, the submitter's event
+# source (SAM's SQS poller policy) receives and deletes.
 SQS_ACCESS: dict[str, dict[str, set[str]]] = {
     "ProxyFunction": {"first-dev-submit": {"sqs:SendMessage*"}},
     "SubmitterFunction": {

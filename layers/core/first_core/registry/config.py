@@ -180,8 +180,6 @@ class EndpointConfig(_Strict):
         if self.backend == "direct":
             compute_only = ("endpoint_id", "functions", "batch_endpoint_id")
             given = [name for name in compute_only if getattr(self, name) is not None]
-            if self.batches:
-                given.append("batches")
             if given:
                 raise ValueError(f"a direct backend takes no {', '.join(given)}")
             if self.base_url is None:

@@ -204,6 +204,8 @@ def create_first(
     route = routing.choose(
         Registry.current(), caller, request.model, cluster, framework, for_batches=True
     )
+    if route.endpoint.direct is not None:
+        raise _no_cluster_paths(request.model)
     record = _new_record(caller, "first", "/v1/chat/completions", route.endpoint, batch_id)
     record.input_path = request.input_file
     # FIRST writes results beside the input unless told where.
@@ -349,12 +351,7 @@ def submit(
     backend's batch has no task: the batch driver runs it (first_core.batches.direct)."""
     if record.endpoint_id.startswith(DIRECT_PREFIX):
         if record.kind != "openai":
-            raise InvalidRequestError(
-                f"'{record.model}' is served by a direct backend, which reads no cluster paths: "
-                "use an OpenAI batch (POST /v1/batches).",
-                param="model",
-                code="batches_not_supported",
-            )
+            raise _no_cluster_paths(record.model)
         return DIRECT_TASK
     if record.kind == "openai":
         key = input_key or f"files/{record.input_file_id}.jsonl"
@@ -396,6 +393,15 @@ def _submit_task(
             # The cluster keeps each user to their own directories (`{user}` in its roots).
             "owner": record.username,
         },
+    )
+
+
+def _no_cluster_paths(model: str) -> InvalidRequestError:
+    return InvalidRequestError(
+        f"'{model}' is served by a direct backend, which reads no cluster paths: use an OpenAI "
+        "batch (POST /v1/batches).",
+        param="model",
+        code="batches_not_supported",
     )
 
 

@@ -11,6 +11,7 @@ import pytest
 
 from first_core import storage
 from first_core.batches import driver, lifecycle
+from first_core.errors import InvalidRequestError
 from first_core.registry import Registry, load_file, publish
 from first_core.settings import get_settings
 from first_core.tables import BatchRecord
@@ -74,3 +75,15 @@ def test_a_direct_batch_runs_a_chunk_per_driver_run_then_finalizes(
     assert [row["custom_id"] for row in output] == ["r0", "r1", "r2"]
     assert all(row["response"]["body"]["model"] == MODEL for row in output)
     assert record.output_file_id and record.error_file_id
+
+
+def test_a_first_batch_on_a_direct_backend_is_refused_before_anything_is_written(
+    direct_registry: str,
+) -> None:
+    body = {"model": MODEL, "input_file": "/data/in.jsonl"}
+
+    with pytest.raises(InvalidRequestError) as refused:
+        lifecycle.create_first(CALLER, "cloud", "vllm", json.dumps(body).encode())
+
+    assert refused.value.code == "batches_not_supported"
+    assert list(BatchRecord.scan()) == []

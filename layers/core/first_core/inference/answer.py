@@ -119,4 +119,8 @@ def client_left(request_id: str) -> None:
 
 def _cancel_once_submitted(submitting: asyncio.Future[Submission]) -> None:
     if not submitting.cancelled() and submitting.exception() is None:
-        client_left(submitting.result().request_id)
+        submission = submitting.result()
+        if submission.direct is not None:  # nothing was sent upstream: only give back its hold
+            direct.never_sent(submission)
+            return
+        client_left(submission.request_id)

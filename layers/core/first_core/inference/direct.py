@@ -90,6 +90,15 @@ async def answer(submission: Submission, caller: Caller, headers: dict[str, str]
     return body, None
 
 
+def never_sent(submission: Submission) -> None:
+    """The client left before the upstream was called: its reservation is given back, on a
+    thread (this runs in a done-callback, with no request record to end)."""
+    call = submission.direct
+    if call is not None and call.reservation:
+        settle = (ratelimit.settle, call.reservation, 0)
+        asyncio.get_running_loop().run_in_executor(None, _logged, submission.request_id, *settle)
+
+
 async def _send(call: DirectCall, *, stream: bool) -> httpx.Response:
     """The upstream's response (a stream's still open), or the error it stands for."""
     http = client()

@@ -248,3 +248,27 @@ def test_a_key_from_secrets_manager_is_read_once_and_a_missing_one_named_nowhere
         prepared(CHAT, api_key_secret="first/dev/direct/absent")
     assert missing.value.status == 502
     assert "first/dev/direct" not in missing.value.message
+
+
+def test_a_client_gone_before_the_upstream_call_gets_its_reservation_given_back(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from first_core.inference.submit import Submission
+
+    settled: list[tuple[object, int]] = []
+    monkeypatch.setattr(
+        ratelimit, "settle", lambda reservation, used: settled.append((reservation, used))
+    )
+    call = upstream.DirectCall(
+        **{**prepared(CHAT).__dict__, "reservation": {"tokens": 99, "counters": []}}
+    )
+    request = schemas.parse_request("chat/completions", json.dumps(CHAT).encode())
+    submission = Submission("req_x", None, endpoint(), "why", request, 0.0, call)
+
+    async def gone() -> None:
+        direct.never_sent(submission)
+        await asyncio.sleep(0.2)  # the settle runs on the executor
+
+    asyncio.run(gone())
+
+    assert settled == [({"tokens": 99, "counters": []}, 0)]

@@ -119,7 +119,8 @@ def test_whoami_and_health(stack: Stack) -> None:
     assert me["groups"] == [ALLOWED_GROUP_ID]
     health = httpx.get(f"{stack.base_url}/health")
     assert health.status_code == 200
-    assert health.json()["clusters"] == {"sophia": "online", "polaris": "online"}
+    clusters = health.json()["clusters"]
+    assert clusters == {"sophia": "online", "polaris": "online", "direct": "online"}
 
 
 # -- errors the OpenAI SDK understands ------------------------------------------------------

@@ -84,7 +84,7 @@ def test_a_model_only_on_the_stopped_cluster_is_503_federated_too(polaris_down: 
 
 def test_status_needs_no_auth_and_shows_each_cluster(polaris_down: Stack) -> None:
     status = _get(polaris_down, "/resource_server/v1/status", user=None)["clusters"]
-    assert set(status) == {"sophia", "polaris"}
+    assert set(status) == {"sophia", "polaris", "direct"}  # direct: a direct backend
     assert status["polaris"]["status"] == "offline"
     assert status["polaris"]["models"]["offline"] == 2
     assert status["sophia"]["status"] == "online"

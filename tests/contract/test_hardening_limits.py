@@ -45,7 +45,7 @@ def tight_registry(path: Path) -> Path:
                     "tokens_per_minute_per_user": TPM,
                 }
                 found += 1
-            if endpoint.get("batches"):
+            if endpoint.get("batches") and endpoint.get("backend") != "direct":
                 endpoint["limits"] = {
                     "max_tokens": BATCH_CAP,
                     "requests_per_second_per_user": 100,

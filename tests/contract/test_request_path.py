@@ -101,7 +101,8 @@ def test_embeddings(stack: Stack, options: dict[str, Any]) -> None:
 
 def test_models_federated_and_per_cluster(stack: Stack) -> None:
     everywhere = {m.id for m in stack.client().models.list()}
-    assert everywhere == {MODEL, BIG_MODEL, EMBEDDING_MODEL, SMALL_MODEL}
+    # ... and the local direct backend's (tests/contract/test_direct.py).
+    assert everywhere == {MODEL, BIG_MODEL, EMBEDDING_MODEL, SMALL_MODEL, "openai/gpt-oss-20b"}
     polaris = {m.id for m in stack.client(federated=False, cluster="polaris").models.list()}
     assert polaris == {MODEL, SMALL_MODEL}
 
@@ -118,7 +119,8 @@ def test_whoami_and_health(stack: Stack) -> None:
     assert me["groups"] == [ALLOWED_GROUP_ID]
     health = httpx.get(f"{stack.base_url}/health")
     assert health.status_code == 200
-    assert health.json()["clusters"] == {"sophia": "online", "polaris": "online"}
+    clusters = health.json()["clusters"]
+    assert clusters == {"sophia": "online", "polaris": "online", "direct": "online"}
 
 
 # -- errors the OpenAI SDK understands ------------------------------------------------------

@@ -340,6 +340,14 @@ def _alarms(walk: Walk, result: subprocess.CompletedProcess[str]) -> None:
     assert re.fullmatch(parameter["AllowedPattern"], topic.group(1))
 
 
+def _direct_key(walk: Walk, result: subprocess.CompletedProcess[str]) -> None:
+    value = client("secretsmanager", walk.aws).get_secret_value(SecretId="first/dev/direct/cloud")
+    assert value["SecretString"] == "sk-your-providers-key"
+    # The deployed proxy may read exactly the stage's direct keys, this one among them.
+    policies = json.dumps(load_template()["Resources"]["ProxyFunction"]["Properties"]["Policies"])
+    assert "first/${Stage}/direct/*" in policies
+
+
 def _certificate(walk: Walk, result: subprocess.CompletedProcess[str]) -> None:
     arn = result.stdout.strip()
     certificate = client("acm", walk.aws).describe_certificate(CertificateArn=arn)["Certificate"]
@@ -387,6 +395,7 @@ CHECKS: dict[str, tuple[Callable[[Walk], None] | None, Check]] = {
     ),
     "TOPIC_ARN=$(aws sns create-topic": (None, _alarms),
     "aws acm request-certificate": (None, _certificate),
+    "export PROVIDER_KEY": (None, _direct_key),
     "aws wafv2 list-web-acls": (None, _web_acls),
     "git pull": (None, _upgraded),
     "BUCKET=$(aws cloudformation describe-stacks": (None, _torn_down),
@@ -394,7 +403,8 @@ CHECKS: dict[str, tuple[Callable[[Walk], None] | None, Check]] = {
 
 
 def _check_for(block: list[str]) -> str:
-    [key] = [k for k in CHECKS if block[0].startswith(k)] or [None]
+    keys = [k for k in CHECKS if block[0].startswith(k)]
+    key = max(keys, key=len) if keys else None
     assert key is not None, f"no check in CHECKS for the guide's block starting {block[0]!r}"
     return key
 

@@ -74,6 +74,7 @@ TABLE_ACCESS = {
         "files": "crud",
         "rate_counters": "crud",
         "usage": "crud",
+        "registry": "read",  # a direct backend's batches: its URL and key
     },
 }
 # What each function may do in each prefix of the bucket. A presigned URL carries its signer's
@@ -94,9 +95,17 @@ S3_ACCESS: dict[str, dict[str, set[str]]] = {
     },
     "BatchDriverFunction": {
         "files/*": {"s3:GetObject"},
-        "batches/*": {"s3:GetObject"},
+        # A direct backend's batch: the driver writes its output parts and files itself.
+        "batches/*": {"s3:GetObject", "s3:PutObject"},
         "list": {"files/*", "batches/*"},
     },
+}
+# Secrets each function may read: only the direct backends' keys, under the stage's prefix.
+DIRECT_KEYS = r"arn:aws:secretsmanager:us-east-1:\d{12}:secret:first/dev/direct/\*"
+SECRETS_ACCESS = {
+    "ProxyFunction": {DIRECT_KEYS: {"secretsmanager:GetSecretValue"}},
+    "HealthPollerFunction": {DIRECT_KEYS: {"secretsmanager:GetSecretValue"}},
+    "BatchDriverFunction": {DIRECT_KEYS: {"secretsmanager:GetSecretValue"}},
 }
 # What each function may do with the submit queue: the proxy sends, the submitter's event
 # source (SAM's SQS poller policy) receives and deletes.
@@ -616,6 +625,7 @@ def test_each_role_reaches_only_the_tables_and_objects_its_function_uses(
     access: dict[str, set[str]] = {}
     s3_actions: dict[str, set[str]] = {}
     sqs_actions: dict[str, set[str]] = {}
+    secret_actions: dict[str, set[str]] = {}
     bucket = deployed["outputs"]["ResultsBucketName"]
     for policy_name in iam.list_role_policies(RoleName=role)["PolicyNames"]:
         document = iam.get_role_policy(RoleName=role, PolicyName=policy_name)["PolicyDocument"]
@@ -636,7 +646,12 @@ def test_each_role_reaches_only_the_tables_and_objects_its_function_uses(
                 continue
             assert "*" not in arns
             services = {a.split(":")[0] for a in actions}
-            assert services in ({"dynamodb"}, {"s3"}, {"sqs"}), actions
+            assert services in ({"dynamodb"}, {"s3"}, {"sqs"}, {"secretsmanager"}), actions
+            if services == {"secretsmanager"}:
+                for arn in arns:
+                    pattern = next(p for p in SECRETS_ACCESS[function] if re.fullmatch(p, arn))
+                    secret_actions.setdefault(pattern, set()).update(actions)
+                continue
             if services == {"sqs"}:
                 for arn in arns:
                     queue = re.fullmatch(r"arn:aws:sqs:us-east-1:\d{12}:(.+)", arn)
@@ -667,6 +682,7 @@ def test_each_role_reaches_only_the_tables_and_objects_its_function_uses(
     assert kinds == TABLE_ACCESS[function]
     assert s3_actions == S3_ACCESS[function]
     assert sqs_actions == SQS_ACCESS.get(function, {})
+    assert secret_actions == SECRETS_ACCESS.get(function, {})
 
 
 def test_the_tables_exist_with_the_models_keys(deployed: dict[str, Any]) -> None:

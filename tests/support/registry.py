@@ -10,6 +10,7 @@ LOCAL_REGISTRY = PROJECT_ROOT / "infra" / "registry" / "local.yaml"
 MODEL = "meta-llama/Meta-Llama-3-8B-Instruct"
 EMBEDDER = "Salesforce/SFR-Embedding-Mistral"
 SMALL_MODEL = "meta-llama/Llama-3.2-1B-Instruct"  # served by polaris only
+DIRECT_MODEL = "openai/gpt-oss-20b"  # the local direct backend's (cluster `direct`)
 
 # infra/registry/local.yaml's endpoints, and function ids to load it with.
 SOPHIA_ENDPOINT = "f5ddf440-2b40-56af-bcff-c720b49fb2e4"

@@ -277,6 +277,10 @@ class _MockServer:
     def __init__(self, config: MockConfig) -> None:
         self.config = config
         self.rng = random.Random(config.seed)  # owned by the app so injected faults are replayable
+        # The key it requires now (`/_standin/api-key` changes it: a refused key on demand).
+        self.api_key = config.api_key
+        # Streams begun, run to their end, and cut off by their client (`/_standin/streams`).
+        self.streams = {"opened": 0, "finished": 0, "disconnected": 0}
 
     def _model(self, body: dict[str, Any]) -> str:
         model = body.get("model") or self.config.models[0]  # vLLM also defaults a missing model
@@ -303,7 +307,7 @@ class _MockServer:
         self, handler: Callable[[Request], Awaitable[Response]]
     ) -> Callable[[Request], Awaitable[Response]]:
         async def guarded(request: Request) -> Response:
-            key = self.config.api_key
+            key = self.api_key
             if key is not None and request.headers.get("authorization") != f"Bearer {key}":
                 return JSONResponse({"error": "Unauthorized"}, status_code=401)  # vLLM's shape
             try:
@@ -429,7 +433,7 @@ class _MockServer:
             events = self._events(
                 start, markers, chat, head, choices, usage if include_usage else None, continuous
             )
-            return StreamingResponse(events, media_type="text/event-stream")
+            return StreamingResponse(self._counted(events), media_type="text/event-stream")
         steps = requested if markers.error_after is None else min(markers.error_after, requested)
         await self._sleep_until(request, self._due(start, markers, steps))
         if markers.error_after is not None:
@@ -454,6 +458,31 @@ class _MockServer:
                 }
             )
         return JSONResponse({**head, "choices": body_choices, "usage": usage})
+
+    async def _counted(self, events: AsyncIterator[str]) -> AsyncIterator[str]:
+        """A stream's events, counted: begun, then finished or cut off by its client (Starlette
+        cancels the stream when the client disconnects)."""
+        self.streams["opened"] += 1
+        ended = "disconnected"
+        try:
+            async for event in events:
+                yield event
+            ended = "finished"
+        finally:
+            self.streams[ended] += 1
+
+    async def standin_streams(self, request: Request) -> Response:
+        """`GET /_standin/streams`: the stream counts, and how many are open now."""
+        counts = dict(self.streams)
+        counts["open"] = counts["opened"] - counts["finished"] - counts["disconnected"]
+        return JSONResponse(counts)
+
+    async def standin_api_key(self, request: Request) -> Response:
+        """`POST /_standin/api-key` `{"api_key": K}`: require K from now on (null: no key), so a
+        test can make the gateway's key wrong; answers the key it replaced."""
+        body = await _json_body(request)
+        before, self.api_key = self.api_key, body.get("api_key")
+        return JSONResponse({"api_key": before})
 
     def _due(self, start: float, markers: _Markers, token_index: int) -> float:
         """When token `token_index` is due: a fixed schedule from the start, so no drift."""
@@ -602,6 +631,8 @@ def create_app(config: MockConfig = MockConfig()) -> Starlette:
     return Starlette(
         routes=[
             Route("/health", _health, methods=["GET"]),
+            Route("/_standin/streams", server.standin_streams, methods=["GET"]),
+            Route("/_standin/api-key", server.standin_api_key, methods=["POST"]),
             Route("/v1/models", server.endpoint(server.models), methods=["GET"]),
             Route("/v1/chat/completions", server.endpoint(server.chat), methods=["POST"]),
             Route("/v1/completions", server.endpoint(server.completions), methods=["POST"]),

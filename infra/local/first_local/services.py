@@ -1,5 +1,6 @@
 """The stand-ins the gateway talks to over HTTP, served from one side process: the Globus
-Auth/Groups stand-in and (unless the user names a real backend) the mock vLLM.
+Auth/Groups stand-in, (unless the user names a real backend) the mock vLLM, and (with
+`--direct-port`) the mock upstream of the local direct backend.
 
 Run by the stack as `python -m first_local.services --auth-port A [--vllm-port V ...]`.
 """
@@ -33,6 +34,11 @@ async def _serve(args: argparse.Namespace) -> None:
             api_key=args.vllm_api_key or None,
         )
         servers.append(_server(create_mock_vllm(mock), args.vllm_port))
+    if args.direct_port:
+        # The local direct backend: a mock vLLM of its own, with a model no cluster serves and
+        # the key the gateway holds for it (first_core.inference.direct).
+        direct = MockConfig(models=tuple(args.direct_models), api_key=args.direct_api_key)
+        servers.append(_server(create_mock_vllm(direct), args.direct_port))
     await asyncio.gather(*(server.serve() for server in servers))
 
 
@@ -47,6 +53,9 @@ def main() -> None:
     parser.add_argument("--mock-token-rate", type=float, default=0.0)
     parser.add_argument("--backend-errors", type=float, default=0.0)
     parser.add_argument("--backend-hang", type=float, default=0.0)
+    parser.add_argument("--direct-port", type=int, default=0)
+    parser.add_argument("--direct-api-key", default=None)
+    parser.add_argument("--direct-models", nargs="+", default=["openai/gpt-oss-20b"])
     asyncio.run(_serve(parser.parse_args()))
 
 

@@ -36,6 +36,12 @@ PROJECT_ROOT = Path(__file__).resolve().parents[3]
 LOCAL_REGISTRY = PROJECT_ROOT / "infra" / "registry" / "local.yaml"
 # Stands for the function ids while the registry file is checked, before registration.
 UNREGISTERED_FUNCTIONS = {name: "00000000-0000-0000-0000-000000000000" for name in FUNCTIONS}
+# The local direct backend (infra/registry/local.yaml): the registry names these variables, the
+# stack sets them. The key is the gateway's for that upstream (its mock checks it); one in the
+# environment wins, so a stack can be started holding a wrong key.
+DIRECT_URL_VARIABLE = "FIRST_LOCAL_DIRECT_URL"
+DIRECT_KEY_VARIABLE = "FIRST_LOCAL_DIRECT_KEY"
+DIRECT_DEV_KEY = "first-local-direct-upstream-key-not-for-production"
 
 
 @dataclass
@@ -149,6 +155,8 @@ class LocalStack:
             self.auth_port = int(urlsplit(joined["globus_auth_url"]).port or 0)
             self.compute_port = int(urlsplit(joined["globus_compute_url"]).port or 0)
             self.vllm_port = 0
+            self.direct_port = 0
+            self.direct_url = str(joined.get("direct_url", ""))
             self.backend_url = options.backend_url or joined["backend_url"]
             self.cluster_fs = Path(joined["cluster_fs"])
             self.compute_endpoints = dict(joined["compute_endpoints"])
@@ -159,6 +167,9 @@ class LocalStack:
         self.auth_port = free_port()
         self.compute_port = free_port()
         self.vllm_port = 0 if options.backend_url else free_port()
+        # The direct backend's upstream is the stack's own, whatever --backend-url names.
+        self.direct_port = free_port()
+        self.direct_url = f"http://127.0.0.1:{self.direct_port}/v1"
         self.backend_url = options.backend_url or f"http://127.0.0.1:{self.vllm_port}/v1"
         self.cluster_fs = (options.cluster_fs or Path(tempfile.mkdtemp(prefix="first-cluster-fs-")))
         self.cluster_fs = self.cluster_fs.resolve()
@@ -216,6 +227,8 @@ class LocalStack:
             "FIRST_SUBMIT_QUEUE_URL": self.submit_queue_url,
             # The local submitter runs for well under a second; a stale claim is one it lost.
             "FIRST_SUBMIT_CLAIM_SECONDS": "5",
+            DIRECT_URL_VARIABLE: self.direct_url,
+            DIRECT_KEY_VARIABLE: os.environ.get(DIRECT_KEY_VARIABLE) or DIRECT_DEV_KEY,
             **self.options.extra_env,
         }
 
@@ -259,6 +272,12 @@ class LocalStack:
                 "--backend-hang",
                 str(o.backend_hang),
             ]
+        services += [
+            "--direct-port",
+            str(self.direct_port),
+            "--direct-api-key",
+            os.environ.get(DIRECT_KEY_VARIABLE) or DIRECT_DEV_KEY,
+        ]
         self._spawn(services)
         config = self._write_compute_config(registry)
         self._spawn(
@@ -276,6 +295,7 @@ class LocalStack:
         _wait_http(f"http://127.0.0.1:{self.auth_port}/_standin/calls")
         if self.vllm_port:
             _wait_http(f"http://127.0.0.1:{self.vllm_port}/health")
+        _wait_http(f"http://127.0.0.1:{self.direct_port}/health")
         # Its engines' workers start (and warm up) before it opens its port.
         _wait_http(f"{self.compute_url}/_standin/calls", timeout=180)
 
@@ -301,6 +321,8 @@ class LocalStack:
         endpoints: dict[str, dict[str, Any]] = {}
         for name, cluster in registry.clusters.items():
             for endpoint in cluster.endpoints:
+                if endpoint.endpoint_id is None:  # a direct backend: no Globus Compute endpoint
+                    continue
                 self.compute_endpoints.setdefault(name, endpoint.endpoint_id)
                 endpoints.setdefault(endpoint.endpoint_id, {"name": name, "workers": o.workers})
                 if endpoint.batch_endpoint_id and endpoint.batch_endpoint_id not in endpoints:
@@ -540,6 +562,8 @@ class LocalStack:
                 "compute_endpoints": self.compute_endpoints,
                 "compute_api_limit": self.options.compute_api_limit,
                 "backend_url": self.backend_url,
+                # The local direct backend's upstream (its mock's `/_standin/...` switches).
+                "direct_url": self.direct_url,
                 "cluster_fs": str(self.cluster_fs),
                 "table_prefix": get_settings().table_prefix,
                 "pid": os.getpid(),

@@ -113,6 +113,9 @@ class RequestRecord(Model):
     max_tokens = NumberAttribute(null=True)
     choices = NumberAttribute(null=True)
     prompt_bytes = NumberAttribute(null=True)
+    # A direct backend's answer (first_core.inference.direct), JSON, written with the record in
+    # its one write when it fits an item: what `GET /v1/requests/{id}` shows as `response`.
+    response_body = UnicodeAttribute(null=True)
 
     by_user = RequestsByUser()
     by_open_status = RequestsByStatus()

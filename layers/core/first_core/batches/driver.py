@@ -19,7 +19,8 @@ from typing import Any
 from pydantic import ValidationError
 
 from first_core.batches.callbacks import event_problem, finalize
-from first_core.batches.lifecycle import OPEN_STATES, end, error_entry, submit
+from first_core.batches.direct import run_chunk
+from first_core.batches.lifecycle import DIRECT_TASK, OPEN_STATES, end, error_entry, submit
 from first_core.compute import ComputeBackend, TaskState, background_lookup, get_backend
 from first_core.errors import public_message
 from first_core.schemas.wire import BatchEvent
@@ -49,6 +50,19 @@ def drive(now: float | None = None, backend: ComputeBackend | None = None) -> Dr
     now = time.time() if now is None else now
     report = DriveReport()
     open_batches = list(BatchRecord.by_open_status.query("open"))
+    if not open_batches:
+        return report
+    # A direct backend's batches are run here, a chunk each run (first_core.batches.direct).
+    direct = [r for r in open_batches if r.task_id == DIRECT_TASK]
+    for record in direct:
+        report.checked += 1
+        try:
+            if run_chunk(record, now) == "finalized":
+                report.finalized.append(record.batch_id)
+        except Exception as error:  # one bad batch must not stop the others
+            log.exception("could not run a chunk of batch %s", record.batch_id)
+            report.errors.append(f"{record.batch_id}: {type(error).__name__}: {error}")
+    open_batches = [r for r in open_batches if r.task_id != DIRECT_TASK]
     if not open_batches:
         return report
     backend = backend or get_backend()

@@ -51,6 +51,12 @@ COMPLETION_WINDOWS = {"24h": 24 * 3600}
 OUTPUT_NAMES = {"output": "output.jsonl", "errors": "errors.jsonl"}
 
 
+# A batch on a direct backend: its endpoint id's prefix (first_core.registry.snapshot), and the
+# task id it is started with (no Globus Compute task: the batch driver runs it).
+DIRECT_PREFIX = "direct:"
+DIRECT_TASK = "direct"
+
+
 def new_batch_id() -> str:
     """A new batch id: `batch_` and 32 hex digits."""
     return f"batch_{uuid.uuid4().hex}"
@@ -198,6 +204,8 @@ def create_first(
     route = routing.choose(
         Registry.current(), caller, request.model, cluster, framework, for_batches=True
     )
+    if route.endpoint.direct is not None:
+        raise _no_cluster_paths(request.model)
     record = _new_record(caller, "first", "/v1/chat/completions", route.endpoint, batch_id)
     record.input_path = request.input_file
     # FIRST writes results beside the input unless told where.
@@ -339,7 +347,12 @@ def submit(
     backend: ComputeBackend | None = None,
 ) -> str:
     """Submit one attempt of the batch to its cluster's batch endpoint and return the task id; it
-    may wait for a unit of the Globus Compute API budget rather than fail under load."""
+    may wait for a unit of the Globus Compute API budget rather than fail under load. A direct
+    backend's batch has no task: the batch driver runs it (first_core.batches.direct)."""
+    if record.endpoint_id.startswith(DIRECT_PREFIX):
+        if record.kind != "openai":
+            raise _no_cluster_paths(record.model)
+        return DIRECT_TASK
     if record.kind == "openai":
         key = input_key or f"files/{record.input_file_id}.jsonl"
         source: dict[str, Any] = {"url": storage.presigned_url("GET", key)}
@@ -380,6 +393,15 @@ def _submit_task(
             # The cluster keeps each user to their own directories (`{user}` in its roots).
             "owner": record.username,
         },
+    )
+
+
+def _no_cluster_paths(model: str) -> InvalidRequestError:
+    return InvalidRequestError(
+        f"'{model}' is served by a direct backend, which reads no cluster paths: use an OpenAI "
+        "batch (POST /v1/batches).",
+        param="model",
+        code="batches_not_supported",
     )
 
 

@@ -22,6 +22,7 @@ from typing import Any
 
 from first_core.auth import Caller
 from first_core.errors import GatewayError
+from first_core.inference import direct
 from first_core.inference.relay import open_stream
 from first_core.inference.stream_sink import cancel
 from first_core.inference.submit import Submission, submit
@@ -81,6 +82,14 @@ async def answer(
     submitted = time.perf_counter()
     headers = request_headers(submission)
     try:
+        if submission.direct is not None:  # the proxy calls the upstream itself
+            body, events = await direct.answer(submission, caller, headers)
+            if events is None:
+                headers["server-timing"] = (
+                    f"auth;dur={auth_ms:.1f}, submit;dur={(submitted - started) * 1000:.1f}, "
+                    + headers["server-timing"]
+                )
+            return Answer(headers, body=body, events=events)
         if submission.request.wants_stream():
             events = await open_stream(submission)
             # Proxies must pass each event on at once, not buffer the stream.
@@ -91,7 +100,8 @@ async def answer(
         error.headers.update(headers)
         raise
     except asyncio.CancelledError:
-        client_left(submission.request_id)
+        if submission.direct is None:  # a direct request ends itself
+            client_left(submission.request_id)
         raise
     headers["server-timing"] = (
         f"auth;dur={auth_ms:.1f}, submit;dur={(submitted - started) * 1000:.1f}, "
@@ -109,4 +119,8 @@ def client_left(request_id: str) -> None:
 
 def _cancel_once_submitted(submitting: asyncio.Future[Submission]) -> None:
     if not submitting.cancelled() and submitting.exception() is None:
-        client_left(submitting.result().request_id)
+        submission = submitting.result()
+        if submission.direct is not None:  # nothing was sent upstream: only give back its hold
+            direct.never_sent(submission)
+            return
+        client_left(submission.request_id)

@@ -61,6 +61,56 @@ def create(
     record.save(condition=RequestRecord.request_id.does_not_exist())
 
 
+def ended(
+    request_id: str,
+    caller: Caller,
+    endpoint: Endpoint,
+    openai_path: str,
+    stream: bool,
+    route_reason: str,
+    *,
+    status: str,
+    created_at: float,
+    usage: Usage | None = None,
+    error: str | None = None,
+    response_body: str | None = None,
+    rate_reservation: dict[str, Any] | None = None,
+) -> RequestRecord:
+    """The record of a request that ended where it was answered (a direct backend's: nothing
+    runs elsewhere to end it later), whole, to be written in one put (`save_ended`)."""
+    assert status in TERMINAL_STATUSES
+    now = time.time()
+    tokens = usage or Usage()
+    return RequestRecord(
+        request_id,
+        user_id=caller.user_id,
+        username=caller.username,
+        model=endpoint.model,
+        cluster=endpoint.cluster,
+        framework=endpoint.framework,
+        endpoint_id=endpoint.endpoint_id,
+        openai_path=openai_path,
+        stream=stream,
+        status=status,
+        route_reason=route_reason,
+        created_at=created_at,
+        updated_at=now,
+        completed_at=now,
+        rate_reservation=rate_reservation or None,
+        prompt_tokens=tokens.prompt_tokens if usage else None,
+        completion_tokens=tokens.completion_tokens if usage else None,
+        total_tokens=tokens.total_tokens if usage else None,
+        error=public_message(error, limit=2000) if error is not None else None,
+        response_body=response_body,
+    )
+
+
+def save_ended(record: RequestRecord) -> None:
+    """Write an ended request's record (`ended`), its only write: its id is new (`new_request_id`)
+    and only the request that made it writes it, so the put needs no condition."""
+    record.save()
+
+
 def set_task(request_id: str, task_id: str, batch_id: str | None = None) -> bool:
     """Remember the compute task, so the reconciler can look it up if the callback is lost.
 

@@ -225,7 +225,9 @@ def request_view(request: RequestRecord) -> dict[str, Any]:
             "total_tokens": int(request.total_tokens or 0),
         }
     response = None
-    if request.status == "completed" and request.stream:
+    if request.status == "completed" and request.response_body is not None:
+        response = json.loads(request.response_body)  # a direct backend's answer
+    elif request.status == "completed" and request.stream:
         response = assemble.answer(request.request_id, request.openai_path)
     elif request.status == "completed":
         stored = load(request.request_id)

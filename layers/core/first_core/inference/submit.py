@@ -17,7 +17,7 @@ from first_core.errors import (
     PayloadTooLargeError,
     ServiceUnavailableError,
 )
-from first_core.inference import queue, records
+from first_core.inference import queue, records, upstream
 from first_core.registry import Endpoint, Registry, routing
 from first_core.settings import get_settings
 
@@ -35,6 +35,8 @@ class Submission:
     route_reason: str
     request: schemas.RequestBody
     deadline: float
+    # A direct backend's request: the proxy calls the upstream itself (first_core.inference.direct).
+    direct: upstream.DirectCall | None = None
 
 
 # vLLM's (and OpenAI's) own default for /v1/completions, kept when the caller names none.
@@ -89,13 +91,17 @@ def submit(
         )
 
     function_id = endpoint.functions.streaming if stream else endpoint.functions.inference
-    if function_id is None:
+    if function_id is None and endpoint.direct is None:
         raise InvalidRequestError(
             f"Streaming is not available for '{endpoint.model}' on cluster '{endpoint.cluster}'.",
             param="stream",
         )
 
     request_id = records.new_request_id()
+    # A direct request is answered while its caller waits and leaves no job behind: its
+    # record is written once, when it ends, so there is nothing for a repeat to bind to.
+    if endpoint.direct is not None:
+        idempotency_key = None
     if idempotency_key is not None:
         bound = idempotency.claim(
             caller.user_id, idempotency_key, raw_body, request_id, replacing
@@ -119,6 +125,15 @@ def submit(
         if idempotency_key is not None:  # refused before it was recorded: a repeat starts anew
             idempotency.release(caller.user_id, idempotency_key, request_id)
         raise
+    if endpoint.direct is not None:
+        try:
+            call = upstream.prepare(endpoint, openai_path, request, raw_body, reservation)
+        except BaseException:  # no key to call it with: nothing was sent, nothing is held
+            ratelimit.settle(reservation.to_json(), 0)
+            raise
+        deadline = time.monotonic() + call.timeout
+        return Submission(request_id, None, endpoint, route.reason, request, deadline, call)
+    assert function_id is not None  # a Globus Compute endpoint's, checked above
     # Globus Compute's API budget (compute/budget.py): a unit now, or the submit queue, whose
     # submitter sends the waiting requests of an endpoint in one batch. (Without a queue, wait
     # a few windows for a unit.)

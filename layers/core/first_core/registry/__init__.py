@@ -14,6 +14,7 @@ Gateway functions read the table through `Registry.current()`, cached for a few 
 from first_core.registry.config import (
     CLUSTER_KEY,
     ClusterConfig,
+    DirectBackend,
     EndpointConfig,
     FunctionIds,
     Limits,
@@ -28,6 +29,7 @@ __all__ = [
     "CLUSTER_KEY",
     "Cluster",
     "ClusterConfig",
+    "DirectBackend",
     "Endpoint",
     "EndpointConfig",
     "FunctionIds",

@@ -2,25 +2,35 @@
 writes them in YAML (`infra/registry/`). `load_file` validates it, naming the line of every
 mistake; `publish` writes it to the registry table, one row per cluster and one per
 (framework, model).
+
+An endpoint is a Globus Compute endpoint (`backend: globus-compute`, the default) or a direct
+backend (`backend: direct`): an OpenAI-compatible HTTP API at `base_url` (a vLLM server, a
+provider) that the proxy calls itself (first_core.inference.direct).
+
+Long because: both kinds of endpoint are validated here, each mistake named with its line.
 """
 
 from __future__ import annotations
 
+import os
+import re
 import time
 import uuid
 from collections.abc import Collection, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    ModelWrapValidatorHandler,
     ValidationError,
     field_validator,
     model_validator,
 )
+from pydantic_core import InitErrorDetails
 
 from first_core.tables import RegistryEntry
 
@@ -62,14 +72,47 @@ class Limits(_Strict):
     requests_per_second_per_user: float | None = None
 
 
-class EndpointConfig(_Strict):
-    """One Globus Compute endpoint in the registry YAML: the models it serves, its function ids,
-    limits and access rules."""
+# The framework a direct endpoint is reached under on FIRST's cluster path
+# (`/resource_server/v1/{cluster}/vllm/v1/...`) when its entry names none.
+DIRECT_FRAMEWORK = "vllm"
+# `${NAME}` (or `${NAME:-default}`) in a direct endpoint's URLs: the value of that environment
+# variable where the registry is loaded (the local stack's mock, a stage's own host).
+_VARIABLE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
-    framework: str
+
+def _expand(value: str) -> str:
+    def variable(match: re.Match[str]) -> str:
+        name, default = match.group(1), match.group(2)
+        if name in os.environ:
+            return os.environ[name]
+        if default is None:
+            raise ValueError(f"the environment variable {name} (in '{value}') is not set")
+        return default
+
+    return _VARIABLE.sub(variable, value)
+
+
+class EndpointConfig(_Strict):
+    """One endpoint in the registry YAML: the models it serves, where they run (a Globus Compute
+    endpoint and its function ids, or a direct backend's URL and key), limits and access rules."""
+
+    backend: Literal["globus-compute", "direct"] = "globus-compute"
+    # Required for a Globus Compute endpoint; a direct one is reached under DIRECT_FRAMEWORK.
+    framework: str = ""
     models: list[str] = Field(min_length=1)
-    endpoint_id: str
-    functions: FunctionIds
+    endpoint_id: str | None = None
+    functions: FunctionIds | None = None
+    # A direct backend: its OpenAI-compatible base URL (`.../v1`), the upstream's own name of a
+    # model where it differs from the gateway's (gateway name -> upstream name), the seconds
+    # the gateway waits for it (to connect, and for each part of its answer), its key (from an
+    # environment variable, locally, or a Secrets Manager secret, on AWS; neither: no key) and
+    # the URL the health poller reads (default `{base_url}/models`).
+    base_url: str | None = None
+    upstream_names: dict[str, str] = Field(default_factory=dict)
+    timeout: float | None = Field(default=None, gt=0)
+    api_key_env: str | None = None
+    api_key_secret: str | None = None
+    status_url: str | None = None
     limits: Limits = Limits()
     allowed_groups: list[str] = Field(default_factory=list)
     # Identity-provider domains whose users may use these models (empty: any the gateway allows).
@@ -86,29 +129,137 @@ class EndpointConfig(_Strict):
 
     @field_validator("functions")
     @classmethod
-    def _function_ids_are_uuids(cls, value: FunctionIds) -> FunctionIds:
-        for name, function_id in value.model_dump(exclude_none=True).items():
+    def _function_ids_are_uuids(cls, value: FunctionIds | None) -> FunctionIds | None:
+        for name, function_id in (value.model_dump(exclude_none=True) if value else {}).items():
             try:
                 _compute_id(function_id)
             except ValueError as error:
                 raise ValueError(f"{name}: {error}") from None
         return value
 
+    @field_validator("base_url", "status_url")
+    @classmethod
+    def _urls_are_http(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        url = _expand(value).rstrip("/")
+        if not url.startswith(("http://", "https://")):
+            raise ValueError(f"'{url}' is not an http(s) URL")
+        return url
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _fields_its_backend_needs(cls, data: Any, handler: ModelWrapValidatorHandler[Any]) -> Any:
+        """A direct backend's default framework; a Globus Compute endpoint's required fields,
+        each missing one named as pydantic names a missing field (with its line)."""
+        missing: list[InitErrorDetails] = []
+        if isinstance(data, dict) and data.get("backend") == "direct":
+            data = {"framework": DIRECT_FRAMEWORK, **data}
+        elif isinstance(data, dict):
+            missing = [
+                InitErrorDetails(type="missing", loc=(name,), input=data)
+                for name in ("framework", "endpoint_id", "functions")
+                if name not in data
+            ]
+        try:
+            validated = handler(data)
+        except ValidationError as error:
+            found = [
+                InitErrorDetails(
+                    type=e["type"], loc=e["loc"], input=e["input"], ctx=e.get("ctx", {})
+                )
+                for e in error.errors(include_url=False)
+            ]
+            raise ValidationError.from_exception_data(cls.__name__, found + missing) from None
+        if missing:
+            raise ValidationError.from_exception_data(cls.__name__, missing)
+        return validated
+
     @model_validator(mode="after")
-    def _batches_need_the_function(self) -> EndpointConfig:
-        if self.batches and not self.functions.batch:
+    def _fields_of_its_backend(self) -> EndpointConfig:
+        if self.backend == "direct":
+            compute_only = ("endpoint_id", "functions", "batch_endpoint_id")
+            given = [name for name in compute_only if getattr(self, name) is not None]
+            if given:
+                raise ValueError(f"a direct backend takes no {', '.join(given)}")
+            if self.base_url is None:
+                raise ValueError("backend: direct needs a base_url")
+            if self.api_key_env and self.api_key_secret:
+                raise ValueError("name the key once: api_key_env or api_key_secret")
+            unknown = sorted(set(self.upstream_names) - set(self.models))
+            if unknown:
+                raise ValueError(f"upstream_names names models not served here: {unknown}")
+            return self
+        direct_only = (
+            "base_url", "timeout", "api_key_env", "api_key_secret", "status_url"
+        )
+        given = [name for name in direct_only if getattr(self, name) is not None]
+        if self.upstream_names:
+            given.append("upstream_names")
+        if given:
+            raise ValueError(f"only a direct backend takes {', '.join(given)}")
+        if not self.framework:
+            raise ValueError("a Globus Compute endpoint needs a framework")
+        if self.batches and not (self.functions and self.functions.batch):
             raise ValueError("batches: true needs a functions.batch id")
         return self
 
+    @property
+    def direct(self) -> bool:
+        return self.backend == "direct"
+
+
+class DirectBackend(_Strict):
+    """How the proxy reaches one model of a direct backend (as the registry snapshot holds it):
+    the URL, the model's upstream name, the wait, where its key is, the status URL."""
+
+    base_url: str
+    upstream_model: str
+    timeout: float | None = None
+    api_key_env: str | None = None
+    api_key_secret: str | None = None
+    status_url: str | None = None
+
+    @property
+    def probe_url(self) -> str:
+        return self.status_url or f"{self.base_url}/models"
+
+
+def direct_backend(config: Mapping[str, Any], model: str) -> DirectBackend | None:
+    """A registry row's direct backend for `model` (None for a Globus Compute endpoint)."""
+    if config.get("backend") != "direct":
+        return None
+    return DirectBackend(
+        base_url=config["base_url"],
+        upstream_model=(config.get("upstream_names") or {}).get(model, model),
+        timeout=config.get("timeout"),
+        api_key_env=config.get("api_key_env"),
+        api_key_secret=config.get("api_key_secret"),
+        status_url=config.get("status_url"),
+    )
+
 
 class ClusterConfig(_Strict):
-    """One cluster in the registry YAML: its frameworks, access rules and endpoints."""
+    """One cluster in the registry YAML: its frameworks, access rules and endpoints. Without
+    `frameworks`, those its endpoints name (a cluster of direct backends needs none)."""
 
     frameworks: list[str] = Field(min_length=1)
     allowed_groups: list[str] = Field(default_factory=list)
     allowed_domains: list[str] = Field(default_factory=list)
     maintenance: bool = False
     endpoints: list[EndpointConfig] = Field(min_length=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _frameworks_of_its_endpoints(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or "frameworks" in data:
+            return data
+        used = []
+        for endpoint in data.get("endpoints") or []:
+            if isinstance(endpoint, dict):
+                default = DIRECT_FRAMEWORK if endpoint.get("backend") == "direct" else None
+                used.append(endpoint.get("framework") or default)
+        return {**data, "frameworks": [f for f in dict.fromkeys(used) if isinstance(f, str)]}
 
 
 class RegistryFile(_Strict):
@@ -124,7 +275,8 @@ class RegistryFile(_Strict):
             for endpoint in cluster.endpoints:
                 if endpoint.framework not in cluster.frameworks:
                     raise ValueError(
-                        f"clusters.{name}: endpoint {endpoint.endpoint_id} uses framework "
+                        f"clusters.{name}: endpoint {endpoint.endpoint_id or endpoint.base_url} "
+                        f"uses framework "
                         f"'{endpoint.framework}', not among the cluster's {cluster.frameworks}"
                     )
                 for model in endpoint.models:
@@ -179,7 +331,8 @@ def put_functions(
         if clusters and name not in clusters:
             continue
         for endpoint in (cluster or {}).get("endpoints") or []:
-            if isinstance(endpoint, dict):
+            # A direct backend runs no Globus Compute functions.
+            if isinstance(endpoint, dict) and endpoint.get("backend") != "direct":
                 endpoint["functions"] = {**(endpoint.get("functions") or {}), **functions}
                 changed += 1
     return changed

@@ -5,6 +5,11 @@ when it is online and has a qstat function, that function's answer (submitted, w
 bounded time). Endpoint rows get running / starting / queued / stopped / offline (online when
 qstat could not say); cluster rows get online or offline and the free nodes. A cluster in
 maintenance (the registry's `maintenance`, or `set_maintenance`) stays in maintenance.
+
+A direct backend (first_core.inference.direct) is probed instead: `GET {base_url}/models` (or
+its `status_url`) with the gateway's key; an answer under 400 makes its models online, anything
+else (refused, unreachable, slow) offline. Its `/models` need not list them: the probe says only
+up or down.
 """
 
 from __future__ import annotations
@@ -14,15 +19,19 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import httpx
 from pynamodb.expressions.update import Action
 
 from first_core.compute import ComputeBackend, budget, get_backend
-from first_core.registry import CLUSTER_KEY, Registry
+from first_core.errors import GatewayError
+from first_core.registry import CLUSTER_KEY, DirectBackend, Registry
 from first_core.tables import RegistryEntry, iter_registry
 
 log = logging.getLogger("first.health")
 
 MODEL_STATES = {"running", "starting", "queued", "stopped"}
+# A direct backend's probe waits at most this long.
+PROBE_SECONDS = 5.0
 
 
 @dataclass
@@ -111,6 +120,13 @@ def _poll(backend: ComputeBackend, qstat_wait: float) -> HealthReport:
 
     submitted: dict[str, str] = {}
     for endpoint_id, endpoints in by_endpoint.items():
+        direct = endpoints[0].direct
+        if direct is not None:  # no Globus Compute: its own URL says whether it is up
+            status, problem = probe(direct)
+            report.endpoints[endpoint_id] = EndpointReport(
+                endpoint_id, endpoints[0].cluster, status, error=problem
+            )
+            continue
         try:
             status = backend.endpoint_status(endpoint_id)
         except budget.BudgetExhausted:
@@ -181,6 +197,23 @@ def _poll(backend: ComputeBackend, qstat_wait: float) -> HealthReport:
             _update(row, written[(row.cluster, row.key)], now)
     Registry.invalidate()
     return report
+
+
+def probe(direct: DirectBackend) -> tuple[str, str | None]:
+    """A direct backend's status, `online` or `offline`, and why it is offline (never its key)."""
+    from first_core.inference.upstream import api_key
+
+    try:
+        key = api_key(direct)
+        headers = {"authorization": f"Bearer {key}"} if key else {}
+        answer = httpx.get(direct.probe_url, headers=headers, timeout=PROBE_SECONDS)
+    except GatewayError as error:
+        return "offline", error.message
+    except httpx.HTTPError as error:
+        return "offline", f"{direct.probe_url} unreachable: {type(error).__name__}"
+    if answer.status_code >= 400:
+        return "offline", f"{direct.probe_url} answered {answer.status_code}"
+    return "online", None
 
 
 def _update(row: RegistryEntry, status: str, now: float, **extra: Any) -> None:

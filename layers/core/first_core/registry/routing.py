@@ -110,7 +110,10 @@ def choose(
             code="model_not_found",
         )
     if for_batches:
-        candidates = [e for e in candidates if e.batches and e.functions.batch]
+        # A direct backend's batches are run by the batch driver (first_core.batches.direct).
+        candidates = [
+            e for e in candidates if e.batches and (e.functions.batch or e.direct is not None)
+        ]
         if not candidates:
             where = f"cluster '{cluster}'" if cluster else "any cluster"
             raise InvalidRequestError(

@@ -11,9 +11,18 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from first_core.registry.config import CLUSTER_KEY, FunctionIds, Limits
+from first_core.registry.config import (
+    CLUSTER_KEY,
+    DirectBackend,
+    FunctionIds,
+    Limits,
+    direct_backend,
+)
 from first_core.settings import get_settings
 from first_core.tables import iter_registry
+
+# A direct backend's functions: none (its requests never reach Globus Compute).
+NO_FUNCTIONS = {"inference": ""}
 
 
 class Endpoint(BaseModel):
@@ -32,6 +41,9 @@ class Endpoint(BaseModel):
     allowed_domains: list[str] = Field(default_factory=list)
     batches: bool = False
     batch_endpoint_id: str | None = None
+    # A direct backend (first_core.inference.direct) rather than a Globus Compute endpoint: its
+    # `endpoint_id` is then `direct:{base_url}` and it has no functions.
+    direct: DirectBackend | None = None
 
     @property
     def batch_runs_on(self) -> str:
@@ -100,13 +112,15 @@ class Registry:
             else:
                 framework, _, model = row.key.partition("#")
                 config = row.config
+                direct = direct_backend(config, model)
                 endpoints.append(
                     Endpoint(
                         cluster=row.cluster,
                         framework=framework,
                         model=model,
-                        endpoint_id=config["endpoint_id"],
-                        functions=FunctionIds(**config["functions"]),
+                        endpoint_id=config.get("endpoint_id") or f"direct:{config['base_url']}",
+                        functions=FunctionIds(**(config.get("functions") or NO_FUNCTIONS)),
+                        direct=direct,
                         limits=Limits(**config.get("limits", {})),
                         allowed_groups=config.get("allowed_groups", []),
                         allowed_domains=config.get("allowed_domains", []),

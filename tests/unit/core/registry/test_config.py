@@ -17,6 +17,7 @@ from first_core.registry import (
 )
 from first_core.tables import RegistryEntry
 from tests.support.registry import (
+    DIRECT_MODEL,
     EMBEDDER,
     LOCAL_REGISTRY,
     MODEL,
@@ -55,7 +56,8 @@ def write(tmp_path: Path, text: str) -> Path:
 def test_local_registry_file_has_sophia_and_polaris() -> None:
     registry = load_file(LOCAL_REGISTRY, functions=REGISTERED_FUNCTIONS)
 
-    assert set(registry.clusters) == {"sophia", "polaris"}
+    # ... and the direct backend beside them (test_a_direct_backend_in_the_local_registry).
+    assert set(registry.clusters) == {"sophia", "polaris", "direct"}
     sophia, polaris = registry.clusters["sophia"], registry.clusters["polaris"]
     assert sophia.frameworks == ["vllm"]
     assert polaris.frameworks == ["vllm"]
@@ -141,19 +143,20 @@ def test_empty_or_unparsable_file_is_a_registry_file_error(tmp_path: Path, text:
 def test_publish_then_current_round_trips_the_local_registry(aws: None) -> None:
     rows = publish(load_file(LOCAL_REGISTRY, functions=REGISTERED_FUNCTIONS))
 
-    assert rows == 2 + 5  # two cluster rows, one row per (framework, model)
+    assert rows == 3 + 6  # three cluster rows, one row per (framework, model)
     snapshot = Registry.current()
-    assert set(snapshot.clusters) == {"sophia", "polaris"}
+    assert set(snapshot.clusters) == {"sophia", "polaris", "direct"}
     assert {c.status for c in snapshot.clusters.values()} == {"online"}
     assert snapshot.clusters["sophia"].frameworks == ["vllm"]
     assert sorted((e.cluster, e.framework, e.model) for e in snapshot.endpoints) == [
+        ("direct", "vllm", DIRECT_MODEL),
         ("polaris", "vllm", SMALL_MODEL),
         ("polaris", "vllm", MODEL),
         ("sophia", "vllm", EMBEDDER),
         ("sophia", "vllm", MODEL),
         ("sophia", "vllm", LLAMA_70B),
     ]
-    assert snapshot.models() == sorted({MODEL, LLAMA_70B, EMBEDDER, SMALL_MODEL})
+    assert snapshot.models() == sorted({MODEL, LLAMA_70B, EMBEDDER, SMALL_MODEL, DIRECT_MODEL})
     polaris = next(e for e in snapshot.endpoints if e.cluster == "polaris" and e.model == MODEL)
     assert polaris.endpoint_id == POLARIS_ENDPOINT
     assert polaris.functions.inference == INFERENCE
@@ -168,6 +171,8 @@ def test_published_rows_use_the_cluster_and_framework_model_keys(aws: None) -> N
 
     assert keys == sorted(
         [
+            ("direct", CLUSTER_KEY),
+            ("direct", f"vllm#{DIRECT_MODEL}"),
             ("polaris", CLUSTER_KEY),
             ("polaris", f"vllm#{MODEL}"),
             ("polaris", f"vllm#{SMALL_MODEL}"),
@@ -203,7 +208,7 @@ def test_current_is_cached_until_invalidated(aws: None, tmp_path: Path) -> None:
     assert Registry.current() is first  # within registry_cache_seconds
 
     Registry.invalidate()
-    assert set(Registry.current().clusters) == {"sophia", "polaris"}
+    assert set(Registry.current().clusters) == {"sophia", "polaris", "direct"}
 
 
 def test_same_model_twice_on_one_cluster_and_framework_is_rejected(tmp_path: Path) -> None:

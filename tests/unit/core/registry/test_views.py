@@ -27,7 +27,7 @@ def test_list_endpoints_jobs_and_status(registry_table: None) -> None:
     snapshot = Registry.current()
 
     listed = views.list_endpoints(snapshot, ALICE)
-    assert set(listed["clusters"]) == {"sophia", "polaris"}
+    assert set(listed["clusters"]) == {"sophia", "polaris", "direct"}
     sophia = listed["clusters"]["sophia"]
     assert sophia["base_url"] == "/resource_server/v1/sophia"
     assert MODEL in sophia["frameworks"]["vllm"]["models"]

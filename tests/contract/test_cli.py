@@ -83,7 +83,7 @@ def test_maintenance_on_the_running_stack_with_nothing_exported(
         bad = _run(clean, "maintenance", "polars", "on")
         assert bad.returncode == 2 and "Traceback" not in bad.stderr
         assert bad.stderr.splitlines()[-1] == (
-            "first-gateway: no cluster 'polars' in the registry (clusters: polaris, sophia)"
+            "first-gateway: no cluster 'polars' in the registry (clusters: direct, polaris, sophia)"
         )
         off = _run(hostile, "maintenance", "polaris", "off")
         assert off.returncode == 0, off.stderr

@@ -33,5 +33,5 @@ def test_operator_maintenance_command(
     assert main(["registry", "maintenance", "metis", "on", *aws]) == 2
     err = capsys.readouterr().err.splitlines()
     assert err[-1] == (
-        "first-gateway: no cluster 'metis' in the registry (clusters: polaris, sophia)"
+        "first-gateway: no cluster 'metis' in the registry (clusters: direct, polaris, sophia)"
     )

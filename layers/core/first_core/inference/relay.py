@@ -25,7 +25,7 @@ from first_core.errors import (
 )
 from first_core.inference.stream_sink import cancel, compact
 from first_core.inference.submit import Submission
-from first_core.inference.wait import backend_error, remember_task
+from first_core.inference.wait import backend_error, forget_task, remember_task
 from first_core.schemas.apis import MessagesRequest, ResponsesRequest
 from first_core.schemas.wire import chunk_error
 from first_core.settings import get_settings
@@ -55,7 +55,7 @@ async def stream_events(submission: Submission) -> AsyncGenerator[bytes, None]:
         ):
             yield event
     finally:
-        await remembering
+        await forget_task(remembering)
 
 
 def named_events(submission: Submission) -> str | None:

@@ -11,7 +11,16 @@ import pytest
 
 from first_core import ratelimit
 from first_core.errors import RateLimitError
-from first_core.ratelimit import Counter, charge, reserve, retry_after, settle, take, used
+from first_core.ratelimit import (
+    Counter,
+    charge,
+    requests_used,
+    reserve,
+    retry_after,
+    settle,
+    take,
+    used,
+)
 from first_core.registry import Endpoint, FunctionIds, Limits
 from first_core.settings import get_settings
 
@@ -89,8 +98,8 @@ def test_requests_per_second_roll_over_to_the_next_window(aws: None) -> None:
     # Another user, and the next second, have their own counters.
     reserve("bob", limited, 10, 5, now=T0 + 0.9)
     reserve("alice", limited, 10, 5, now=T0 + 1.0)
-    assert used(f"rps#alice#{MODEL}#{int(T0)}") == 2
-    assert used(f"rps#alice#{MODEL}#{int(T0) + 1}") == 1
+    assert requests_used("alice", MODEL, int(T0)) == 2
+    assert requests_used("alice", MODEL, int(T0) + 1) == 1
 
 
 def test_a_fractional_rate_is_one_request_per_longer_window(aws: None) -> None:
@@ -224,7 +233,7 @@ def test_a_later_limit_refusing_gives_the_earlier_tokens_back(aws: None) -> None
     assert "for this endpoint" in refused.value.message
     assert used(f"tpm#bob#{MODEL}#{minute}") == 0
     assert used(f"tpmm#polaris#{MODEL}#{minute}") == 400
-    assert used(f"rps#bob#{MODEL}#{int(T0) + 1}") == 1  # the request itself was made
+    assert requests_used("bob", MODEL, int(T0) + 1) == 1  # the request itself was made
 
 
 def test_limits_default_to_the_settings_where_the_registry_names_none(

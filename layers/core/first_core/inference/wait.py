@@ -45,11 +45,21 @@ async def _remember_later(submission: Submission) -> None:
 
 
 async def forget_task(remembering: asyncio.Task[None]) -> None:
-    """The answer came (or the wait ended): a task-id write not yet due is not made; one under
-    way finishes on its thread."""
+    """The answer came (or the request ended): a task-id write not yet due is not made; one
+    under way finishes on its thread."""
     remembering.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await remembering
+
+
+async def remember_now(submission: Submission, remembering: asyncio.Task[None]) -> None:
+    """The wait ended but the request runs on (a 504): its task id is written now, if it is
+    not yet, so the reconciler can find the task should its callback be lost."""
+    if remembering.done():
+        return
+    await forget_task(remembering)
+    if submission.task_id is not None:
+        await asyncio.to_thread(records.set_task, submission.request_id, submission.task_id)
 
 
 async def wait_for_result(submission: Submission) -> results.Result:
@@ -57,6 +67,9 @@ async def wait_for_result(submission: Submission) -> results.Result:
     remembering = remember_task(submission)
     try:
         return await _poll(submission)
+    except ComputeTimeoutError:
+        await remember_now(submission, remembering)
+        raise
     finally:
         await forget_task(remembering)
 

@@ -40,9 +40,7 @@ def vllm_streaming(
     import sys
     import threading
     import time
-    import urllib.error
     import urllib.parse
-    import urllib.request
 
     flush_lines, flush_after_s = 16, 0.020
     # A DynamoDB item holds 400 KB; a backlog batch stays well below it.
@@ -260,6 +258,34 @@ def vllm_streaming(
         return {"prompt_tokens": 0, "completion_tokens": generated, "total_tokens": generated}
 
     seq = 0
+    # One kept-alive connection for every batch: a new one per batch (a TCP and, on AWS, a TLS
+    # handshake with API Gateway) would hold each batch, the last one too, behind a handshake.
+    callback = urllib.parse.urlsplit(callback_url)
+    callback_path = callback.path + (f"?{callback.query}" if callback.query else "")
+    poster: dict[str, Any] = {"connection": None}
+
+    def post(data: bytes, auth: dict[str, str]) -> tuple[int, bytes]:
+        """POST on the kept connection; a failed one is closed (the next post opens anew)."""
+        connection = poster["connection"]
+        reused = connection is not None
+        if connection is None:
+            kind = (
+                http.client.HTTPSConnection
+                if callback.scheme == "https"
+                else http.client.HTTPConnection
+            )
+            connection = kind(callback.hostname or "127.0.0.1", callback.port, timeout=30)
+            poster["connection"] = connection
+        try:
+            connection.request("POST", callback_path, body=data, headers=auth)
+            response = connection.getresponse()
+            return response.status, response.read()
+        except (OSError, http.client.HTTPException):
+            connection.close()
+            poster["connection"] = None
+            if reused:  # the server closed an idle connection: once more on a new one
+                return post(data, auth)
+            raise
 
     def send(chunks: list[str], done: bool, error: dict[str, Any] | None) -> str:
         """Post one batch: "continue", "stop" (client gone), "refused" (4xx) or "failed"."""
@@ -276,17 +302,13 @@ def vllm_streaming(
         data = json.dumps(batch, separators=(",", ":")).encode()
         auth = {"Content-Type": "application/json", "Authorization": f"Bearer {callback_token}"}
         for attempt in range(5):
-            request = urllib.request.Request(callback_url, data=data, headers=auth, method="POST")
             try:
-                with urllib.request.urlopen(request, timeout=30) as response:
-                    raw = response.read()
-            except urllib.error.HTTPError as failure:
-                failure.close()
-                if failure.code < 500:
-                    return "refused"
-            except (urllib.error.URLError, OSError):
-                pass
-            else:
+                status, raw = post(data, auth)
+            except (OSError, http.client.HTTPException):
+                status, raw = 0, b""
+            if 400 <= status < 500:
+                return "refused"
+            if 200 <= status < 300:
                 try:
                     reply = json.loads(raw or b"{}")
                 except ValueError:
@@ -474,6 +496,8 @@ def vllm_streaming(
     reader.join(5.0)
     if outcome == "stop" and not ended:
         send([], True, None)  # the usage of what was generated, for a cancelled request
+    if poster["connection"] is not None:
+        poster["connection"].close()
     chunks = list(state["chunks"])
     return {
         "request_id": request_id,

@@ -25,7 +25,7 @@ from boto3.dynamodb.conditions import Attr
 from first_local.globus_standin import mint_token
 from first_local.stack import stack_process
 from tests.contract.conftest import STACK_ENV, Stack
-from tests.support.contract import counter, user_id
+from tests.support.contract import counter, requests_counted, user_id
 
 SMALL = "meta-llama/Llama-3.2-1B-Instruct"
 RPS_LIMIT = 2
@@ -99,7 +99,7 @@ def test_over_the_requests_per_second_limit_is_a_429_and_nothing_is_submitted(
     assert refused.response.headers["retry-after"] == "1"
     # Nothing was submitted: no request record (and so no compute task) for the refused one.
     assert request_count(stack, uid) == before + RPS_LIMIT
-    assert counter(stack, f"rps#{uid}#{SMALL}#{second}") == RPS_LIMIT
+    assert requests_counted(stack, uid, SMALL, second) == RPS_LIMIT
     # The next second serves again.
     at_start_of_a_second()
     assert client.chat.completions.create(model=SMALL, messages=HELLO, max_tokens=2).choices
@@ -334,7 +334,7 @@ def test_two_gateway_processes_on_one_moto_hold_the_limit_exactly(
         with ThreadPoolExecutor(max_workers=2 * per_gateway) as pool:
             list(pool.map(fire, range(2 * per_gateway)))
         windows = {
-            s: counter(stack, f"rps#{uid}#{SMALL}#{s}") for s in range(second - 1, second + 4)
+            s: requests_counted(stack, uid, SMALL, s) for s in range(second - 1, second + 4)
         }
         touched = {s: n for s, n in windows.items() if n}
         if len(touched) == 1 or attempt == 2:

@@ -63,7 +63,7 @@ def test_usage_and_owner_are_on_the_request_record(stack: Stack) -> None:
     assert item["status"] == "completed"
     assert item["user_id"] == DEV_IDENTITIES["alice"].sub
     assert item["cluster"] == "sophia"  # the only cluster that serves the 70B model
-    assert item["task_id"]
+    # (Its task id is written only if the answer is slow: test_recovery's lost callbacks.)
     assert reply.usage is not None
     assert item["prompt_tokens"] == Decimal(reply.usage.prompt_tokens)
     assert item["completion_tokens"] == Decimal(reply.usage.completion_tokens)

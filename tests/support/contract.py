@@ -80,9 +80,16 @@ def user_id(stack: Stack, user: str) -> str:
     return str(response.json()["user_id"])
 
 
-def counter(stack: Stack, key: str) -> int:
+def counter(stack: Stack, key: str, attribute: str = "used") -> int:
     item = stack.table("rate_counters").get_item(Key={"key": key}, ConsistentRead=True)
-    return int(item.get("Item", {}).get("used", 0))
+    return int(item.get("Item", {}).get(attribute, 0))
+
+
+def requests_counted(stack: Stack, user_id: str, model: str, second: int) -> int:
+    """A user's requests of a model in the one-second window starting then: in the minute's
+    `tpm#` row beside the tokens (first_core.ratelimit), or in an `rps#` row of their own."""
+    folded = counter(stack, f"tpm#{user_id}#{model}#{second // 60}", f"requests_{second}")
+    return folded + counter(stack, f"rps#{user_id}#{model}#{second}")
 
 
 def scan_all(stack: Stack, table: str, condition: Any) -> list[dict[str, Any]]:

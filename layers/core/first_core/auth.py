@@ -40,11 +40,8 @@ import dataclasses
 import hashlib
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, NoReturn, cast
+from typing import TYPE_CHECKING, Any, NoReturn, cast
 
-import globus_sdk
-from globus_sdk.exc import GlobusTimeoutError, convert_request_exception
-from globus_sdk.transport import RequestsTransport, RetryCheckResult, RetryConfig, RetryContext
 from pynamodb.exceptions import DoesNotExist
 
 from first_core.auth_failures import FailedAuthentications
@@ -58,6 +55,17 @@ from first_core.errors import (
 from first_core.lru import ExpiringLRU
 from first_core.settings import get_settings
 from first_core.tables import TokenCacheEntry
+
+if TYPE_CHECKING:
+    # Imported where Globus is called: a warm token, or one whose verdict is in DynamoDB (a cold
+    # instance's usual case), never needs the SDK (and `requests`), ~0.1 s of a cold start.
+    import globus_sdk
+    from globus_sdk.transport import (
+        RequestsTransport,
+        RetryCheckResult,
+        RetryConfig,
+        RetryContext,
+    )
 
 __all__ = ["Authenticator", "Caller", "bearer_token", "get_authenticator", "token_hash"]
 
@@ -235,6 +243,8 @@ class Authenticator:
     # -- Globus -----------------------------------------------------------------------
     @property
     def client(self) -> globus_sdk.ConfidentialAppAuthClient:
+        import globus_sdk
+
         if self._client is None:
             self._client = globus_sdk.ConfidentialAppAuthClient(
                 self._settings.globus_client_id,
@@ -245,6 +255,8 @@ class Authenticator:
         return self._client
 
     def _retry_config(self) -> RetryConfig:
+        from globus_sdk.transport import RetryConfig
+
         config = RetryConfig(max_retries=self._settings.globus_retries, max_sleep=1.0)
         # Registered before the SDK's own checks, so it decides first.
         config.checks.register_check(_no_retry_after_timeout)
@@ -252,6 +264,8 @@ class Authenticator:
 
     def _transport(self) -> RequestsTransport:
         """An HTTP transport whose every call gives up after the connect and read timeouts."""
+        from globus_sdk.transport import RequestsTransport
+
         transport = RequestsTransport()
         # `requests` takes a (connect, read) pair; the SDK hands its value straight to it.
         timeouts = (
@@ -272,6 +286,8 @@ class Authenticator:
         return caller
 
     def _introspect(self, token: str) -> dict[str, Any]:
+        import globus_sdk
+
         include = "session_info,identity_set_detail"
         try:
             if self._settings.authentication_policies:
@@ -368,6 +384,8 @@ class Authenticator:
         return dataclasses.replace(caller, groups=groups, groups_checked_at=checked_at)
 
     def _groups_from_globus(self, token: str) -> frozenset[str]:
+        import globus_sdk
+
         relogin = (
             "Could not read your Globus group memberships; log in again with `first-auth login`."
         )
@@ -402,6 +420,9 @@ def domain_groups(domain: str) -> list[str]:
 def _no_retry_after_timeout(context: RetryContext) -> RetryCheckResult:
     """A call that timed out is not tried again: a Globus that hangs would hang again, and
     the caller would wait `globus_retries` times the timeout for the same 503."""
+    from globus_sdk.exc import GlobusTimeoutError, convert_request_exception
+    from globus_sdk.transport import RetryCheckResult
+
     failure = context.exception  # what `requests` raised, which the SDK classifies for us
     timed_out = failure is not None and isinstance(
         convert_request_exception(cast(Any, failure)), GlobusTimeoutError

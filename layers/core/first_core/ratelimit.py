@@ -12,6 +12,14 @@ add atomically per item, so no two instances can both take the last unit: the li
 exactly with any number of processes (an in-memory or read-then-write counter lets N replicas
 take N times the limit). A refused take changes nothing.
 
+The request unit and the user's tokens are taken together, in one conditional update of the
+user's `tpm#` row, when the requests' window lies within that minute (a window of a second, or
+any that divides the minute): the row then counts the window's requests in an attribute of their
+own, `requests_{window start}`, beside `used` (the tokens), and one condition covers both. One
+write instead of two on every request; a refusal reads the row once to say which limit it was.
+Otherwise (no per-user token limit, or a window such as 7 s that straddles minutes) the request
+unit has its own `rps#` row, as above.
+
 Tokens are reserved up front, before anything is submitted: the prompt's estimate (body bytes
 / 4, an over-estimate for text) plus `max_tokens` (times `n`). A request that names none gets
 one from the gateway, reserved and sent to vLLM so it cannot be overrun: the endpoint's cap, or
@@ -23,6 +31,10 @@ use.
 Several counters are taken side by side; if one refuses, the token units the others took are
 given back. Between the take and the give-back a unit is held that was not used: limits err on
 the side of refusing, never of letting more through.
+
+Long because: the rows, their take (several limits in one row, all or none), the refusal's
+reading of which limit it was, the fit of a request without max_tokens and the settle share
+one row format; apart, each would have to know it.
 """
 
 from __future__ import annotations
@@ -31,9 +43,11 @@ import logging
 import math
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
+
+from pynamodb.attributes import NumberAttribute
 
 from first_core.errors import RateLimitError
 from first_core.registry import Endpoint
@@ -49,12 +63,16 @@ _TAKERS = ThreadPoolExecutor(max_workers=4, thread_name_prefix="ratelimit")
 
 @dataclass(frozen=True)
 class Counter:
-    """One limit as it applies to one request: which row, its limit, when the window ends."""
+    """One limit as it applies to one request: which row (and attribute of it), its limit, when
+    the window ends."""
 
     key: str
     limit: int
     window_end: float  # epoch seconds
     kind: str  # "requests" or "tokens", for the message
+    # The row's attribute that counts: `used`, or a request window's own in a `tpm#` row.
+    attribute: str = "used"
+    window_start: float | None = None  # when not the key's last part
 
     @property
     def expires_at(self) -> float:
@@ -90,16 +108,31 @@ def retry_after(window_end: float, now: float | None = None) -> int:
 
 def take(counter: Counter, units: int) -> bool:
     """Take `units` from the counter if they fit under its limit; False (nothing taken) if not."""
-    if units <= 0:
+    return take_together(counter.key, [(counter, units)])
+
+
+def take_together(key: str, wanted: list[tuple[Counter, int]]) -> bool:
+    """Take each counter's units from one row in one conditional update, all or none."""
+    wanted = [(c, units) for c, units in wanted if units > 0]
+    if not wanted:
         return True
-    if units > counter.limit:
+    if any(units > c.limit for c, units in wanted):
         return False
-    expires = datetime.fromtimestamp(counter.expires_at, tz=UTC)
-    return update_if(
-        RateCounter(counter.key),
-        [RateCounter.used.add(units), RateCounter.expires_at.set(expires)],
-        RateCounter.used.does_not_exist() | (RateCounter.used <= counter.limit - units),
-    )
+    expires = datetime.fromtimestamp(max(c.expires_at for c, _ in wanted), tz=UTC)
+    actions: list[Any] = [RateCounter.expires_at.set(expires)]
+    condition: Any = None
+    for counter, units in wanted:
+        attribute = _attribute(counter)
+        actions.append(attribute.add(units))
+        fits = attribute.does_not_exist() | (attribute <= counter.limit - units)
+        condition = fits if condition is None else condition & fits
+    return update_if(RateCounter(key), actions, condition)
+
+
+def _attribute(counter: Counter) -> Any:
+    if counter.attribute == "used":
+        return RateCounter.used
+    return NumberAttribute(attr_name=counter.attribute)
 
 
 def give_back(key: str, units: int, window_end: float) -> None:
@@ -112,12 +145,23 @@ def give_back(key: str, units: int, window_end: float) -> None:
     )
 
 
-def used(key: str) -> int:
+def used(key: str, attribute: str = "used") -> int:
     """What a counter holds now (0 if it was never taken); for tests and operators."""
-    try:
-        return int(RateCounter.get(key, consistent_read=True).used or 0)
-    except RateCounter.DoesNotExist:
-        return 0
+    return int(_row(key).get(attribute, 0))
+
+
+def requests_used(user_id: str, model: str, window_start: int) -> int:
+    """The requests a user made of a model in the window that starts then, wherever they are
+    counted (their own `rps#` row, or the minute's `tpm#` row); for tests and operators."""
+    folded = _row(f"tpm#{user_id}#{model}#{window_start // 60}")
+    own = used(f"rps#{user_id}#{model}#{window_start}")
+    return own + int(folded.get(f"requests_{window_start}", 0))
+
+
+def _row(key: str) -> dict[str, Any]:
+    """A counter row's numbers, each attribute by name (a consistent read)."""
+    item = RateCounter._get_connection().get_item(key, consistent_read=True).get("Item", {})
+    return {name: float(value["N"]) for name, value in item.items() if "N" in value}
 
 
 # ---- the limits of one request ------------------------------------------------------------------
@@ -193,9 +237,9 @@ def take_tokens(counters: list[Counter], tokens: int) -> Counter | None:
     """Take `tokens` from every counter, or from none: the counter that refused (the others'
     units given back), None when all were taken."""
     wanted = [(c, tokens) for c in counters]
-    refused = _take_all(wanted)
+    refused, not_taken = _take_all(wanted)
     if refused:
-        _give_back_tokens(wanted, refused)
+        _give_back_tokens(wanted, not_taken)
         return refused[0]
     return None
 
@@ -222,11 +266,12 @@ def reserve(
     limits = limits_for(endpoint)
     completion = max_output_tokens or 0
     counters: list[Counter] = []
-    if limits.requests_per_second_per_user:
-        counters.append(
-            request_counter(user_id, endpoint.model, limits.requests_per_second_per_user, now)
-        )
     token_counters = token_counters_for(user_id, endpoint, now)
+    if limits.requests_per_second_per_user:
+        requests = request_counter(
+            user_id, endpoint.model, limits.requests_per_second_per_user, now
+        )
+        counters.append(_folded(requests, token_counters))
     choices = max(1, choices)
     if fit and token_counters:
         completion = min(
@@ -243,25 +288,37 @@ def reserve(
                 code="request_too_large",
             )
     wanted = [(c, 1 if c.kind == "requests" else tokens) for c in counters + token_counters]
-    refused = _take_all(wanted)
+    refused, not_taken = _take_all(wanted)
     # Without max_tokens, a request that does not fit takes what is left of the window (the
     # counters are read only then, so the usual case costs no read).
     for _ in range(_FIT_ATTEMPTS if fit else 0):
         if not refused or any(c.kind == "requests" for c in refused):
             break
-        _give_back_tokens(wanted, refused)
+        _give_back_tokens(wanted, not_taken)
         completion = min(
             completion, _completion_within(token_counters, True, prompt_tokens, choices)
         )
         if completion < 1:  # nothing left of the window for this request
             raise _limit_reached(endpoint, refused[0], prompt_tokens + choices, now)
         tokens = prompt_tokens + completion * choices
-        wanted = [(c, tokens) for c in token_counters]
-        refused = _take_all(wanted)
+        # A request unit refused with the tokens of its row is taken again with them.
+        wanted = [(c, 1) for c in counters if c in not_taken]
+        wanted += [(c, tokens) for c in token_counters]
+        refused, not_taken = _take_all(wanted)
     if refused:
-        _give_back_tokens(wanted, refused)
+        _give_back_tokens(wanted, not_taken)
         raise _limit_reached(endpoint, refused[0], tokens, now)
     return Reservation(tokens if token_counters else 0, token_counters, completion if fit else None)
+
+
+def _folded(requests: Counter, token_counters: list[Counter]) -> Counter:
+    """The request counter as an attribute of the user's `tpm#` row of this minute, when its
+    window lies within the minute (so one update takes both); else its own `rps#` row."""
+    own = next((c for c in token_counters if c.key.startswith("tpm#")), None)
+    start = int(requests.key.rsplit("#", 1)[1])
+    if own is None or 60 % int(requests.window_end - start):
+        return requests
+    return replace(requests, key=own.key, attribute=f"requests_{start}", window_start=start)
 
 
 # Rounds of "read what is left, take it" before a request without max_tokens is refused (another
@@ -281,20 +338,40 @@ def _completion_within(
     return (min(left) - prompt_tokens) // choices
 
 
-def _take_all(wanted: list[tuple[Counter, int]]) -> list[Counter]:
-    """Take each counter's units (independent rows: side by side, one round trip in all); the
-    counters that refused."""
-    if len(wanted) > 1:
-        outcomes = list(_TAKERS.map(lambda pair: take(*pair), wanted))
+def _take_all(wanted: list[tuple[Counter, int]]) -> tuple[list[Counter], list[Counter]]:
+    """Take each counter's units: one conditional update per row (the counters of one row all
+    or none), the rows side by side, one round trip in all. The counters over their limit (the
+    one to name first), and every counter not taken."""
+    rows: dict[str, list[tuple[Counter, int]]] = {}
+    for counter, units in wanted:
+        rows.setdefault(counter.key, []).append((counter, units))
+    jobs = list(rows.items())
+    if len(jobs) > 1:
+        outcomes = list(_TAKERS.map(lambda job: take_together(*job), jobs))
     else:
-        outcomes = [take(*pair) for pair in wanted]
-    return [counter for (counter, _), ok in zip(wanted, outcomes, strict=True) if not ok]
+        outcomes = [take_together(*job) for job in jobs]
+    refused: list[Counter] = []
+    not_taken: list[Counter] = []
+    for (key, pairs), ok in zip(jobs, outcomes, strict=True):
+        if not ok:
+            not_taken += [counter for counter, _ in pairs]
+            refused += _over_limit(key, pairs)
+    return refused, not_taken
 
 
-def _give_back_tokens(wanted: list[tuple[Counter, int]], refused: list[Counter]) -> None:
+def _over_limit(key: str, pairs: list[tuple[Counter, int]]) -> list[Counter]:
+    """Which counters of a refused row did not fit (a read, only when the row holds several)."""
+    if len(pairs) == 1:
+        return [pairs[0][0]]
+    row = _row(key)
+    over = [c for c, units in pairs if row.get(c.attribute, 0) + units > c.limit]
+    return over or [pairs[0][0]]  # freed since: name the first (the request unit)
+
+
+def _give_back_tokens(wanted: list[tuple[Counter, int]], not_taken: list[Counter]) -> None:
     # A request unit stays taken: the request was made.
     for taken, units in wanted:
-        if taken not in refused and taken.kind == "tokens":
+        if taken not in not_taken and taken.kind == "tokens":
             _safe_give_back(taken.key, units, taken.window_end)
 
 
@@ -315,7 +392,9 @@ def _limit_reached(endpoint: Endpoint, counter: Counter, tokens: int, now: float
 
 
 def _window_words(counter: Counter) -> str:
-    window = int(counter.window_end) - int(counter.key.rsplit("#", 1)[1])
+    start = counter.window_start
+    start = int(counter.key.rsplit("#", 1)[1]) if start is None else start
+    window = int(counter.window_end) - int(start)
     return "second" if window == 1 else f"{window} seconds"
 
 

@@ -101,6 +101,11 @@ class Settings(BaseSettings):
     submit_claim_seconds: float = 120.0
     # How long the proxy waits for a result before answering 504 with the request id.
     result_wait_seconds: float = 300.0
+    # The proxy writes a request's task id (which only the reconciler reads, to look up a task
+    # whose callback was lost) only if the answer has not come within this long: most answers
+    # come sooner, and a request that has ended needs no lookup. Keep it well under
+    # `reconcile_grace_seconds`.
+    task_id_write_after_seconds: float = 1.0
     # A stream's headers wait this long for its first event, so that a stream vLLM refuses at
     # once gets an HTTP error status rather than a 200 with an error event.
     stream_error_wait_seconds: float = 2.0

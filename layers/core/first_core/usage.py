@@ -113,9 +113,9 @@ def usage_row(
     )
 
 
-def build_record(record: RequestRecord) -> UsageRecord:
+def build_record(record: RequestRecord, first_contact: float | None = None) -> UsageRecord:
     """The usage record of an ended request, from its request record alone (plus one read for
-    the time of the first answer)."""
+    the time of the first answer, unless the caller knows it: `first_contact`)."""
     return usage_row(
         user_id=record.user_id,
         username=record.username,
@@ -132,7 +132,7 @@ def build_record(record: RequestRecord) -> UsageRecord:
         ),
         created=float(record.created_at),
         completed=float(record.completed_at or record.updated_at or time.time()),
-        first_contact=_first_contact(record),
+        first_contact=_first_contact(record) if first_contact is None else first_contact,
     )
 
 
@@ -142,18 +142,18 @@ def save_once(row: UsageRecord) -> bool:
     return put_once(row, UsageRecord.sk.does_not_exist())
 
 
-def write_record(record: RequestRecord) -> bool:
+def write_record(record: RequestRecord, first_contact: float | None = None) -> bool:
     """Write the usage record of an ended request, once."""
-    return save_once(build_record(record))
+    return save_once(build_record(record, first_contact))
 
 
-def request_ended(record: RequestRecord) -> None:
+def request_ended(record: RequestRecord, first_contact: float | None = None) -> None:
     """Called once, by `records.finish`, with the request record as the finishing update left
     it: the usage record, and the rate-limit reservation settled against the real use."""
     from first_core import ratelimit
 
     try:
-        write_record(record)
+        write_record(record, first_contact)
     except Exception:
         log.exception("could not write the usage record of %s", record.request_id)
     ratelimit.settle(record.rate_reservation, int(record.total_tokens or 0))

@@ -11,7 +11,16 @@ import pytest
 
 from first_core import ratelimit
 from first_core.errors import RateLimitError
-from first_core.ratelimit import Counter, charge, reserve, retry_after, settle, take, used
+from first_core.ratelimit import (
+    Counter,
+    charge,
+    requests_used,
+    reserve,
+    retry_after,
+    settle,
+    take,
+    used,
+)
 from first_core.registry import Endpoint, FunctionIds, Limits
 from first_core.settings import get_settings
 
@@ -89,8 +98,51 @@ def test_requests_per_second_roll_over_to_the_next_window(aws: None) -> None:
     # Another user, and the next second, have their own counters.
     reserve("bob", limited, 10, 5, now=T0 + 0.9)
     reserve("alice", limited, 10, 5, now=T0 + 1.0)
-    assert used(f"rps#alice#{MODEL}#{int(T0)}") == 2
-    assert used(f"rps#alice#{MODEL}#{int(T0) + 1}") == 1
+    assert requests_used("alice", MODEL, int(T0)) == 2
+    assert requests_used("alice", MODEL, int(T0) + 1) == 1
+
+
+def test_the_request_and_its_tokens_are_one_conditional_update_of_one_row(
+    aws: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    limited = endpoint(requests_per_second_per_user=2, tokens_per_minute_per_user=1000)
+    updates: list[str] = []
+    real = ratelimit.update_if
+
+    def counting(record: Any, actions: Any, condition: Any) -> bool:
+        updates.append(record.key)
+        return real(record, actions, condition)
+
+    monkeypatch.setattr(ratelimit, "update_if", counting)
+    minute = int(T0) // 60
+    reserve("alice", limited, 10, 90, now=T0 + 0.1)
+    assert updates == [f"tpm#alice#{MODEL}#{minute}"]  # one write, both limits
+    assert used(f"tpm#alice#{MODEL}#{minute}") == 100
+    assert requests_used("alice", MODEL, int(T0)) == 1
+    # Over the tokens: nothing is taken, neither tokens nor the request unit.
+    with pytest.raises(RateLimitError) as refused:
+        reserve("alice", limited, 10, 950, now=T0 + 0.2)
+    assert "tokens per minute" in refused.value.message
+    assert used(f"tpm#alice#{MODEL}#{minute}") == 100
+    assert requests_used("alice", MODEL, int(T0)) == 1
+    # Over the requests: the message names them.
+    reserve("alice", limited, 10, 10, now=T0 + 0.3)
+    with pytest.raises(RateLimitError) as refused:
+        reserve("alice", limited, 10, 10, now=T0 + 0.4)
+    assert "2 request(s) per second" in refused.value.message
+    assert used(f"tpm#alice#{MODEL}#{minute}") == 120
+
+
+def test_a_requests_window_that_straddles_minutes_keeps_a_row_of_its_own(aws: None) -> None:
+    # One request per 7 s: windows of 7 s do not divide the minute.
+    slow = endpoint(requests_per_second_per_user=1 / 7, tokens_per_minute_per_user=1000)
+    now = T0 + 58.0  # the window holding it starts in this minute and ends in the next
+    reserve("alice", slow, 1, 1, now=now)
+    start = int(now // 7 * 7)
+    assert used(f"rps#alice#{MODEL}#{start}") == 1
+    assert used(f"tpm#alice#{MODEL}#{int(now) // 60}", f"requests_{start}") == 0
+    with pytest.raises(RateLimitError):  # in the next minute, the same window refuses
+        reserve("alice", slow, 1, 1, now=start + 6.5)
 
 
 def test_a_fractional_rate_is_one_request_per_longer_window(aws: None) -> None:
@@ -224,7 +276,7 @@ def test_a_later_limit_refusing_gives_the_earlier_tokens_back(aws: None) -> None
     assert "for this endpoint" in refused.value.message
     assert used(f"tpm#bob#{MODEL}#{minute}") == 0
     assert used(f"tpmm#polaris#{MODEL}#{minute}") == 400
-    assert used(f"rps#bob#{MODEL}#{int(T0) + 1}") == 1  # the request itself was made
+    assert requests_used("bob", MODEL, int(T0) + 1) == 1  # the request itself was made
 
 
 def test_limits_default_to_the_settings_where_the_registry_names_none(

@@ -18,6 +18,7 @@ from first_core.inference.relay import open_stream, stream_events
 from first_core.inference.submit import INFERENCE_PATHS, Submission, submit
 from first_core.inference.wait import (
     backend_error,
+    forget_task,
     raise_for_result,
     remember_task,
     wait_for_result,
@@ -29,6 +30,7 @@ __all__ = [
     "Submission",
     "answer",
     "backend_error",
+    "forget_task",
     "open_stream",
     "raise_for_result",
     "remember_task",

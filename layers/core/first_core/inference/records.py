@@ -202,16 +202,21 @@ def finish(
     status: str,
     usage: Usage | None = None,
     error: str | None = None,
+    *,
+    first_contact: float | None = None,
 ) -> bool:
     """Move a request to a terminal state once; a second attempt changes nothing (False).
 
     The one call that ends it (True) also writes the request's usage record and settles its
     rate-limit reservation (`usage.request_ended`), from the record as this update left it.
+    `first_contact`, when the caller knows it (the result row's or first stream batch's time),
+    spares the usage record a read to find it.
     """
     record = RequestRecord(request_id)
     if not update_if(record, finish_actions(status, usage, error), STILL_OPEN):
         return False
-    usage_module.request_ended(record)  # `update` left the whole new record in `record`
+    # `update` left the whole new record in `record`.
+    usage_module.request_ended(record, first_contact=first_contact)
     return True
 
 

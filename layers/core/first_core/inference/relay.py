@@ -25,7 +25,7 @@ from first_core.errors import (
 )
 from first_core.inference.stream_sink import cancel, compact
 from first_core.inference.submit import Submission
-from first_core.inference.wait import backend_error, remember_task
+from first_core.inference.wait import backend_error, forget_task, remember_task
 from first_core.schemas.apis import MessagesRequest, ResponsesRequest
 from first_core.schemas.wire import chunk_error
 from first_core.settings import get_settings
@@ -36,6 +36,12 @@ from first_core.tables import TERMINAL_STATUSES, RequestRecord, StreamChunkBatch
 # queued stream costs about ten reads a second.
 _MIN_POLL_S = 0.002
 _MAX_POLL_S = 0.1
+# Before the first batch: no batch comes back sooner than this after the submit (the task's
+# trip through Globus Compute and the engine, vLLM's first token, the callback's write), and
+# until one has come the polls are at least `_FIRST_MIN_POLL_S` apart: the queries that would
+# always miss are not made.
+_FIRST_POLL_S = 0.010
+_FIRST_MIN_POLL_S = 0.005
 # While no chunk comes, the request record is read this often, to notice an end elsewhere.
 _STATUS_CHECK_S = 1.0
 
@@ -55,7 +61,7 @@ async def stream_events(submission: Submission) -> AsyncGenerator[bytes, None]:
         ):
             yield event
     finally:
-        await remembering
+        await forget_task(remembering)
 
 
 def named_events(submission: Submission) -> str | None:
@@ -144,6 +150,7 @@ async def relay(
     ended_elsewhere: RequestRecord | None = None
     finished = False
     try:
+        await asyncio.sleep(_FIRST_POLL_S)
         while not finished:
             for row in await asyncio.to_thread(_rows_after, request_id, last_sent):
                 held.setdefault(int(row.seq), row)
@@ -174,7 +181,8 @@ async def relay(
                 # request is cancelled through the API): stop waiting for chunks that never come.
                 checked = now
                 ended_elsewhere = await asyncio.to_thread(_ended_record, request_id)
-            delay = min(max(_MIN_POLL_S, (now - last_data) / 10), _MAX_POLL_S)
+            least = _FIRST_MIN_POLL_S if last_sent < 0 else _MIN_POLL_S
+            delay = min(max(least, (now - last_data) / 10), _MAX_POLL_S)
             await asyncio.sleep(min(delay, deadline - now))
     finally:
         if not finished:

@@ -76,7 +76,7 @@ def record(
         if stored is not None:
             _end_request(request_id, stored.status_code, stored.body)
         return "duplicate"
-    if _end_request(request_id, status_code, body):
+    if _end_request(request_id, status_code, body, first_contact=now):
         return "written"
     try:
         status = RequestRecord.get(request_id, consistent_read=True, attributes_to_get=["status"])
@@ -96,15 +96,21 @@ def record(
     return "refused"
 
 
-def _end_request(request_id: str, status_code: int, body: Any) -> bool:
+def _end_request(
+    request_id: str, status_code: int, body: Any, first_contact: float | None = None
+) -> bool:
+    """End the request as its result says; `first_contact`, the result row's time, when this
+    call wrote it."""
     if status_code < 400:
         # The usage was checked before the result was written (accept_callback, the reconciler).
         try:
             usage = answer_usage(body)
         except ValidationError:  # only a result stored before usage was checked
             usage = None
-        return records.finish(request_id, "completed", usage=usage)
-    return records.finish(request_id, "failed", error=error_message(body))
+        return records.finish(request_id, "completed", usage=usage, first_contact=first_contact)
+    return records.finish(
+        request_id, "failed", error=error_message(body), first_contact=first_contact
+    )
 
 
 def too_large(size: int | None = None) -> tuple[int, dict[str, Any]]:

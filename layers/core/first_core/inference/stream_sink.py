@@ -65,29 +65,45 @@ def accept_stream_callback(
     if record.status in TERMINAL_STATUSES and not _ended_by_this_stream(record.status, batch):
         raise ConflictError(f"Request {request_id} has already ended ({record.status}).")
 
+    put_at = time.time()
     written = put_batch(request_id, batch)
     if batch.done:
         # Also after a duplicate put: the first delivery may have died between the two writes.
         usage = batch.usage.to_usage() if batch.usage else None
         error = batch.error.message if batch.error else None
-        if batch.seq and _batches_before(request_id, batch.seq) < batch.seq:
-            # An earlier batch is missing (late, or lost): the request ends once the gap is
-            # filled, by that batch or by the reconciler from the task's result. The mark goes
-            # first, so a batch that fills the gap meanwhile sees it (or the count below sees
-            # that batch).
-            _mark_done_seq(request_id, batch.seq)
-            if _batches_before(request_id, batch.seq) < batch.seq:
-                return {"continue": True, "duplicate": not written}
-        records.finish(request_id, ends_as, usage=usage, error=error)
+        # When the first batch came (for the usage record): this one, or read with the count.
+        first_at: float | None = put_at if batch.seq == 0 and written else None
+        if batch.seq:
+            before, first_at = _batches_before(request_id, batch.seq)
+            if before < batch.seq:
+                # An earlier batch is missing (late, or lost): the request ends once the gap
+                # is filled, by that batch or by the reconciler from the task's result. The
+                # mark goes first, so a batch that fills the gap meanwhile sees it (or the
+                # count below sees that batch).
+                _mark_done_seq(request_id, batch.seq)
+                before, first_at = _batches_before(request_id, batch.seq)
+                if before < batch.seq:
+                    return {"continue": True, "duplicate": not written}
+        records.finish(request_id, ends_as, usage=usage, error=error, first_contact=first_at)
     elif record.stream_done_seq is not None and record.status not in TERMINAL_STATUSES:
         _finish_if_whole(request_id, int(record.stream_done_seq))
     return {"continue": True, "duplicate": not written}
 
 
-def _batches_before(request_id: str, seq: int) -> int:
-    return int(
-        StreamChunkBatch.count(request_id, StreamChunkBatch.seq < seq, consistent_read=True)
-    )
+def _batches_before(request_id: str, seq: int) -> tuple[int, float | None]:
+    """How many batches are stored before `seq`, and when the first (seq 0) was: one query,
+    of only those two attributes."""
+    count, first_at = 0, None
+    for row in StreamChunkBatch.query(
+        request_id,
+        StreamChunkBatch.seq < seq,
+        consistent_read=True,
+        attributes_to_get=["seq", "created_at"],
+    ):
+        count += 1
+        if int(row.seq) == 0:
+            first_at = float(row.created_at)
+    return count, first_at
 
 
 def _mark_done_seq(request_id: str, seq: int) -> None:
@@ -98,7 +114,8 @@ def _mark_done_seq(request_id: str, seq: int) -> None:
 
 def _finish_if_whole(request_id: str, done_seq: int) -> None:
     """End a stream whose done batch came early, once no batch before it is missing."""
-    if _batches_before(request_id, done_seq) < done_seq:
+    before, first_at = _batches_before(request_id, done_seq)
+    if before < done_seq:
         return
     try:
         done = StreamChunkBatch.get(request_id, done_seq, consistent_read=True)
@@ -108,7 +125,11 @@ def _finish_if_whole(request_id: str, done_seq: int) -> None:
     error = str(failure.get("message") or "The stream failed.") if failure is not None else None
     usage = StreamUsage.model_validate(done.usage).to_usage() if done.usage else None
     records.finish(
-        request_id, "failed" if error else "completed", usage=usage, error=error
+        request_id,
+        "failed" if error else "completed",
+        usage=usage,
+        error=error,
+        first_contact=first_at,
     )
 
 

@@ -3,7 +3,6 @@ queue when Globus Compute's API budget has no unit for it)."""
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -11,6 +10,7 @@ from typing import Any
 from first_core import idempotency, ratelimit, schemas
 from first_core.auth import Caller
 from first_core.compute import budget, get_backend
+from first_core.edge import load_json
 from first_core.errors import (
     GatewayError,
     InvalidRequestError,
@@ -75,7 +75,9 @@ def submit(
         raise PayloadTooLargeError(
             f"Request body is {len(raw_body)} bytes; the limit is {settings.max_payload_bytes}."
         )
-    request = schemas.parse_request(openai_path, raw_body)  # type: ignore[arg-type]
+    # Parsed once: the same dict is validated and (with the gateway's max_tokens) sent on.
+    payload: Any = load_json(raw_body)  # 400 for bad JSON
+    request = schemas.parse_request(openai_path, payload)  # type: ignore[arg-type]
     stream = request.wants_stream()
     route = routing.choose(
         Registry.current(), caller, request.model, cluster, framework, exclude=exclude
@@ -166,7 +168,6 @@ def submit(
         if idempotency_key is not None:
             idempotency.release(caller.user_id, idempotency_key, request_id)
         raise
-    payload: dict[str, Any] = json.loads(raw_body)
     if reservation.max_tokens is not None:
         payload[request.max_tokens_key] = reservation.max_tokens
     if not stream:

@@ -4,6 +4,7 @@ the callback (or the reconciler) writes appears; and what the client gets for it
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from typing import Any
 
@@ -23,16 +24,42 @@ from first_core.settings import get_settings
 # a warm model's answer is seen within milliseconds and a queued job costs a few reads a second.
 _MIN_POLL_S = 0.005
 _MAX_POLL_S = 0.25
+# No answer comes back sooner than this after the submit (the task's trip through Globus
+# Compute and the engine, vLLM, the callback's write): a poll at once would always miss.
+_FIRST_POLL_S = 0.010
 
 
-def remember_task(submission: Submission) -> asyncio.Task[Any]:
-    """Write the task id beside the first polls rather than before them: only the reconciler
-    needs it, and it looks much later. (A queued request's submitter writes its own.)"""
+def remember_task(submission: Submission) -> asyncio.Task[None]:
+    """Write the task id only if the answer is slow to come (`task_id_write_after_seconds`):
+    only the reconciler needs it, to look up a task whose callback was lost, and it looks only
+    at requests still open long after that. (A queued request's submitter writes its own.)
+    `forget_task` when the answer came."""
+    return asyncio.create_task(_remember_later(submission))
+
+
+async def _remember_later(submission: Submission) -> None:
     if submission.task_id is None:
-        return asyncio.create_task(asyncio.sleep(0))
-    return asyncio.create_task(
-        asyncio.to_thread(records.set_task, submission.request_id, submission.task_id)
-    )
+        return
+    await asyncio.sleep(get_settings().task_id_write_after_seconds)
+    await asyncio.to_thread(records.set_task, submission.request_id, submission.task_id)
+
+
+async def forget_task(remembering: asyncio.Task[None]) -> None:
+    """The answer came (or the request ended): a task-id write not yet due is not made; one
+    under way finishes on its thread."""
+    remembering.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await remembering
+
+
+async def remember_now(submission: Submission, remembering: asyncio.Task[None]) -> None:
+    """The wait ended but the request runs on (a 504): its task id is written now, if it is
+    not yet, so the reconciler can find the task should its callback be lost."""
+    if remembering.done():
+        return
+    await forget_task(remembering)
+    if submission.task_id is not None:
+        await asyncio.to_thread(records.set_task, submission.request_id, submission.task_id)
 
 
 async def wait_for_result(submission: Submission) -> results.Result:
@@ -40,12 +67,16 @@ async def wait_for_result(submission: Submission) -> results.Result:
     remembering = remember_task(submission)
     try:
         return await _poll(submission)
+    except ComputeTimeoutError:
+        await remember_now(submission, remembering)
+        raise
     finally:
-        await remembering
+        await forget_task(remembering)
 
 
 async def _poll(submission: Submission) -> results.Result:
     started = time.monotonic()
+    await asyncio.sleep(_FIRST_POLL_S)
     while True:
         result = await asyncio.to_thread(results.load, submission.request_id)
         if result is not None:

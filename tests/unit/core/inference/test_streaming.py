@@ -378,6 +378,8 @@ def test_relay_reads_only_new_rows(monkeypatch: pytest.MonkeyPatch) -> None:
     returned: list[int] = []
 
     def spy(hash_key: str, range_key_condition: Any = None, **options: Any) -> Any:
+        if "attributes_to_get" in options:  # the done callback's count, not the relay
+            return original(hash_key, range_key_condition, **options)
         conditions.append(str(range_key_condition))
         found = list(original(hash_key, range_key_condition, **options))
         returned.extend(int(row.seq) for row in found)

@@ -297,6 +297,7 @@ STATE_KEYS = {
     "compute_endpoints",
     "compute_api_limit",
     "backend_url",
+    "direct_url",
     "cluster_fs",
     "table_prefix",
     "pid",

@@ -340,13 +340,14 @@ _MODELS: dict[str, type[RequestBody]] = {
 # "responses" and "messages": schemas/apis.py, which builds on this module (the package adds them).
 
 
-def parse_request(kind: Kind, body: bytes | str | dict[str, Any]) -> RequestBody:
-    """Validate a request body, or raise `InvalidRequestError` naming the first bad field."""
+def parse_request(kind: Kind, body: Any) -> RequestBody:
+    """Validate a request body (its raw bytes or text, or the JSON already parsed from them),
+    or raise `InvalidRequestError` naming the first bad field."""
     model = _MODELS[kind]
-    if isinstance(body, dict):
-        data: Any = body
+    if isinstance(body, bytes | str):
+        data: Any = load_json(body)  # 400 for bad JSON, and for a lone surrogate in any string
     else:
-        data = load_json(body)  # 400 for bad JSON, and for a lone surrogate in any string
+        data = body
     if not isinstance(data, dict):
         raise InvalidRequestError("The request body must be a JSON object.", code="invalid_json")
     try:

@@ -196,9 +196,13 @@ def test_missing_required_parameter() -> None:
         ("[" * 100_000, "The request body is not valid JSON."),
         (b'[{"model": "m"}]', "The request body must be a JSON object."),
         ('"just a string"', "The request body must be a JSON object."),
+        (b"null", "The request body must be a JSON object."),
+        # Already parsed (inference.submit parses once and passes the result on).
+        (None, "The request body must be a JSON object."),
+        (7, "The request body must be a JSON object."),
     ],
 )
-def test_body_that_is_not_a_json_object(body: bytes | str, message: str) -> None:
+def test_body_that_is_not_a_json_object(body: object, message: str) -> None:
     err = _refusal("chat/completions", body)
     assert (err.param, err.code, err.message) == (None, "invalid_json", message)
 

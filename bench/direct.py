@@ -19,6 +19,7 @@ import argparse
 import os
 import statistics
 import time
+from collections.abc import Iterator
 
 import openai
 
@@ -27,6 +28,17 @@ from bench.common import local_stack, machine, summary
 MODEL = "openai/gpt-oss-20b"
 MESSAGES = [{"role": "user", "content": "Give me one sentence about HPC."}]
 USERS = ("alice", "dave")  # dev identities the local stack serves
+# The default limit is 20 requests a second per user: with two users alternating, a round of the
+# loop takes at least this long (each user's requests ~60 ms apart), so no request is refused.
+ROUND_SECONDS = 0.03
+
+
+def paced(rounds: int) -> Iterator[int]:
+    """range(rounds), each round taking at least ROUND_SECONDS (the pause is not measured)."""
+    for i in range(rounds):
+        started = time.perf_counter()
+        yield i
+        time.sleep(max(0.0, ROUND_SECONDS - (time.perf_counter() - started)))
 
 
 def non_streamed(client: openai.OpenAI, phases: list[dict[str, float]] | None = None) -> float:
@@ -88,18 +100,18 @@ def main() -> None:
             )
             for user in USERS
         ]
-        for i in range(args.warmup):
+        for i in paced(args.warmup):
             non_streamed(upstream)
             non_streamed(gateways[i % 2])
             streamed(upstream, args.stream_tokens)
             streamed(gateways[i % 2], args.stream_tokens)
         upstream_times, gateway_times = [], []
         phases: list[dict[str, float]] = []
-        for i in range(args.requests):
+        for i in paced(args.requests):
             upstream_times.append(non_streamed(upstream))
             gateway_times.append(non_streamed(gateways[i % 2], phases))
         upstream_streams, gateway_streams = [], []
-        for i in range(args.requests):
+        for i in paced(args.requests):
             upstream_streams.append(streamed(upstream, args.stream_tokens))
             gateway_streams.append(streamed(gateways[i % 2], args.stream_tokens))
 

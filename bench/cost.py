@@ -27,7 +27,7 @@ import tempfile
 import time
 import urllib.request
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -136,13 +136,27 @@ class Meter:
         time.sleep(settle)  # usage records and late callbacks land
         self._moto("stop-recording")
         tally.compute_calls = self._compute_calls() - calls
-        for line in self._moto("download-recording").decode().splitlines():
-            _count_aws(json.loads(line), tally)
+        for entry in _entries(self._moto("download-recording").decode()):
+            _count_aws(entry, tally)
         with self.log.open() as log:
             log.seek(offset)
             for line in log:
                 _count_log(line, tally)
         return tally
+
+
+def _entries(recording: str) -> Iterator[dict[str, Any]]:
+    """The recorder's entries, one JSON object a line; moto's threads sometimes write two
+    entries on one line (no newline between them), so each line is decoded object by object."""
+    decoder = json.JSONDecoder()
+    for line in recording.splitlines():
+        position = 0
+        while position < len(line):
+            entry, end = decoder.raw_decode(line, position)
+            yield entry
+            position = end
+            while position < len(line) and line[position].isspace():
+                position += 1
 
 
 def _count_aws(entry: dict[str, Any], tally: Tally) -> None:

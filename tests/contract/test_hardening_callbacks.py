@@ -168,8 +168,8 @@ def test_a_status_code_out_of_range_is_400_and_the_client_still_gets_its_answer(
     for status in [99, 600, "200", 1.5, True, None, -1, 10**40]:
         response = forge(stack, request_id, answer(request_id, status))
         assert error_of(response, 400)["type"] == "invalid_request_error", status
-    assert stack.item("results", request_id) is None
-    assert (stack.item("requests", request_id) or {})["status"] == "submitted"
+    submitted = stack.item("requests", request_id) or {}
+    assert submitted["status"] == "submitted" and "response_status" not in submitted
 
     real = future.result()
     assert real.status_code == 200, real.text
@@ -325,7 +325,8 @@ def test_an_answer_over_the_cap_ends_the_request_failed_with_a_clear_error(
     assert "x" * 100 not in response.text
     view = request_view(stack, request_id)
     assert view["status"] == "failed" and "limit of" in (view["error"] or "")
-    stored = stack.item("results", request_id)
+    stored = stack.item("requests", request_id)
+    assert stored is not None and stored["response_status"] == 502
     time.sleep(2.5)  # the mock's delay: the real answer's callback lands meanwhile, refused
-    assert stack.item("results", request_id) == stored
+    assert stack.item("requests", request_id) == stored
     assert request_view(stack, request_id) == view

@@ -173,7 +173,7 @@ def test_malformed_json_is_400_and_writes_nothing(
         authorization=f"Bearer {callback_token(ghost)}",
     )
     assert error_of(response, 400)["type"] == "invalid_request_error"
-    assert snapshot(stack, ghost) == {"request": None, "result": None, "chunks": [], "usage": []}
+    assert snapshot(stack, ghost) == {"request": None, "chunks": [], "usage": []}
 
 
 def test_malformed_json_on_a_finished_request_writes_nothing(stack: Stack, stream: bool) -> None:

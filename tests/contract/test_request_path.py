@@ -68,11 +68,13 @@ def test_usage_and_owner_are_on_the_request_record(stack: Stack) -> None:
     assert item["prompt_tokens"] == Decimal(reply.usage.prompt_tokens)
     assert item["completion_tokens"] == Decimal(reply.usage.completion_tokens)
     assert item["total_tokens"] == Decimal(reply.usage.total_tokens)
-    # The result row is there once, written by the callback.
-    result = stack.table("results").get_item(Key={"request_id": item["request_id"]})["Item"]
-    assert json.loads(result["body"])["choices"][0]["message"]["content"] == (
+    # The answer is on the record, written by the callback's update that ended it; no result
+    # row (issue 19: six writes a request).
+    assert item["response_status"] == 200
+    assert json.loads(item["response_body"])["choices"][0]["message"]["content"] == (
         reply.choices[0].message.content
     )
+    assert stack.item("results", item["request_id"]) is None
 
 
 @pytest.mark.parametrize("federated", [True, False])
@@ -249,7 +251,7 @@ def post_callback(
 def test_forged_and_cross_request_callbacks_are_refused_and_write_nothing(stack: Stack) -> None:
     done = completed_request(stack)
     other = completed_request(stack)
-    before = stack.item("results", done)
+    before = stack.item("requests", done)
     forged = {"request_id": done, "status_code": 200, "body": {"choices": [], "usage": None}}
     real = callback_token(done)
     one_digit_off = real[:-1] + ("1" if real[-1] == "0" else "0")
@@ -257,18 +259,17 @@ def test_forged_and_cross_request_callbacks_are_refused_and_write_nothing(stack:
         response = post_callback(stack, done, token, forged)
         assert response.status_code == 401
         assert response.json()["error"]["type"] == "authentication_error"
-    assert stack.item("results", done) == before
+    assert stack.item("requests", done) == before
     # A request id that was never issued: a valid-looking signature for it still writes nothing.
     ghost = "req_" + "f" * 32
     response = post_callback(stack, ghost, callback_token(ghost), {**forged, "request_id": ghost})
     assert response.status_code == 409
-    assert stack.item("results", ghost) is None
+    assert stack.item("requests", ghost) is None
 
 
 def test_replayed_callback_changes_nothing(stack: Stack) -> None:
     done = completed_request(stack)
     record_before = stack.item("requests", done)
-    result_before = stack.item("results", done)
     replay = {
         "request_id": done,
         "status_code": 200,
@@ -280,7 +281,6 @@ def test_replayed_callback_changes_nothing(stack: Stack) -> None:
     assert response.status_code == 200
     assert response.json() == {"accepted": False, "duplicate": True}
     assert stack.item("requests", done) == record_before
-    assert stack.item("results", done) == result_before
 
 
 def test_a_body_over_the_payload_cap_is_refused_before_anything_is_recorded(stack: Stack) -> None:

@@ -116,7 +116,6 @@ def snapshot(stack: Stack, request_id: str) -> dict[str, Any]:
     )["Items"]
     return {
         "request": stack.item("requests", request_id),
-        "result": stack.item("results", request_id),
         "chunks": chunks,
         "usage": usage_rows(stack, request_id),
     }

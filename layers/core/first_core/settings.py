@@ -109,7 +109,8 @@ class Settings(BaseSettings):
     # A stream's headers wait this long for its first event, so that a stream vLLM refuses at
     # once gets an HTTP error status rather than a 200 with an error event.
     stream_error_wait_seconds: float = 2.0
-    # Largest result body kept inline in DynamoDB (items max out at 400 KB); larger goes to S3.
+    # Largest answer kept inline on its request record (a DynamoDB item maxes out at 400 KB, and
+    # the record's other attributes take a few KB); larger goes to S3. A stream batch's cap too.
     inline_result_bytes: int = 300_000
     max_payload_bytes: int = 10 * 1024 * 1024
     # Result and chunk rows expire after this long.

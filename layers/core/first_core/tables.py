@@ -113,16 +113,23 @@ class RequestRecord(Model):
     max_tokens = NumberAttribute(null=True)
     choices = NumberAttribute(null=True)
     prompt_bytes = NumberAttribute(null=True)
-    # A direct backend's answer (first_core.inference.direct), JSON, written with the record in
-    # its one write when it fits an item: what `GET /v1/requests/{id}` shows as `response`.
+    # The answer of a non-streamed request, JSON, written by the update that ends the record
+    # (first_core.inference.results; a direct backend's, by its one put): what the waiting proxy
+    # polls for and `GET /v1/requests/{id}` shows as `response`. `response_status` is the HTTP
+    # status the backend answered with; an answer over `inline_result_bytes` is in the results
+    # bucket under `response_s3_key` instead of `response_body` (the item stays under 400 KB).
     response_body = UnicodeAttribute(null=True)
+    response_status = NumberAttribute(null=True)
+    response_s3_key = UnicodeAttribute(null=True)
 
     by_user = RequestsByUser()
     by_open_status = RequestsByStatus()
 
 
 class ResultRecord(Model):
-    """The answer of one request, written once by the callback (or the reconciler)."""
+    """The answer of one request, as it was kept before answers moved onto the request record
+    (`RequestRecord.response_body`). Nothing writes or reads it now; the table stays declared
+    until a release that drops it (its rows expire on their own)."""
 
     Meta = _meta("results")
 

@@ -22,7 +22,6 @@ from first_core.errors import InvalidRequestError, PermissionDeniedError
 from first_core.settings import get_settings
 from first_core.tables import (
     RequestRecord,
-    ResultRecord,
     StreamChunkBatch,
     UsageRecord,
     put_once,
@@ -60,13 +59,14 @@ def _ms(start: float, end: float | None) -> int | None:
 
 
 def _first_contact(record: RequestRecord) -> float | None:
-    """When the cluster's answer was first seen by a callback: the first stream batch, or the
-    result row (for a non-streamed request that is when the whole answer came)."""
+    """When the cluster's answer was first seen by a callback: the first stream batch, or, for
+    a non-streamed request, when the whole answer came: the record ended with it."""
+    if not record.stream:
+        answered = record.response_status is not None and record.completed_at is not None
+        return float(record.completed_at) if answered else None
     try:
-        if record.stream:
-            first = StreamChunkBatch.get(record.request_id, 0, consistent_read=True)
-            return float(first.created_at)
-        return float(ResultRecord.get(record.request_id, consistent_read=True).created_at)
+        first = StreamChunkBatch.get(record.request_id, 0, consistent_read=True)
+        return float(first.created_at)
     except DoesNotExist:
         return None
 

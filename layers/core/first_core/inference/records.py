@@ -193,6 +193,17 @@ def finish_actions(status: str, usage: Usage | None = None, error: str | None = 
     return actions
 
 
+def answer_actions(status_code: int, text: str | None, s3_key: str | None) -> list[Any]:
+    """The writes that keep a non-streamed answer on its record: the backend's status, and the
+    JSON body inline (`text`) or where it is in the results bucket (`s3_key`)."""
+    actions: list[Any] = [RequestRecord.response_status.set(status_code)]
+    if s3_key is not None:
+        actions.append(RequestRecord.response_s3_key.set(s3_key))
+    elif text is not None:
+        actions.append(RequestRecord.response_body.set(text))
+    return actions
+
+
 # A request may end only once, and only if it exists.
 STILL_OPEN = RequestRecord.request_id.exists() & ~RequestRecord.status.is_in(*TERMINAL_STATUSES)
 
@@ -204,16 +215,20 @@ def finish(
     error: str | None = None,
     *,
     first_contact: float | None = None,
+    answer: list[Any] | None = None,
 ) -> bool:
     """Move a request to a terminal state once; a second attempt changes nothing (False).
 
     The one call that ends it (True) also writes the request's usage record and settles its
     rate-limit reservation (`usage.request_ended`), from the record as this update left it.
-    `first_contact`, when the caller knows it (the result row's or first stream batch's time),
-    spares the usage record a read to find it.
+    `first_contact`, when the caller knows it (when the answer came, or the first stream
+    batch's time), spares the usage record a read to find it. `answer`: the writes that put a
+    non-streamed answer on the record (`answer_actions`), made by this same update, so the
+    record ends and holds its answer in one write, or neither.
     """
     record = RequestRecord(request_id)
-    if not update_if(record, finish_actions(status, usage, error), STILL_OPEN):
+    actions = finish_actions(status, usage, error) + (answer or [])
+    if not update_if(record, actions, STILL_OPEN):
         return False
     # `update` left the whole new record in `record`.
     usage_module.request_ended(record, first_contact=first_contact)

@@ -1,8 +1,10 @@
-"""Results coming back from the clusters: the results table, and S3 spill-over.
+"""Results coming back from the clusters: a non-streamed answer kept on its request record, and
+S3 spill-over.
 
-The result row is written with a conditional put, so a repeated callback is a no-op; bodies too
-large for a DynamoDB item go to the results bucket with a pointer in the row; a body over the
-cap (`max_payload_bytes`) is never written: the request ends failed, saying so. (The callback's
+The answer is written by the conditional update that ends the record, so a repeated callback is
+a no-op; bodies too large for a DynamoDB item go to the results bucket with a pointer on the
+record; a body over the cap (`max_payload_bytes`) is never written: the request ends failed,
+saying so. (The callback's
 token, shape and counts are checked first: first_core.callbacks.)
 """
 
@@ -12,7 +14,6 @@ import json
 import time
 import uuid
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any, Literal
 
 from pydantic import ValidationError
@@ -29,7 +30,7 @@ from first_core.errors import (
 from first_core.inference import assemble, records
 from first_core.schemas.wire import CallbackBody, answer_usage
 from first_core.settings import get_settings
-from first_core.tables import RequestRecord, ResultRecord, put_once
+from first_core.tables import RequestRecord
 
 
 @dataclass(frozen=True)
@@ -43,74 +44,57 @@ class Result:
 def record(
     request_id: str, status_code: int, body: Any
 ) -> Literal["written", "duplicate", "refused"]:
-    """Write the result once, then end the request record once.
+    """End the request record once, with the answer on it, in one conditional update.
 
-    Single-item writes in an order that makes every step safe to repeat (moto copies every
-    table on each transaction, so a transaction here would slow the local stack as it fills).
-    The result row goes first, so the waiting proxy sees it after one write; a repeat finds it
-    there (`duplicate`) and only re-tries ending the request, which heals a callback that died
-    between the two writes. A result for a request that does not exist or ended otherwise
-    (cancelled, timed out) is taken back (`refused`): only then is the record read.
+    The update that ends the record (status, usage or error, times) also writes the answer
+    (`records.answer_actions`), guarded by the condition that lets a request end only once
+    (`records.STILL_OPEN`): the waiting proxy, polling the record, sees the end and the answer
+    together, and a repeated or late callback changes nothing and bills nothing. Only when the
+    update is refused is the record read, to tell a repeat (it holds an answer: `duplicate`)
+    from a request that does not exist or ended otherwise (cancelled, timed out: `refused`;
+    a cancelled request's answer is billed, once, though nobody reads it).
     """
     s = get_settings()
     text = json.dumps(body, separators=(",", ":"))
     if len(text) > s.max_payload_bytes:  # every path that writes a result comes through here
         status_code, body = too_large(len(text))
         text = json.dumps(body, separators=(",", ":"))
-    now = time.time()
-    row = ResultRecord(
-        request_id,
-        status_code=status_code,
-        created_at=now,
-        expires_at=datetime.fromtimestamp(now + s.result_ttl_seconds, tz=UTC),
-    )
-    if len(text) <= s.inline_result_bytes:
-        row.body = text
-    else:
-        # A key of its own per attempt: a repeat must not overwrite the result that won.
-        row.s3_key = f"results/{request_id}/{uuid.uuid4().hex}.json"
-        storage.put(row.s3_key, text.encode())
-    if not put_once(row, ResultRecord.request_id.does_not_exist()):
-        _delete_body(row)
-        stored = load(request_id)
-        if stored is not None:
-            _end_request(request_id, stored.status_code, stored.body)
-        return "duplicate"
-    if _end_request(request_id, status_code, body, first_contact=now):
-        return "written"
-    try:
-        status = RequestRecord.get(request_id, consistent_read=True, attributes_to_get=["status"])
-        ended_by_this_result = status.status == ("completed" if status_code < 400 else "failed")
-    except DoesNotExist:
-        status, ended_by_this_result = None, False
-    if ended_by_this_result:  # a concurrent repeat of this callback ended it first
-        return "written"
-    try:
-        usage = answer_usage(body) if status_code < 400 else None
-    except ValidationError:  # checked before it was written; nothing to bill if not
-        usage = None
-    if status is not None and status.status == "cancelled" and usage is not None:
-        records.bill_after_cancel(request_id, usage)  # its client left; what ran is billed
-    row.delete()
-    _delete_body(row)
-    return "refused"
-
-
-def _end_request(
-    request_id: str, status_code: int, body: Any, first_contact: float | None = None
-) -> bool:
-    """End the request as its result says; `first_contact`, the result row's time, when this
-    call wrote it."""
+    s3_key = None
+    if len(text) > s.inline_result_bytes:
+        # Too large for the record's item (400 KB at most): in the results bucket, under a key
+        # of its own per attempt, so a repeat never overwrites the answer that won.
+        s3_key = f"results/{request_id}/{uuid.uuid4().hex}.json"
+        storage.put(s3_key, text.encode())
+    usage = None
     if status_code < 400:
-        # The usage was checked before the result was written (accept_callback, the reconciler).
-        try:
+        try:  # checked before it came here (accept_callback, the reconciler)
             usage = answer_usage(body)
-        except ValidationError:  # only a result stored before usage was checked
+        except ValidationError:
             usage = None
-        return records.finish(request_id, "completed", usage=usage, first_contact=first_contact)
-    return records.finish(
-        request_id, "failed", error=error_message(body), first_contact=first_contact
+    answer = records.answer_actions(status_code, None if s3_key else text, s3_key)
+    ended = records.finish(
+        request_id,
+        "completed" if status_code < 400 else "failed",
+        usage=usage,
+        error=error_message(body) if status_code >= 400 else None,
+        first_contact=time.time(),
+        answer=answer,
     )
+    if ended:
+        return "written"
+    if s3_key is not None:
+        storage.delete(s3_key)
+    try:
+        current = RequestRecord.get(
+            request_id, consistent_read=True, attributes_to_get=["status", "response_status"]
+        )
+    except DoesNotExist:
+        return "refused"
+    if current.response_status is not None:  # a repeat of the callback that ended it
+        return "duplicate"
+    if current.status == "cancelled" and usage is not None:
+        records.bill_after_cancel(request_id, usage)  # its client left; what ran is billed
+    return "refused"
 
 
 def too_large(size: int | None = None) -> tuple[int, dict[str, Any]]:
@@ -154,19 +138,36 @@ def answer_problem(
     return None
 
 
-def _delete_body(row: ResultRecord) -> None:
-    if row.s3_key:
-        storage.delete(row.s3_key)
-
-
 def load(request_id: str) -> Result | None:
-    """The recorded result of a request (its body fetched from S3 if it spilled there), or None."""
+    """The answer of a non-streamed request, once its record ended with one (its body fetched
+    from S3 if it is there), or None: one strongly consistent read of the record."""
     try:
-        row = ResultRecord.get(request_id, consistent_read=True)
+        request = RequestRecord.get(request_id, consistent_read=True, attributes_to_get=_ANSWER)
     except DoesNotExist:
         return None
-    text = storage.get(row.s3_key) if row.s3_key else (row.body or "null")
-    return Result(int(row.status_code), json.loads(text))
+    return stored_answer(request)
+
+
+# The record's attributes that hold its answer.
+_ANSWER = ["response_status", "response_body", "response_s3_key"]
+
+
+def stored_answer(request: RequestRecord) -> Result | None:
+    """The answer kept on a request record (`record`; a direct backend's, `records.ended`), or
+    None if it holds none."""
+    if request.response_s3_key:
+        # The bucket's results/ expire (`ResultsBucket`'s lifecycle, at least the result TTL)
+        # while the record stays: an old record's large answer may be gone.
+        stored = storage.get_if_present(request.response_s3_key)
+        if stored is None:
+            return None
+        text = stored.decode()
+    elif request.response_body is not None:
+        text = request.response_body
+    else:
+        return None
+    # A direct backend's record keeps only a completed answer, without its status.
+    return Result(int(request.response_status or 200), json.loads(text))
 
 
 def accept_callback(request_id: str, authorization: str | None, raw_body: bytes) -> dict[str, Any]:
@@ -231,12 +232,10 @@ def request_view(request: RequestRecord) -> dict[str, Any]:
             "total_tokens": int(request.total_tokens or 0),
         }
     response = None
-    if request.status == "completed" and request.response_body is not None:
-        response = json.loads(request.response_body)  # a direct backend's answer
-    elif request.status == "completed" and request.stream:
+    if request.status == "completed" and request.stream:
         response = assemble.answer(request.request_id, request.openai_path)
     elif request.status == "completed":
-        stored = load(request.request_id)
+        stored = stored_answer(request)
         response = stored.body if stored is not None else None
     return {
         "id": request.request_id,

@@ -1,5 +1,6 @@
-"""Waiting for a non-streamed answer: the results table, polled with a back-off, until the row
-the callback (or the reconciler) writes appears; and what the client gets for it."""
+"""Waiting for a non-streamed answer: the request record, polled with a back-off, until the
+update that ends it with its answer (the callback's, or the reconciler's) is seen; and what the
+client gets for it."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from first_core.inference import records, results
 from first_core.inference.submit import Submission
 from first_core.settings import get_settings
 
-# Polling the results table: the pause grows with the time already waited (a tenth of it), so
+# Polling the request record: the pause grows with the time already waited (a tenth of it), so
 # a warm model's answer is seen within milliseconds and a queued job costs a few reads a second.
 _MIN_POLL_S = 0.005
 _MAX_POLL_S = 0.25
@@ -63,7 +64,8 @@ async def remember_now(submission: Submission, remembering: asyncio.Task[None]) 
 
 
 async def wait_for_result(submission: Submission) -> results.Result:
-    """Poll the results table (consistent reads, adaptive back-off) until the row appears."""
+    """Poll the request record (one consistent GetItem a poll, adaptive back-off) until it holds
+    its answer."""
     remembering = remember_task(submission)
     try:
         return await _poll(submission)

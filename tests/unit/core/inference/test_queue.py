@@ -18,10 +18,10 @@ from compute_funcs.register import make_client
 from first_core import inference
 from first_core.compute import GlobusComputeBackend, TaskState
 from first_core.inference import queue as submit_queue
-from first_core.inference import reconciler, records
+from first_core.inference import reconciler, records, results
 from first_core.registry import Endpoint
 from first_core.settings import get_settings
-from first_core.tables import RequestRecord, ResultRecord
+from first_core.tables import RequestRecord
 from first_local.provision import TEMPLATE, create_queue
 from tests.support.compute import TEST_ENDPOINT_ID, ComputeStandIn, FakeBackend
 from tests.support.identities import ALICE, CALLER
@@ -196,8 +196,8 @@ def test_a_submitter_killed_after_sending_loses_nothing_and_runs_nothing_twice(
     assert sorted(completed) == sorted(r.request_id for r in requests)
     for i, request in enumerate(requests):
         assert record(request.request_id).status == "completed"
-        result = ResultRecord.get(request.request_id, consistent_read=True)
-        assert json.loads(result.body)["echo"] == f"k{i}"
+        result = results.load(request.request_id)
+        assert result is not None and result.body["echo"] == f"k{i}"
 
 
 def test_a_submitter_killed_before_sending_is_taken_over(
@@ -229,11 +229,9 @@ def test_a_batch_globus_compute_refuses_ends_its_requests_with_the_reason(
 
     assert report.failed == [request.request_id] and report.retry == []
     assert record(request.request_id).status == "failed"
-    result = ResultRecord.get(request.request_id, consistent_read=True)
-    assert (
-        result.status_code == 503
-        and "refused the batch" in json.loads(result.body)["error"]["message"]
-    )
+    result = results.load(request.request_id)
+    assert result is not None and result.status_code == 503
+    assert "refused the batch" in result.body["error"]["message"]
 
 
 def test_with_no_budget_left_the_claims_are_given_back_for_later(

@@ -26,6 +26,7 @@ from first_core.inference.results import (
     error_message,
     load,
     record,
+    request_view,
 )
 from first_core.settings import get_settings
 from first_core.tables import RequestRecord, ResultRecord
@@ -77,7 +78,7 @@ def callback_body(request_id: str, status_code: int = 200, body: Any = None) -> 
 
 
 # -- record() ---------------------------------------------------------------------------------
-def test_record_on_an_open_request_writes_the_result_and_completes_it(aws: None) -> None:
+def test_record_on_an_open_request_ends_it_with_the_answer_on_its_record(aws: None) -> None:
     open_request()
     body = completion(prompt=12, completion_tokens=3)
 
@@ -89,11 +90,51 @@ def test_record_on_an_open_request_writes_the_result_and_completes_it(aws: None)
     assert request.completed_at is not None
     assert (request.prompt_tokens, request.completion_tokens, request.total_tokens) == (12, 3, 15)
     assert request.error is None
-    row = ResultRecord.get(REQUEST_ID, consistent_read=True)
-    assert row.status_code == 200
-    assert json.loads(row.body) == body
-    assert row.s3_key is None
+    # The answer is on the record, written by the update that ended it: no result row.
+    assert request.response_status == 200
+    assert json.loads(request.response_body) == body
+    assert request.response_s3_key is None
     assert load(REQUEST_ID) == Result(200, body)
+
+
+def test_record_ends_the_request_in_one_write_and_writes_no_result_row(
+    aws: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 19's budget: the answer rides on the update that ends the record (then the usage
+    record's put and the reservation's settle): no result row, no other write to the record."""
+    open_request()
+    updates: list[list[Any]] = []
+    real_update = RequestRecord.update
+
+    def counted(self: RequestRecord, *args: Any, **kwargs: Any) -> Any:
+        updates.append(list(kwargs.get("actions") or []))
+        return real_update(self, *args, **kwargs)
+
+    monkeypatch.setattr(RequestRecord, "update", counted)
+
+    assert record(REQUEST_ID, 200, completion()) == "written"
+
+    assert len(updates) == 1
+    assert list(ResultRecord.scan()) == []
+    assert load(REQUEST_ID) == Result(200, completion())
+
+
+def test_the_request_view_shows_the_answer_from_the_record(
+    aws: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    open_request()
+    open_request(OTHER_ID)
+    monkeypatch.setattr(get_settings(), "inline_result_bytes", 1_000)
+    big = big_completion(5_000)
+    record(REQUEST_ID, 200, completion("inline"))
+    record(OTHER_ID, 200, big)
+
+    assert request_view(RequestRecord.get(REQUEST_ID))["response"] == completion("inline")
+    assert request_view(RequestRecord.get(OTHER_ID))["response"] == big
+    # The bucket's results/ expire before the record does: an old large answer is gone.
+    for key in s3_keys():
+        first_core.storage.delete(key)
+    assert request_view(RequestRecord.get(OTHER_ID))["response"] is None
 
 
 def test_total_tokens_is_derived_when_the_body_omits_it(aws: None) -> None:
@@ -109,13 +150,11 @@ def test_second_record_is_a_duplicate_and_changes_nothing(aws: None) -> None:
     open_request()
     assert record(REQUEST_ID, 200, completion("first")) == "written"
     request_before = raw_item(RequestRecord, REQUEST_ID)
-    result_before = raw_item(ResultRecord, REQUEST_ID)
 
     outcome = record(REQUEST_ID, 500, {"error": {"message": "late failure"}})
 
     assert outcome == "duplicate"
     assert raw_item(RequestRecord, REQUEST_ID) == request_before
-    assert raw_item(ResultRecord, REQUEST_ID) == result_before
     assert load(REQUEST_ID) == Result(200, completion("first"))
 
 
@@ -130,7 +169,6 @@ def test_record_on_a_cancelled_request_is_refused_and_writes_no_result(aws: None
     assert record(REQUEST_ID, 200, completion()) == "refused"
     assert record(REQUEST_ID, 200, completion(prompt=99)) == "refused"  # billed once
 
-    assert raw_item(ResultRecord, REQUEST_ID) is None
     assert load(REQUEST_ID) is None
     billed = {"prompt_tokens": "12", "completion_tokens": "3", "total_tokens": "15"}
     assert raw_item(RequestRecord, REQUEST_ID) == {
@@ -143,7 +181,6 @@ def test_record_on_a_cancelled_request_is_refused_and_writes_no_result(aws: None
 def test_record_for_an_unknown_request_is_refused(aws: None) -> None:
     assert record(OTHER_ID, 200, completion()) == "refused"
 
-    assert raw_item(ResultRecord, OTHER_ID) is None
     assert raw_item(RequestRecord, OTHER_ID) is None  # the update did not create a stub
 
 
@@ -199,11 +236,12 @@ def test_large_body_goes_to_s3_and_loads_back_whole(
 
     assert record(REQUEST_ID, 200, body) == "written"
 
-    row = ResultRecord.get(REQUEST_ID, consistent_read=True)
-    assert row.body is None
-    assert row.s3_key and row.s3_key.startswith(f"results/{REQUEST_ID}/")
-    assert "body" not in raw_item(ResultRecord, REQUEST_ID)
-    assert s3_keys() == [row.s3_key]
+    request = RequestRecord.get(REQUEST_ID, consistent_read=True)
+    assert request.response_body is None
+    key = request.response_s3_key
+    assert key and key.startswith(f"results/{REQUEST_ID}/")
+    assert "response_body" not in (raw_item(RequestRecord, REQUEST_ID) or {})
+    assert s3_keys() == [key]
     assert load(REQUEST_ID) == Result(200, body)
     assert RequestRecord.get(REQUEST_ID).total_tokens == 15
 
@@ -216,7 +254,7 @@ def test_body_at_the_inline_limit_stays_inline(aws: None, monkeypatch: pytest.Mo
 
     record(REQUEST_ID, 200, body)
 
-    assert ResultRecord.get(REQUEST_ID).s3_key is None
+    assert RequestRecord.get(REQUEST_ID).response_s3_key is None
     assert s3_keys() == []
 
 
@@ -231,6 +269,7 @@ def test_duplicate_large_body_does_not_replace_the_stored_result(
     assert record(REQUEST_ID, 200, completion(text="y" * 5_000)) == "duplicate"
 
     assert load(REQUEST_ID) == Result(200, first)
+    assert len(s3_keys()) == 1  # the repeat's copy was taken back
 
 
 def test_refused_large_body_leaves_nothing_in_s3(

@@ -12,7 +12,7 @@ import pytest
 
 from first_local.globus_standin import mint_token
 from tests.contract.conftest import Stack
-from tests.support.contract import usage_rows, wait_until_ended
+from tests.support.contract import the_usage_row, wait_until_ended
 
 MODEL = "meta-llama/Meta-Llama-3-8B-Instruct"
 PROMPT = "Name three things a scheduler does."
@@ -24,10 +24,7 @@ def direct(stack: Stack) -> openai.OpenAI:
 
 
 def one_usage(stack: Stack, request_id: str) -> dict[str, object]:
-    wait_until_ended(stack, request_id)
-    rows = usage_rows(stack, request_id)
-    assert len(rows) == 1, rows
-    return rows[0]
+    return the_usage_row(stack, request_id)
 
 
 # ---- Responses ---------------------------------------------------------------------------------

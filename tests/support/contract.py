@@ -121,6 +121,18 @@ def snapshot(stack: Stack, request_id: str) -> dict[str, Any]:
     }
 
 
+def the_usage_row(stack: Stack, request_id: str, timeout: float = 15.0) -> dict[str, Any]:
+    """A request's one usage record, once written: it follows the update that ends the record
+    (and with it the answer the client already has), so it is waited for, never assumed."""
+    wait_until_ended(stack, request_id, timeout)
+    deadline = time.monotonic() + timeout
+    while not (found := usage_rows(stack, request_id)):
+        assert time.monotonic() < deadline, f"{request_id} ended with no usage record"
+        time.sleep(0.1)
+    assert len(found) == 1, found
+    return found[0]
+
+
 def wait_until_ended(stack: Stack, request_id: str, timeout: float = 15.0) -> dict[str, Any]:
     """The request's record once it has ended."""
     deadline = time.monotonic() + timeout

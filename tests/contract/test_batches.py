@@ -31,6 +31,7 @@ from tests.support.contract import (
     rows,
     start,
     upload,
+    usage_rows,
     wait_for,
 )
 
@@ -75,11 +76,7 @@ def test_thousand_line_batch_from_upload_to_output(stack: Stack) -> None:
     completion = sum(r["response"]["body"]["usage"]["completion_tokens"] for r in answered)
     assert batch.usage is not None
     assert (batch.usage.input_tokens, batch.usage.output_tokens) == (prompt, completion)
-    records = [
-        item
-        for item in stack.table("usage").scan()["Items"]
-        if item["request_id"] == batch.id
-    ]
+    records = usage_rows(stack, batch.id)
     assert len(records) == 1
     assert int(records[0]["total_tokens"]) == prompt + completion
 

@@ -26,7 +26,7 @@ from boto3.dynamodb.conditions import Attr
 from first_local.globus_standin import DEV_IDENTITIES, mint_token
 from tests.conftest import CALLBACK_SECRET
 from tests.contract.conftest import Stack
-from tests.support.contract import snapshot, usage_rows
+from tests.support.contract import scan_all, snapshot, usage_rows
 
 MODEL = "meta-llama/Meta-Llama-3-8B-Instruct"
 MAX_PAYLOAD_BYTES = 10 * 1024 * 1024  # settings.max_payload_bytes (default)
@@ -124,12 +124,14 @@ def pending_request(
     uid = DEV_IDENTITIES[user].sub
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
-        found = stack.table("requests").scan(
-            FilterExpression=Attr("user_id").eq(uid)
+        # Every page: records hold their answers, so the table outgrows one scan page.
+        found = scan_all(
+            stack,
+            "requests",
+            Attr("user_id").eq(uid)
             & Attr("created_at").gte(since)
             & Attr("status").eq("submitted"),
-            ConsistentRead=True,
-        )["Items"]
+        )
         if found:
             assert len(found) == 1, found
             return future, str(found[0]["request_id"])

@@ -22,12 +22,13 @@ from pathlib import Path
 
 import httpx
 import pytest
+from boto3.dynamodb.conditions import Attr
 
 from first_local.globus_standin import mint_token
 from first_local.stack import stack_process
 from tests.conftest import CALLBACK_SECRET
 from tests.contract.conftest import STACK_ENV, Stack
-from tests.support.contract import usage_rows, wait_until_ended
+from tests.support.contract import scan_all, usage_rows, wait_until_ended
 
 MODEL = "meta-llama/Meta-Llama-3-8B-Instruct"
 EMBEDDING_MODEL = "Salesforce/SFR-Embedding-Mistral"
@@ -338,7 +339,8 @@ def proxy_lines(stack: Stack, request_id: str) -> list[str]:
 
 def leave_after(stack: Stack, seconds: float, *, stream: bool) -> str:
     """Send a chat request and hang up after `seconds`; its request id, from the records."""
-    before = {i["request_id"] for i in stack.table("requests").scan()["Items"]}
+    every = Attr("request_id").exists()
+    before = {i["request_id"] for i in scan_all(stack, "requests", every)}
     body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
     with (
         pytest.raises(httpx.ReadTimeout),
@@ -353,7 +355,7 @@ def leave_after(stack: Stack, seconds: float, *, stream: bool) -> str:
         response.read()
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
-        new = {i["request_id"] for i in stack.table("requests").scan()["Items"]} - before
+        new = {i["request_id"] for i in scan_all(stack, "requests", every)} - before
         if new:
             return new.pop()
         time.sleep(0.1)

@@ -19,12 +19,11 @@ from typing import Any
 import httpx
 import openai
 import pytest
-from boto3.dynamodb.conditions import Attr
 
 from first_local.globus_standin import mint_token
 from first_local.stack import stack_process
 from tests.contract.conftest import STACK_ENV, Stack
-from tests.support.contract import wait_until_ended
+from tests.support.contract import usage_rows, wait_until_ended
 
 MODEL = "meta-llama/Meta-Llama-3-8B-Instruct"
 MESSAGES: Any = [{"role": "user", "content": "Tell me about recovery."}]
@@ -59,13 +58,6 @@ def drop_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
 
 
 
-def usage_rows(stack: Stack, request_id: str) -> list[dict[str, Any]]:
-    table = stack.table("usage")
-    return list(
-        table.scan(FilterExpression=Attr("request_id").eq(request_id), ConsistentRead=True)[
-            "Items"
-        ]
-    )
 
 
 def chat(stack: Stack, **options: Any) -> Any:

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
+from pynamodb.exceptions import UpdateError
 from pynamodb.expressions.update import Action
 
 from first_core.compute import ComputeBackend, budget, get_backend
@@ -222,9 +223,21 @@ def _update(row: RegistryEntry, status: str, now: float, **extra: Any) -> None:
         free = extra["free_nodes"]
         column = RegistryEntry.free_nodes
         actions.append(column.set(free) if free is not None else column.remove())
+    # Only rows that still exist (a registry load may have removed one meanwhile) and whose
+    # status is still the one this poll read: an operator's maintenance switch between the read
+    # and this write wins, and the next poll starts from it.
+    unchanged = (
+        RegistryEntry.status == row.status
+        if row.status is not None
+        else RegistryEntry.status.does_not_exist()
+    )
     try:
-        # Only rows that still exist: a registry load may have removed it meanwhile.
-        row.update(actions=actions, condition=RegistryEntry.cluster.exists())
+        row.update(actions=actions, condition=RegistryEntry.cluster.exists() & unchanged)
+    except UpdateError as error:
+        if error.cause_response_code == "ConditionalCheckFailedException":
+            log.info("registry row %s/%s changed during the poll", row.cluster, row.key)
+        else:
+            log.warning("registry row %s/%s not updated", row.cluster, row.key, exc_info=True)
     except Exception:
         log.warning("registry row %s/%s not updated", row.cluster, row.key, exc_info=True)
 

@@ -92,6 +92,38 @@ def test_a_failed_or_silent_qstat_leaves_the_models_online(registry_table: None)
     assert "did not answer" in (report.endpoints[POLARIS_ENDPOINT].error or "")
 
 
+class _SwitchDuringPoll(FakeBackend):
+    """An operator flips polaris's maintenance while the poll asks Globus Compute: after the
+    poll read the registry, before it writes the statuses."""
+
+    def __init__(self, on: bool) -> None:
+        super().__init__(qstat={SOPHIA_ENDPOINT: qstat_answer({MODEL: "running"})})
+        self.on, self.switched = on, False
+
+    def endpoint_status(self, endpoint_id: str) -> object:
+        if not self.switched:
+            self.switched = True
+            health.set_maintenance("polaris", self.on)
+        return super().endpoint_status(endpoint_id)
+
+
+@pytest.mark.parametrize("on", [True, False])
+def test_a_maintenance_switch_during_a_poll_is_not_overwritten(
+    registry_table: None, on: bool
+) -> None:
+    health.set_maintenance("polaris", not on)
+    backend = _SwitchDuringPoll(on)
+
+    health.poll(backend)
+
+    assert backend.switched
+    row = _rows()[("polaris", CLUSTER_KEY)]
+    assert row.status == ("maintenance" if on else "online")
+    assert row.config["maintenance"] is on
+    health.poll(backend)  # the next poll starts from the switch and keeps it
+    assert _rows()[("polaris", CLUSTER_KEY)].status == ("maintenance" if on else "online")
+
+
 def test_maintenance_is_kept_by_the_poller_until_switched_off(registry_table: None) -> None:
     backend = FakeBackend(qstat={SOPHIA_ENDPOINT: qstat_answer({MODEL: "running"})})
 

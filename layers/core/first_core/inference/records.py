@@ -20,6 +20,30 @@ def new_request_id() -> str:
     return f"req_{uuid.uuid4().hex}"
 
 
+def _record(
+    request_id: str,
+    caller: Caller,
+    endpoint: Endpoint,
+    openai_path: str,
+    stream: bool,
+    **fields: Any,
+) -> RequestRecord:
+    """A request record with who asked, where it was routed and what it asked for; `fields`, the
+    rest of its state."""
+    return RequestRecord(
+        request_id,
+        user_id=caller.user_id,
+        username=caller.username,
+        model=endpoint.model,
+        cluster=endpoint.cluster,
+        framework=endpoint.framework,
+        endpoint_id=endpoint.endpoint_id,
+        openai_path=openai_path,
+        stream=stream,
+        **fields,
+    )
+
+
 def create(
     request_id: str,
     caller: Caller,
@@ -37,16 +61,12 @@ def create(
     reason; the record is what the reconciler and `GET /v1/requests` read. `max_tokens` (per
     choice), `choices` and `prompt_bytes` are what was sent: the bounds of its callbacks."""
     now = time.time()
-    record = RequestRecord(
+    record = _record(
         request_id,
-        user_id=caller.user_id,
-        username=caller.username,
-        model=endpoint.model,
-        cluster=endpoint.cluster,
-        framework=endpoint.framework,
-        endpoint_id=endpoint.endpoint_id,
-        openai_path=openai_path,
-        stream=stream,
+        caller,
+        endpoint,
+        openai_path,
+        stream,
         status="submitted",
         open_status="open",
         route_reason=route_reason,
@@ -81,16 +101,12 @@ def ended(
     assert status in TERMINAL_STATUSES
     now = time.time()
     tokens = usage or Usage()
-    return RequestRecord(
+    return _record(
         request_id,
-        user_id=caller.user_id,
-        username=caller.username,
-        model=endpoint.model,
-        cluster=endpoint.cluster,
-        framework=endpoint.framework,
-        endpoint_id=endpoint.endpoint_id,
-        openai_path=openai_path,
-        stream=stream,
+        caller,
+        endpoint,
+        openai_path,
+        stream,
         status=status,
         route_reason=route_reason,
         created_at=created_at,

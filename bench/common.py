@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import platform
 import statistics
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -40,6 +41,30 @@ def summary(values: list[float]) -> dict[str, float]:
         "p95_ms": percentile(values, 0.95) * 1000,
         "mean_ms": statistics.fmean(values) * 1000,
     }
+
+
+def timed_chat(
+    client: Any, model: str, messages: Any, phases: list[dict[str, float]] | None = None
+) -> float:
+    """Seconds for one non-streamed chat request (max_tokens 32, the answer read whole); with
+    `phases`, the gateway's own account of its time (its Server-Timing header) appended there."""
+    start = time.perf_counter()
+    raw = client.chat.completions.with_raw_response.create(
+        model=model, messages=messages, max_tokens=32
+    )
+    elapsed = time.perf_counter() - start
+    raw.parse()
+    if phases is not None:
+        phases.append(
+            {
+                name: float(duration)
+                for name, _, duration in (
+                    part.strip().partition(";dur=")
+                    for part in raw.headers["server-timing"].split(",")
+                )
+            }
+        )
+    return elapsed
 
 
 @contextmanager

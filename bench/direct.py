@@ -23,7 +23,7 @@ from collections.abc import Iterator
 
 import openai
 
-from bench.common import local_stack, machine, summary
+from bench.common import local_stack, machine, summary, timed_chat
 
 MODEL = "openai/gpt-oss-20b"
 MESSAGES = [{"role": "user", "content": "Give me one sentence about HPC."}]
@@ -42,24 +42,8 @@ def paced(rounds: int) -> Iterator[int]:
 
 
 def non_streamed(client: openai.OpenAI, phases: list[dict[str, float]] | None = None) -> float:
-    start = time.perf_counter()
-    raw = client.chat.completions.with_raw_response.create(
-        model=MODEL, messages=MESSAGES, max_tokens=32
-    )
-    elapsed = time.perf_counter() - start
-    raw.parse()
-    if phases is not None:
-        # The gateway's own account of its time (Server-Timing: auth, submit, upstream).
-        phases.append(
-            {
-                name: float(duration)
-                for name, _, duration in (
-                    part.strip().partition(";dur=")
-                    for part in raw.headers["server-timing"].split(",")
-                )
-            }
-        )
-    return elapsed
+    # The gateway's phases (Server-Timing): auth, submit, upstream, record.
+    return timed_chat(client, MODEL, MESSAGES, phases)
 
 
 def streamed(client: openai.OpenAI, tokens: int) -> tuple[float, float]:

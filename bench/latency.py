@@ -11,35 +11,18 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import openai
 
-from bench.common import local_stack, machine, summary
+from bench.common import local_stack, machine, summary, timed_chat
 
 MODEL = "meta-llama/Meta-Llama-3-8B-Instruct"
 MESSAGES = [{"role": "user", "content": "Give me one sentence about HPC."}]
 
 
 def timed(client: openai.OpenAI, phases: list[dict[str, float]] | None = None) -> float:
-    start = time.perf_counter()
-    raw = client.chat.completions.with_raw_response.create(
-        model=MODEL, messages=MESSAGES, max_tokens=32
-    )
-    elapsed = time.perf_counter() - start
-    raw.parse()
-    if phases is not None:
-        # The gateway's own account of its time (Server-Timing: auth, submit, wait).
-        phases.append(
-            {
-                name: float(duration)
-                for name, _, duration in (
-                    part.strip().partition(";dur=")
-                    for part in raw.headers["server-timing"].split(",")
-                )
-            }
-        )
-    return elapsed
+    # The gateway's phases (Server-Timing): auth, submit, wait.
+    return timed_chat(client, MODEL, MESSAGES, phases)
 
 
 def main() -> None:
